@@ -1,0 +1,35 @@
+# The two commands of the README:  `make quickstart`  and  `make test`.
+# Both install into a local virtual environment (.venv) first; nothing is installed twice.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# A CPU build of torch where that is what the machine has; on a GPU box: make TORCH="torch" (CUDA build)
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.finetune-installed
+
+.PHONY: install quickstart test lint bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml scripts/install_llama_cpp.py
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python scripts/install_llama_cpp.py --python $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[serve,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/finetune run recipes/quickstart.yaml
+
+test: $(STAMP)
+	bash scripts/ensure_chromium.sh
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check finetune serve tests scripts
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,135 @@
+"""The command line: ``finetune <command> RECIPE [key=value ...]`` (also ``python -m finetune``).
+
+Thin on purpose: a literal table of commands, each a function in its stage's module, imported only
+when it runs. Every error the user can fix prints one clear message and exits with code 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+# command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
+    "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
+}
+
+EXIT_USER_ERROR = 2
+
+
+def recipe_parser(prog: str, description: str, *, many: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with RECIPE and key=value overrides, for a stage command to extend."""
+    p = argparse.ArgumentParser(prog=f"finetune {prog}", description=description)
+    if many:
+        p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files or folders (searched recursively)")
+    else:
+        p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, e.g. recipes/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return p
+
+
+def load_recipe(ns: argparse.Namespace):
+    from finetune import recipe
+
+    return recipe.load(ns.recipe, ns.overrides)
+
+
+def validate_command(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from finetune import recipe
+
+    ns = recipe_parser("validate", "Validate recipes (every YAML under a folder, recursively).", many=True).parse_args(argv)
+    files: list[Path] = []
+    for item in ns.recipes:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*.y*ml") if "data" not in p.relative_to(path).parts[:-1])
+        else:
+            files.append(path)
+    bad = 0
+    for f in files:
+        try:
+            r = recipe.load(f)
+            print(f"ok      {f}  (name: {r.name}, model: {r.model.id})")
+        except recipe.RecipeError as exc:
+            bad += 1
+            print(f"INVALID {exc}", file=sys.stderr)
+    print(f"{len(files) - bad} valid, {bad} invalid")
+    return EXIT_USER_ERROR if bad else 0
+
+
+def show_command(argv: list[str]) -> int:
+    from finetune import recipe
+
+    ns = recipe_parser("show", "Print the resolved recipe as YAML.").parse_args(argv)
+    print(recipe.dump(load_recipe(ns)), end="")
+    return 0
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: finetune <command> RECIPE [key=value ...] [--debug]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `finetune <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"finetune {version('finetune')}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"finetune: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    debug = "--debug" in rest or os.environ.get("FINETUNE_DEBUG") == "1"
+    return run_guarded(_resolve(COMMANDS[command][0]), rest, debug=debug)
+
+
+def run_guarded(fn: Callable[[list[str]], int], argv: list[str], *, debug: bool) -> int:
+    """Run a command; user errors -> one message and exit 2 (traceback only with --debug)."""
+    from finetune.errors import UserError
+    from finetune.recipe import RecipeError
+
+    try:
+        return int(fn(argv) or 0)
+    except (UserError, RecipeError) as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still no traceback unless asked for
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> Any:
+    sys.exit(main())

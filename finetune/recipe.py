@@ -1,0 +1,418 @@
+"""The recipe: one YAML file, one strict schema, a small typed section per stage.
+
+Loading is pure: it reads and validates, nothing else. Unknown keys and wrong types are errors that
+name the key, show what was received and suggest the closest valid key; every error in the file is
+reported at once (``RecipeError``). Dotted overrides (``train.lr=1e-4``) go through the same validation.
+Relative paths in a recipe are resolved against the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class RecipeError(Exception):
+    """A recipe (or an override) is invalid. ``str()`` lists every problem, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    id: str = Field(
+        EMBEDDED_MODEL,
+        description="Hub id (org/name), a local model directory, a .gguf file, or the embedded default "
+        f"'{EMBEDDED_MODEL}' (works offline).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Off by default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype for training/inference. auto: bf16 where supported, else fp32."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gated: bool = Field(False, description="The Hub model is license-gated: accept its license and `hf auth login`.")
+
+
+# ------------------------------------------------------------------------------------------------ data
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class SourceConfig(Section):
+    path: str | None = Field(None, description="Local file (.jsonl .json .csv .tsv .parquet .txt), relative to the recipe.")
+    hub: str | None = Field(None, description="Hugging Face Hub dataset id, e.g. 'yahma/alpaca-cleaned'.")
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Which split of the source to read.")
+    revision: str | None = Field(None, description="Hub dataset revision to pin.")
+    streaming: bool = Field(False, description="Stream a large Hub dataset instead of downloading it whole.")
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map your column names to the format's fields, e.g. {prompt: question, completion: answer}.",
+    )
+    max_rows: int | None = Field(None, ge=1, description="Take at most this many rows from the source.")
+    weight: float = Field(1.0, gt=0, description="Relative share when mixing sources (rows are sampled by weight).")
+    role: Literal["all", "train", "validation", "test"] = Field(
+        "all", description="'all': split by ratios; otherwise this source is that split as it is."
+    )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceConfig:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("a source needs exactly one of 'path' (local file) or 'hub' (Hub dataset id)")
+        return self
+
+
+class CleanConfig(Section):
+    normalize_unicode: bool = Field(True, description="NFKC-normalise text and strip control characters.")
+    strip_whitespace: bool = Field(True, description="Trim and collapse runs of spaces; keep newlines.")
+    dedupe: bool = Field(True, description="Drop exact duplicates.")
+    near_dedupe: bool = Field(True, description="Drop near duplicates (MinHash LSH).")
+    near_dedupe_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity above which rows are near duplicates.")
+    min_tokens: int = Field(4, ge=0, description="Drop rendered examples shorter than this.")
+    max_tokens: int = Field(1024, ge=8, description="Sequence length limit for rendered examples.")
+    overlong: Literal["drop", "truncate"] = Field("drop", description="What to do with examples over max_tokens.")
+    require_assistant_last: bool = Field(True, description="Drop conversations that do not end with an assistant turn.")
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.1, ge=0, lt=1, description="Share of rows for validation.")
+    test: float = Field(0.1, ge=0, lt=1, description="Share of rows for test.")
+    group_by: str | None = Field(None, description="Column whose equal values stay in one split (e.g. conversation id).")
+    leakage_check: bool = Field(True, description="Remove train rows that duplicate (or nearly) a validation/test row.")
+
+    @model_validator(mode="after")
+    def _ratios(self) -> SplitConfig:
+        if self.validation + self.test >= 1:
+            raise ValueError(f"validation ({self.validation}) + test ({self.test}) must leave rows for training (< 1)")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list, description="Where the rows come from (at least one).")
+    system_prompt: str | None = Field(None, description="System prompt added to conversations that have none.")
+    default_input: str = Field("", description="Value for a missing Alpaca 'input' field.")
+    train_on: Literal["assistant", "all", "last_assistant", "completion"] = Field(
+        "assistant", description="Which tokens get loss: assistant turns (default), all, the last assistant turn, or completion."
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+# ----------------------------------------------------------------------------------------------- train
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names.")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "qlora", "dora", "full"] = Field("lora", description="qlora needs a CUDA GPU (bitsandbytes 4-bit).")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much wall-clock time.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per device. Reduce if you run out of memory.")
+    batch_tokens: int | None = Field(None, ge=64, description="With packing: tokens per micro-batch (default batch_size * mean length).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    packing: bool = Field(True, description="Padding-free batches (no cross-contamination between samples).")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on only when memory needs it.")
+    eval_every: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
+    save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the last K checkpoints.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evaluations without improvement.")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: number of cores).")
+    log_every: int = Field(5, ge=1)
+
+
+# ------------------------------------------------------------------------------------------------- eval
+MetricName = Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "precision", "recall", "rouge", "bleu", "chrf"]
+
+
+class EvalConfig(Section):
+    metrics: list[MetricName] = Field(
+        default_factory=lambda: ["loss", "perplexity", "exact_match", "rouge", "bleu"],
+        description="Metrics to compute on the test split.",
+    )
+    split: Literal["test", "validation"] = "test"
+    max_examples: int | None = Field(200, ge=1, description="Score at most this many examples (None: all).")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    gguf: bool = Field(True, description="Also score the exported GGUF (when export has run).")
+    gguf_quant: str = Field("Q8_0", description="Which exported quantization to score.")
+
+
+# ------------------------------------------------------------------------------------------------- tune
+class ParamSpace(Section):
+    values: list[Any] | None = Field(None, description="Choices (grid or categorical).")
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpace:
+        if self.values is None and (self.low is None or self.high is None):
+            raise ValueError("give either 'values' or both 'low' and 'high'")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        return self
+
+
+class TuneConfig(Section):
+    sampler: Literal["grid", "random", "tpe"] = "tpe"
+    trials: int = Field(8, ge=1)
+    timeout_minutes: float | None = Field(None, gt=0)
+    metric: Literal["validation_loss"] = "validation_loss"
+    prune: bool = Field(True, description="Stop bad trials early on validation loss.")
+    trial_max_steps: int | None = Field(30, ge=1, description="Small per-trial budget so a CPU search finishes.")
+    space: dict[str, ParamSpace] = Field(default_factory=dict, description="Dotted recipe key -> search space.")
+
+
+# ----------------------------------------------------------------------------------------------- export
+QuantType = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q5_0"]
+
+
+class ExportConfig(Section):
+    outtype: Literal["F16", "BF16", "F32"] = Field("F16", description="Type of the first, unquantized GGUF.")
+    quantizations: list[QuantType] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
+    adapter_gguf: bool = Field(True, description="Also write the LoRA adapter as a GGUF adapter.")
+    ollama: bool = Field(True, description="Write an Ollama Modelfile next to each GGUF.")
+    parity: bool = Field(True, description="Run the parity checks (tokens, chat prompt, logits, greedy chat).")
+    min_top1_f16: float = Field(0.99, ge=0, le=1, description="F16 teacher-forced top-1 agreement required.")
+
+
+# ------------------------------------------------------------------------------------------------ serve
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    api_key: str | None = Field(None, description="Required when host is not a loopback address.")
+    quant: str = Field("Q8_0", description="Which exported GGUF to serve.")
+    n_ctx: int = Field(2048, ge=128)
+    max_prompt_tokens: int = Field(1536, ge=16)
+    max_concurrent: int = Field(4, ge=1, description="Requests in flight; more get HTTP 429.")
+    threads: int | None = Field(None, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------- recipe
+class Recipe(Section):
+    name: str = Field(..., description="Run name: outputs go to runs/<name>/<stage>/.")
+    description: str | None = None
+    seed: int = 42
+    runs_dir: str = Field("runs", description="Where run folders go, relative to the current directory.")
+    card_gb: int | None = Field(None, description="The GPU memory this recipe is sized for (checked by `finetune plan`).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    # Set by load(): the folder relative paths are resolved against. Not part of the YAML.
+    _base_dir: Path = Path(".")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"use letters, digits, '.', '_' or '-' (it becomes a folder name), got {v!r}")
+        return v
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+    def run_dir(self, stage: str | None = None) -> Path:
+        root = Path(self.runs_dir).expanduser() / self.name
+        return root / stage if stage else root
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names of the section that `loc` points into (for 'did you mean')."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            break
+        current = _section_type(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    """Unwrap list[X], X | None, dict[str, X] to the BaseModel X, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = _format_loc(loc) or "(top level)"
+        received = err.get("input")
+        if err["type"] == "extra_forbidden":
+            name = str(loc[-1])
+            valid = _fields_at(Recipe, loc[:-1])
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{_format_loc(loc[:-1] + (close[0],))}'?" if close else f"valid keys here: {', '.join(valid)}"
+            problems.append(f"{key}: unknown key. {hint}")
+        elif err["type"] == "missing":
+            problems.append(f"{key}: required, but not given")
+        else:
+            shown = repr(received)
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg} (received {shown})")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise RecipeError("override", [f"{text!r}: expected key=value, e.g. train.lr=1e-4"])
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_0-9]+)*", key):
+        raise RecipeError("override", [f"{text!r}: {key!r} is not a dotted key like train.lr"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = _deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            if p.isdigit() and isinstance(node, list):
+                node = node[int(p)]
+                continue
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        if parts[-1].isdigit() and isinstance(node, list):
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+def validate_dict(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"the top level must be a mapping of keys (name:, model:, ...), got {type(data).__name__}"])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(source, _problems(exc)) from None
+    recipe._base_dir = (base_dir or Path(".")).resolve()
+    return recipe
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise RecipeError(str(path), ["file not found; give the path to a recipe YAML, e.g. recipes/quickstart.yaml"])
+    if path.is_dir():
+        raise RecipeError(str(path), ["is a folder; give the path to a recipe YAML file"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), [f"not UTF-8 text (byte {exc.start}); save the recipe as UTF-8"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return data if data is not None else {}
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError listing every problem."""
+    path = Path(path)
+    data = read_yaml(path)
+    if overrides:
+        if not isinstance(data, dict):
+            data = {}
+        data = apply_overrides(data, overrides)
+    return validate_dict(data, source=str(path), base_dir=path.parent)
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (round-trips through load)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """A copy of the recipe with dotted overrides applied and validated (used by tune)."""
+    data = recipe.to_dict()
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return validate_dict(data, source="recipe with overrides", base_dir=recipe.base_dir)

@@ -1,0 +1,115 @@
+"""The strict recipe schema: unknown keys, wrong types, every error at once, overrides, round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune import recipe
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_exits_2_with_did_you_mean(tmp_path, cli):
+    p = write(tmp_path, "name: x\ntrain:\n  learning_rat: 0.1\n  lr: 1e-4\n")
+    code, out, err = cli("validate", str(p))
+    assert code == 2
+    assert "train.learning_rat: unknown key" in err
+    assert "did you mean" in err
+    # the closest valid key in that section is suggested, with its full dotted path
+    p2 = write(tmp_path, "name: x\ntrain:\n  epochz: 1\n", "r2.yaml")
+    code, out, err = cli("validate", str(p2))
+    assert code == 2 and "did you mean 'train.epochs'?" in err
+
+
+def test_three_errors_reported_at_once(tmp_path):
+    p = write(tmp_path, "name: x\nmodell: foo\ntrain:\n  lr: fast\neval:\n  max_new_tokens: -3\n")
+    with pytest.raises(recipe.RecipeError) as info:
+        recipe.load(p)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    text = str(info.value)
+    assert "modell: unknown key. did you mean 'model'?" in text
+    assert "train.lr:" in text and "'fast'" in text
+    assert "eval.max_new_tokens:" in text and "-3" in text
+    assert "3 problems" in text
+
+
+def test_override_with_wrong_type_is_a_clear_error(tmp_path, cli):
+    p = write(tmp_path, "name: x\n")
+    code, out, err = cli("show", str(p), "train.batch_size=lots")
+    assert code == 2
+    assert "train.batch_size" in err and "'lots'" in err
+    assert "Traceback" not in err
+
+
+def test_override_of_unknown_key_suggests(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    with pytest.raises(recipe.RecipeError, match=r"did you mean 'train.lr'"):
+        recipe.load(p, ["train.lrr=1e-4"])
+
+
+def test_overrides_apply_and_parse_types(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    r = recipe.load(p, ["train.lr=1e-4", "train.lora.r=8", "eval.metrics=[loss, rouge]", "model.revision=main"])
+    assert r.train.lr == pytest.approx(1e-4)
+    assert r.train.lora.r == 8
+    assert r.eval.metrics == ["loss", "rouge"]
+    assert r.model.revision == "main"
+
+
+def test_show_round_trips(tmp_path, cli):
+    p = write(tmp_path, "name: x\ndata:\n  sources:\n    - path: data.jsonl\n      columns: {prompt: q, completion: a}\n")
+    code, out, err = cli("show", str(p), "train.epochs=3")
+    assert code == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["train"]["epochs"] == 3
+    again = write(tmp_path, out, "resolved.yaml")
+    r2 = recipe.load(again)
+    assert r2.to_dict() == resolved
+
+
+def test_paths_resolve_relative_to_the_recipe(tmp_path):
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    p = write(sub, "name: x\ndata:\n  sources:\n    - path: data/rows.jsonl\n")
+    r = recipe.load(p)
+    assert r.resolve_path(r.data.sources[0].path) == (sub / "data" / "rows.jsonl").resolve()
+
+
+def test_source_needs_path_or_hub(tmp_path):
+    p = write(tmp_path, "name: x\ndata:\n  sources:\n    - split: train\n")
+    with pytest.raises(recipe.RecipeError, match=r"data.sources\[0\]: .*exactly one of 'path'"):
+        recipe.load(p)
+
+
+def test_bad_yaml_names_the_line(tmp_path, cli):
+    p = write(tmp_path, "name: x\ntrain:\n  lr: [1,\n")
+    code, out, err = cli("validate", str(p))
+    assert code == 2 and "line" in err and "not valid YAML" in err
+
+
+def test_missing_file_and_unknown_command(cli, tmp_path):
+    code, out, err = cli("validate", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "file not found" in err
+    code, out, err = cli("valdate", "x")
+    assert code == 2 and "Did you mean 'validate'" in err
+
+
+def test_every_shipped_recipe_validates(repo_root):
+    """Every YAML under recipes/ (recursively, data folders aside) is a valid recipe."""
+    files = [p for p in (repo_root / "recipes").rglob("*.y*ml") if "data" not in p.relative_to(repo_root / "recipes").parts[:-1]]
+    assert files, "no recipes shipped"
+    problems = []
+    for f in files:
+        try:
+            recipe.load(f)
+        except recipe.RecipeError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)
