@@ -64,6 +64,24 @@ def cache_dir() -> Path:
     return Path(root) / "wheels"
 
 
+def ensure_sdist(python: str, version: str) -> Path:
+    """The source archive, kept beside the wheels: the build uses it, and export reads llama.cpp's own
+    converter and test vocabularies from it (finetune/gguf/sdist.py looks in the same place)."""
+    folder = cache_dir().parent / "sdists"
+    archive = folder / f"llama_cpp_python-{version}.tar.gz"
+    if archive.exists():
+        return archive
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".download-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.check_call([python, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                           "-d", str(tmp), f"llama-cpp-python=={version}"])
+    got = sorted(tmp.glob("llama_cpp_python-*.tar.gz"))
+    os.replace(got[0], archive)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return archive
+
+
 def installed_version(python: str) -> str | None:
     out = subprocess.run(
         [python, "-c", "import importlib.metadata as m; print(m.version('llama-cpp-python'))"],
@@ -84,6 +102,7 @@ def main() -> int:
     if opts.print_flags:
         print(cmake_args)
         return 0
+    sdist = ensure_sdist(opts.python, opts.version)
     py_tag = subprocess.run([opts.python, "-c", "import sys;print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
                             capture_output=True, text=True, check=True).stdout.strip()
     key = hashlib.sha256(f"{opts.version}|{platform.machine()}|{py_tag}|{cmake_args}".encode()).hexdigest()[:12]
@@ -105,8 +124,8 @@ def main() -> int:
         tmp.mkdir(parents=True)
         env = dict(os.environ, CMAKE_ARGS=cmake_args, FORCE_CMAKE="1")
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        cmd = [opts.python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-               "-w", str(tmp), f"llama-cpp-python=={opts.version}"]
+        cmd = [opts.python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
+               "-w", str(tmp), str(sdist)]
         rc = subprocess.call(cmd, env=env)
         if rc != 0:
             print("error: building llama-cpp-python failed (see the compiler output above). It needs a C/C++ "
