@@ -111,7 +111,7 @@ def main() -> int:
     wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.exists() else []
 
     # Already installed from this exact cached build?  Nothing to do.
-    stamp = Path(opts.python).resolve().parent.parent / ".llama_cpp_build"
+    stamp = Path(os.path.abspath(opts.python)).parent.parent / ".llama_cpp_build"  # the venv, not the base interpreter
     if wheels and installed_version(opts.python) == opts.version and stamp.exists() and stamp.read_text() == key:
         print(f"llama-cpp-python {opts.version} already installed (build {key}: {cmake_args or 'default'})")
         return 0
