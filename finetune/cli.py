@@ -18,6 +18,14 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
     "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
+    "eval": ("finetune.evaluate:command", "Score base vs fine-tuned (and the exported GGUF) on held-out data; write report.html."),
+    "tune": ("finetune.tune:command", "Search hyperparameters (tune.space) for the lowest validation loss; write best.yaml."),
+    "prepare": ("finetune.prepare:command", "Load, clean, dedupe, split and tokenize the recipe's data (with a report)."),
+    "run": ("finetune.pipeline:command", "Run prepare, train, eval and export in order, skipping stages that are up to date."),
+    "serve": ("serve.server:command", "Serve a model: OpenAI-compatible API and a web chat page (127.0.0.1 by default)."),
+    "chat": ("finetune.chat:command", "Chat in the terminal with a model (GGUF directly, or a running server with --url)."),
+    "feedback": ("finetune.feedback:command", "Export approved/corrected replies from serve/chat as training data."),
+    "plan": ("finetune.plan:command", "Estimate memory and time; say whether it fits your GPU/CPU and what to change."),
 }
 
 EXIT_USER_ERROR = 2

@@ -169,25 +169,31 @@ class EvalConfig(Section):
 
 # ------------------------------------------------------------------------------------------------- tune
 class ParamSpace(Section):
-    values: list[Any] | None = Field(None, description="Choices (grid or categorical).")
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
+    values: list[Any] | None = Field(None, description="Choices (grid or categorical), e.g. [8, 16, 32].")
+    low: float | None = Field(None, description="Lowest value of a range (integers for integer keys such as train.lora.r).")
+    high: float | None = Field(None, description="Highest value of a range.")
+    log: bool = Field(False, description="Sample the range on a log scale (learning rates).")
 
     @model_validator(mode="after")
     def _shape(self) -> ParamSpace:
+        if self.values is not None and (self.low is not None or self.high is not None):
+            raise ValueError("give either 'values' or 'low'/'high', not both")
         if self.values is None and (self.low is None or self.high is None):
             raise ValueError("give either 'values' or both 'low' and 'high'")
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0 (got {self.low})")
         return self
 
 
 class TuneConfig(Section):
-    sampler: Literal["grid", "random", "tpe"] = "tpe"
-    trials: int = Field(8, ge=1)
-    timeout_minutes: float | None = Field(None, gt=0)
-    metric: Literal["validation_loss"] = "validation_loss"
+    sampler: Literal["grid", "random", "tpe"] = Field(
+        "tpe", description="grid: every combination of 'values'; random; tpe: learns from earlier trials."
+    )
+    trials: int = Field(8, ge=1, description="Trial budget (a grid stops when every combination has run).")
+    timeout_minutes: float | None = Field(None, gt=0, description="Start no new trial after this much time.")
+    metric: Literal["validation_loss"] = Field("validation_loss", description="Minimised: best validation loss of a trial.")
     prune: bool = Field(True, description="Stop bad trials early on validation loss.")
     trial_max_steps: int | None = Field(30, ge=1, description="Small per-trial budget so a CPU search finishes.")
     space: dict[str, ParamSpace] = Field(default_factory=dict, description="Dotted recipe key -> search space.")
@@ -208,14 +214,41 @@ class ExportConfig(Section):
 
 # ------------------------------------------------------------------------------------------------ serve
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs api_key (or FINETUNE_API_KEY).")
     port: int = Field(8765, ge=1, le=65535)
-    api_key: str | None = Field(None, description="Required when host is not a loopback address.")
-    quant: str = Field("Q8_0", description="Which exported GGUF to serve.")
-    n_ctx: int = Field(2048, ge=128)
-    max_prompt_tokens: int = Field(1536, ge=16)
-    max_concurrent: int = Field(4, ge=1, description="Requests in flight; more get HTTP 429.")
-    threads: int | None = Field(None, ge=1)
+    api_key: str | None = Field(None, description="Bearer key for /v1 and /api. Required when host is not a loopback address.")
+    quant: str = Field("Q8_0", description="Which exported GGUF to serve (a key of the export's gguf outputs).")
+    n_ctx: int = Field(2048, ge=128, description="Context window (prompt + answer) in tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=16, description="Longer prompts get HTTP 400 (context_length_exceeded). Default: n_ctx minus room for "
+        "the answer (max_tokens, at most a quarter of n_ctx)."
+    )
+    max_tokens: int = Field(512, ge=1, description="Most tokens one answer may have; larger requests are clamped.")
+    max_concurrent: int = Field(
+        16, ge=1, description="Requests admitted at once (generating or queued for a worker); more get HTTP 429."
+    )
+    workers: int = Field(1, ge=1, description="Model processes generating in parallel (each holds a copy of the model).")
+    queue_timeout_s: float = Field(600, gt=0, description="A queued request waiting longer than this gets HTTP 503.")
+    threads: int | None = Field(None, ge=1, description="CPU threads per worker (default: cores / workers).")
+    log_conversations: bool = Field(True, description="Store each chat exchange locally (for feedback export).")
+    chat_template: str | None = Field(
+        None, description="A .jinja chat template to use instead of the GGUF's own (only for GGUFs without one)."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> ServeConfig:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens >= self.n_ctx:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must be below n_ctx ({self.n_ctx}) to leave room for the answer"
+            )
+        return self
+
+    @property
+    def prompt_limit(self) -> int:
+        """The longest prompt accepted: max_prompt_tokens, or n_ctx minus min(max_tokens, n_ctx / 4)."""
+        if self.max_prompt_tokens is not None:
+            return self.max_prompt_tokens
+        return self.n_ctx - min(self.max_tokens, self.n_ctx // 4)
 
 
 # ----------------------------------------------------------------------------------------------- recipe

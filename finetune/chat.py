@@ -1,0 +1,301 @@
+"""``finetune chat RECIPE|MODEL.gguf`` (or ``--url http://127.0.0.1:8765``): chat with the model in the terminal.
+
+Replies stream token by token. Without --url the GGUF runs in a child process (serve/worker.py: llama.cpp with the
+GGUF's own chat template; a native crash ends the reply with an error, not the chat); with --url it talks to a
+running ``finetune serve`` over its OpenAI-compatible API.
+
+Input: Enter sends; end a line with a backslash to continue on the next one, or type three quotes on a line of
+their own to start and end a block. Commands:
+    /reset            forget the conversation (keeps the system prompt)
+    /system [TEXT]    show or set the system prompt ("/system -" removes it); starts a new conversation
+    /save [FILE]      write the conversation as JSON ({"messages": [...]}, the format prepare reads)
+    /good  /bad       rate the last reply (stored for `finetune feedback export`)
+    /better           type a better answer for the last reply (stored as a correction)
+    /help  /quit
+Ctrl-C stops a reply being generated; Ctrl-D (or /quit) leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from finetune.errors import UserError
+
+HELP = __doc__.split("Input:", 1)[1].strip()
+BLOCK = '"""'
+
+
+# --------------------------------------------------------------------------------------------- backends
+class LocalBackend:
+    """The GGUF in a worker process; conversations and feedback go to the local store."""
+
+    def __init__(self, target: Any):
+        from finetune.feedback import FeedbackStore
+        from serve.server import worker_options
+        from serve.worker import NoChatTemplate, Worker, WorkerCrashed
+
+        self.target = target
+        self.name = target.name
+        self.worker = Worker(worker_options(target))
+        try:
+            self.worker.start()
+        except (NoChatTemplate, WorkerCrashed) as exc:
+            raise UserError(str(exc)) from None
+        self.store = FeedbackStore(target.store_dir)
+        self.last_id: str | None = None
+        self.finish_reason: str | None = None
+
+    def stream(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int) -> Iterator[str]:
+        import uuid
+
+        from serve.worker import WorkerCrashed
+
+        rid = uuid.uuid4().hex
+        self.worker.send({"op": "generate", "id": rid, "mode": "chat", "messages": messages, "max_tokens": max_tokens,
+                          "temperature": temperature, "max_prompt_tokens": self.target.config.prompt_limit})
+        pieces: list[str] = []
+        finished = False
+        try:
+            while True:
+                try:
+                    kind, _, payload = self.worker.recv()
+                except (EOFError, OSError):
+                    self.worker.restart()
+                    raise WorkerCrashed("the model worker crashed during this reply (it was restarted)") from None
+                if kind == "error":
+                    finished = True
+                    raise UserError(payload["message"])
+                if kind == "delta":
+                    pieces.append(payload)
+                    yield payload
+                elif kind == "done":
+                    finished = True
+                    self.finish_reason = payload["finish_reason"]
+                    self.last_id = self.store.add_exchange(messages, payload["text"], model=self.name,
+                                                           finish_reason=self.finish_reason, source="chat",
+                                                           params={"temperature": temperature, "max_tokens": max_tokens})
+                    return
+        finally:
+            if not finished:  # Ctrl-C: stop the generation and wait for the worker to acknowledge
+                self.worker.send({"op": "cancel", "id": rid})
+                while self.worker.recv()[0] not in ("done", "error"):
+                    pass
+                self.last_id = None
+
+    def feedback(self, messages: list[dict[str, str]], reply: str, **kw: Any) -> str:
+        self.store.add_feedback(messages=messages, reply=reply, completion_id=self.last_id, source="chat", **kw)
+        return str(self.store.path)
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.store.close()
+
+
+class HttpBackend:
+    """A running `finetune serve` (or any OpenAI-compatible server) at --url."""
+
+    def __init__(self, url: str, api_key: str | None):
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.api_key = api_key
+        self.last_id: str | None = None
+        self.finish_reason: str | None = None
+        # /v1/models needs the key: a wrong one is reported now, not at the first message.
+        self.name = self._get("/v1/models")["data"][0]["id"]
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            return urllib.request.urlopen(req, timeout=600)
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except Exception:
+                message = exc.reason
+            raise UserError(f"{self.base}{path}: HTTP {exc.code}: {message}") from None
+        except urllib.error.URLError as exc:
+            raise UserError(f"cannot reach {self.base} ({exc.reason}); is `finetune serve` running there?") from None
+
+    def _get(self, path: str) -> Any:
+        with self._request(path) as r:
+            return json.loads(r.read())
+
+    def stream(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int) -> Iterator[str]:
+        body = {"model": self.name, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
+                "stream": True, "source": "chat"}
+        self.last_id = None
+        with self._request("/v1/chat/completions", body) as response:
+            for raw in response:  # SSE: one "data: {...}" line per chunk, blank lines between
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise UserError(f"server error: {chunk['error'].get('message')}")
+                self.last_id = chunk.get("id", self.last_id)
+                for choice in chunk.get("choices", []):
+                    if choice.get("finish_reason"):
+                        self.finish_reason = choice["finish_reason"]
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+
+    def feedback(self, messages: list[dict[str, str]], reply: str, **kw: Any) -> str:
+        body = {"completion_id": self.last_id, "messages": messages, "reply": reply, "source": "chat", **kw}
+        with self._request("/api/feedback", body) as r:
+            json.loads(r.read())
+        return f"{self.base} feedback store"
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def read_message(read_line: Callable[[str], str]) -> str:
+    """One user message: a line, a backslash-continued run of lines, or a triple-quoted block."""
+    first = read_line("you> ")
+    if first.strip() == BLOCK:
+        lines = []
+        while (line := read_line("... ")).strip() != BLOCK:
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read_line("... "))
+    return "\n".join(lines)
+
+
+def chat_loop(backend: Any, *, system: str | None = None, temperature: float = 0.7, max_tokens: int = 256,
+              read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict[str, str]]:
+    """Run the conversation until /quit or end of input; returns the last conversation."""
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
+    say(f"chatting with {backend.name}. /help for commands, Ctrl-D to leave.")
+    while True:
+        try:
+            text = read_message(read_line)
+        except EOFError:
+            say()
+            return messages
+        except KeyboardInterrupt:
+            say()
+            return messages
+        command, _, arg = text.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return messages
+        if command == "/help":
+            say(HELP)
+            continue
+        if command == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            say("(new conversation)")
+            continue
+        if command == "/system":
+            if not arg:
+                current = next((m["content"] for m in messages if m["role"] == "system"), None)
+                say(f"system prompt: {current!r}" if current else "no system prompt (set one with /system TEXT)")
+                continue
+            messages = [] if arg.strip() == "-" else [{"role": "system", "content": arg.strip()}]
+            say("(system prompt removed; new conversation)" if arg.strip() == "-"
+                else "(system prompt set; new conversation)")
+            continue
+        if command == "/save":
+            path = Path(arg.strip() or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
+            path.write_text(json.dumps({"messages": messages}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            say(f"(saved {len(messages)} messages to {path})")
+            continue
+        if command in ("/good", "/bad", "/better"):
+            if not messages or messages[-1]["role"] != "assistant":
+                say("(no reply to rate yet)")
+                continue
+            context, reply = messages[:-1], messages[-1]["content"]
+            if command == "/better":
+                say('type the better answer (end with a line with """ or an empty line):')
+                lines = []
+                while (line := read_line("... ")).strip() not in (BLOCK, ""):
+                    lines.append(line)
+                if not lines:
+                    say("(nothing stored)")
+                    continue
+                where = backend.feedback(context, reply, correction="\n".join(lines))
+            else:
+                where = backend.feedback(context, reply, rating="up" if command == "/good" else "down")
+            say(f"(stored in {where})")
+            continue
+        if text.startswith("/"):
+            say(f"unknown command {command}; /help lists them (start a message with a space to send a slash)")
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        out.write("model> ")
+        try:
+            for piece in backend.stream(messages, temperature=temperature, max_tokens=max_tokens):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            say("\n(stopped)")
+        except UserError as exc:
+            say(f"\nerror: {exc}")
+            messages.pop()
+            continue
+        say()
+        if backend.finish_reason == "length":
+            say(f"(cut at {max_tokens} tokens; raise with --max-tokens)")
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="finetune chat", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
+    p.add_argument("target", nargs="?", metavar="RECIPE|MODEL.gguf",
+                   help="a recipe (chats with its exported serve.quant GGUF) or a .gguf file; not needed with --url")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. serve.quant=Q4_K_M")
+    p.add_argument("--url", help="talk to a running server instead, e.g. http://127.0.0.1:8765")
+    p.add_argument("--api-key", help="the server's API key (or set FINETUNE_API_KEY)")
+    p.add_argument("--system", help="system prompt for the conversation")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = always the most likely token (default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    ns = p.parse_args(argv)
+    import os
+
+    if ns.url:
+        backend: Any = HttpBackend(ns.url, ns.api_key or os.environ.get("FINETUNE_API_KEY"))
+    elif ns.target:
+        from serve.server import resolve_target
+
+        backend = LocalBackend(resolve_target(ns.target, ns.overrides))
+    else:
+        raise UserError("give a recipe or a .gguf file to chat with, or --url of a running `finetune serve`")
+    read_line = input
+    if sys.stdin.isatty():
+        import contextlib
+
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    else:  # piped input: no prompts echoed into the transcript, EOF ends the chat
+        def read_line(prompt: str) -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+    try:
+        chat_loop(backend, system=ns.system, temperature=ns.temperature, max_tokens=ns.max_tokens, read_line=read_line)
+    finally:
+        backend.close()
+    return 0

@@ -1,0 +1,130 @@
+"""Cleaning: normalise text, reject unusable conversations, drop exact and near duplicates.
+
+Near duplicates use MinHash over word 3-gram shingles of the lower-cased text with ``datasketch``'s LSH
+index to find candidates, each confirmed by the estimated Jaccard similarity. The system prompt is left out
+of the comparison: it is usually the same in every row and would make all rows look alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from finetune.data.formats import RowError
+
+# Control characters except tab and newline (NFKC does not remove them).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
+_INNER_SPACES = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_WORDS = re.compile(r"\w+")
+
+
+def normalize_text(text: str, *, unicode: bool = True, whitespace: bool = True) -> str:
+    if unicode:
+        text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n").replace("\r", "\n"))
+        text = _CONTROL.sub("", text)
+    if whitespace:
+        # Leading indentation is kept (code); runs of spaces inside a line and trailing spaces are not.
+        text = "\n".join(_INNER_SPACES.sub(" ", line).rstrip() for line in text.split("\n"))
+        text = _BLANK_LINES.sub("\n\n", text).strip()
+    return text
+
+
+def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, require_assistant_last: bool,
+                  system_prompt: str | None) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Normalised copy of one example and what was changed ({"normalized": ..., "system_prompt_added": ...}).
+
+    Raises RowError for empty turns, a conversation without a user or assistant turn, a system message that
+    is not first, or one that does not end with an assistant turn (when required).
+    """
+    if "text" in example:
+        text = normalize_text(example["text"], unicode=unicode, whitespace=whitespace)
+        if not text:
+            raise RowError("empty_text", "the text is empty")
+        return {"text": text}, {"normalized": text != example["text"], "system_prompt_added": False}
+    changed = False
+    msgs = []
+    for i, m in enumerate(example["messages"]):
+        content = normalize_text(m["content"], unicode=unicode, whitespace=whitespace)
+        changed |= content != m["content"]
+        if not content.strip():
+            if m["role"] == "system":  # an empty system prompt is no system prompt
+                continue
+            raise RowError("empty_turn", f"message {i} ({m['role']}) is empty")
+        msgs.append({"role": m["role"], "content": content})
+    roles = [m["role"] for m in msgs]
+    if "system" in roles[1:]:
+        raise RowError("system_not_first", f"a system message at position {roles.index('system', 1)}; it must come first")
+    if "user" not in roles:
+        raise RowError("no_user_turn", "the conversation has no user turn")
+    if "assistant" not in roles:
+        raise RowError("no_assistant_turn", "the conversation has no assistant turn")
+    if require_assistant_last and roles[-1] != "assistant":
+        raise RowError("not_ending_with_assistant", f"the last turn is {roles[-1]!r}, not 'assistant'")
+    added = False
+    if system_prompt and roles[0] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+        added = True
+    return {"messages": msgs}, {"normalized": changed, "system_prompt_added": added}
+
+
+def dedupe_text(example: dict[str, Any]) -> str:
+    """The text two rows are compared on: every turn except the system prompt, with its role."""
+    if "text" in example:
+        return example["text"]
+    return "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in example["messages"] if m["role"] != "system")
+
+
+def exact_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+class NearIndex:
+    """MinHash LSH over word 3-gram shingles; ``add`` and ``query`` by key."""
+
+    def __init__(self, threshold: float, num_perm: int = 64):
+        from datasketch import MinHashLSH
+
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.sigs: dict[str, Any] = {}
+
+    def signatures(self, texts: Sequence[str]) -> list[Any]:
+        from datasketch import LeanMinHash, MinHash
+
+        out = []
+        for text in texts:
+            m = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1)
+            m.update_batch(_shingles(text))
+            out.append(LeanMinHash(m))
+        return out
+
+    def add(self, key: str, sig: Any) -> None:
+        self.sigs[key] = sig
+        self.lsh.insert(key, sig, check_duplication=False)
+
+    def query(self, sig: Any) -> tuple[str, float] | None:
+        """The most similar indexed key at or above the threshold, with its estimated Jaccard similarity."""
+        best = None
+        for key in self.lsh.query(sig):
+            sim = sig.jaccard(self.sigs[key])
+            if sim >= self.threshold and (best is None or sim > best[1]):
+                best = (key, sim)
+        return best
+
+
+def _crc32(data: bytes) -> int:
+    # Deterministic across processes (Python's hash() is salted) and much faster than datasketch's sha1 default.
+    return zlib.crc32(data)
+
+
+def _shingles(text: str, n: int = 3) -> list[bytes]:
+    words = _WORDS.findall(text.lower())
+    if len(words) < n:
+        return [" ".join(words).encode()] if words else [b""]
+    return list({" ".join(words[i: i + n]).encode() for i in range(len(words) - n + 1)})

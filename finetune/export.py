@@ -1,0 +1,347 @@
+"""export: the trained model as a merged Hugging Face checkpoint and verified GGUF files, from pip alone.
+
+    finetune export RECIPE
+
+1. Merge the LoRA/DoRA adapter into the base weights on CPU in float32, save in the base's dtype, with the
+   tokenizer, its chat template, and the end-of-turn token as EOS (export/merged/).
+2. Convert with llama.cpp's own converter (from the installed llama-cpp-python's source) to F16 (or BF16/F32),
+   then quantize with llama.cpp's quantizer to each type in export.quantizations.
+3. Convert the LoRA adapter alone to a GGUF adapter (for ``Llama(lora_path=...)`` over the base GGUF).
+4. Parity checks against the HF model, in child processes, written to parity.json; any failure fails the export.
+5. An Ollama Modelfile next to each GGUF and a README.md on running them.
+
+Outputs in runs/<name>/export/: merged/, <name>-F16.gguf, <name>-Q8_0.gguf, ..., <name>-adapter-F16.gguf,
+<name>-base-F16.gguf, *.Modelfile, Modelfile, README.md, parity.json, manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune import runs
+from finetune.errors import UserError
+
+# --------------------------------------------------------------------------------------------- merge
+
+def _checkpoint_dtype(model_dir: Path):
+    import torch
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def load_chat_tokenizer(source: Path):
+    """The tokenizer training saved, which must carry a chat template (a GGUF without one chats in the wrong format)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{source}: the tokenizer has no chat template, so the GGUF would have none and llama.cpp/Ollama would "
+            "silently use another prompt format. Train from a model whose tokenizer has a chat template "
+            "(tokenizer_config.json 'chat_template' or chat_template.jinja), or add one before training."
+        )
+    return tokenizer
+
+
+def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | None, out_dir: Path) -> dict[str, Any]:
+    """Write a standard HF checkpoint to out_dir: base + adapter merged (or the full fine-tuned model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from finetune.gguf import parity
+
+    tokenizer = load_chat_tokenizer(adapter_dir or model_dir or base_dir)
+    eot = parity.end_of_turn_tokens(tokenizer)  # a clear error for a template whose turns never end
+    weights_dir = base_dir if adapter_dir else (model_dir or base_dir)
+    save_dtype = _checkpoint_dtype(weights_dir)
+    # Merge in float32: W + s*B@A in bf16 would round the small LoRA update away.
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32, use_safetensors=True)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model = model.to(save_dtype)
+
+    # The end-of-turn token is the EOS of the exported model: llama.cpp, Ollama and HF generate() all stop on it.
+    eos_before = tokenizer.eos_token
+    eot_token = tokenizer.convert_ids_to_tokens(eot[0])
+    if tokenizer.eos_token_id != eot[0]:
+        tokenizer.eos_token = eot_token
+    eos_ids = list(dict.fromkeys(eot + ([tokenizer.convert_tokens_to_ids(eos_before)] if eos_before else [])))
+    old = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0],
+        **{k: getattr(old, k) for k in ("temperature", "top_p", "top_k") if old is not None and getattr(old, k, None) is not None
+           and k in old.to_diff_dict()},
+    )
+    model.config.eos_token_id = eot[0]
+    n_params = model.num_parameters()
+    with runs.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return {"path": str(out_dir), "dtype": str(save_dtype).removeprefix("torch."), "n_params": n_params,
+            "end_of_turn": eot_token, "eos_before": eos_before, "eos_ids": eos_ids,
+            "model_type": getattr(model.config, "model_type", None)}
+
+
+# -------------------------------------------------------------------------------------------- export
+
+def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir: Path | None = None,
+                 model_dir: Path | None = None, outtype: str = "F16", quantizations: list[str] | tuple = ("Q8_0", "Q4_K_M"),
+                 adapter_gguf: bool = True, ollama: bool = True, parity_checks: bool = True,
+                 min_top1_unquantized: float = 0.99, heldout_rows: list[dict] | None = None,
+                 default_quant: str | None = None, log=print) -> dict[str, Any]:
+    """Merge, convert, quantize, check and describe; returns what was written (paths, sizes, parity summary).
+
+    Raises UserError (after writing parity.json) when a parity check fails.
+    """
+    from finetune.gguf import convert, ollama as ollama_mod, parity, runtime
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    quantizations = [q.upper() for q in quantizations if q.upper() != outtype.upper()]
+    for q in quantizations:
+        if q in runtime.NEEDS_IMATRIX:
+            raise UserError(f"export.quantizations: {q} needs an importance matrix, which finetune does not compute; "
+                            "use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
+        if q not in runtime.FTYPES:
+            raise UserError(f"export.quantizations: unknown type {q!r}; known: {', '.join(sorted(runtime.FTYPES))}")
+
+    # Fail before the slow parts: architecture unknown to the converter, no chat template, too little disk.
+    source = adapter_dir or model_dir or base_dir
+    convert.check_architecture(base_dir if adapter_dir else (model_dir or base_dir))
+    load_chat_tokenizer(source)
+    weights = base_dir if adapter_dir else (model_dir or base_dir)
+    weight_bytes = sum(p.stat().st_size for p in Path(weights).glob("*.safetensors"))
+    n_est = weight_bytes // (4 if _checkpoint_dtype(weights).itemsize == 4 else 2)
+    needed = weight_bytes + convert.estimate_bytes(n_est, outtype) + sum(convert.estimate_bytes(n_est, q) for q in quantizations)
+    if adapter_dir is not None and adapter_gguf:
+        needed += convert.estimate_bytes(n_est, "F16")
+    convert.check_free_space(out_dir, needed, f"exporting {name}")
+
+    log("export: merging" + (f" the adapter {adapter_dir} into {base_dir}" if adapter_dir else f" {weights}"))
+    t = time.time()
+    merged_dir = out_dir / "merged"
+    merged = merge(base_dir=base_dir, adapter_dir=adapter_dir, model_dir=model_dir, out_dir=merged_dir)
+    timings["merge"] = time.time() - t
+    if merged["eos_before"] != merged["end_of_turn"]:
+        log(f"export: EOS set to the end-of-turn token {merged['end_of_turn']!r} (was {merged['eos_before']!r})")
+
+    ggufs: dict[str, Path] = {}
+    t = time.time()
+    log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
+    ggufs[outtype] = convert.convert_model(merged_dir, out_dir / f"{name}-{outtype}.gguf", outtype)
+    timings["convert"] = time.time() - t
+    t = time.time()
+    for q in quantizations:
+        log(f"export: quantizing to {q}")
+        ggufs[q] = out_dir / f"{name}-{q}.gguf"
+        runtime.quantize(ggufs[outtype], ggufs[q], q)
+    timings["quantize"] = time.time() - t
+
+    adapter_file = base_file = None
+    if adapter_dir is not None and adapter_gguf:
+        t = time.time()
+        if (Path(adapter_dir) / "adapter_config.json").exists() and json.loads(
+                (Path(adapter_dir) / "adapter_config.json").read_text()).get("use_dora"):
+            log("export: DoRA adapters have no llama.cpp GGUF adapter format; use the merged GGUFs")
+        else:
+            log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
+            adapter_file = convert.convert_lora(adapter_dir, base_dir, out_dir / f"{name}-adapter-F16.gguf", "F16")
+            base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16")
+        timings["adapter"] = time.time() - t
+
+    tokenizer = load_chat_tokenizer(merged_dir)
+    report: dict[str, Any] | None = None
+    if parity_checks:
+        t = time.time()
+        log("export: parity checks (tokens, chat prompt, logits per type, greedy chat)")
+        rows = heldout_rows or parity.FALLBACK_HELDOUT
+        sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
+        conversations = _prompt_conversations(rows)
+        ref = out_dir / ".reference-logits.npy"
+        try:
+            parity.reference_logits(merged_dir, sequences, ref)
+            report = parity.run_checks(
+                model_dir=merged_dir, ggufs=ggufs, tokenizer=tokenizer, sequences=sequences,
+                conversations=conversations, reference=ref, n_params=merged["n_params"],
+                min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
+                adapter=(base_file, adapter_file) if adapter_file else None, architecture=None,
+            )
+        finally:
+            ref.unlink(missing_ok=True)
+        report["heldout"] = {"sequences": len(sequences), "tokens": sum(len(s) for s in sequences),
+                             "source": "test split" if heldout_rows else "built-in texts (no prepare test split)"}
+        timings["parity"] = time.time() - t
+        runs.atomic_write_json(out_dir / "parity.json", report)
+        if not report["ok"]:
+            raise UserError(f"export: {len(report['failed'])} parity check(s) failed; the GGUF would not behave like "
+                            f"the trained model (details: {out_dir / 'parity.json'}):\n  - "
+                            + "\n  - ".join(report["failed"]))
+
+    warnings: list[str] = []
+    if ollama:
+        info = runtime.inspect(ggufs[outtype])
+        stop = [tokenizer.convert_ids_to_tokens(i) for i in parity.end_of_turn_tokens(tokenizer)]
+        num_ctx = min(info["n_ctx_train"] or 4096, 32768)  # the model's context; capped: Ollama allocates it all
+        system = parity.default_system_prompt(tokenizer)
+        default = default_quant if default_quant in ggufs else (quantizations[0] if quantizations else outtype)
+        for qtype, path in ggufs.items():
+            text, warning = ollama_mod.modelfile(path.name, jinja_template=info["chat_template"], stop_tokens=stop,
+                                                 num_ctx=num_ctx, default_system=system)
+            runs.atomic_write_text(out_dir / ollama_mod.modelfile_name(path.name), text)
+            if qtype == default:
+                runs.atomic_write_text(out_dir / "Modelfile", text.replace(ollama_mod.modelfile_name(path.name), "Modelfile"))
+            if warning and warning not in warnings:
+                warnings.append(warning)
+                log(f"export: WARNING: {warning}")
+    sizes = {q: p.stat().st_size for q, p in ggufs.items()}
+    runs.atomic_write_text(out_dir / "README.md", _readme(name, ggufs, sizes, adapter_file, base_file, report, ollama,
+                                                          default_quant if default_quant in ggufs else None))
+    timings["total"] = time.time() - t0
+    return {
+        "merged": str(merged_dir), "merge": merged,
+        "gguf": {q: str(p) for q, p in ggufs.items()}, "sizes": sizes,
+        "adapter_gguf": str(adapter_file) if adapter_file else None,
+        "base_gguf": str(base_file) if base_file else None,
+        "parity": str(out_dir / "parity.json") if report is not None else None,
+        "parity_summary": _parity_summary(report) if report is not None else None,
+        "warnings": warnings, "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def _prompt_conversations(rows: list[dict]) -> list[list[dict]]:
+    """Chat prompts for the chat-prompt and greedy checks: held-out conversations cut before their last answer."""
+    convs = []
+    for row in rows:
+        msgs = row.get("messages")
+        if not msgs:
+            continue
+        cut = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+        if cut > 0 and any(m["role"] == "user" for m in msgs[:cut]):
+            convs.append(msgs[:cut])
+        if len(convs) >= 6:
+            break
+    # Shapes a held-out split may lack: a system prompt, several turns, non-ASCII text.
+    convs += [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
+         {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And grass? 🌱 草"}],
+    ]
+    return convs
+
+
+def _parity_summary(report: dict) -> dict:
+    out = {"ok": report["ok"], "tokenization_exact": report["tokenization"].get("ok"),
+           "chat_prompt_exact": report["chat_prompt"].get("ok")}
+    for q, item in report["types"].items():
+        lg = item["logits"]
+        out[q] = {k: (round(lg[k], 4) if isinstance(lg.get(k), float) else lg.get(k))
+                  for k in ("top1_agreement", "kl_mean", "ppl_reference", "ppl_gguf", "min_top1")}
+    if report.get("adapter"):
+        out["adapter_top1"] = report["adapter"].get("top1_agreement")
+    return out
+
+
+def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: Path | None, base: Path | None,
+            report: dict | None, ollama: bool, default: str | None) -> str:
+    first = ggufs[default] if default else next(iter(ggufs.values()))
+    lines = [f"# {name}: exported model", "", "| file | type | size | top-1 vs HF |", "|---|---|---|---|"]
+    for q, p in ggufs.items():
+        top1 = report["types"][q]["logits"].get("top1_agreement") if report else None
+        lines.append(f"| `{p.name}` | {q} | {sizes[q] / 2**20:.0f} MiB | {f'{top1:.3f}' if top1 is not None else '-'} |")
+    lines += ["", "`merged/` is the same model as a Hugging Face checkpoint (safetensors, tokenizer, chat template).",
+              "`parity.json` holds the checks that compared each GGUF with it.", "",
+              "## llama-cpp-python", "", "```python", "from llama_cpp import Llama",
+              f'llm = Llama("{first.name}", n_ctx=2048)  # uses the chat template stored in the GGUF',
+              'out = llm.create_chat_completion([{"role": "user", "content": "Hello!"}], temperature=0)',
+              'print(out["choices"][0]["message"]["content"])', "```", "",
+              "Or as an OpenAI-compatible server: "
+              f"`python -m llama_cpp.server --model {first.name}` (needs `pip install 'llama-cpp-python[server]'`).", ""]
+    if adapter is not None and base is not None:
+        lines += ["The LoRA adapter alone, over the base model:", "", "```python",
+                  f'llm = Llama("{base.name}", lora_path="{adapter.name}")', "```", ""]
+    if ollama:
+        lines += ["## Ollama", "", "```sh", f"ollama create {name} -f Modelfile", f"ollama run {name}", "```", "",
+                  f"`Modelfile` uses `{first.name}`; each GGUF has its own `<file>.Modelfile`.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+def _heldout_rows(recipe) -> list[dict] | None:
+    manifest = runs.read_manifest(recipe.run_dir("prepare"))
+    if not manifest:
+        return None
+    path = (manifest.get("outputs", {}).get("splits") or {}).get("test")
+    if not path or not Path(path).exists():
+        return None
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows or None
+
+
+def run(recipe, *, recipe_path: str = "RECIPE", log=print) -> dict[str, Any]:
+    """Export the trained model of this recipe's run to runs/<name>/export/."""
+    train = runs.require_stage(recipe, "train", recipe_path)
+    outputs = train.get("outputs", {})
+    adapter = Path(outputs["adapter"]) if outputs.get("adapter") else None
+    full = Path(outputs["model"]) if outputs.get("model") else None
+    base = Path(outputs["base_model"]) if outputs.get("base_model") else None
+    if adapter is None and full is None:
+        raise UserError(f"{recipe.run_dir('train')}/manifest.json names neither an adapter nor a model; "
+                        f"run `finetune train {recipe_path}` again")
+    if adapter is not None and base is None:
+        raise UserError(f"{recipe.run_dir('train')}/manifest.json has an adapter but no base_model")
+    for p in (adapter, full, base):
+        if p is not None and not p.exists():
+            raise UserError(f"{p} (from the train manifest) is missing; run `finetune train {recipe_path}` again")
+    cfg = recipe.export
+    heldout = _heldout_rows(recipe)
+    inputs = {"train_manifest": runs.fingerprint_json(train),
+              "weights": runs.file_fingerprint(adapter or full), "base_model": str(base) if base else None}
+    with runs.StageRun(recipe, "export", inputs=inputs) as stage:
+        result = export_model(
+            name=recipe.name, out_dir=stage.dir, base_dir=base, adapter_dir=adapter, model_dir=full,
+            outtype=cfg.outtype, quantizations=list(cfg.quantizations), adapter_gguf=cfg.adapter_gguf,
+            ollama=cfg.ollama, parity_checks=cfg.parity, min_top1_unquantized=cfg.min_top1_f16,
+            heldout_rows=heldout, default_quant=recipe.serve.quant, log=log,
+        )
+        stage.outputs = {"merged": result["merged"], "gguf": result["gguf"], "adapter_gguf": result["adapter_gguf"],
+                         "base_gguf": result["base_gguf"], "parity": result["parity"]}
+        stage.extra["summary"] = {"sizes": result["sizes"], "parity": result["parity_summary"],
+                                  "warnings": result["warnings"], "seconds": result["seconds"]}
+    return result
+
+
+def command(argv: list[str]) -> int:
+    from finetune.cli import load_recipe, recipe_parser
+
+    ns = recipe_parser("export", "Merge the trained adapter, convert to GGUF (F16 + quantizations), check parity, "
+                                 "write Ollama Modelfiles. Run after `finetune train`.").parse_args(argv)
+    recipe = load_recipe(ns)
+    result = run(recipe, recipe_path=ns.recipe)
+    print(f"\nexported to {recipe.run_dir('export')} in {result['seconds']['total']:.0f} s")
+    summary = result["parity_summary"] or {}
+    for qtype, path in result["gguf"].items():
+        s = summary.get(qtype) or {}
+        extra = (f"  top-1 {s['top1_agreement']:.3f} (>= {s['min_top1']:.2f}), KL {s['kl_mean']:.4f}, "
+                 f"ppl {s['ppl_gguf']:.2f} vs HF {s['ppl_reference']:.2f}") if s else ""
+        print(f"  {Path(path).name:<40} {result['sizes'][qtype] / 2**20:7.0f} MiB{extra}")
+    if result["adapter_gguf"]:
+        print(f"  {Path(result['adapter_gguf']).name:<40} (LoRA adapter; load over {Path(result['base_gguf']).name})")
+    if summary:
+        print(f"parity: tokenization exact: {summary['tokenization_exact']}, chat prompt exact: "
+              f"{summary['chat_prompt_exact']}  ({result['parity']})")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    return 0

@@ -1,0 +1,321 @@
+"""Parity checks: does the GGUF behave like the Hugging Face checkpoint it came from?
+
+Each check compares the HF side (computed here, with transformers) with llama.cpp (run through
+``finetune.gguf.runtime`` in a child process, so a native crash becomes a failed check, not a dead export):
+
+- metadata: architecture, chat template identical to the HF one, BOS/EOS ids, add_bos;
+- end of turn: every token that ends an assistant turn in the chat template is an end-of-generation token;
+- tokenization of varied strings (ASCII, whitespace, digits, emoji, CJK, special tokens);
+- chat prompt: HF ``apply_chat_template`` ids == llama.cpp's Jinja path ids, with at most one leading BOS;
+- logits, teacher-forced on held-out text: top-1 agreement, KL, perplexity, with thresholds per type;
+- greedy chat on the unquantized GGUF stops by itself (finish_reason "stop").
+
+Failures name what differs and what to do. A check never raises: it returns {"ok": False, ...}.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.gguf import runtime
+
+TOKENIZATION_CASES = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\nnew\n\nlines\r\n",
+    "    def f(x):\n        return x ** 2  # indented code",
+    "1234567890 3.14159 -42 1e-5 2024-06-01 12:30",
+    "12345678901234567890",
+    "Emoji: 😀👍🏽🎉 and ❤️ and 🇫🇷",
+    "中文分词测试，日本語のテキスト、한국어 문장",
+    "Ünïcödé àccents: café, naïve, Straße, Ελληνικά, Русский",
+    "URL https://example.com/a?b=c&d=e#f and email a.b@c.de",
+    '{"json": [1, 2, {"k": "v"}], "null": null}',
+    "   ",
+    "a",
+]
+
+# Minimum teacher-forced top-1 agreement with the HF model, per GGUF type. Small models lose far more to
+# quantization than large ones (SmolLM2-135M: Q8_0 0.89, Q4_K_M 0.75 measured), so the bar depends on size.
+_QUANT_TOP1 = {
+    #          < 1B params, >= 1B params
+    "Q8_0":   (0.80, 0.95),
+    "Q6_K":   (0.75, 0.93),
+    "Q5_K_M": (0.70, 0.90),
+    "Q5_K_S": (0.70, 0.90),
+    "Q5_0":   (0.70, 0.90),
+    "Q4_K_M": (0.62, 0.85),
+    "Q4_K_S": (0.60, 0.85),
+    "Q4_0":   (0.55, 0.80),
+}
+ADAPTER_MIN_TOP1 = 0.97
+
+
+def top1_threshold(qtype: str, n_params: int, min_top1_unquantized: float) -> float:
+    if qtype in ("F32", "F16", "BF16"):
+        return min_top1_unquantized
+    small, large = _QUANT_TOP1.get(qtype, (0.5, 0.8))
+    return small if n_params < 1_000_000_000 else large
+
+
+# ------------------------------------------------------------------------------------------- HF side
+def end_of_turn_tokens(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn in the chat template (rendered, not guessed from names).
+
+    Raises UserError when the template ends a turn with text that is not one special token: a model cannot
+    stop on it and llama.cpp would generate until max_tokens.
+    """
+    marker = "XYZZY-finetune-probe"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    at = text.rfind(marker)
+    if at < 0:
+        raise UserError("the chat template drops assistant messages; it cannot be used for a chat model")
+    tail = text[at + len(marker):]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not ids or ids[0] not in special:
+        shown = repr(tail[:40]) if tail else "nothing"
+        raise UserError(
+            f"the chat template ends an assistant turn with {shown}, not with a special end-of-turn token; "
+            "generation in llama.cpp/Ollama would never stop. Use a chat template whose assistant turns end with "
+            "the tokenizer's end-of-turn token (e.g. <|im_end|>, <|eot_id|>) and train with it."
+        )
+    return [ids[0]]
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system text the chat template inserts when a conversation has no system message (None if it inserts none)."""
+    probe = "PROBE-system-text"
+    with_sys = tokenizer.apply_chat_template(
+        [{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}], tokenize=False)
+    without = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    start = with_sys.find(probe)
+    if start < 0:
+        return None
+    # with a system message: PREFIX probe AFTER; without one, a template with a default renders PREFIX default AFTER.
+    prefix, after = with_sys[:start], with_sys[start + len(probe):]
+    if without.startswith(prefix) and without.endswith(after) and len(without) > len(prefix) + len(after):
+        return without[len(prefix): len(without) - len(after)]
+    return None
+
+
+def hf_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def heldout_sequences(tokenizer, rows: list[dict], *, max_sequences: int = 8, max_tokens: int = 256) -> list[list[int]]:
+    """Token ids of held-out rows (chat rows through the template, text rows as text), truncated."""
+    seqs: list[list[int]] = []
+    for row in rows:
+        if "messages" in row:
+            ids = hf_ids(tokenizer, row["messages"], add_generation_prompt=False)
+        else:
+            ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"]
+        ids = ids[:max_tokens]
+        if len(ids) >= 8:
+            seqs.append(ids)
+        if len(seqs) >= max_sequences:
+            break
+    return seqs
+
+
+FALLBACK_HELDOUT = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "The capital of France is Paris."}]},
+    {"messages": [{"role": "system", "content": "You are a concise assistant."},
+                  {"role": "user", "content": "Give me three colours."},
+                  {"role": "assistant", "content": "Red, green and blue."}]},
+    {"text": "The water cycle describes how water evaporates from the surface of the earth, rises into the "
+             "atmosphere, cools and condenses into clouds, and falls again to the surface as precipitation."},
+    {"text": "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"},
+]
+
+
+def reference_logits(model_dir: Path, sequences: list[list[int]], out_file: Path) -> Path:
+    """HF float32 logits for every position of every sequence, concatenated, saved as .npy."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for seq in sequences:
+            rows.append(model(torch.tensor([seq])).logits[0].float().numpy())
+    np.save(out_file, np.concatenate(rows, axis=0))
+    return out_file
+
+
+# -------------------------------------------------------------------------------------------- checks
+def _check(name: str, fn, *args, **kwargs) -> dict:
+    try:
+        result = fn(*args, **kwargs)
+    except runtime.RuntimeCrash as exc:
+        return {"check": name, "ok": False, "error": f"llama.cpp crashed: {exc}"}
+    except UserError as exc:
+        return {"check": name, "ok": False, "error": str(exc)}
+    result.setdefault("check", name)
+    return result
+
+
+def check_metadata(gguf: Path, tokenizer, model_type: str | None = None) -> dict:
+    info = runtime.inspect(gguf)
+    hf_template = tokenizer.chat_template
+    problems = []
+    if not info["chat_template"]:
+        problems.append("the GGUF has no tokenizer.chat_template: llama-cpp-python would silently use llama-2 format")
+    elif info["chat_template"] != hf_template:
+        problems.append("the GGUF's chat template differs from the HF tokenizer's")
+    hf_bos = tokenizer.bos_token_id
+    if hf_bos is not None and info["bos_id"] != hf_bos:
+        problems.append(f"BOS id: GGUF {info['bos_id']} ({info['bos_text']!r}) vs HF {hf_bos} ({tokenizer.bos_token!r})")
+    if info["eos_id"] != tokenizer.eos_token_id:
+        problems.append(f"EOS id: GGUF {info['eos_id']} ({info['eos_text']!r}) vs HF {tokenizer.eos_token_id} "
+                        f"({tokenizer.eos_token!r})")
+    hf_add_bos = _hf_adds_bos(tokenizer)
+    if info["add_bos"] != hf_add_bos:
+        problems.append(f"add_bos: GGUF {info['add_bos']} vs HF {hf_add_bos} (one of them would double or drop the BOS)")
+    if model_type and info["architecture"] != model_type:
+        problems.append(f"architecture: GGUF {info['architecture']!r}, expected {model_type!r}")
+    return {"ok": not problems, "problems": problems, "architecture": info["architecture"],
+            "bos_id": info["bos_id"], "eos_id": info["eos_id"], "add_bos": info["add_bos"],
+            "eog_ids": info["eog_ids"], "eog_texts": info["eog_texts"], "n_ctx_train": info["n_ctx_train"],
+            "chat_template_equal": info["chat_template"] == hf_template}
+
+
+def _hf_adds_bos(tokenizer) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def check_end_of_turn(gguf: Path, tokenizer, eot_ids: list[int]) -> dict:
+    info = runtime.inspect(gguf)
+    missing = [i for i in eot_ids if i not in info["eog_ids"]]
+    names = {i: tokenizer.convert_ids_to_tokens(i) for i in eot_ids}
+    out = {"end_of_turn": [{"id": i, "token": names[i]} for i in eot_ids], "eog_ids": info["eog_ids"],
+           "ok": not missing}
+    if missing:
+        out["error"] = (
+            f"end-of-turn token(s) {[names[i] for i in missing]} (ids {missing}) are not end-of-generation tokens in "
+            f"llama.cpp (its EOG set: {info['eog_texts']}): generation would run to max_tokens. Make the end-of-turn "
+            "token the tokenizer's eos_token (finetune export does this in export/merged/) and export again."
+        )
+    return out
+
+
+def check_tokenization(gguf: Path, tokenizer, cases: list[str] | None = None) -> dict:
+    cases = list(cases or TOKENIZATION_CASES)
+    specials = [t for t in tokenizer.all_special_tokens if t][:4]
+    cases += [f"{specials[0]}special{specials[-1]} text"] if specials else []
+    got = runtime.tokenize(gguf, cases, add_special=False, parse_special=True)
+    got_bos = runtime.tokenize(gguf, cases[:3], add_special=True, parse_special=True)
+    mismatches = []
+    for text, ids in zip(cases, got):
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids != want:
+            mismatches.append({"text": text, "hf": want, "gguf": ids})
+    for text, ids in zip(cases[:3], got_bos):
+        want = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if ids != want:
+            mismatches.append({"text": text, "add_special": True, "hf": want, "gguf": ids})
+    return {"ok": not mismatches, "cases": len(cases) + 3, "mismatches": mismatches[:5],
+            **({"error": f"{len(mismatches)} string(s) tokenize differently in llama.cpp (first: "
+                         f"{mismatches[0]['text']!r}); the GGUF's pre-tokenizer does not match the model's"}
+               if mismatches else {})}
+
+
+def check_chat_prompt(gguf: Path, tokenizer, conversations: list[list[dict]]) -> dict:
+    rendered = runtime.render_chat(gguf, conversations, add_generation_prompt=True)
+    mismatches = []
+    bos = tokenizer.bos_token_id
+    double_bos = 0
+    for messages, got in zip(conversations, rendered):
+        want = hf_ids(tokenizer, messages, add_generation_prompt=True)
+        if got["ids"] != want:
+            mismatches.append({"messages": messages, "hf": want[:40], "gguf": got["ids"][:40]})
+        ids = got["ids"]
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            double_bos += 1
+    problems = []
+    if mismatches:
+        problems.append(f"{len(mismatches)} of {len(conversations)} chat prompts differ between HF apply_chat_template "
+                        "and llama.cpp's Jinja path")
+    if double_bos:
+        problems.append(f"{double_bos} prompt(s) start with two BOS tokens (template bos_token + add_bos)")
+    return {"ok": not problems, "conversations": len(conversations), "mismatches": mismatches[:3],
+            "double_bos": double_bos, **({"error": "; ".join(problems)} if problems else {})}
+
+
+def check_logits(gguf: Path, sequences: list[list[int]], reference: Path, *, min_top1: float,
+                 lora_path: Path | None = None) -> dict:
+    m = runtime.compare_logits(gguf, sequences, reference, lora_path=lora_path)
+    ok = m["top1_agreement"] is not None and m["top1_agreement"] >= min_top1 and math.isfinite(m["ppl_gguf"])
+    out = {**m, "min_top1": min_top1, "ok": ok}
+    if not ok:
+        out["error"] = (f"teacher-forced top-1 agreement with the HF model is {m['top1_agreement']:.3f}, below "
+                        f"{min_top1:.3f} (KL {m['kl_mean']:.4f}, perplexity HF {m['ppl_reference']:.2f} vs GGUF "
+                        f"{m['ppl_gguf']:.2f}): the GGUF does not compute what the trained model computes")
+    return out
+
+
+def check_greedy_stop(gguf: Path, conversations: list[list[dict]], *, max_tokens: int = 256) -> dict:
+    answers = runtime.chat(gguf, conversations, max_tokens=max_tokens, temperature=0.0)
+    not_stopped = [a for a in answers if a["finish_reason"] != "stop"]
+    out = {"ok": not not_stopped, "answers": [{"text": a["text"][:300], "finish_reason": a["finish_reason"],
+                                               "tokens": a["tokens"]} for a in answers]}
+    if not_stopped:
+        out["error"] = (f"{len(not_stopped)} of {len(answers)} greedy answers did not stop within {max_tokens} tokens "
+                        "(finish_reason 'length'): the end-of-turn token is not produced or not treated as EOS")
+    return out
+
+
+def run_checks(*, model_dir: Path, ggufs: dict[str, Path], tokenizer, sequences: list[list[int]],
+               conversations: list[list[dict]], reference: Path, n_params: int, min_top1_unquantized: float,
+               unquantized: str, adapter: tuple[Path, Path] | None = None, greedy_max_tokens: int = 256,
+               architecture: str | None = None) -> dict[str, Any]:
+    """All checks; returns the parity report (``report["ok"]`` is False when any check failed)."""
+    report: dict[str, Any] = {"types": {}, "model": str(model_dir), "n_params": n_params}
+    base = ggufs[unquantized]
+    try:
+        eot = end_of_turn_tokens(tokenizer)
+    except UserError as exc:
+        eot, report["end_of_turn"] = [], {"check": "end_of_turn", "ok": False, "error": str(exc)}
+    else:
+        report["end_of_turn"] = _check("end_of_turn", check_end_of_turn, base, tokenizer, eot)
+    report["metadata"] = _check("metadata", check_metadata, base, tokenizer, architecture)
+    report["tokenization"] = _check("tokenization", check_tokenization, base, tokenizer)
+    report["chat_prompt"] = _check("chat_prompt", check_chat_prompt, base, tokenizer, conversations)
+    for qtype, path in ggufs.items():
+        threshold = top1_threshold(qtype, n_params, min_top1_unquantized)
+        report["types"][qtype] = {"file": path.name, "size_bytes": path.stat().st_size,
+                                  "logits": _check("logits", check_logits, path, sequences, reference, min_top1=threshold)}
+    if adapter is not None:
+        base_gguf, adapter_gguf = adapter
+        report["adapter"] = _check("adapter_logits", check_logits, base_gguf, sequences, reference,
+                                   min_top1=ADAPTER_MIN_TOP1, lora_path=adapter_gguf)
+    report["greedy_chat"] = _check("greedy_chat", check_greedy_stop, base, conversations[:2], max_tokens=greedy_max_tokens)
+    failed = failed_checks(report)
+    report["ok"] = not failed
+    report["failed"] = failed
+    return report
+
+
+def failed_checks(report: dict) -> list[str]:
+    out = []
+    for key in ("end_of_turn", "metadata", "tokenization", "chat_prompt", "adapter", "greedy_chat"):
+        item = report.get(key)
+        if item is not None and not item.get("ok"):
+            out.append(f"{key}: {item.get('error') or '; '.join(item.get('problems', [])) or 'failed'}")
+    for qtype, item in report.get("types", {}).items():
+        if not item["logits"].get("ok"):
+            out.append(f"logits {qtype}: {item['logits'].get('error', 'failed')}")
+    return out

@@ -1,0 +1,297 @@
+"""llama.cpp (through llama-cpp-python) in a child process: a native crash becomes a clear error, not a dead caller.
+
+Every public function here starts ``python -m finetune.gguf.runtime REQUEST RESULT``, which loads the GGUF,
+does one job and writes a JSON result. The caller never imports ``llama_cpp``.
+
+Chat always uses the GGUF's own chat template (``tokenizer.chat_template``) through llama-cpp-python's Jinja
+formatter. llama-cpp-python silently falls back to the ``llama-2`` prompt format when a GGUF has no template, and
+it replaces some templates by a built-in format it guesses from the metadata; neither happens here: a GGUF without
+a template is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+
+# llama_ftype ids (llama.h) for the types llama_model_quantize can write.
+FTYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25,
+    "IQ3_S": 26, "IQ3_M": 27, "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32,
+}
+# Types llama.cpp's own quantize tool refuses without an importance matrix (llama.cpp tools/quantize).
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
+
+
+class RuntimeCrash(UserError):
+    """The llama.cpp child process died (a native crash) or gave no result."""
+
+
+# ------------------------------------------------------------------------------------------ public API
+def chat(gguf_path: str | Path, conversations: list[list[dict]], *, max_tokens: int = 128, temperature: float = 0.0,
+         n_ctx: int = 2048, lora_path: str | Path | None = None, seed: int = 0, threads: int | None = None,
+         timeout: float | None = None) -> list[dict]:
+    """Answer each conversation with the GGUF's own chat template: [{"text", "finish_reason", "tokens"}, ...]."""
+    return _call("chat", gguf_path, {
+        "conversations": conversations, "max_tokens": max_tokens, "temperature": temperature, "n_ctx": n_ctx,
+        "lora_path": str(lora_path) if lora_path else None, "seed": seed, "threads": threads,
+    }, timeout=timeout)
+
+
+def inspect(gguf_path: str | Path) -> dict:
+    """Metadata (without the token arrays), BOS/EOS ids and texts, add_bos, end-of-generation ids, n_ctx_train."""
+    return _call("inspect", gguf_path, {})
+
+
+def tokenize(gguf_path: str | Path, texts: list[str], *, add_special: bool = False, parse_special: bool = True) -> list[list[int]]:
+    """llama.cpp's tokenization of each text."""
+    return _call("tokenize", gguf_path, {"texts": texts, "add_special": add_special, "parse_special": parse_special})
+
+
+def render_chat(gguf_path: str | Path, conversations: list[list[dict]], *, add_generation_prompt: bool = True) -> list[dict]:
+    """The prompt chat() would feed the model: [{"text", "ids"}, ...] (the Jinja path, exactly as chat uses it)."""
+    return _call("render_chat", gguf_path, {"conversations": conversations, "add_generation_prompt": add_generation_prompt})
+
+
+def compare_logits(gguf_path: str | Path, sequences: list[list[int]], reference_logits: str | Path, *,
+                   lora_path: str | Path | None = None, threads: int | None = None) -> dict:
+    """Teacher-forced comparison against reference logits (a float32 .npy, all sequences' rows concatenated).
+
+    Returns top-1 agreement, mean KL(reference || gguf) and both perplexities over next-token predictions.
+    """
+    return _call("compare_logits", gguf_path, {
+        "sequences": sequences, "reference": str(reference_logits),
+        "lora_path": str(lora_path) if lora_path else None, "threads": threads,
+    })
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None) -> dict:
+    """Write ``dst`` as ``qtype`` from an F16/BF16/F32 GGUF with llama.cpp's quantizer."""
+    qtype = qtype.upper()
+    if qtype in NEEDS_IMATRIX:
+        raise UserError(f"export.quantizations: {qtype} needs an importance matrix, which finetune does not compute; "
+                        "use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
+    if qtype not in FTYPES:
+        raise UserError(f"export.quantizations: unknown type {qtype!r}; known: {', '.join(sorted(FTYPES))}")
+    return _call("quantize", src, {"dst": str(dst), "ftype": FTYPES[qtype], "threads": threads})
+
+
+# ------------------------------------------------------------------------------------------ the parent
+def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | None = None) -> Any:
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file not found: {gguf_path}")
+    with tempfile.TemporaryDirectory(prefix="finetune-llama-") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps({"op": op, "gguf": str(gguf_path.resolve()), **payload}))
+        env = dict(os.environ)
+        # The child must import this checkout of finetune, whatever the caller's working directory.
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "finetune.gguf.runtime", str(req), str(res)],
+                                  capture_output=True, text=True, env=env, timeout=timeout, errors="replace")
+        except subprocess.TimeoutExpired:
+            raise RuntimeCrash(f"llama.cpp {op} on {gguf_path.name} did not finish within {timeout:.0f} s") from None
+        if proc.returncode != 0 or not res.exists():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
+            if proc.returncode < 0:
+                name = signal.Signals(-proc.returncode).name
+                raise RuntimeCrash(
+                    f"llama.cpp crashed ({name}) during {op} on {gguf_path}. A native crash on quantized models is "
+                    f"often a CPU-specific build problem: reinstall llama-cpp-python with scripts/install_llama_cpp.py. "
+                    f"Last log lines:\n{tail}"
+                )
+            raise RuntimeCrash(f"llama.cpp {op} on {gguf_path} failed (exit {proc.returncode}):\n{tail}")
+        result = json.loads(res.read_text())
+    if "error" in result:
+        raise UserError(result["error"])
+    return result["result"]
+
+
+# ------------------------------------------------------------------------------------------ the child
+def _load(path: str, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False,
+          lora_path: str | None = None, seed: int = 0, threads: int | None = None):
+    import llama_cpp
+
+    threads = threads or max(1, min(os.cpu_count() or 1, 16))
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                           vocab_only=vocab_only, lora_path=lora_path, seed=seed, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
+def _eog_ids(llm) -> list[int]:
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+
+def _formatter(llm, gguf: str):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise UserError(
+            f"{gguf} has no chat template (tokenizer.chat_template); llama-cpp-python would silently fall back to "
+            "the llama-2 format. Export from a tokenizer with a chat template (finetune export writes it)."
+        )
+    model = llm._model
+    bos, eos = model.token_bos(), model.token_eos()
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=model.token_get_text(eos) if eos != -1 else "",
+        bos_token=model.token_get_text(bos) if bos != -1 else "",
+        stop_token_ids=_eog_ids(llm),
+    )
+
+
+def _render(llm, formatter, messages: list[dict]) -> tuple[str, list[int]]:
+    # Exactly what llama-cpp-python's chat handler does with a Jinja formatter (added_special=True: no extra BOS).
+    out = formatter(messages=messages)
+    ids = llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
+    return out.prompt, ids
+
+
+def _op_inspect(req: dict) -> dict:
+    llm = _load(req["gguf"], vocab_only=True)
+    model = llm._model
+    meta = {k: v for k, v in llm.metadata.items()}
+    eog = _eog_ids(llm)
+    bos, eos = model.token_bos(), model.token_eos()
+    return {
+        "metadata": meta,
+        "architecture": meta.get("general.architecture"),
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "bos_id": bos, "eos_id": eos,
+        "bos_text": model.token_get_text(bos) if bos != -1 else None,
+        "eos_text": model.token_get_text(eos) if eos != -1 else None,
+        "add_bos": bool(model.add_bos_token()),
+        "eog_ids": eog,
+        "eog_texts": [model.token_get_text(t) for t in eog],
+        # vocab_only loads report 0 for n_ctx_train: read the architecture's context_length key instead.
+        "n_ctx_train": int(meta.get(f"{meta.get('general.architecture')}.context_length", 0) or 0),
+        "n_vocab": llm.n_vocab(),
+    }
+
+
+def _op_tokenize(req: dict) -> list[list[int]]:
+    llm = _load(req["gguf"], vocab_only=True)
+    return [llm.tokenize(t.encode("utf-8"), add_bos=req["add_special"], special=req["parse_special"])
+            for t in req["texts"]]
+
+
+def _op_render_chat(req: dict) -> list[dict]:
+    llm = _load(req["gguf"], vocab_only=True)
+    fmt = _formatter(llm, req["gguf"])
+    fmt.add_generation_prompt = req["add_generation_prompt"]
+    out = []
+    for messages in req["conversations"]:
+        text, ids = _render(llm, fmt, messages)
+        out.append({"text": text, "ids": ids})
+    return out
+
+
+def _op_chat(req: dict) -> list[dict]:
+    llm = _load(req["gguf"], n_ctx=req["n_ctx"], lora_path=req["lora_path"], seed=req["seed"], threads=req["threads"])
+    fmt = _formatter(llm, req["gguf"])
+    handler = fmt.to_chat_handler()
+    out = []
+    for messages in req["conversations"]:
+        llm.reset()
+        r = handler(llama=llm, messages=messages, temperature=req["temperature"], max_tokens=req["max_tokens"],
+                    seed=req["seed"], repeat_penalty=1.0, top_k=0 if req["temperature"] == 0 else 40)
+        choice = r["choices"][0]
+        out.append({"text": choice["message"]["content"] or "", "finish_reason": choice["finish_reason"],
+                    "tokens": r["usage"]["completion_tokens"]})
+    return out
+
+
+def _op_compare_logits(req: dict) -> dict:
+    import numpy as np
+
+    seqs = req["sequences"]
+    ref = np.load(req["reference"], mmap_mode="r")
+    n_ctx = max(len(s) for s in seqs) + 8
+    llm = _load(req["gguf"], n_ctx=n_ctx, logits_all=True, lora_path=req["lora_path"], threads=req["threads"])
+    agree = total = 0
+    kl_sum = nll_ref = nll_gguf = 0.0
+    row = 0
+    for seq in seqs:
+        llm.reset()
+        llm.eval(seq)
+        got = np.asarray(llm.scores[: len(seq)], dtype=np.float64)
+        want = np.asarray(ref[row: row + len(seq)], dtype=np.float64)
+        row += len(seq)
+        lp_got = got - _logsumexp(got)
+        lp_want = want - _logsumexp(want)
+        # Position i predicts token i+1: compare all but the last position.
+        targets = np.asarray(seq[1:])
+        lp_got, lp_want = lp_got[:-1], lp_want[:-1]
+        agree += int((lp_got.argmax(-1) == lp_want.argmax(-1)).sum())
+        total += len(targets)
+        kl_sum += float((np.exp(lp_want) * (lp_want - lp_got)).sum())
+        idx = np.arange(len(targets))
+        nll_ref -= float(lp_want[idx, targets].sum())
+        nll_gguf -= float(lp_got[idx, targets].sum())
+    return {
+        "positions": total,
+        "top1_agreement": agree / total if total else None,
+        "kl_mean": kl_sum / total if total else None,
+        "ppl_reference": float(np.exp(nll_ref / total)) if total else None,
+        "ppl_gguf": float(np.exp(nll_gguf / total)) if total else None,
+    }
+
+
+def _logsumexp(x):
+    import numpy as np
+
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _op_quantize(req: dict) -> dict:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = req["ftype"]
+    params.nthread = req["threads"] or max(1, os.cpu_count() or 1)
+    dst = Path(req["dst"])
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    rc = llama_cpp.llama_model_quantize(req["gguf"].encode(), str(tmp).encode(), params)
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        return {"error": f"llama_model_quantize({dst.name}) returned {rc}"}
+    os.replace(tmp, dst)
+    return {"size": dst.stat().st_size}
+
+
+_OPS = {"inspect": _op_inspect, "tokenize": _op_tokenize, "render_chat": _op_render_chat, "chat": _op_chat,
+        "compare_logits": _op_compare_logits, "quantize": _op_quantize}
+
+
+def _child_main(req_path: str, res_path: str) -> int:
+    req = json.loads(Path(req_path).read_text())
+    try:
+        result = _OPS[req["op"]](req)
+        payload = {"error": result["error"]} if isinstance(result, dict) and "error" in result else {"result": result}
+    except UserError as exc:
+        payload = {"error": str(exc)}
+    tmp = Path(res_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, default=str))
+    os.replace(tmp, res_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,168 @@
+"""Metrics for generated answers, through Hugging Face ``evaluate``, working offline.
+
+Each metric is an ``evaluate`` module. The Hub versions (``evaluate-metric/<name>``) need the network, so
+every metric also ships here as a local module folder (``finetune/metrics/<name>/<name>.py``) backed by
+the real library (sacrebleu, rouge-score, scikit-learn) with the Hub module's arguments and output keys.
+``load`` prefers the Hub module when the Hub can be reached and falls back to the local one; which one
+ran is recorded next to the numbers. Plain functions, no recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_DIR = Path(__file__).resolve().parent
+LOCAL_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf")
+# Classification-style metrics compare normalised answer strings as class labels.
+LABEL_METRICS = ("accuracy", "precision", "recall", "f1")
+
+_hub_unreachable = False  # after one connection failure, stop paying for the Hub in this process
+
+
+def local_path(name: str) -> Path:
+    """The local module script of a metric, e.g. .../finetune/metrics/rouge/rouge.py."""
+    if name not in LOCAL_METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(LOCAL_METRICS)}")
+    return METRICS_DIR / name / f"{name}.py"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "HF_EVALUATE_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
+
+
+def load(name: str, *, prefer_hub: bool = True) -> tuple[Any, str]:
+    """(evaluate module, source) for a metric: the Hub module when reachable and wanted, else the local one.
+
+    source is 'hub:evaluate-metric/<name>' or 'local:<path>'.
+    """
+    global _hub_unreachable
+    import evaluate as hf_evaluate
+
+    if prefer_hub and not hub_offline() and not _hub_unreachable:
+        try:
+            return hf_evaluate.load(f"evaluate-metric/{name}"), f"hub:evaluate-metric/{name}"
+        except Exception:  # no network, a proxy, a Hub outage: the local module computes the same thing
+            _hub_unreachable = True
+    path = local_path(name)
+    return hf_evaluate.load(str(path)), f"local:{path}"
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def normalize(text: str) -> str:
+    """Whitespace-trimmed answer: what exact match compares (case and punctuation count)."""
+    return text.strip()
+
+
+def label_of(text: str) -> str:
+    """A generated answer as a class label: trimmed, case-folded, trailing full stop dropped."""
+    return text.strip().casefold().rstrip(".").strip()
+
+
+def score_generations(
+    names: Sequence[str], predictions: Sequence[str], references: Sequence[str], *, prefer_hub: bool = True
+) -> tuple[dict[str, float], list[dict[str, float]], dict[str, str]]:
+    """Score generated answers against references.
+
+    Returns (corpus scores, per-example scores, metric sources). Corpus keys: exact_match, accuracy,
+    precision/recall/f1 (macro over the reference labels), rouge1/rouge2/rougeL/rougeLsum, bleu (0-1),
+    chrf (0-100). Per-example keys: exact_match, correct (label match), rougeL, chrf, bleu (sentence BLEU,
+    smoothed, for reading the table; the corpus value is the one to compare).
+    """
+    import sacrebleu
+
+    preds = [normalize(p) for p in predictions]
+    refs = [normalize(r) for r in references]
+    n = len(preds)
+    corpus: dict[str, float] = {}
+    per_example: list[dict[str, float]] = [{} for _ in range(n)]
+    sources: dict[str, str] = {}
+    if n == 0:
+        return corpus, per_example, sources
+
+    if "exact_match" in names:
+        module, sources["exact_match"] = load("exact_match", prefer_hub=prefer_hub)
+        corpus["exact_match"] = float(module.compute(predictions=preds, references=refs)["exact_match"])
+        for row, p, r in zip(per_example, preds, refs):
+            row["exact_match"] = float(p == r)
+
+    wanted_labels = [m for m in LABEL_METRICS if m in names]
+    if wanted_labels:
+        ref_labels = [label_of(r) for r in refs]
+        pred_labels = [label_of(p) for p in preds]
+        classes = sorted(set(ref_labels))
+        ids = {c: i for i, c in enumerate(classes)}
+        # An answer that is not one of the reference classes is wrong for every class: id -1.
+        y_true = [ids[c] for c in ref_labels]
+        y_pred = [ids.get(c, -1) for c in pred_labels]
+        for m in wanted_labels:
+            module, sources[m] = load(m, prefer_hub=prefer_hub)
+            kwargs = {} if m == "accuracy" else {"average": "macro", "labels": list(range(len(classes))),
+                                                  "zero_division": 0}
+            corpus[m] = float(module.compute(predictions=y_pred, references=y_true, **kwargs)[m])
+        for row, t, p in zip(per_example, y_true, y_pred):
+            row["correct"] = float(t == p)
+
+    if "rouge" in names:
+        module, sources["rouge"] = load("rouge", prefer_hub=prefer_hub)
+        scores = module.compute(predictions=preds, references=refs, use_aggregator=False)
+        for key, values in scores.items():
+            corpus[key] = float(sum(values) / n)
+        for row, value in zip(per_example, scores["rougeL"]):
+            row["rougeL"] = float(value)
+
+    if "bleu" in names:
+        module, sources["bleu"] = load("bleu", prefer_hub=prefer_hub)
+        corpus["bleu"] = float(module.compute(predictions=preds, references=[[r] for r in refs])["bleu"])
+        for row, p, r in zip(per_example, preds, refs):
+            row["bleu"] = sacrebleu.sentence_bleu(p, [r]).score / 100.0
+
+    if "chrf" in names:
+        module, sources["chrf"] = load("chrf", prefer_hub=prefer_hub)
+        corpus["chrf"] = float(module.compute(predictions=preds, references=[[r] for r in refs])["score"])
+        for row, p, r in zip(per_example, preds, refs):
+            row["chrf"] = sacrebleu.sentence_chrf(p, [r]).score
+    return corpus, per_example, sources
+
+
+# ----------------------------------------------------------------------------------------- uncertainty
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at 0/n and n/n, unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+    statistic: Callable[[Sequence[float]], float] | None = None,
+) -> dict[str, float]:
+    """Difference mean(b) - mean(a) on paired examples, with a percentile bootstrap interval.
+
+    Examples are resampled together for both models, so the interval reflects this sample size and the
+    pairing (the same prompts for both).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    n = len(a)
+    stat = statistic or (lambda xs: sum(xs) / len(xs))
+    if n == 0:
+        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    diffs = [y - x for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    samples = sorted(stat([diffs[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    low = samples[int(math.floor(tail * (resamples - 1)))]
+    high = samples[int(math.ceil((1 - tail) * (resamples - 1)))]
+    return {"difference": float(stat(diffs)), "low": float(low), "high": float(high), "n": n,
+            "confidence": confidence, "resamples": resamples}

@@ -1,0 +1,427 @@
+"""Stage `prepare`: read the recipe's data sources, clean them, split them without leakage, and tokenize them
+with the model's own chat template.
+
+Steps, in order (each one counted in report.json, every dropped row with its reason and file:line):
+  1. read every source (local files or the Hub) and detect its format (messages, sharegpt, alpaca,
+     prompt_completion, text) unless the recipe names it;
+  2. turn rows into messages, normalise text, drop unusable rows (malformed, empty turns, unknown roles,
+     not ending with an assistant turn...), add the default system prompt;
+  3. drop exact duplicates, then near duplicates (MinHash LSH);
+  4. render with the chat template and tokenize; drop (or truncate) by length;
+  5. split train/validation/test by seed (group-aware), then remove train rows that duplicate or nearly
+     duplicate a validation/test row (leakage check); resample train rows by source weight;
+  6. write splits/*.jsonl, tokenized/* (datasets), report.json, lengths.png, then manifest.json.
+
+Outputs are reused when the source files, the data section, the seed and the tokenizer are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune import runs
+from finetune.data.formats import RowError
+from finetune.errors import UserError
+
+# Bump when the output of prepare changes for the same inputs, so old caches are rebuilt.
+PREPARE_VERSION = 1
+SAMPLES_PER_REASON = 5
+RENDER_CHUNK = 512
+
+
+@dataclass
+class Example:
+    example: dict[str, Any]   # {"messages": [...]} or {"text": ...}, cleaned
+    origin: str
+    source: int
+    role: str                 # "all", "train", "validation", "test" (the source's role)
+    group: str
+    key: str = ""             # exact-duplicate key (sha1 of the compared text)
+    sig: Any = None           # MinHash signature
+    ids: list[int] | None = None
+    labels: list[int] | None = None
+    split: str = ""
+
+
+def run(recipe, *, force: bool = False) -> dict[str, Any]:
+    """Prepare the recipe's data; returns the report (also written to runs/<name>/prepare/report.json)."""
+    from finetune import models
+
+    data = recipe.data
+    if not data.sources:
+        raise UserError("data.sources: no data sources; add one, e.g.\n  data:\n    sources:\n      - path: train.jsonl")
+    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
+                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+    inputs = fingerprint_inputs(recipe, resolved.path)
+    out = recipe.run_dir("prepare")
+    if not force and inputs.get("reusable"):
+        cached = _reusable(out, inputs["fingerprint"])
+        if cached is not None:
+            cached["reused"] = True
+            return cached
+    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code)
+    with runs.StageRun(recipe, "prepare", inputs=inputs) as stage:
+        report = build(recipe, tokenizer, out)
+        stage.outputs = {
+            "splits": {s: str(out / "splits" / f"{s}.jsonl") for s in ("train", "validation", "test")},
+            "tokenized": {s: str(out / "tokenized" / s) for s in ("train", "validation", "test")},
+            "rows": dict(report["splits"]),
+            "report": str(out / "report.json"),
+            "lengths_png": str(out / "lengths.png"),
+        }
+    report["reused"] = False
+    return report
+
+
+def command(argv: list[str]) -> int:
+    from finetune.cli import load_recipe, recipe_parser
+    from finetune.data.report import print_summary
+
+    parser = recipe_parser("prepare", "Load, clean, split and tokenize the recipe's data into runs/<name>/prepare/.")
+    parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    ns = parser.parse_args(argv)
+    recipe = load_recipe(ns)
+    report = run(recipe, force=ns.force)
+    print_summary(report, recipe.run_dir("prepare"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ caching
+def fingerprint_inputs(recipe, tokenizer_dir: Path) -> dict[str, Any]:
+    """Everything prepare's output depends on. Unpinned Hub sources make the output not reusable."""
+    files, reusable = [], True
+    for i, src in enumerate(recipe.data.sources):
+        if src.path is not None:
+            path = recipe.resolve_path(src.path)
+            if not path.is_file():
+                raise UserError(f"data.sources[{i}].path: file not found: {path} "
+                                "(relative paths are resolved against the recipe's folder)")
+            files.append({"path": str(path), "sha256": runs.file_fingerprint(path)})
+        else:
+            files.append({"hub": src.hub, "config": src.config, "split": src.split, "revision": src.revision})
+            reusable &= src.revision is not None  # without a pinned revision the Hub data may have changed
+    tok_files = sorted(p for p in Path(tokenizer_dir).iterdir()
+                       if p.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")))
+    tokenizer = {p.name: runs.file_fingerprint(p) for p in tok_files}
+    key = {"version": PREPARE_VERSION, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed,
+           "sources": files, "tokenizer": tokenizer}
+    return {"fingerprint": runs.fingerprint_json(key), "sources": files, "tokenizer_dir": str(tokenizer_dir),
+            "reusable": reusable}
+
+
+def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    manifest = runs.read_manifest(out)
+    if not manifest or manifest.get("inputs", {}).get("fingerprint") != fingerprint:
+        return None
+    outputs = manifest.get("outputs", {})
+    paths = [*outputs.get("splits", {}).values(), *outputs.get("tokenized", {}).values(), outputs.get("report", "")]
+    if not paths or not all(p and Path(p).exists() for p in paths):
+        return None
+    return json.loads(Path(outputs["report"]).read_text())
+
+
+# ----------------------------------------------------------------------------------------------- the work
+def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
+    from finetune.data import clean
+    from finetune.data.load import Dropped
+
+    data = recipe.data
+    dropped: list[Dropped] = []
+    sources_report = []
+    examples: list[Example] = []
+    counters: Counter[str] = Counter()
+
+    # 1-2. read, convert, clean
+    for i, src in enumerate(data.sources):
+        loaded, fmt = read_source(recipe, i)
+        dropped += loaded.dropped
+        kept = 0
+        for row in loaded.rows:
+            try:
+                ex = _convert(row.record, fmt, src, data)
+                ex, changes = clean.clean_example(
+                    ex, unicode=data.clean.normalize_unicode, whitespace=data.clean.strip_whitespace,
+                    require_assistant_last=data.clean.require_assistant_last, system_prompt=data.system_prompt)
+            except RowError as exc:
+                dropped.append(Dropped(row.origin, exc.reason, exc.detail, _excerpt(row.record)))
+                continue
+            counters["normalized"] += changes["normalized"]
+            counters["system_prompt_added"] += changes["system_prompt_added"]
+            group = None
+            if data.split.group_by:
+                group = row.record.get(data.split.group_by)
+                if group is None:
+                    counters["group_missing"] += 1
+            examples.append(Example(ex, row.origin, i, src.role, "" if group is None else f"g:{group}"))
+            kept += 1
+        sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
+                               "rows_in": len(loaded.rows) + len(loaded.dropped), "kept_after_cleaning": kept})
+    rows_in = sum(s["rows_in"] for s in sources_report)
+
+    # 3. exact then near duplicates. Rows of explicit validation/test sources are seen first so that the
+    # copy that survives is the evaluation one.
+    priority = {"test": 0, "validation": 1, "all": 2, "train": 3}
+    examples.sort(key=lambda e: priority[e.role])  # stable: file order within a role
+    texts = [clean.dedupe_text(e.example) for e in examples]
+    for e, t in zip(examples, texts, strict=True):
+        e.key = clean.exact_key(t)
+        if not e.group:
+            e.group = f"r:{e.key}"
+    deduped = Counter()
+    if data.clean.dedupe:
+        seen: dict[str, str] = {}
+        keep = []
+        for e, t in zip(examples, texts, strict=True):
+            if e.key in seen:
+                dropped.append(Dropped(e.origin, "exact_duplicate", f"same as {seen[e.key]}", _excerpt(t)))
+                deduped["exact"] += 1
+                continue
+            seen[e.key] = e.origin
+            keep.append((e, t))
+        examples, texts = [e for e, _ in keep], [t for _, t in keep]
+    near = None
+    if data.clean.near_dedupe or data.split.leakage_check:
+        near = clean.NearIndex(data.clean.near_dedupe_threshold)
+        for e, sig in zip(examples, near.signatures(texts), strict=True):
+            e.sig = sig
+    if data.clean.near_dedupe and near is not None:
+        keep_examples = []
+        by_key = {}
+        for e, t in zip(examples, texts, strict=True):
+            hit = near.query(e.sig)
+            if hit is not None:
+                dropped.append(Dropped(e.origin, "near_duplicate",
+                                       f"{hit[1]:.2f} similar to {by_key[hit[0]].origin}", _excerpt(t)))
+                deduped["near"] += 1
+                continue
+            near.add(e.key, e.sig)
+            by_key[e.key] = e
+            keep_examples.append(e)
+        examples = keep_examples
+
+    # 4. render + tokenize, length filter
+    examples = _render_all(examples, tokenizer, data, dropped, counters)
+
+    # 5. split, leakage check, weights
+    pool = [e for e in examples if e.role == "all"]
+    for e, split in zip(pool, _assign(pool, data, recipe.seed), strict=True):
+        e.split = split
+    for e in examples:
+        if e.role != "all":
+            e.split = e.role
+    leakage = Counter()
+    if data.split.leakage_check:
+        examples = _remove_leakage(examples, data, dropped, leakage)
+    final: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    weights = Counter()
+    for e in examples:
+        copies = 1
+        weight = data.sources[e.source].weight
+        if e.split == "train" and weight != 1:
+            from finetune.data.split import resample_by_weight
+
+            copies = resample_by_weight([e.key], weight, seed=recipe.seed)[0]
+            weights["train_rows_added" if copies > 1 else "train_rows_removed"] += abs(copies - 1)
+        final[e.split] += [e] * copies
+
+    # 6. write
+    report = {
+        "rows_in": rows_in,
+        "sources": sources_report,
+        "dropped": dict(sorted(Counter(d.reason for d in dropped).items())),
+        "dropped_total": len(dropped),
+        "deduped": {"exact": deduped["exact"], "near": deduped["near"]},
+        "leakage_removed": dict(leakage),
+        "weights": dict(weights),
+        "normalized": counters["normalized"],
+        "filled": {"system_prompt": counters["system_prompt_added"], "group_missing": counters["group_missing"]},
+        "truncated": counters["truncated"],
+        "splits": {s: len(v) for s, v in final.items()},
+        "tokens": {},
+        "samples": _samples(dropped),
+        "train_on": data.train_on,
+        "max_tokens": data.clean.max_tokens,
+    }
+    _write(out, final, report, data)
+    return report
+
+
+def read_source(recipe, i: int):
+    """(Loaded rows, format) of data.sources[i]."""
+    from finetune.data import formats, load
+
+    src = recipe.data.sources[i]
+    where = f"data.sources[{i}]"
+    if src.path is not None:
+        loaded = load.read_local(recipe.resolve_path(src.path), where=f"{where}.path", max_rows=src.max_rows)
+        is_txt = Path(src.path).suffix.lower() == ".txt"
+    else:
+        loaded = load.read_hub(src.hub, config=src.config, split=src.split, revision=src.revision,
+                               streaming=src.streaming, max_rows=src.max_rows, where=f"{where}.hub")
+        is_txt = False
+    fmt = src.format
+    if is_txt and fmt not in ("auto", "text"):
+        raise UserError(f"{where}: {loaded.name} is a .txt file, which holds raw text; set format: text (or auto)")
+    formats.check_columns("text" if is_txt else fmt, src.columns, where)
+    if fmt == "auto":
+        if is_txt:
+            fmt = "text"
+        elif not loaded.rows:
+            fmt = "messages"  # nothing to detect from; every row was dropped already (reported)
+        else:
+            fmt = formats.detect_format((r.record for r in loaded.rows[:100]), src.columns, source=loaded.name,
+                                        where=where)
+    return loaded, fmt
+
+
+def _convert(record: dict[str, Any], fmt: str, src, data) -> dict[str, Any]:
+    from finetune.data import formats
+
+    return formats.to_example(record, fmt, src.columns, default_input=data.default_input)
+
+
+def _assign(pool: list[Example], data, seed: int) -> list[str]:
+    from finetune.data.split import assign_splits
+
+    return assign_splits([e.group for e in pool], validation=data.split.validation, test=data.split.test, seed=seed)
+
+
+def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Counter) -> list[Example]:
+    from finetune.data.load import Dropped
+    from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_text
+
+    def render(chunk: list[Example]) -> list[tuple[list[int], list[int]]]:
+        chats = [e for e in chunk if "messages" in e.example]
+        texts = [e for e in chunk if "text" in e.example]
+        got: dict[int, tuple[list[int], list[int]]] = {}
+        if chats:
+            for e, r in zip(chats, render_batch(tokenizer, [e.example["messages"] for e in chats],
+                                                train_on=data.train_on), strict=True):
+                got[id(e)] = r
+        if texts:
+            for e, r in zip(texts, render_text(tokenizer, [e.example["text"] for e in texts]), strict=True):
+                got[id(e)] = r
+        return [got[id(e)] for e in chunk]
+
+    kept = []
+    limit, low = data.clean.max_tokens, data.clean.min_tokens
+    for start in range(0, len(examples), RENDER_CHUNK):
+        chunk = examples[start: start + RENDER_CHUNK]
+        try:
+            results: list[Any] = render(chunk)
+        except RenderError:
+            results = []  # find the rows the template refuses, keep the rest
+            for e in chunk:
+                try:
+                    results.append(render([e])[0])
+                except RenderError as exc:
+                    results.append(exc)
+        for e, r in zip(chunk, results, strict=True):
+            if isinstance(r, Exception):
+                dropped.append(Dropped(e.origin, "template_error", str(r), _excerpt(e.example)))
+                continue
+            ids, labels = r
+            if len(ids) < low:
+                dropped.append(Dropped(e.origin, "too_short", f"{len(ids)} tokens < min_tokens {low}",
+                                       _excerpt(e.example)))
+                continue
+            if len(ids) > limit:
+                if data.clean.overlong == "drop":
+                    dropped.append(Dropped(e.origin, "too_long", f"{len(ids)} tokens > max_tokens {limit}",
+                                           _excerpt(e.example)))
+                    continue
+                ids, labels = ids[:limit], labels[:limit]
+                counters["truncated"] += 1
+            if all(v == IGNORE_INDEX for v in labels):
+                dropped.append(Dropped(e.origin, "no_trained_tokens",
+                                       "no token left to train on (truncation cut the whole reply)", _excerpt(e.example)))
+                continue
+            e.ids, e.labels = ids, labels
+            kept.append(e)
+    return kept
+
+
+def _remove_leakage(examples: list[Example], data, dropped, leakage: Counter) -> list[Example]:
+    """Drop train rows that equal, nearly equal, or share a group with a validation/test row."""
+    from finetune.data.clean import NearIndex
+    from finetune.data.load import Dropped
+
+    held = [e for e in examples if e.split != "train"]
+    if not held:
+        return examples
+    exact = {e.key: e for e in held}
+    groups = {e.group: e for e in held if e.group.startswith("g:")}
+    index = NearIndex(data.clean.near_dedupe_threshold)
+    by_key = {}
+    for e in held:
+        index.add(e.key, e.sig)
+        by_key[e.key] = e
+    kept = []
+    for e in examples:
+        if e.split == "train":
+            reason, other = None, None
+            if e.key in exact:
+                reason, other = "leakage_exact", exact[e.key]
+            elif e.group in groups:
+                reason, other = "leakage_group", groups[e.group]
+            else:
+                hit = index.query(e.sig)
+                if hit is not None:
+                    reason, other = "leakage_near", by_key[hit[0]]
+            if reason:
+                leakage[reason] += 1
+                dropped.append(Dropped(e.origin, reason, f"duplicates {other.split} row {other.origin}",
+                                       _excerpt(e.example)))
+                continue
+        kept.append(e)
+    return kept
+
+
+def _samples(dropped) -> dict[str, list[dict[str, str]]]:
+    out: dict[str, list[dict[str, str]]] = {}
+    for d in dropped:
+        bucket = out.setdefault(d.reason, [])
+        if len(bucket) < SAMPLES_PER_REASON:
+            bucket.append({"origin": d.origin, "detail": d.detail, "row": d.row})
+    return dict(sorted(out.items()))
+
+
+def _excerpt(value: Any) -> str:
+    from finetune.data.load import excerpt
+
+    return excerpt(value)
+
+
+def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], data) -> None:
+    import datasets
+
+    from finetune.data.render import IGNORE_INDEX
+    from finetune.data.report import length_stats, plot_lengths
+
+    out.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int64")),
+        "labels": datasets.Sequence(datasets.Value("int64")),
+        "length": datasets.Value("int64"),
+    })
+    lengths = {}
+    with runs.atomic_dir(out / "splits") as splits_dir, runs.atomic_dir(out / "tokenized") as tok_dir:
+        for split, rows in final.items():
+            lines = []
+            for e in rows:
+                row = {"id": e.key[:16], **e.example, "origin": e.origin}
+                lines.append(json.dumps(row, ensure_ascii=False))
+            (splits_dir / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            ds = datasets.Dataset.from_dict(
+                {"input_ids": [e.ids for e in rows], "labels": [e.labels for e in rows],
+                 "length": [len(e.ids) for e in rows]}, features=features)
+            ds.save_to_disk(str(tok_dir / split))
+            lengths[split] = [len(e.ids) for e in rows]
+            report["tokens"][split] = length_stats(
+                lengths[split], [sum(v != IGNORE_INDEX for v in e.labels) for e in rows])
+    plot_lengths(lengths, out / "lengths.png", max_tokens=data.clean.max_tokens)
+    runs.atomic_write_json(out / "report.json", report)

@@ -1,0 +1,58 @@
+"""Attention for padding-free (packed) batches, registered through transformers' AttentionInterface.
+
+A packed row holds several examples one after another. transformers' sdpa/eager paths handle that by building
+a dense block-diagonal mask over the whole row (and silently skip it when a cache is active: NOTES.md), so
+attention costs (sum of lengths)^2. This function runs causal SDPA on each example separately, costing
+sum(length^2) and never materialising a mask: the same maths as padded batches, without the padding.
+``flash_attention_2`` (CUDA, when installed) does the same in one kernel and is preferred there.
+"""
+
+from __future__ import annotations
+
+NAME = "finetune_varlen"
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """query/key/value: [batch, heads, seq, head_dim] -> ([batch, seq, heads, head_dim], None)."""
+    import torch
+    import torch.nn.functional as F
+
+    if query.shape[0] != 1:
+        # transformers builds no mask for a registered custom attention, so a padded batch would attend to padding
+        raise RuntimeError(f"{NAME} attention takes packed batches (one row); got {query.shape[0]} rows")
+    bounds = _boundaries(kwargs, query.shape[2])
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        # repeat_kv instead of enable_gqa: works on every torch >= 2.4 backend, forward and backward
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    p = dropout if module.training else 0.0
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
+                                       is_causal=True, scale=scaling)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _boundaries(kwargs, seq_len: int) -> list[int]:
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return [int(x) for x in cu.tolist()]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.shape[0] == 1:
+        # a packed row without boundaries: an example starts wherever the position restarts at 0
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        if starts and starts[0] == 0:
+            return starts + [seq_len]
+    return [0, seq_len]  # one ordinary causal sequence (generation without a cache, batch of one)
+
+
+def register() -> str:
+    """Make ``attn_implementation=NAME`` available to every transformers model; returns NAME."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_sdpa_attention)
+    return NAME

@@ -1,0 +1,8 @@
+"""The local server for a fine-tuned GGUF: an OpenAI-compatible API, a web chat page and the feedback store.
+
+    finetune serve RECIPE|MODEL.gguf      (serve/server.py: command line)
+    serve/app.py                          HTTP endpoints (FastAPI)
+    serve/pool.py                         admission (429), queueing, crash recovery
+    serve/worker.py                       the child process that owns llama_cpp.Llama
+    serve/static/index.html               the web chat page (no external resources)
+"""

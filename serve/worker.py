@@ -1,0 +1,267 @@
+"""The llama.cpp worker: a child process that owns ``llama_cpp.Llama`` and generates text for one request at a time.
+
+Why a child process: llama.cpp is native code. A segfault, an abort or an out-of-memory kill inside it would take
+the whole server down if the model lived in the server process. Here it takes down one worker; the server answers
+that request with an error, starts a fresh worker and keeps serving.
+
+The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llama objects cross the boundary):
+
+    parent -> child   {"op": "generate", "id": ..., "mode": "chat"|"completion", ...}   {"op": "cancel", "id": ...}
+    child -> parent   ("ready", info) | ("fatal", {"code", "message"})                   once, at start
+                      ("start", id, {"prompt_tokens": n})                               prompt accepted
+                      ("delta", id, text)                                               streamed text
+                      ("done", id, {"finish_reason", "prompt_tokens", "completion_tokens", "text"})
+                      ("error", id, {"status": int, "code": str, "message": str})       request refused/failed
+
+Chat prompts are rendered with the GGUF's own Jinja chat template (metadata ``tokenizer.chat_template``) through
+llama-cpp-python's ``Jinja2ChatFormatter``; a GGUF without one is refused with a clear message instead of the
+silent ``llama-2`` fallback llama-cpp-python would use. ``chat_template`` (a .jinja file) overrides it explicitly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+
+class NoChatTemplate(Exception):
+    """The GGUF carries no ``tokenizer.chat_template`` and no template file was given."""
+
+
+def no_template_message(gguf: str | Path) -> str:
+    return (
+        f"{gguf} has no chat template (GGUF metadata 'tokenizer.chat_template' is missing), so chat requests "
+        "cannot be formatted the way the model was trained. Re-export it with `finetune export RECIPE` "
+        "(which writes the tokenizer's template into the GGUF), or pass the model's template explicitly "
+        "with --chat-template FILE.jinja (serve.chat_template in the recipe)."
+    )
+
+
+# ------------------------------------------------------------------------------------------ in the child
+class Generator:
+    """llama.cpp generation for one model; used inside the worker process (and by tests directly)."""
+
+    def __init__(self, gguf: str, *, n_ctx: int, threads: int | None, chat_template: str | None = None,
+                 lora_path: str | None = None, seed: int = 0):
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.gguf = gguf
+        self.llm = llama_cpp.Llama(
+            model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, lora_path=lora_path,
+            seed=seed, verbose=False,
+        )
+        self.n_ctx = self.llm.n_ctx()
+        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
+        self.eos_text = self._special_text(eos_id)
+        self.bos_text = self._special_text(bos_id)
+        template = chat_template if chat_template is not None else self.llm.metadata.get("tokenizer.chat_template")
+        self.template_source = "file" if chat_template is not None else ("gguf" if template else None)
+        self.formatter = None
+        if template:
+            self.formatter = Jinja2ChatFormatter(
+                template=template, eos_token=self.eos_text, bos_token=self.bos_text,
+                stop_token_ids=[eos_id] if eos_id >= 0 else None,
+            )
+
+    def _special_text(self, token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    def info(self) -> dict[str, Any]:
+        return {"gguf": self.gguf, "n_ctx": self.n_ctx, "chat_template": self.template_source,
+                "eos": self.eos_text, "bos": self.bos_text, "pid": os.getpid()}
+
+    def render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+        """(prompt text, stop strings) from the model's own chat template."""
+        if self.formatter is None:
+            raise NoChatTemplate(no_template_message(self.gguf))
+        result = self.formatter(messages=messages)
+        stops = [s for s in ([result.stop] if isinstance(result.stop, str) else (result.stop or [])) if s]
+        return result.prompt, stops
+
+    def tokenize_prompt(self, prompt: str, *, chat: bool) -> list[int]:
+        # A chat template writes its own BOS (if the model wants one): adding another would double it, which is
+        # what llama-cpp-python's own Jinja2 handler avoids too. A raw completion prompt gets the model's default.
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=not chat, special=chat)
+
+    def generate(self, request: dict[str, Any], emit: Callable[[tuple], None],
+                 cancelled: Callable[[], bool]) -> None:
+        rid = request["id"]
+        chat = request["mode"] == "chat"
+        try:
+            if chat:
+                prompt, stops = self.render_chat(request["messages"])
+            else:
+                prompt, stops = request["prompt"], []
+        except NoChatTemplate as exc:
+            emit(("error", rid, {"status": 400, "code": "no_chat_template", "message": str(exc)}))
+            return
+        except Exception as exc:  # a template that raises (e.g. "roles must alternate") is the client's error
+            emit(("error", rid, {"status": 400, "code": "invalid_messages",
+                                 "message": f"the model's chat template rejected the messages: {exc}"}))
+            return
+        tokens = self.tokenize_prompt(prompt, chat=chat)
+        limit = request.get("max_prompt_tokens") or self.n_ctx
+        if len(tokens) > limit:
+            emit(("error", rid, {"status": 400, "code": "context_length_exceeded",
+                                 "message": f"the prompt has {len(tokens)} tokens; this server accepts at most "
+                                            f"{limit}. Shorten the conversation (start a new chat) or the prompt."}))
+            return
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            emit(("error", rid, {"status": 400, "code": "context_length_exceeded",
+                                 "message": f"the prompt ({len(tokens)} tokens) fills the context ({self.n_ctx})"}))
+            return
+        max_tokens = min(int(request.get("max_tokens") or 256), room)
+        emit(("start", rid, {"prompt_tokens": len(tokens)}))
+        stop = list(dict.fromkeys(stops + list(request.get("stop") or [])))
+        pieces: list[str] = []
+        finish_reason = "length"
+        stream = self.llm.create_completion(
+            tokens, max_tokens=max_tokens, temperature=float(request.get("temperature", 0.7)),
+            top_p=float(request.get("top_p", 0.95)), stop=stop or None, stream=True,
+            seed=request.get("seed"), repeat_penalty=1.0,
+        )
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            text = choice.get("text") or ""
+            if text:
+                pieces.append(text)
+                emit(("delta", rid, text))
+            if choice.get("finish_reason"):
+                finish_reason = choice["finish_reason"]
+            if cancelled():
+                finish_reason = "cancelled"
+                break
+        text = "".join(pieces)
+        completion_tokens = len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
+        emit(("done", rid, {"finish_reason": finish_reason, "prompt_tokens": len(tokens),
+                            "completion_tokens": completion_tokens, "text": text}))
+
+
+def worker_main(conn: Connection, options: dict[str, Any]) -> None:
+    """Entry point of the child process: load the model, then serve requests from the pipe until it closes."""
+    try:
+        gen = Generator(options["gguf"], n_ctx=options["n_ctx"], threads=options.get("threads"),
+                        chat_template=options.get("chat_template"), lora_path=options.get("lora_path"))
+    except Exception as exc:
+        conn.send(("fatal", {"code": "load_failed",
+                             "message": f"could not load {options['gguf']}: {type(exc).__name__}: {exc}"}))
+        return
+    if gen.formatter is None and options.get("require_chat_template", True):
+        conn.send(("fatal", {"code": "no_chat_template", "message": no_template_message(options["gguf"])}))
+        return
+    conn.send(("ready", gen.info()))
+    pending: list[dict[str, Any]] = []
+    while True:
+        try:
+            msg = pending.pop(0) if pending else conn.recv()
+        except (EOFError, OSError):
+            return  # the server went away
+        if msg.get("op") != "generate":
+            continue  # a cancel for a request that already finished
+        rid = msg["id"]
+        flag = {"cancelled": False}
+
+        def cancelled(rid=rid, flag=flag) -> bool:
+            # Between tokens: look for a cancel (the client went away) without blocking.
+            while conn.poll():
+                other = conn.recv()
+                if other.get("op") == "cancel" and other.get("id") == rid:
+                    flag["cancelled"] = True
+                elif other.get("op") == "generate":
+                    pending.append(other)
+            return flag["cancelled"]
+
+        try:
+            gen.generate(msg, conn.send, cancelled)
+        except Exception as exc:  # a Python-level failure in llama-cpp-python: report it, keep the worker
+            conn.send(("error", rid, {"status": 500, "code": "generation_failed",
+                                      "message": f"generation failed: {type(exc).__name__}: {exc}"}))
+
+
+# ----------------------------------------------------------------------------------------- in the parent
+class WorkerCrashed(Exception):
+    pass
+
+
+class Worker:
+    """Parent-side handle of one worker process. ``start()`` blocks until the model is loaded."""
+
+    def __init__(self, options: dict[str, Any], *, load_timeout: float = 300.0):
+        self.options = options
+        self.load_timeout = load_timeout
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.info: dict[str, Any] = {}
+        self.restarts = 0
+        self.send_lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def start(self) -> dict[str, Any]:
+        # spawn (not fork): a clean interpreter, no copied locks or threads from the server process.
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=worker_main, args=(child, self.options), daemon=True, name="finetune-llama-worker")
+        proc.start()
+        child.close()
+        self.process, self.conn = proc, parent
+        deadline = time.monotonic() + self.load_timeout
+        while not parent.poll(0.2):
+            if not proc.is_alive():
+                raise WorkerCrashed(f"the llama.cpp worker exited while loading {self.options['gguf']} "
+                                    f"(exit code {proc.exitcode})")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise WorkerCrashed(f"the llama.cpp worker did not load {self.options['gguf']} "
+                                    f"within {self.load_timeout:.0f} s")
+        try:
+            kind, payload = parent.recv()
+        except (EOFError, OSError):
+            raise WorkerCrashed(f"the llama.cpp worker died while loading {self.options['gguf']}") from None
+        if kind == "fatal":
+            self.stop()
+            raise (NoChatTemplate if payload["code"] == "no_chat_template" else WorkerCrashed)(payload["message"])
+        self.info = payload
+        return payload
+
+    def send(self, msg: dict[str, Any]) -> None:
+        assert self.conn is not None
+        with self.send_lock:
+            self.conn.send(msg)
+
+    def recv(self) -> tuple:
+        assert self.conn is not None
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+        if self.process is not None:
+            self.process.join(timeout=3)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout=3)
+        self.process, self.conn = None, None
+
+    def restart(self) -> dict[str, Any]:
+        self.stop()
+        self.restarts += 1
+        return self.start()

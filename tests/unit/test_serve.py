@@ -1,0 +1,264 @@
+"""The server, for real: `finetune serve` on a loopback port with the embedded GGUF, spoken to with the official
+`openai` client and raw HTTP. Assertions are about the protocol (the 135M Q4_1 model's answers are not judged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+API_KEY = "test-key-0123456789"
+MAX_PROMPT = 200
+MAX_CONCURRENT = 2
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    from finetune.models import embedded_gguf_path
+
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="module")
+def server(gguf, tmp_path_factory):
+    from serve.launch import ServerProcess
+
+    store = tmp_path_factory.mktemp("serve-store")
+    overrides = [f"serve.max_prompt_tokens={MAX_PROMPT}", "serve.n_ctx=512", "serve.max_tokens=64",
+                 f"serve.max_concurrent={MAX_CONCURRENT}", "serve.threads=1"]
+    with ServerProcess(gguf, overrides, api_key=API_KEY, store=store) as srv:
+        srv.store_dir = store
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def http(server, path: str, body: dict | bytes | None = None, *, key: str | None = API_KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(server.url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def announce_huge_body(server) -> tuple[int, dict]:
+    """Announce a 50 MB body and send none of it: the server must refuse on the header, before reading."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {API_KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(50 << 20))
+    conn.endheaders()
+    response = conn.getresponse()
+    status, body = response.status, json.loads(response.read())
+    conn.close()
+    return status, body
+
+
+def wait_healthy(server, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = server.health()
+        if h["status"] == "ok" and h["in_flight"] == 0 and not any(w["busy"] for w in h["workers"]):
+            return h
+        time.sleep(0.2)
+    raise AssertionError(f"server not idle and healthy after {timeout} s: {server.health()}")
+
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_models_and_health(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct.Q4_1"]
+    h = server.health()
+    assert h["status"] == "ok" and h["auth"] is True and h["chat_template"] == "gguf" and h["n_ctx"] == 512
+
+
+def test_chat_completion_non_streaming(client):
+    r = client.chat.completions.create(model="any", messages=HELLO, max_tokens=8, temperature=0)
+    choice = r.choices[0]
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_matches_non_streaming(client):
+    """Greedy decoding: the streamed pieces join to the same text as the one-shot answer."""
+    whole = client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2, "the answer should arrive in several pieces"
+    assert "".join(pieces) == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_text_completion(client):
+    r = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and isinstance(r.choices[0].text, str) and r.choices[0].text
+    streamed = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_wrong_or_missing_api_key_is_401(server):
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    status, body = http(server, "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, _ = http(server, "/api/feedback", {"reply": "x", "messages": [], "rating": "up"}, key=None)
+    assert status == 401
+    assert server.health()["status"] == "ok"  # /health needs no key
+
+
+def test_oversize_prompt_is_refused_and_server_stays_healthy(server, client):
+    long = [{"role": "user", "content": "word " * (MAX_PROMPT * 2)}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=long, max_tokens=4)
+    assert info.value.code == "context_length_exceeded"
+    assert f"at most {MAX_PROMPT}" in info.value.message
+    with pytest.raises(openai.BadRequestError):  # the streaming path refuses before sending any chunk
+        client.chat.completions.create(model="m", messages=long, max_tokens=4, stream=True)
+    status, body = announce_huge_body(server)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert wait_healthy(server)["status"] == "ok"
+    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    assert r.choices[0].message.content is not None
+
+
+def test_invalid_request_is_400_with_openai_error_shape(server):
+    status, body = http(server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert status == 400 and body["error"]["type"] == "invalid_request_error" and "role" in body["error"]["message"]
+    status, body = http(server, "/v1/chat/completions", {"messages": HELLO, "n": 3})
+    assert status == 400
+
+
+def test_over_the_concurrency_limit_is_429(server):
+    wait_healthy(server)
+    results: list[int] = []
+
+    def one():
+        status, _ = http(server, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 24, "temperature": 0})
+        results.append(status)
+
+    threads = [threading.Thread(target=one) for _ in range(MAX_CONCURRENT + 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(set(results)) == [200, 429], results
+    assert results.count(200) >= MAX_CONCURRENT
+    assert wait_healthy(server)["in_flight"] == 0
+
+
+def test_a_killed_worker_fails_one_request_and_is_restarted(server, client):
+    before = wait_healthy(server)["workers"][0]
+    outcome: dict = {}
+
+    def long_request():
+        outcome["status"], outcome["body"] = http(
+            server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell a long story."}],
+                                             "max_tokens": 64, "temperature": 0})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.health()["workers"][0]["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(before["pid"], 9)  # what a segfault in llama.cpp looks like from outside
+    t.join(timeout=120)
+    assert outcome["status"] == 500 and outcome["body"]["error"]["code"] == "worker_crashed", outcome
+    after = wait_healthy(server)["workers"][0]
+    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    assert r.choices[0].message.content is not None
+
+
+def test_feedback_is_stored_and_exported(server, client, cli, tmp_path):
+    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=6, temperature=0)
+    reply = r.choices[0].message.content
+    # By completion id only: the server looks the exchange up in its log.
+    status, body = http(server, "/api/feedback", {"completion_id": r.id, "rating": "up"})
+    assert status == 200 and body["stored"] is True
+    status, body = http(server, "/api/feedback", {"messages": HELLO, "reply": "bad", "rating": "maybe"})
+    assert status == 400
+    status, counts = http(server, "/api/feedback")
+    assert counts["up"] >= 1 and counts["exchanges"] >= 1
+    out = tmp_path / "feedback.jsonl"
+    code, stdout, _ = cli("feedback", "export", str(server.store_dir), "-o", str(out))
+    assert code == 0, stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {"messages": HELLO + [{"role": "assistant", "content": reply}]} in rows
+
+
+def test_non_loopback_host_needs_an_api_key(cli, gguf, monkeypatch):
+    monkeypatch.delenv("FINETUNE_API_KEY", raising=False)
+    code, _, err = cli("serve", str(gguf), "--host", "0.0.0.0")
+    assert code == 2 and "refusing to listen on 0.0.0.0 without an API key" in err
+
+
+@pytest.fixture(scope="module")
+def gguf_without_template(gguf, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the embedded GGUF with its chat template removed (and the template, for --chat-template)."""
+    import subprocess
+    import sys
+
+    import gguf as gguf_lib
+
+    template = gguf_lib.GGUFReader(gguf).get_field("tokenizer.chat_template").contents()
+    out = tmp_path_factory.mktemp("no-template") / "no-template.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(gguf), str(out),
+                    "--remove-metadata", "tokenizer.chat_template", "--force"], check=True, capture_output=True)
+    return out, template
+
+
+def test_gguf_without_chat_template_is_refused_not_guessed(cli, gguf_without_template):
+    from serve.launch import free_port
+
+    path, _ = gguf_without_template
+    code, _, err = cli("serve", str(path), "--port", str(free_port()))
+    assert code == 2 and "has no chat template" in err and "--chat-template" in err
+
+
+def test_explicit_chat_template_file_is_used(gguf_without_template, tmp_path):
+    from serve.worker import Worker
+
+    path, template = gguf_without_template
+    worker = Worker({"gguf": str(path), "n_ctx": 256, "threads": 1, "chat_template": template})
+    try:
+        assert worker.start()["chat_template"] == "file"
+        worker.send({"op": "generate", "id": "r1", "mode": "chat", "messages": HELLO, "max_tokens": 3,
+                     "temperature": 0})
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            events.append(worker.recv())
+        assert events[0][0] == "start" and events[-1][0] == "done", events
+    finally:
+        worker.stop()
