@@ -4,7 +4,8 @@ A stage is up to date when its manifest exists, the recipe sections it reads are
 manifest records the resolved recipe), and what it was built from has not changed since: the manifests of the
 stages upstream of it (fingerprints recorded in runs/<name>/pipeline.json when the pipeline ran it; for a stage
 that was run by hand, the upstream stage must have finished before it started) and, for prepare, the local data
-files. When a stage runs, every stage after it runs too. The run ends with a real answer from the fine-tuned
+files. A stage that runs makes the stages reading its outputs stale (their upstream fingerprint changes), not
+the others: a new eval section re-runs eval only. The run ends with a real answer from the fine-tuned
 GGUF on one test prompt and the commands to chat with it and serve it.
 """
 
@@ -34,7 +35,7 @@ class Stage:
 
 STAGES = (
     Stage("prepare", "finetune.prepare", ("model", "data", "seed"), ()),
-    Stage("train", "finetune.train", ("model", "data.train_on", "train", "seed"), ("prepare",)),
+    Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
     Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train")),
     Stage("export", "finetune.export", ("model", "export"), ("train",)),
 )
@@ -128,14 +129,14 @@ def run_stage(stage: Stage, recipe: Recipe, recipe_path: str) -> dict[str, Any]:
 
 
 def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, start: str | None = None,
-        answer: bool = True, chat_command: str | None = None) -> dict[str, Any]:
+        answer: bool = True, stages: tuple[Stage, ...] = STAGES) -> dict[str, Any]:
     """Run the stages in order; returns {"stages": {name: {"status", "seconds", "reason"}}, "answer": ...}."""
     state_path = recipe.run_dir() / STATE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
     results: dict[str, Any] = {}
     rerun = force
     total = time.time()
-    for stage in STAGES:
+    for stage in stages:
         if start is not None and stage.name == start:
             rerun = True
         reason = "forced" if rerun else why_stale(recipe, stage, state)
@@ -143,7 +144,6 @@ def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, sta
             results[stage.name] = {"status": "up to date", "seconds": 0.0}
             print(f"[{stage.name}] up to date, skipped", flush=True)
             continue
-        rerun = True  # everything after a stage that runs is stale
         print(f"[{stage.name}] running ({reason})", flush=True)
         t0 = time.time()
         result = run_stage(stage, recipe, recipe_path)
@@ -239,9 +239,10 @@ def command(argv: list[str]) -> int:
     for name, info in result["stages"].items():
         print(f"  {name:<8} {info['status']:<12} {_duration(info['seconds']) if info['status'] == 'ran' else '-'}")
     print(f"  total                  {_duration(result['seconds'])}")
-    metrics = recipe.run_dir("eval") / "metrics.json"
-    if metrics.exists():
-        print(f"\nscores: {metrics}  (report: {recipe.run_dir('eval') / 'report.html'})")
+    scores = score_table(recipe.run_dir("eval") / "metrics.json")
+    if scores:
+        print(f"\nscores on the {scores[0]}:\n{scores[1]}")
+        print(f"  report: {recipe.run_dir('eval') / 'report.html'}")
     sample = result.get("answer")
     if sample:
         print(f"\nthe fine-tuned model ({Path(sample['gguf']).name}, llama.cpp) on a test prompt:")
@@ -253,6 +254,22 @@ def command(argv: list[str]) -> int:
     print(f"  finetune chat {where}")
     print(f"  finetune serve {where}    # web chat + OpenAI-compatible API at http://127.0.0.1:{recipe.serve.port}")
     return 0
+
+
+def score_table(path: Path) -> tuple[str, str] | None:
+    """(split description, 'metric  base -> fine-tuned' lines) from eval's metrics.json, if it is there."""
+    if not path.exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+        base, tuned = metrics["models"]["base"], metrics["models"]["finetuned"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    names = [k for k, v in tuned.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and isinstance(base.get(k), (int, float)) and not k.endswith(("seconds", "tokens"))]
+    lines = [f"  {'metric':<16}{'base':>10}  {'fine-tuned':>10}"]
+    lines += [f"  {k:<16}{_fmt(float(base[k])):>10}  {_fmt(float(tuned[k])):>10}" for k in names]
+    return f"{metrics.get('split', 'test')} split ({metrics.get('examples', '?')} examples)", "\n".join(lines)
 
 
 def _indent(label: str, text: str, limit: int = 600) -> str:

@@ -156,9 +156,11 @@ class Settings:
     seq_len: int = 1024
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"              # adamw | adamw_8bit | sgd | adafactor
-    weight_dtype: str = "bfloat16"        # of the frozen base (compute dtype under QLoRA)
+    weight_dtype: str = "bfloat16"        # of the base weights (compute dtype of the 4-bit layers under QLoRA)
+    compute_dtype: str | None = None      # autocast dtype (full fine-tuning over fp32 weights); None: weight_dtype
     device: str = "cuda"                  # cuda | cpu
-    attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2 | auto
+    packed: bool = False                  # padding-free rows with per-example SDPA (finetune train's default)
 
 
 @dataclass
@@ -191,7 +193,9 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     s = settings
     notes: list[str] = []
     wbytes = DTYPE_BYTES[s.weight_dtype]
-    act = 2 if s.method == "qlora" else wbytes  # activations are in the compute dtype
+    # activations are in the compute dtype; under QLoRA, peft's prepare_model_for_kbit_training upcasts the
+    # embeddings and norms to fp32, so the residual stream and the 4-bit layers' outputs are fp32
+    act = 4 if s.method == "qlora" else DTYPE_BYTES[s.compute_dtype or s.weight_dtype]
     tokens = s.batch_size * s.seq_len
     targets = dims.lora_targets(s.target_modules) if s.method != "full" else {}
 
@@ -201,12 +205,17 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     if s.method == "qlora":
         # NF4: 4 bits a weight + one absmax per 64 weights; double quantization stores the absmax in 8 bits with
         # one fp32 constant per 256 blocks: 0.5 + 1/64 + 4/(64*256) bytes per weight.
-        weights = int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + other * 2
+        # The rest (embeddings, lm_head, norms) is upcast to fp32 by prepare_model_for_kbit_training.
+        weights = int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + other * 4
         # each 4-bit matrix is dequantized to the compute dtype for its matmul: the largest one is transient
         weights += max(a * b for a, b in dims.linear_shapes().values()) * 2
-        notes.append("weights: 4-bit NF4 with double quantization; embeddings, lm_head and norms in bf16")
+        notes.append("weights: 4-bit NF4 with double quantization; embeddings, lm_head and norms upcast to fp32 "
+                     "(peft prepare_model_for_kbit_training)")
     else:
         weights = dims.total_params * wbytes
+        if s.compute_dtype and s.compute_dtype != s.weight_dtype:
+            # autocast keeps a compute-dtype copy of every weight it casts for the step
+            weights += dims.total_params * DTYPE_BYTES[s.compute_dtype]
 
     # trainable parameters
     if s.method == "full":
@@ -259,9 +268,14 @@ def _layer_activation_bytes(dims: ModelDims, targets: dict[str, tuple[int, int]]
     norms = 2 * (4 * h + act * h)      # RMSNorm upcasts its input to fp32 and keeps it; the normed output feeds the projections
     attention = act * (q + 2 * kv)     # rotated q, k and v, kept by SDPA
     attention += act * q               # attention output (also the o_proj input)
+    if s.packed and s.attn_implementation != "flash_attention_2":
+        # per-example SDPA over packed rows repeats k and v to every query head and copies the output
+        attention += act * (2 * (q - kv) + q)
     mlp = 4 * act * i                  # gate, up, act(gate), act(gate)*up (the down_proj input)
     total = norms + attention + mlp
-    if s.attn_implementation == "eager" or (s.attn_implementation == "auto" and dims.logit_softcapping):
+    eager = s.attn_implementation == "eager" or (
+        s.attn_implementation == "auto" and dims.logit_softcapping and not s.packed)  # transformers' Gemma 2 default
+    if eager:
         # eager attention keeps the seq x seq probabilities (fp32 softmax and its cast), and the tanh capping output
         total += dims.num_heads * s.seq_len * (4 + act + (act if dims.logit_softcapping else 0))
     if s.method == "full":
@@ -449,8 +463,12 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
     from finetune import models
 
     t = recipe.train
+    compute = None
     if recipe.model.dtype != "auto":
         dtype = recipe.model.dtype
+    elif t.method == "full":
+        # finetune train keeps fp32 master weights for full fine-tuning; on a GPU the maths runs under bf16 autocast
+        dtype, compute = "float32", ("bfloat16" if device == "cuda" else None)
     elif device == "cuda":
         dtype = "bfloat16"  # fp16 on pre-Ampere cards: same size
     else:
@@ -459,8 +477,8 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
         else gradient_checkpointing
     return Settings(method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
                     batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
-                    gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, device=device,
-                    attn_implementation=recipe.model.attn_implementation)
+                    gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, compute_dtype=compute,
+                    device=device, attn_implementation=recipe.model.attn_implementation, packed=t.packing)
 
 
 def plan_for_budget(dims: ModelDims, settings: Settings, budget_bytes: int, checkpointing_mode: str = "auto") -> dict:

@@ -140,10 +140,14 @@ def command(argv: list[str]) -> int:
 
 
 def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_level: str = "warning") -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from serve.app import ServerSettings, create_app
+    except ModuleNotFoundError as exc:
+        raise UserError(f"`finetune serve` needs {exc.name}: pip install 'finetune[serve]' "
+                        "(fastapi and uvicorn)") from None
     from finetune.feedback import FeedbackStore
-    from serve.app import ServerSettings, create_app
     from serve.pool import Pool
     from serve.worker import NoChatTemplate, WorkerCrashed
 

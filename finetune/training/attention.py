@@ -31,7 +31,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     outs = [
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
                                        is_causal=True, scale=scaling)
-        for a, b in zip(bounds[:-1], bounds[1:])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=False)
     ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None

@@ -92,6 +92,7 @@ def schedule(lengths: list[int], *, batch_size: int, batch_tokens: int | None, m
             if max_steps is not None and len(steps) >= max_steps:
                 return steps
         epoch += 1
+    return steps
 
 
 def eval_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | None) -> list[list[int]]:
@@ -118,7 +119,7 @@ def collate_packed(examples: list[tuple[list[int], list[int]]]):
         positions += range(len(input_ids))
         bounds.append(len(ids))
     cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False))
     return {
         "input_ids": torch.tensor([ids]),
         "position_ids": torch.tensor([positions]),

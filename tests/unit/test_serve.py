@@ -262,3 +262,40 @@ def test_explicit_chat_template_file_is_used(gguf_without_template, tmp_path):
         assert events[0][0] == "start" and events[-1][0] == "done", events
     finally:
         worker.stop()
+
+
+def test_client_disconnect_mid_stream_frees_the_worker(server, client):
+    import http.client
+
+    wait_healthy(server)
+    exchanges = http(server, "/api/feedback")[1]["exchanges"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 64,
+                       "temperature": 0, "stream": True})
+    conn.request("POST", "/v1/chat/completions", body=body,
+                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.readline()
+    assert first.startswith(b"data: ")
+    conn.close()  # the user closed the tab
+    t0 = time.monotonic()
+    health = wait_healthy(server, timeout=60)
+    assert health["in_flight"] == 0
+    # A cancelled generation is not logged as an exchange; one that ran to its 64 tokens would be.
+    assert http(server, "/api/feedback")[1]["exchanges"] == exchanges
+    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    assert r.choices[0].message.content is not None
+    assert time.monotonic() - t0 < 60
+
+
+def test_load_test_script_against_the_server(server):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("load_test", Path(__file__).parents[2] / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    wait_healthy(server)
+    result = load_test.run_load(server.url, clients=MAX_CONCURRENT, requests=2, max_tokens=4, api_key=API_KEY)
+    assert result["successes"] == MAX_CONCURRENT * 2 and result["failures"] == 0, result
+    assert 0 < result["p50_s"] <= result["p95_s"] <= result["max_s"]

@@ -32,11 +32,12 @@ FAMILIES = {
                      eot="<|eot_id|>", system=True),
     "qwen2.5": dict(gguf="ggml-vocab-qwen2.gguf", template="Qwen-Qwen2.5-7B-Instruct.jinja", eot="<|im_end|>",
                     system=True),
-    "qwen3": dict(gguf="ggml-vocab-qwen2.gguf", template="Qwen-Qwen3-0.6B.jinja", eot="<|im_end|>", system=True),
+    "qwen3": dict(gguf="ggml-vocab-qwen2.gguf", template="Qwen-Qwen3-0.6B.jinja", eot="<|im_end|>", system=True,
+                  reply_prefix="<think>\n\n</think>"),
     "phi3.5": dict(gguf="ggml-vocab-phi-3.gguf", template="microsoft-Phi-3.5-mini-instruct.jinja", eot="<|end|>",
                    system=True),
     "mistral": dict(gguf="ggml-vocab-llama-spm.gguf", template="mistralai-Mistral-Nemo-Instruct-2407.jinja",
-                    eot="</s>", system=True, add_special=["[INST]", "[/INST]"]),
+                    eot="</s>", system=True, add_special=["[INST]", "[/INST]"], drops_system=True),
     "gemma2": dict(gguf="ggml-vocab-llama-spm.gguf", template="google-gemma-2-2b-it.jinja", eot="<end_of_turn>",
                    system=False, add_special=["<start_of_turn>", "<end_of_turn>"]),
 }
@@ -92,8 +93,25 @@ def load_tokenizer(gguf: str):
         with atomic_dir(cached) as tmp:
             tok.save_pretrained(tmp)
     tok = AutoTokenizer.from_pretrained(str(cached))
+    _restore_sentencepiece_dummy_prefix(tok)
     _TOKENIZERS[gguf] = tok
     return tok
+
+
+def _restore_sentencepiece_dummy_prefix(tok) -> None:
+    """transformers converts a SentencePiece GGUF with Metaspace(prepend_scheme='first'), which drops the dummy
+    prefix before text that starts with a space (' Hello' -> '▁Hello'). SentencePiece, llama.cpp and the models'
+    own tokenizer.json (Llama 2, Mistral v0.3: a Prepend('▁') + Replace(' ', '▁') normalizer) give '▁▁Hello' and
+    also prefix the text after each special token. Restore that; the llama.cpp test vectors check the result."""
+    import json
+
+    from tokenizers import normalizers
+
+    backend = tok.backend_tokenizer
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
 
 
 def family_tokenizer(name: str):
@@ -149,10 +167,11 @@ def test_tokenizer_matches_llama_cpp_test_vectors(gguf):
         got = tok(text, add_special_tokens=False)["input_ids"]
         if got != [int(x) for x in want.split()]:
             mismatches.append((text, want, got))
-    # SentencePiece whitespace-only edge cases differ between llama.cpp and HF; everything else must match
-    real = [m for m in mismatches if m[0].strip()]
-    assert not real, f"{gguf}: {len(real)} of {len(texts)} test strings tokenize differently, e.g. {real[:2]}"
-    assert len(mismatches) <= 3, mismatches
+    # Known edge cases differ between llama.cpp and the converted tokenizer (whitespace-only strings for
+    # SentencePiece, a decomposed-Unicode Vietnamese word for Llama 3): allow two, never on plain ASCII text.
+    ascii_mismatches = [m for m in mismatches if m[0].isascii() and m[0].strip()]
+    assert not ascii_mismatches, f"{gguf}: ASCII text tokenizes differently from llama.cpp: {ascii_mismatches[:2]}"
+    assert len(mismatches) <= 2, f"{gguf}: {len(mismatches)} of {len(texts)} test strings differ: {mismatches[:3]}"
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -183,13 +202,16 @@ def test_render_equals_template_and_masks_prompt(name):
         assert ids[b - 1] == eot_id, f"{name}: trained span ends with {tok.decode(ids[b - 1:b])!r}, not {eot!r}"
         for marker in ("SYSTEM-MARK", "USER-ONE", "USER-TWO"):
             assert marker not in text, (name, text)
-        # the span starts at the reply: no role header (e.g. 'assistant', '<|assistant|>', 'model') inside it
-        assert text.strip().startswith(reply.split()[0]), (name, text)
+        # the span starts at the reply: no role header (e.g. 'assistant', '<|assistant|>', 'model') inside it.
+        # Qwen3's template writes an empty think block into the final assistant turn; it is trained as part of
+        # the reply (the model learns to answer without thinking, as in the data).
+        start = text.strip().removeprefix(FAMILIES[name].get("reply_prefix", "")).strip()
+        assert start.startswith(reply.split()[0]), (name, text)
 
     # 3. every prompt token is masked and the prompt text is all there
     masked = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == IGNORE], skip_special_tokens=False)
     for m in messages:
-        if m["role"] != "assistant":
+        if m["role"] == "user" or (m["role"] == "system" and not FAMILIES[name].get("drops_system")):
             assert m["content"].split()[-1] in masked, (name, m["content"])
     # end-of-turn tokens after user/system turns (where the template has them) stay masked
     trained_eots = sum(1 for i, lab in zip(ids, labels, strict=True) if i == eot_id and lab != IGNORE)
@@ -221,6 +243,15 @@ def test_gemma_template_refuses_a_system_turn():
         render_messages(tok, CONVERSATION)
 
 
+def test_mistral_template_drops_the_system_prompt_of_a_finished_conversation():
+    """Mistral's template writes the system prompt into the LAST message only if it is a user turn. A training
+    conversation ends with the assistant, so the system prompt silently vanishes from training examples (while
+    it is present at inference). Recipes for Mistral therefore set no data.system_prompt."""
+    tok = family_tokenizer("mistral")
+    assert "SYSTEM-MARK" not in tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert "SYSTEM-MARK" in tok.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+
+
 def test_every_shipped_recipe_has_a_tested_template_family(repo_root):
     from finetune import recipe
 
@@ -234,15 +265,15 @@ def test_every_shipped_recipe_has_a_tested_template_family(repo_root):
     assert not uncovered, f"add the template family of these models to tests/unit/test_templates.py: {uncovered}"
 
 
-def test_gemma_recipes_set_no_system_prompt(repo_root):
-    """A system prompt would make every Gemma example fail to render (see above)."""
+def test_gemma_and_mistral_recipes_set_no_system_prompt(repo_root):
+    """Gemma refuses a system turn; Mistral drops it from training examples (both tested above)."""
     from finetune import recipe
 
     for f in (repo_root / "recipes").rglob("*.yaml"):
         if "data" in f.relative_to(repo_root / "recipes").parts[:-1]:
             continue
         r = recipe.load(f)
-        if r.model.id.startswith("google/gemma"):
+        if r.model.id.startswith(("google/gemma", "mistralai/")):
             assert r.data.system_prompt is None, f.name
 
 

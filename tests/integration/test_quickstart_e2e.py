@@ -1,0 +1,129 @@
+"""The whole pipeline, for real, through the CLI: `finetune run recipes/quickstart.yaml` on the embedded model with a
+small budget (prepare -> train -> eval -> export), then checks every stage's manifest and key outputs, runs again
+to see every stage skipped, and serves the exported GGUF by its recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "quickstart.yaml"
+BUDGET = ["train.max_steps=6", "train.eval_every=3", "train.save_every=3", "eval.max_examples=8",
+          "eval.max_new_tokens=48"]
+
+
+def finetune(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("e2e-runs")
+    proc = finetune("run", str(RECIPE), f"runs_dir={runs_dir}", *BUDGET)
+    assert proc.returncode == 0, f"finetune run failed:\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return runs_dir / "quickstart", proc.stdout, runs_dir
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    path = run_dir / stage / "manifest.json"
+    assert path.exists(), f"{stage} wrote no manifest"
+    data = json.loads(path.read_text())
+    assert data["stage"] == stage and data["recipe"]["name"] == "quickstart"
+    assert data["versions"]["llama-cpp-python"] and data["versions"]["torch"]
+    return data
+
+
+def test_prepare_outputs(run):
+    run_dir, _, _ = run
+    out = manifest(run_dir, "prepare")["outputs"]
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line) for line in Path(out["splits"][split]).read_text().splitlines()]
+        assert rows and len(rows) == out["rows"][split]
+        assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+        assert Path(out["tokenized"][split]).is_dir()
+    assert out["rows"]["train"] > out["rows"]["test"] > 0
+
+
+def test_train_outputs(run):
+    run_dir, _, _ = run
+    data = manifest(run_dir, "train")
+    out = data["outputs"]
+    assert out["method"] == "lora" and out["model"] is None
+    adapter = Path(out["adapter"])
+    assert (adapter / "adapter_config.json").exists()
+    assert any(adapter.glob("adapter_model.safetensors"))
+    summary = json.loads((run_dir / "train" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens_seen"] > 0
+    assert summary["final_train_loss"] is not None and 0 < summary["final_train_loss"] < 20
+    log = [json.loads(line) for line in (run_dir / "train" / "log.jsonl").read_text().splitlines()]
+    assert log and log[-1]["step"] == 6
+
+
+def test_eval_outputs(run):
+    run_dir, stdout, _ = run
+    manifest(run_dir, "eval")
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    base, tuned = metrics["models"]["base"], metrics["models"]["finetuned"]
+    assert metrics["examples"] == 8
+    for model in (base, tuned):
+        assert 0 < model["loss"] < 20 and model["perplexity"] > 1
+    # Six steps at lr 5e-4 on this task lower the held-out loss (the signal the whole pipeline exists for).
+    assert tuned["loss"] < base["loss"]
+    assert (run_dir / "eval" / "report.html").stat().st_size > 1000
+    assert "base" in stdout and "fine-tuned" in stdout  # the score table printed at the end
+
+
+def test_export_outputs(run):
+    run_dir, _, _ = run
+    out = manifest(run_dir, "export")["outputs"]
+    ggufs = {q: Path(p) for q, p in out["gguf"].items()}
+    assert {"F16", "Q8_0", "Q4_K_M"} <= set(ggufs)
+    for path in ggufs.values():
+        assert path.exists() and path.read_bytes()[:4] == b"GGUF"
+    assert ggufs["Q4_K_M"].stat().st_size < ggufs["Q8_0"].stat().st_size < ggufs["F16"].stat().st_size
+    parity = json.loads(Path(out["parity"]).read_text())
+    assert parity, "parity.json is empty"
+    assert Path(out["merged"], "config.json").exists()
+
+
+def test_run_ends_with_an_answer_and_the_chat_command(run):
+    run_dir, stdout, runs_dir = run
+    assert "answer:" in stdout and "prompt:" in stdout
+    assert f"finetune chat {RECIPE} runs_dir={runs_dir}" in stdout
+    for stage in ("prepare", "train", "eval", "export"):
+        assert f"[{stage}] done in" in stdout
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert set(state) == {"prepare", "train", "eval", "export"}
+
+
+def test_second_run_skips_every_stage(run):
+    _, _, runs_dir = run
+    proc = finetune("run", str(RECIPE), f"runs_dir={runs_dir}", *BUDGET, "--no-answer", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("prepare", "train", "eval", "export"):
+        assert f"[{stage}] up to date, skipped" in proc.stdout
+
+
+def test_serve_the_recipe(run):
+    openai = pytest.importorskip("openai")
+    from serve.launch import ServerProcess
+
+    run_dir, _, runs_dir = run
+    with ServerProcess(RECIPE, [f"runs_dir={runs_dir}", "serve.threads=1"]) as server:
+        health = server.health()
+        assert health["model"] == "quickstart-Q8_0" and health["gguf"].endswith("quickstart-Q8_0.gguf")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="quickstart-Q8_0", max_tokens=16, temperature=0,
+                                           messages=[{"role": "user", "content": "Hello"}])
+        assert isinstance(r.choices[0].message.content, str)
+    assert (run_dir / "serve" / "feedback.sqlite3").exists()

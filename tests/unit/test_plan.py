@@ -1,0 +1,190 @@
+"""The memory planner: parameter counts against transformers/peft, monotonic estimates, suggestions, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from finetune import plan
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "configs"
+GiB = plan.GiB
+
+# Published parameter counts (model cards) for the fixture snapshots: a wrong snapshot shows up here.
+PUBLISHED_BILLIONS = {
+    "meta-llama--Llama-3.1-8B-Instruct": 8.03, "meta-llama--Llama-3.2-1B-Instruct": 1.24,
+    "meta-llama--Llama-3.2-3B-Instruct": 3.21, "Qwen--Qwen2.5-0.5B-Instruct": 0.49, "Qwen--Qwen2.5-1.5B-Instruct": 1.54,
+    "Qwen--Qwen2.5-7B-Instruct": 7.61, "Qwen--Qwen3-1.7B": 1.72, "Qwen--Qwen3-8B": 8.19,
+    "mistralai--Mistral-7B-Instruct-v0.3": 7.25, "google--gemma-2-2b-it": 2.61, "microsoft--Phi-3.5-mini-instruct": 3.82,
+    "HuggingFaceTB--SmolLM2-1.7B-Instruct": 1.71,
+}
+
+
+def dims(name: str) -> plan.ModelDims:
+    return plan.ModelDims.from_config(json.loads((FIXTURES / f"{name}.json").read_text()))
+
+
+LLAMA8B = "meta-llama--Llama-3.1-8B-Instruct"
+
+
+def test_every_fixture_has_a_published_count():
+    assert {p.stem for p in FIXTURES.glob("*.json")} == set(PUBLISHED_BILLIONS)
+    for name, billions in PUBLISHED_BILLIONS.items():
+        assert dims(name).total_params / 1e9 == pytest.approx(billions, abs=0.01), name
+
+
+@pytest.mark.parametrize("name", [LLAMA8B, "microsoft--Phi-3.5-mini-instruct", "google--gemma-2-2b-it"])
+def test_counts_match_transformers_and_peft(name):
+    """Total and LoRA-trainable parameters equal those of the real architecture (built on the meta device)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = json.loads((FIXTURES / f"{name}.json").read_text())
+    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    total = sum(p.numel() for p in model.parameters())
+    d = plan.ModelDims.from_config(config)
+    assert d.total_params == pytest.approx(total, rel=1e-4)  # biases/q-k norms are left out: < 0.01%
+    for r, targets in ((16, "all-linear"), (8, ["q_proj", "v_proj"] if not d.fused_projections else ["qkv_proj"])):
+        peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=targets))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        est = plan.estimate(d, plan.Settings(lora_r=r, target_modules=targets))
+        assert est.trainable_params == trainable, (r, targets)
+        model = peft_model.unload()
+
+
+def test_monotonic_in_batch_and_sequence():
+    d = dims(LLAMA8B)
+    for method in ("lora", "qlora", "full"):
+        for ckpt in (False, True):
+            base = plan.Settings(method=method, gradient_checkpointing=ckpt, batch_size=1, seq_len=256)
+            totals_b = [plan.estimate(d, replace(base, batch_size=b)).total for b in (1, 2, 4, 8)]
+            totals_s = [plan.estimate(d, replace(base, seq_len=s)).total for s in (256, 512, 1024, 2048)]
+            assert totals_b == sorted(totals_b) and len(set(totals_b)) == 4
+            assert totals_s == sorted(totals_s) and len(set(totals_s)) == 4
+
+
+def test_levers_lower_memory():
+    d = dims(LLAMA8B)
+    s = plan.Settings(method="lora", batch_size=2, seq_len=1024)
+    lora = plan.estimate(d, s)
+    qlora = plan.estimate(d, replace(s, method="qlora"))
+    assert qlora.total < lora.total
+    assert qlora.weights < lora.weights / 2.5  # 4-bit linear layers; embeddings and lm_head stay bf16
+    assert qlora.trainable_params == lora.trainable_params
+    assert plan.estimate(d, replace(s, gradient_checkpointing=True)).activations < lora.activations / 5
+    assert plan.estimate(d, replace(s, optimizer="adamw_8bit")).optimizer == lora.optimizer // 4
+    full = plan.estimate(d, replace(s, method="full"))
+    assert full.total > lora.total and full.trainable_params == d.total_params
+    # double quantization: about 0.127 bits of constants per weight instead of 0.5
+    linear = d.num_layers * d.layer_linear_params
+    dequantized = max(a * b for a, b in d.linear_shapes().values()) * 2  # one matrix in bf16 for its matmul
+    four_bit = qlora.weights - (d.total_params - linear) * 2 - dequantized
+    assert linear * 0.5 < four_bit < linear * 0.52
+
+
+def test_lora_params_follow_rank_and_targets():
+    d = dims("Qwen--Qwen2.5-1.5B-Instruct")
+    r8 = plan.estimate(d, plan.Settings(lora_r=8)).trainable_params
+    r16 = plan.estimate(d, plan.Settings(lora_r=16)).trainable_params
+    assert r16 == 2 * r8
+    qv = plan.estimate(d, plan.Settings(lora_r=16, target_modules=["q_proj", "v_proj"])).trainable_params
+    h, kv = d.hidden_size, d.num_kv_heads * d.head_dim
+    assert qv == d.num_layers * 16 * ((h + h) + (h + kv))
+    with pytest.raises(plan.UserError, match="qkv_proj"):
+        plan.estimate(dims("microsoft--Phi-3.5-mini-instruct"), plan.Settings(target_modules=["q_proj"]))
+
+
+def test_no_suggestions_when_it_fits_and_ordered_suggestions_when_not():
+    d = dims(LLAMA8B)
+    s = plan.Settings(method="lora", batch_size=8, seq_len=2048)
+    assert plan.suggest(d, s, 10_000 * GiB) == []
+    steps = plan.suggest(d, s, int(12 * GiB * plan.USABLE_SHARE))
+    assert steps, "an 8B LoRA at 8 x 2048 does not fit 12 GB; the planner must say what to change"
+    assert steps[-1].fits and not any(x.fits for x in steps[:-1])
+    changes = [x.overrides[0] for x in steps]
+    # least quality cost first: checkpointing before 8-bit Adam before QLoRA before shorter sequences
+    order = ["train.gradient_checkpointing=on", "train.optimizer=adamw_8bit", "train.method=qlora"]
+    seen = [c for c in order if c in changes]
+    assert seen == order[: len(seen)] and "train.method=qlora" in changes
+    assert all(a.total >= b.total for a, b in zip(steps, steps[1:], strict=False))
+    # applying the suggested overrides really gives a fitting estimate
+    final = replace(s, gradient_checkpointing=True, optimizer="adamw_8bit", method="qlora")
+    for x in steps:
+        for o in x.overrides:
+            if o.startswith("train.batch_size="):
+                final = replace(final, batch_size=int(o.split("=")[1]))
+            if o.startswith("data.clean.max_tokens="):
+                final = replace(final, seq_len=int(o.split("=")[1]))
+    assert plan.fits(plan.estimate(d, final), int(12 * GiB * plan.USABLE_SHARE))
+
+
+def test_a_hopeless_case_says_so():
+    steps = plan.suggest(dims(LLAMA8B), plan.Settings(method="full", batch_size=1, seq_len=256), 2 * GiB)
+    assert steps and not steps[-1].fits
+
+
+def test_time_estimate_scales_with_model_and_method():
+    small, big = dims("Qwen--Qwen2.5-0.5B-Instruct"), dims(LLAMA8B)
+    s = plan.Settings(seq_len=512)
+    t_small = plan.seconds_per_1k_examples(small, s, 256)
+    t_big = plan.seconds_per_1k_examples(big, s, 256)
+    assert 5 < t_big / t_small < 30
+    assert plan.seconds_per_1k_examples(big, replace(s, method="qlora"), 256) > t_big
+    assert plan.seconds_per_1k_examples(big, replace(s, gradient_checkpointing=True), 256) > t_big
+
+
+def test_cli_fits_and_does_not_fit(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: {id: meta-llama/Llama-3.1-8B-Instruct, gated: true}\n"
+                      "data: {clean: {max_tokens: 1024}}\ntrain: {method: qlora, batch_size: 1}\n")
+    config = str(FIXTURES / f"{LLAMA8B}.json")
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "12", "--config", config)
+    assert code == 0, err
+    assert "fits" in out and "8.03B params" in out and "time per 1k examples" in out and "estimate" in out
+    code, out, err = cli("plan", str(recipe), "train.method=lora", "train.batch_size=8", "--gpu-gb", "8", "--config", config)
+    assert code == 1
+    assert "DOES NOT FIT" in out and "train.method=qlora" not in out.split("to make it fit")[0]
+    assert "to make it fit" in out
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "12", "--config", config, "--json")
+    data = json.loads(out)
+    assert data["results"][0]["fits"] is True and data["results"][0]["settings"]["gradient_checkpointing"] is True
+
+
+def test_config_errors_are_clear(cli, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: {id: nobody-here/no-such-model-xyz}\n")
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "8")  # HF_HUB_OFFLINE=1 in tests
+    assert code == 2 and "--config" in err and "Traceback" not in err
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "8", "--config", str(tmp_path / "missing.json"))
+    assert code == 2 and "not found" in err
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "8", "--config", str(bad))
+    assert code == 2 and "num_hidden_layers" in err
+
+
+def test_local_model_folder_config(cli, tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel: {{id: {tiny_model_dir}}}\n")
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "8")
+    assert code == 0, err
+    assert str(tiny_model_dir) in out and "fits" in out
+
+
+@pytest.mark.slow
+def test_estimate_against_measured_cpu_peak(repo_root):
+    """A real LoRA step of the embedded model on this CPU (fresh process, peak RSS) against the estimate."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(repo_root / "scripts" / "check_plan_memory.py"), "--grid", "4x128",
+                           "--steps", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+    assert abs(row["error"]) < 0.25, row

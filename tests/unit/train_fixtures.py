@@ -1,0 +1,67 @@
+"""Helpers for the train tests: a prepared run (tokenized splits + prepare manifest, per the prepare contract).
+
+The data is synthetic but learnable: a random prompt (label -100) followed by an answer that is a fixed function
+of the prompt's first token, so the loss visibly falls within a few steps on a tiny model.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune import recipe as recipe_mod
+from finetune import runs
+
+
+def synthetic_rows(n: int, seed: int, *, min_len: int = 6, max_len: int = 40) -> dict[str, list]:
+    rng = random.Random(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        prompt = [rng.randint(10, 400) for _ in range(rng.randint(min_len // 2, max_len // 2))]
+        answer = [prompt[0] + k for k in range(rng.randint(2, max(3, max_len // 2)))] + [2]
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    return {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]}
+
+
+def recipe_dict(tmp: Path, model_dir: Path, name: str = "t", *, seed: int = 42, model: dict | None = None,
+                **train: Any) -> dict[str, Any]:
+    return {"name": name, "seed": seed, "runs_dir": str(tmp / "runs"),
+            "model": {"id": str(model_dir), **(model or {})}, "train": train}
+
+
+def prepared(tmp: Path, model_dir: Path, name: str = "t", *, n_train: int = 48, n_val: int = 12, data_seed: int = 0,
+             seed: int = 42, model: dict | None = None, **train: Any):
+    """Write recipe YAML + tokenized splits + prepare manifest; return the loaded recipe."""
+    from datasets import Dataset
+
+    data = recipe_dict(tmp, model_dir, name, seed=seed, model=model, **train)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    recipe = recipe_mod.load(path)
+    tokenized = recipe.run_dir("prepare") / "tokenized"
+    paths = {}
+    for split, n, s in (("train", n_train, data_seed), ("validation", n_val, data_seed + 1)):
+        if n:
+            Dataset.from_dict(synthetic_rows(n, s)).save_to_disk(str(tokenized / split))
+            paths[split] = str(tokenized / split)
+    with runs.StageRun(recipe, "prepare") as stage:
+        stage.outputs = {"tokenized": paths, "rows": {"train": n_train, "validation": n_val}}
+    return recipe
+
+
+def train_losses(log_path: Path) -> list[tuple[int, float]]:
+    import json
+
+    lines = [json.loads(x) for x in Path(log_path).read_text().splitlines()]
+    return [(x["step"], x["loss"]) for x in lines if x["loss"] is not None]
+
+
+def val_losses(log_path: Path) -> list[tuple[int, float]]:
+    import json
+
+    lines = [json.loads(x) for x in Path(log_path).read_text().splitlines()]
+    return [(x["step"], x["val_loss"]) for x in lines if x["val_loss"] is not None]
