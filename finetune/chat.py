@@ -271,7 +271,7 @@ def command(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = always the most likely token (default 0.7)")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)
     import os
 
     if ns.url:

@@ -55,7 +55,7 @@ def _figure():
     matplotlib.use("Agg")  # no display needed, and no GUI backend picked up by accident
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=144)
     ax.spines[["top", "right"]].set_visible(False)
     ax.grid(axis="y", color="#e6e9ee", linewidth=0.8)
     ax.set_axisbelow(True)
@@ -104,7 +104,7 @@ def metric_chart_png(result: dict[str, Any]) -> bytes | None:
         values = [_scaled(k, result["models"][v].get(k)) for k in keys]
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(keys))]
         bars = ax.bar(xs, values, width=width * 0.92, color=_color(v), label=_variant_label(v))
-        for bar, value in zip(bars, values):
+        for bar, value in zip(bars, values, strict=True):
             ax.text(bar.get_x() + bar.get_width() / 2, value + 0.015, f"{value:.2f}", ha="center", fontsize=7,
                     color="#3d4852")
     ax.set_xticks(range(len(keys)), [LABELS.get(k, k) + (" /100" if k == "chrf" else "") for k in keys], fontsize=8)

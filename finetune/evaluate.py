@@ -439,7 +439,7 @@ def make_verdict(variants: dict[str, dict[str, Any]], scores: dict[str, list[dic
                 "finetuned": metric_lib.wilson_interval(round(sum(b)), n),
             }
     if "base" in example_loss and "finetuned" in example_loss:
-        pairs = [(x, y) for x, y in zip(example_loss["base"], example_loss["finetuned"])
+        pairs = [(x, y) for x, y in zip(example_loss["base"], example_loss["finetuned"], strict=True)
                  if not (math.isnan(x) or math.isnan(y))]
         if pairs:
             boot = metric_lib.paired_bootstrap([p[0] for p in pairs], [p[1] for p in pairs])
@@ -475,7 +475,9 @@ def _improvement(metric: str, boot: dict[str, float], *, higher_is_better: bool,
     status = "improved" if better_low > 0 else "worse" if better_high < 0 else "no clear difference"
     words = {"improved": "Fine-tuning improved", "worse": "Fine-tuning made it worse:",
              "no clear difference": "No clear difference in"}[status]
-    summary = (f"{words} {metric}: base {base:.3f} -> fine-tuned {finetuned:.3f} (difference {boot['difference']:+.3f}, "
+    label = {"exact_match": "exact match", "correct": "accuracy", "rougeL": "ROUGE-L", "chrf": "chrF (sentence)",
+             "bleu": "BLEU (sentence)", "loss": "held-out loss"}.get(metric, metric)
+    summary = (f"{words} {label}: base {base:.3f} → fine-tuned {finetuned:.3f} (difference {boot['difference']:+.3f}, "
                f"95% CI {low:+.3f} to {high:+.3f}, n={boot['n']} paired examples).")
     return {"status": status, "metric": metric, "base": base, "finetuned": finetuned, "difference": boot["difference"],
             "ci95": [low, high], "n": boot["n"], "higher_is_better": higher_is_better, "summary": summary}
@@ -519,16 +521,16 @@ def underfitting(log_rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "rule": VERDICT_RULES["underfitting"]}
     evidence = []
     still_high = train[-1] > 0.7 * train[0]
-    evidence.append(f"training loss {train[0]:.3f} -> {train[-1]:.3f} ({train[-1] / train[0]:.0%} of the first value)")
+    evidence.append(f"training loss {train[0]:.3f} → {train[-1]:.3f} ({train[-1] / train[0]:.0%} of the first value)")
     tail = train[-max(4, len(train) // 3):]
     half = len(tail) // 2
     first, second = sum(tail[:half]) / half, sum(tail[half:]) / (len(tail) - half)
     train_falling = second < first * 0.95
     val_falling = len(val) >= 2 and val[-1] == min(val) and val[-1] < val[-2]
     if train_falling:
-        evidence.append(f"still falling at the end ({first:.3f} -> {second:.3f} over the last third)")
+        evidence.append(f"still falling at the end ({first:.3f} → {second:.3f} over the last third)")
     if val_falling:
-        evidence.append(f"validation loss still improving at the end ({val[-2]:.3f} -> {val[-1]:.3f})")
+        evidence.append(f"validation loss still improving at the end ({val[-2]:.3f} → {val[-1]:.3f})")
     flag = still_high or (train_falling and val_falling)
     hint = " More steps (train.epochs / max_steps) or a higher learning rate would likely help." if flag else ""
     return {"flag": flag, "finding": ("yes: " if flag else "no: ") + "; ".join(evidence) + "." + hint,

@@ -24,6 +24,8 @@ from typing import Any
 from finetune import runs
 from finetune.errors import UserError
 
+GREEDY_MAX_TOKENS = 160  # the greedy-chat check: an answer that has not ended by then "did not stop"
+
 # --------------------------------------------------------------------------------------------- merge
 
 def _checkpoint_dtype(model_dir: Path):
@@ -169,20 +171,23 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         rows = heldout_rows or parity.FALLBACK_HELDOUT
         sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
         conversations = _prompt_conversations(rows)
+        greedy = conversations[:2]
         ref = out_dir / ".reference-logits.npy"
         try:
-            parity.reference_logits(merged_dir, sequences, ref)
+            hf_answers = parity.hf_reference(merged_dir, sequences, ref, tokenizer=tokenizer,
+                                             greedy_conversations=greedy, max_new_tokens=GREEDY_MAX_TOKENS)
             report = parity.run_checks(
                 model_dir=merged_dir, ggufs=ggufs, tokenizer=tokenizer, sequences=sequences,
-                conversations=conversations, reference=ref, n_params=merged["n_params"],
-                min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
-                adapter=(base_file, adapter_file) if adapter_file else None, architecture=None,
+                conversations=conversations, greedy_conversations=greedy, reference=ref, hf_answers=hf_answers,
+                n_params=merged["n_params"], min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
+                adapter=(base_file, adapter_file) if adapter_file else None, greedy_max_tokens=GREEDY_MAX_TOKENS,
             )
         finally:
             ref.unlink(missing_ok=True)
         report["heldout"] = {"sequences": len(sequences), "tokens": sum(len(s) for s in sequences),
                              "source": "test split" if heldout_rows else "built-in texts (no prepare test split)"}
         timings["parity"] = time.time() - t
+        report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         runs.atomic_write_json(out_dir / "parity.json", report)
         if not report["ok"]:
             raise UserError(f"export: {len(report['failed'])} parity check(s) failed; the GGUF would not behave like "

@@ -241,8 +241,11 @@ def command(argv: list[str]) -> int:
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. runs_dir=/tmp/runs")
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     exp.add_argument("-o", "--out", required=True, help="output JSONL file (add it to data.sources to train on it)")
-    ns = p.parse_args(argv)
-    folder = store_dir_for(ns.target, ns.overrides)
+    ns, extra = p.parse_known_args(argv)  # overrides may come after -o
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    folder = store_dir_for(ns.target, ns.overrides + extra)
     if ns.action == "stats":
         if not (folder / STORE_FILE).exists():
             raise UserError(f"no feedback store at {folder / STORE_FILE}")

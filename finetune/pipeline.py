@@ -153,6 +153,7 @@ def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, sta
             "upstream": {up: manifest_fingerprint(recipe, up) for up in stage.upstream},
             **({"files": data_files(recipe)} if stage.name == "prepare" else {}),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(seconds, 1),
         }
         if state[stage.name]["manifest"] is None:
             raise UserError(f"stage '{stage.name}' returned without writing {recipe.run_dir(stage.name)}/manifest.json")
@@ -227,7 +228,7 @@ def command(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")
     p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
     p.add_argument("--no-answer", action="store_true", help="skip the final sample answer from the GGUF")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)
     recipe = load_recipe(ns)
     # The commands printed at the end must find the same run: keep the overrides that say where it lives.
     keep = [o for o in ns.overrides if o.split("=", 1)[0].split(".")[0] in ("runs_dir", "name", "serve")]

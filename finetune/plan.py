@@ -161,6 +161,7 @@ class Settings:
     device: str = "cuda"                  # cuda | cpu
     attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2 | auto
     packed: bool = False                  # padding-free rows with per-example SDPA (finetune train's default)
+    logit_fraction: float = 1.0           # share of positions that get logits (packed: only trained positions)
 
 
 @dataclass
@@ -249,7 +250,7 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     # cross-entropy, and the fp32 gradient of the logits in backward
     upcast = 0 if act == 4 else 4
     per_token_logit = act + upcast + 4 + 4 + (2 * act if dims.logit_softcapping else 0)
-    logits = tokens * dims.vocab_size * per_token_logit
+    logits = int(tokens * min(1.0, s.logit_fraction)) * dims.vocab_size * per_token_logit
 
     subtotal = weights + adapter + gradients + optimizer + activations + logits
     if s.device == "cuda":
@@ -349,8 +350,8 @@ def suggest(dims: ModelDims, settings: Settings, budget_bytes: int) -> list[Sugg
         levers.append(("QLoRA: 4-bit NF4 base weights (small quality cost)", overrides, cur))
     while cur.seq_len > 256:  # drops or truncates long examples: quality cost depends on the data
         cur = replace(cur, seq_len=cur.seq_len // 2)
-        levers.append((f"shorter sequences (long examples are dropped or truncated; check `finetune prepare`'s "
-                       f"length report)", [f"data.clean.max_tokens={cur.seq_len}"], cur))
+        levers.append(("shorter sequences (long examples are dropped or truncated; check `finetune prepare`'s "
+                       "length report)", [f"data.clean.max_tokens={cur.seq_len}"], cur))
 
     steps: list[Suggestion] = []
     for change, overrides, new in [("", [], settings)] + levers:
@@ -493,18 +494,31 @@ def plan_for_budget(dims: ModelDims, settings: Settings, budget_bytes: int, chec
             "suggestions": [asdict(x) for x in suggest(dims, s, budget_bytes)]}
 
 
-def tokens_per_example(recipe) -> tuple[float, str]:
-    """Mean tokens per training example: measured by prepare when it has run, else assumed half of max_tokens."""
+def prepared_stats(recipe) -> dict[str, float] | None:
+    """From prepare's tokenized train split (when it has run): mean tokens per example and the 95th percentile
+    of the share of an example's positions that are trained (finetune train computes logits only there)."""
     tokenized = recipe.run_dir("prepare") / "tokenized" / "train"
-    if (recipe.run_dir("prepare") / "manifest.json").exists() and tokenized.exists():
-        try:
-            from datasets import load_from_disk
+    if not ((recipe.run_dir("prepare") / "manifest.json").exists() and tokenized.exists()):
+        return None
+    try:
+        from datasets import load_from_disk
 
-            lengths = load_from_disk(str(tokenized))["length"]
-            if len(lengths):
-                return sum(lengths) / len(lengths), "measured by prepare"
-        except Exception:  # an unreadable prepare output only costs us the measured mean
-            pass
+        ds = load_from_disk(str(tokenized))
+        lengths = list(ds["length"])
+        fractions = sorted(sum(1 for x in labels if x != -100) / max(1, len(labels)) for labels in ds["labels"])
+    except Exception:  # an unreadable prepare output only costs us the measured numbers
+        return None
+    if not lengths:
+        return None
+    return {"mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
+            "trained_fraction_p95": fractions[int(0.95 * (len(fractions) - 1))]}
+
+
+def tokens_per_example(recipe, stats: dict[str, float] | None = None) -> tuple[float, str]:
+    """Mean tokens per training example: measured by prepare when it has run, else assumed half of max_tokens."""
+    stats = stats if stats is not None else prepared_stats(recipe)
+    if stats:
+        return stats["mean_tokens"], "measured by prepare"
     return recipe.data.clean.max_tokens / 2, "assumed: half of data.clean.max_tokens"
 
 
@@ -523,17 +537,30 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
     for card in ([recipe.card_gb] if recipe.card_gb and recipe.card_gb != gpu_gb else []) + list(cards or []):
         targets.append((f"{card:g} GB GPU (card_gb)" if card == recipe.card_gb else f"{card:g} GB GPU", "cuda",
                         int(card * GiB * USABLE_SHARE)))
-    mean_tokens, mean_source = tokens_per_example(recipe)
+    stats = prepared_stats(recipe)
+    mean_tokens, mean_source = tokens_per_example(recipe, stats)
     results = []
     for label, device, budget in targets:
         settings = settings_for(recipe, device)
+        if stats and stats["max_tokens"] < settings.seq_len:
+            settings = replace(settings, seq_len=int(stats["max_tokens"]))
+        if stats and settings.packed:
+            settings = replace(settings, logit_fraction=stats["trained_fraction_p95"])
+        if device == "cpu" and settings.method == "qlora":
+            settings = replace(settings, method="lora")
         r = plan_for_budget(dims, settings, budget, recipe.train.gradient_checkpointing)
         r["target"] = label
         r["device"] = device
+        if stats and settings.seq_len < recipe.data.clean.max_tokens:
+            r["estimate"]["notes"].append(
+                f"sequence length: the longest prepared example ({settings.seq_len} tokens), not data.clean.max_tokens")
+        if settings.logit_fraction < 1:
+            r["estimate"]["notes"].append(
+                f"logits only at trained positions: {settings.logit_fraction:.0%} of a sequence (95th percentile "
+                "measured by prepare; packed batches)")
         if device == "cpu" and recipe.train.method == "qlora":
-            r["fits"] = False
-            r["suggestions"] = []
-            r["estimate"]["notes"].append("qlora needs a CUDA GPU (bitsandbytes 4-bit); use train.method=lora on a CPU")
+            r["estimate"]["notes"].append("qlora needs a CUDA GPU (bitsandbytes 4-bit): this is the estimate for "
+                                          "train.method=lora, what this machine can run")
         results.append(r)
     gpu_settings = settings_for(recipe, "cuda", gradient_checkpointing=any(
         r["settings"]["gradient_checkpointing"] for r in results if r["device"] == "cuda"))
@@ -544,6 +571,7 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
         "config_source": source,
         "dims": asdict(dims),
         "total_params": dims.total_params,
+        "prepared": stats,
         "results": results,
         "time_estimate": {
             "seconds_per_1k_examples": seconds,
@@ -570,8 +598,9 @@ def format_plan(plan: dict) -> str:
     lines = [f"plan for {plan['recipe']}: {plan['model']} ({_count(plan['total_params'])} params; config from "
              f"{plan['config_source']})"]
     method = d["method"] + ("" if d["method"] == "full" else f" r={d['lora_r']} on {d['target_modules']}")
+    where = "the longest prepared example" if plan.get("prepared") else "data.clean.max_tokens"
     lines.append(f"  {method}; micro-batch {d['batch_size']} x {d['seq_len']} tokens (worst case: every sequence at "
-                 f"data.clean.max_tokens), grad_accum {d['grad_accum']}, optimizer {d['optimizer']}")
+                 f"{where}), grad_accum {d['grad_accum']}, optimizer {d['optimizer']}")
     for r in plan["results"]:
         e, s = r["estimate"], r["settings"]
         lines.append("")

@@ -134,11 +134,14 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     sources_report = []
     examples: list[Example] = []
     counters: Counter[str] = Counter()
+    clock = _Clock()
+    columns_seen: set[str] = set()
 
     # 1-2. read, convert, clean
     for i, src in enumerate(data.sources):
         loaded, fmt = read_source(recipe, i)
         dropped += loaded.dropped
+        columns_seen.update(loaded.rows[0].record if loaded.rows else {})
         kept = 0
         for row in loaded.rows:
             try:
@@ -161,6 +164,10 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
                                "rows_in": len(loaded.rows) + len(loaded.dropped), "kept_after_cleaning": kept})
     rows_in = sum(s["rows_in"] for s in sources_report)
+    if data.split.group_by and examples and counters["group_missing"] == len(examples):
+        raise UserError(f"data.split.group_by: no row has a column {data.split.group_by!r}; "
+                        f"columns found: {', '.join(sorted(columns_seen))}")
+    clock.lap("read_and_clean")
 
     # 3. exact then near duplicates. Rows of explicit validation/test sources are seen first so that the
     # copy that survives is the evaluation one.
@@ -202,9 +209,11 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
             by_key[e.key] = e
             keep_examples.append(e)
         examples = keep_examples
+    clock.lap("dedupe")
 
     # 4. render + tokenize, length filter
     examples = _render_all(examples, tokenizer, data, dropped, counters)
+    clock.lap("render_and_tokenize")
 
     # 5. split, leakage check, weights
     pool = [e for e in examples if e.role == "all"]
@@ -227,6 +236,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
             copies = resample_by_weight([e.key], weight, seed=recipe.seed)[0]
             weights["train_rows_added" if copies > 1 else "train_rows_removed"] += abs(copies - 1)
         final[e.split] += [e] * copies
+    clock.lap("split_and_leakage")
 
     # 6. write
     report = {
@@ -245,9 +255,28 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "samples": _samples(dropped),
         "train_on": data.train_on,
         "max_tokens": data.clean.max_tokens,
+        "seconds": clock.laps,
     }
     _write(out, final, report, data)
+    clock.lap("write")
+    runs.atomic_write_json(out / "report.json", report)
     return report
+
+
+class _Clock:
+    """Seconds per step, for the report (where does the time go on a large dataset?)."""
+
+    def __init__(self):
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def read_source(recipe, i: int):
@@ -399,8 +428,7 @@ def _excerpt(value: Any) -> str:
 def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], data) -> None:
     import datasets
 
-    from finetune.data.render import IGNORE_INDEX
-    from finetune.data.report import length_stats, plot_lengths
+    from finetune.data.report import plot_lengths
 
     out.mkdir(parents=True, exist_ok=True)
     features = datasets.Features({
@@ -409,11 +437,32 @@ def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], d
         "length": datasets.Value("int64"),
     })
     lengths = {}
+    # save_to_disk draws a progress bar per split: noise in our own summary. Restore the user's setting after.
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        _write_splits(out, final, report, features, lengths)
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+    plot_lengths(lengths, out / "lengths.png", max_tokens=data.clean.max_tokens)
+
+
+def _write_splits(out: Path, final: dict[str, list[Example]], report: dict[str, Any], features, lengths) -> None:
+    import datasets
+
+    from finetune.data.render import IGNORE_INDEX
+    from finetune.data.report import length_stats
+
+    used: Counter[str] = Counter()  # ids repeat only for kept duplicates (dedupe off, or weight > 1)
     with runs.atomic_dir(out / "splits") as splits_dir, runs.atomic_dir(out / "tokenized") as tok_dir:
         for split, rows in final.items():
             lines = []
             for e in rows:
-                row = {"id": e.key[:16], **e.example, "origin": e.origin}
+                row_id = e.key[:16]
+                used[row_id] += 1
+                row = {"id": row_id if used[row_id] == 1 else f"{row_id}-{used[row_id]}", **e.example,
+                       "origin": e.origin}
                 lines.append(json.dumps(row, ensure_ascii=False))
             (splits_dir / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             ds = datasets.Dataset.from_dict(
@@ -423,5 +472,3 @@ def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], d
             lengths[split] = [len(e.ids) for e in rows]
             report["tokens"][split] = length_stats(
                 lengths[split], [sum(v != IGNORE_INDEX for v in e.labels) for e in rows])
-    plot_lengths(lengths, out / "lengths.png", max_tokens=data.clean.max_tokens)
-    runs.atomic_write_json(out / "report.json", report)

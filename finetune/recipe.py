@@ -67,7 +67,10 @@ class SourceConfig(Section):
         description="Map your column names to the format's fields, e.g. {prompt: question, completion: answer}.",
     )
     max_rows: int | None = Field(None, ge=1, description="Take at most this many rows from the source.")
-    weight: float = Field(1.0, gt=0, description="Relative share when mixing sources (rows are sampled by weight).")
+    weight: float = Field(
+        1.0, gt=0, description="Repeat (2.0 = twice) or subsample (0.5 = about half) this source's training rows "
+        "when mixing sources; validation/test rows are never reweighted.",
+    )
     role: Literal["all", "train", "validation", "test"] = Field(
         "all", description="'all': split by ratios; otherwise this source is that split as it is."
     )
@@ -76,6 +79,12 @@ class SourceConfig(Section):
     def _one_location(self) -> SourceConfig:
         if (self.path is None) == (self.hub is None):
             raise ValueError("a source needs exactly one of 'path' (local file) or 'hub' (Hub dataset id)")
+        if self.path is not None:
+            hub_only = [k for k in ("config", "revision") if getattr(self, k) is not None]
+            hub_only += ["streaming"] if self.streaming else []
+            if hub_only:
+                verb = "is" if len(hub_only) == 1 else "are"
+                raise ValueError(f"{', '.join(hub_only)} {verb} for Hub sources ('hub:') only, not for a local 'path'")
         return self
 
 
@@ -205,11 +214,28 @@ QuantType = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M",
 
 class ExportConfig(Section):
     outtype: Literal["F16", "BF16", "F32"] = Field("F16", description="Type of the first, unquantized GGUF.")
-    quantizations: list[QuantType] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
+    quantizations: list[str] = Field(
+        default_factory=lambda: ["Q8_0", "Q4_K_M"],
+        description="llama.cpp types written from the first GGUF: Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q5_0, Q4_0.",
+    )
     adapter_gguf: bool = Field(True, description="Also write the LoRA adapter as a GGUF adapter.")
     ollama: bool = Field(True, description="Write an Ollama Modelfile next to each GGUF.")
     parity: bool = Field(True, description="Run the parity checks (tokens, chat prompt, logits, greedy chat).")
     min_top1_f16: float = Field(0.99, ge=0, le=1, description="F16 teacher-forced top-1 agreement required.")
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        needs_imatrix = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
+        known = list(QuantType.__args__)
+        for q in v:
+            if q.upper() in needs_imatrix:
+                raise ValueError(f"{q} needs an importance matrix, which finetune does not compute; use one of {known}")
+            if q not in known:
+                close = difflib.get_close_matches(q.upper(), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{q!r} is not a type finetune exports{hint}; use one of {known}")
+        return v
 
 
 # ------------------------------------------------------------------------------------------------ serve

@@ -91,6 +91,9 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                               trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
     tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code)
+    from transformers import set_seed
+
+    set_seed(recipe.seed)  # adapter initialisation (and dropout) follow the recipe's seed
     model, attn, autocast_dtype = _build_model(recipe, resolved, device_type, accelerator.local_process_index)
     gc_on = _gradient_checkpointing(recipe, model, device_type)
     if gc_on:

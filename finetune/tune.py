@@ -299,8 +299,8 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     ordered = sorted(rows, key=lambda r: (r["validation_loss"] is None, r["validation_loss"] or 0.0))
     cells = [[_cell(r.get(c)) for c in columns] for r in ordered]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 

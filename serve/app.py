@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from finetune.feedback import FeedbackStore
 from serve.pool import Busy, Pool, RequestFailed, Unavailable
@@ -46,6 +47,9 @@ class ServerSettings:
     default_max_tokens: int = 256
     log_conversations: bool = True
     max_body_bytes: int = 1 << 20
+    # Host headers accepted; None = any. On loopback only local names: a web page elsewhere cannot reach this
+    # server through DNS rebinding (a hostile name that resolves to 127.0.0.1).
+    allowed_hosts: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # shown by /health (gguf path, store, n_ctx...)
 
 
@@ -122,6 +126,8 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         pool.close()
 
     app = FastAPI(title="finetune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -119,7 +119,7 @@ def command(argv: list[str]) -> int:
     p.add_argument("--chat-template", help="a .jinja chat template, only for a GGUF that lacks one")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (info shows every request)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    ns = p.parse_args(argv)
+    ns = p.parse_intermixed_args(argv)
 
     overrides = list(ns.overrides)
     for flag, key in ((ns.host, "host"), (ns.port, "port"), (ns.chat_template, "chat_template")):
@@ -167,6 +167,7 @@ def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_l
         log_conversations=config.log_conversations,
         max_body_bytes=max(1 << 20, config.prompt_limit * 64),
         extra={"gguf": str(target.gguf), "n_ctx": info["n_ctx"], "chat_template": info["chat_template"]},
+        allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"] if is_loopback(config.host) else None,
     )
     app = create_app(pool, settings, store)
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"

@@ -95,14 +95,11 @@ class NearIndex:
         self.sigs: dict[str, Any] = {}
 
     def signatures(self, texts: Sequence[str]) -> list[Any]:
+        # MinHash.bulk reuses one set of permutations for all rows (building them per row dominated the cost).
         from datasketch import LeanMinHash, MinHash
 
-        out = []
-        for text in texts:
-            m = MinHash(num_perm=self.num_perm, hashfunc=_crc32, seed=1)
-            m.update_batch(_shingles(text))
-            out.append(LeanMinHash(m))
-        return out
+        sigs = MinHash.bulk((_shingles(t) for t in texts), num_perm=self.num_perm, seed=1, hashfunc=crc32)
+        return [LeanMinHash(m) for m in sigs]
 
     def add(self, key: str, sig: Any) -> None:
         self.sigs[key] = sig
@@ -118,8 +115,8 @@ class NearIndex:
         return best
 
 
-def _crc32(data: bytes) -> int:
-    # Deterministic across processes (Python's hash() is salted) and much faster than datasketch's sha1 default.
+def crc32(data: bytes) -> int:
+    """The shingle hash: deterministic across processes (Python's hash() is salted), faster than sha1."""
     return zlib.crc32(data)
 
 

@@ -82,9 +82,10 @@ def read_hub(hub_id: str, *, config: str | None, split: str, revision: str | Non
 
     try:
         ds = datasets.load_dataset(hub_id, config, split=split, revision=revision, streaming=streaming)
-    except FileNotFoundError as exc:
-        raise UserError(f"{where}: Hub dataset {hub_id!r} not found or not reachable ({exc}). Check the id, "
-                        "or download it once with network access so the datasets cache has it.") from None
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise UserError(f"{where}: Hub dataset {hub_id!r} not found or not reachable ({exc}). Check the id; "
+                        "without network, load it once with network access so the datasets cache has it, "
+                        "or save it to a local file and use 'path:'.") from None
     except ValueError as exc:  # unknown split/config: datasets lists the valid ones in its message
         raise UserError(f"{where}: {hub_id}: {exc}") from None
     if max_rows is not None:

@@ -139,8 +139,10 @@ FALLBACK_HELDOUT = [
 ]
 
 
-def reference_logits(model_dir: Path, sequences: list[list[int]], out_file: Path) -> Path:
-    """HF float32 logits for every position of every sequence, concatenated, saved as .npy."""
+def hf_reference(model_dir: Path, sequences: list[list[int]], out_file: Path, *, tokenizer=None,
+                 greedy_conversations: list[list[dict]] = (), max_new_tokens: int = 256) -> list[dict]:
+    """HF float32 logits for every position of every sequence (concatenated, saved as .npy at out_file), and
+    HF greedy answers to ``greedy_conversations``: [{"ids": generated ids, "stopped": bool}]."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -152,23 +154,22 @@ def reference_logits(model_dir: Path, sequences: list[list[int]], out_file: Path
         for seq in sequences:
             rows.append(model(torch.tensor([seq])).logits[0].float().numpy())
     np.save(out_file, np.concatenate(rows, axis=0))
-    return out_file
+    answers = []
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for messages in greedy_conversations:
+        prompt = hf_ids(tokenizer, messages, add_generation_prompt=True)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+        ids = out[0, len(prompt):].tolist()
+        stopped = bool(ids) and ids[-1] in eos
+        answers.append({"ids": ids[:-1] if stopped else ids, "stopped": stopped})
+    return answers
 
 
 # -------------------------------------------------------------------------------------------- checks
-def _check(name: str, fn, *args, **kwargs) -> dict:
-    try:
-        result = fn(*args, **kwargs)
-    except runtime.RuntimeCrash as exc:
-        return {"check": name, "ok": False, "error": f"llama.cpp crashed: {exc}"}
-    except UserError as exc:
-        return {"check": name, "ok": False, "error": str(exc)}
-    result.setdefault("check", name)
-    return result
-
-
-def check_metadata(gguf: Path, tokenizer, model_type: str | None = None) -> dict:
-    info = runtime.inspect(gguf)
+def check_metadata(info: dict, tokenizer, model_type: str | None = None) -> dict:
     hf_template = tokenizer.chat_template
     problems = []
     if not info["chat_template"]:
@@ -186,10 +187,13 @@ def check_metadata(gguf: Path, tokenizer, model_type: str | None = None) -> dict
         problems.append(f"add_bos: GGUF {info['add_bos']} vs HF {hf_add_bos} (one of them would double or drop the BOS)")
     if model_type and info["architecture"] != model_type:
         problems.append(f"architecture: GGUF {info['architecture']!r}, expected {model_type!r}")
-    return {"ok": not problems, "problems": problems, "architecture": info["architecture"],
-            "bos_id": info["bos_id"], "eos_id": info["eos_id"], "add_bos": info["add_bos"],
-            "eog_ids": info["eog_ids"], "eog_texts": info["eog_texts"], "n_ctx_train": info["n_ctx_train"],
-            "chat_template_equal": info["chat_template"] == hf_template}
+    out = {"ok": not problems, "problems": problems, "architecture": info["architecture"],
+           "bos_id": info["bos_id"], "eos_id": info["eos_id"], "add_bos": info["add_bos"],
+           "eog_ids": info["eog_ids"], "eog_texts": info["eog_texts"], "n_ctx_train": info["n_ctx_train"],
+           "chat_template_equal": info["chat_template"] == hf_template}
+    if problems:
+        out["error"] = "; ".join(problems)
+    return out
 
 
 def _hf_adds_bos(tokenizer) -> bool:
@@ -197,8 +201,7 @@ def _hf_adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-def check_end_of_turn(gguf: Path, tokenizer, eot_ids: list[int]) -> dict:
-    info = runtime.inspect(gguf)
+def check_end_of_turn(info: dict, tokenizer, eot_ids: list[int]) -> dict:
     missing = [i for i in eot_ids if i not in info["eog_ids"]]
     names = {i: tokenizer.convert_ids_to_tokens(i) for i in eot_ids}
     out = {"end_of_turn": [{"id": i, "token": names[i]} for i in eot_ids], "eog_ids": info["eog_ids"],
@@ -212,29 +215,33 @@ def check_end_of_turn(gguf: Path, tokenizer, eot_ids: list[int]) -> dict:
     return out
 
 
-def check_tokenization(gguf: Path, tokenizer, cases: list[str] | None = None) -> dict:
-    cases = list(cases or TOKENIZATION_CASES)
+def tokenization_cases(tokenizer) -> list[str]:
+    cases = list(TOKENIZATION_CASES)
     specials = [t for t in tokenizer.all_special_tokens if t][:4]
-    cases += [f"{specials[0]}special{specials[-1]} text"] if specials else []
-    got = runtime.tokenize(gguf, cases, add_special=False, parse_special=True)
-    got_bos = runtime.tokenize(gguf, cases[:3], add_special=True, parse_special=True)
+    if specials:
+        cases.append(f"{specials[0]}special{specials[-1]} text {specials[0]}")
+    return cases
+
+
+def check_tokenization(tokenizer, cases: list[str], got: list[list[int]], got_with_special: list[list[int]]) -> dict:
+    """got: llama.cpp ids without added specials; got_with_special: ids of cases[:len(got_with_special)] with them."""
     mismatches = []
     for text, ids in zip(cases, got):
         want = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids != want:
             mismatches.append({"text": text, "hf": want, "gguf": ids})
-    for text, ids in zip(cases[:3], got_bos):
+    for text, ids in zip(cases, got_with_special):
         want = tokenizer(text, add_special_tokens=True)["input_ids"]
         if ids != want:
             mismatches.append({"text": text, "add_special": True, "hf": want, "gguf": ids})
-    return {"ok": not mismatches, "cases": len(cases) + 3, "mismatches": mismatches[:5],
-            **({"error": f"{len(mismatches)} string(s) tokenize differently in llama.cpp (first: "
-                         f"{mismatches[0]['text']!r}); the GGUF's pre-tokenizer does not match the model's"}
-               if mismatches else {})}
+    out = {"ok": not mismatches, "cases": len(got) + len(got_with_special), "mismatches": mismatches[:5]}
+    if mismatches:
+        out["error"] = (f"{len(mismatches)} string(s) tokenize differently in llama.cpp (first: "
+                        f"{mismatches[0]['text']!r}); the GGUF's pre-tokenizer does not match the model's")
+    return out
 
 
-def check_chat_prompt(gguf: Path, tokenizer, conversations: list[list[dict]]) -> dict:
-    rendered = runtime.render_chat(gguf, conversations, add_generation_prompt=True)
+def check_chat_prompt(tokenizer, conversations: list[list[dict]], rendered: list[dict]) -> dict:
     mismatches = []
     bos = tokenizer.bos_token_id
     double_bos = 0
@@ -251,13 +258,13 @@ def check_chat_prompt(gguf: Path, tokenizer, conversations: list[list[dict]]) ->
                         "and llama.cpp's Jinja path")
     if double_bos:
         problems.append(f"{double_bos} prompt(s) start with two BOS tokens (template bos_token + add_bos)")
-    return {"ok": not problems, "conversations": len(conversations), "mismatches": mismatches[:3],
-            "double_bos": double_bos, **({"error": "; ".join(problems)} if problems else {})}
+    out = {"ok": not problems, "conversations": len(conversations), "mismatches": mismatches[:3], "double_bos": double_bos}
+    if problems:
+        out["error"] = "; ".join(problems)
+    return out
 
 
-def check_logits(gguf: Path, sequences: list[list[int]], reference: Path, *, min_top1: float,
-                 lora_path: Path | None = None) -> dict:
-    m = runtime.compare_logits(gguf, sequences, reference, lora_path=lora_path)
+def check_logits(m: dict, *, min_top1: float) -> dict:
     ok = m["top1_agreement"] is not None and m["top1_agreement"] >= min_top1 and math.isfinite(m["ppl_gguf"])
     out = {**m, "min_top1": min_top1, "ok": ok}
     if not ok:
@@ -267,42 +274,97 @@ def check_logits(gguf: Path, sequences: list[list[int]], reference: Path, *, min
     return out
 
 
-def check_greedy_stop(gguf: Path, conversations: list[list[dict]], *, max_tokens: int = 256) -> dict:
-    answers = runtime.chat(gguf, conversations, max_tokens=max_tokens, temperature=0.0)
-    not_stopped = [a for a in answers if a["finish_reason"] != "stop"]
-    out = {"ok": not not_stopped, "answers": [{"text": a["text"][:300], "finish_reason": a["finish_reason"],
-                                               "tokens": a["tokens"]} for a in answers]}
-    if not_stopped:
-        out["error"] = (f"{len(not_stopped)} of {len(answers)} greedy answers did not stop within {max_tokens} tokens "
-                        "(finish_reason 'length'): the end-of-turn token is not produced or not treated as EOS")
+def check_greedy_stop(tokenizer, hf_answers: list[dict], gguf_answers: list[dict]) -> dict:
+    """Greedy answers must stop by themselves (finish_reason "stop").
+
+    A small model may loop on some prompt in HF too; that says nothing about the export. So an answer counts
+    against the GGUF when HF stops on the prompt and llama.cpp produced the same text but did not stop (the
+    end-of-turn token is not treated as the end), or when llama.cpp never stops where HF always does.
+    """
+    rows, broken = [], 0
+    for hf, gg in zip(hf_answers, gguf_answers):
+        hf_text = tokenizer.decode(hf["ids"], skip_special_tokens=True)
+        same_start = gg["text"].strip().startswith(hf_text.strip()) if hf_text.strip() else True
+        bad = hf["stopped"] and gg["finish_reason"] != "stop" and same_start
+        broken += bad
+        rows.append({"gguf_text": gg["text"][:300], "finish_reason": gg["finish_reason"], "tokens": gg["tokens"],
+                     "hf_text": hf_text[:300], "hf_stopped": hf["stopped"], "same_as_hf": gg["text"].strip() == hf_text.strip()})
+    hf_stops = sum(h["stopped"] for h in hf_answers)
+    gguf_stops = sum(g["finish_reason"] == "stop" for g in gguf_answers)
+    ok = broken == 0 and not (hf_stops and gguf_stops == 0)
+    out = {"ok": ok, "answers": rows, "hf_stopped": hf_stops, "gguf_stopped": gguf_stops}
+    if not ok:
+        out["error"] = (f"greedy chat: HF stops on {hf_stops} of {len(rows)} prompts, the GGUF on {gguf_stops}; "
+                        f"{broken} answer(s) match HF but run on to max_tokens: the end-of-turn token does not end "
+                        "generation in llama.cpp")
+    elif gguf_stops == 0:
+        out["note"] = "no prompt stopped in HF either (the model itself does not stop on them); nothing to compare"
     return out
 
 
+def _guard(name: str, fn, *args, **kwargs) -> dict:
+    """A check's result; a failure to run it (crash, error) is a failed check, never an exception."""
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as exc:  # RuntimeCrash included
+        return {"check": name, "ok": False, "error": str(exc)}
+    return {"check": name, **result}
+
+
+def _result(item: dict):
+    if "error" in item:
+        raise UserError(item["error"])
+    return item["result"]
+
+
 def run_checks(*, model_dir: Path, ggufs: dict[str, Path], tokenizer, sequences: list[list[int]],
-               conversations: list[list[dict]], reference: Path, n_params: int, min_top1_unquantized: float,
-               unquantized: str, adapter: tuple[Path, Path] | None = None, greedy_max_tokens: int = 256,
+               conversations: list[list[dict]], greedy_conversations: list[list[dict]], reference: Path,
+               hf_answers: list[dict], n_params: int, min_top1_unquantized: float, unquantized: str,
+               adapter: tuple[Path, Path] | None = None, greedy_max_tokens: int = 256,
                architecture: str | None = None) -> dict[str, Any]:
-    """All checks; returns the parity report (``report["ok"]`` is False when any check failed)."""
-    report: dict[str, Any] = {"types": {}, "model": str(model_dir), "n_params": n_params}
+    """All checks; returns the parity report (``report["ok"]`` is False when any check failed).
+
+    llama.cpp work runs in one child process per GGUF (``runtime.run_many``); a crash fails that GGUF's checks.
+    """
+    report: dict[str, Any] = {"model": str(model_dir), "n_params": n_params, "types": {}}
     base = ggufs[unquantized]
+    cases = tokenization_cases(tokenizer)
+    try:
+        res = runtime.run_many(base, [
+            ("inspect", {}),
+            ("tokenize", {"texts": cases, "add_special": False}),
+            ("tokenize", {"texts": cases[:3], "add_special": True}),
+            ("render_chat", {"conversations": conversations}),
+            ("compare_logits", {"sequences": sequences, "reference_logits": reference}),
+            ("chat", {"conversations": greedy_conversations, "max_tokens": greedy_max_tokens}),
+        ])
+    except UserError as exc:
+        res = [{"error": f"llama.cpp failed on {base.name}: {exc}"}] * 6
     try:
         eot = end_of_turn_tokens(tokenizer)
     except UserError as exc:
-        eot, report["end_of_turn"] = [], {"check": "end_of_turn", "ok": False, "error": str(exc)}
+        report["end_of_turn"] = {"check": "end_of_turn", "ok": False, "error": str(exc)}
     else:
-        report["end_of_turn"] = _check("end_of_turn", check_end_of_turn, base, tokenizer, eot)
-    report["metadata"] = _check("metadata", check_metadata, base, tokenizer, architecture)
-    report["tokenization"] = _check("tokenization", check_tokenization, base, tokenizer)
-    report["chat_prompt"] = _check("chat_prompt", check_chat_prompt, base, tokenizer, conversations)
+        report["end_of_turn"] = _guard("end_of_turn", lambda: check_end_of_turn(_result(res[0]), tokenizer, eot))
+    report["metadata"] = _guard("metadata", lambda: check_metadata(_result(res[0]), tokenizer, architecture))
+    report["tokenization"] = _guard("tokenization", lambda: check_tokenization(
+        tokenizer, cases, _result(res[1]), _result(res[2])))
+    report["chat_prompt"] = _guard("chat_prompt", lambda: check_chat_prompt(tokenizer, conversations, _result(res[3])))
+    report["greedy_chat"] = _guard("greedy_chat", lambda: check_greedy_stop(tokenizer, hf_answers, _result(res[5])))
     for qtype, path in ggufs.items():
         threshold = top1_threshold(qtype, n_params, min_top1_unquantized)
-        report["types"][qtype] = {"file": path.name, "size_bytes": path.stat().st_size,
-                                  "logits": _check("logits", check_logits, path, sequences, reference, min_top1=threshold)}
+        if path == base:
+            logits = _guard("logits", lambda: check_logits(_result(res[4]), min_top1=threshold))
+        else:
+            logits = _guard("logits", lambda p=path, t=threshold: check_logits(
+                runtime.compare_logits(p, sequences, reference), min_top1=t))
+        report["types"][qtype] = {"file": path.name, "size_bytes": path.stat().st_size, "logits": logits}
     if adapter is not None:
         base_gguf, adapter_gguf = adapter
-        report["adapter"] = _check("adapter_logits", check_logits, base_gguf, sequences, reference,
-                                   min_top1=ADAPTER_MIN_TOP1, lora_path=adapter_gguf)
-    report["greedy_chat"] = _check("greedy_chat", check_greedy_stop, base, conversations[:2], max_tokens=greedy_max_tokens)
+        report["adapter"] = _guard("adapter_logits", lambda: {
+            "base": base_gguf.name, "adapter": adapter_gguf.name,
+            **check_logits(runtime.compare_logits(base_gguf, sequences, reference, lora_path=adapter_gguf),
+                           min_top1=ADAPTER_MIN_TOP1)})
     failed = failed_checks(report)
     report["ok"] = not failed
     report["failed"] = failed
@@ -314,7 +376,7 @@ def failed_checks(report: dict) -> list[str]:
     for key in ("end_of_turn", "metadata", "tokenization", "chat_prompt", "adapter", "greedy_chat"):
         item = report.get(key)
         if item is not None and not item.get("ok"):
-            out.append(f"{key}: {item.get('error') or '; '.join(item.get('problems', [])) or 'failed'}")
+            out.append(f"{key}: {item.get('error') or 'failed'}")
     for qtype, item in report.get("types", {}).items():
         if not item["logits"].get("ok"):
             out.append(f"logits {qtype}: {item['logits'].get('error', 'failed')}")

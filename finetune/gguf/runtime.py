@@ -75,6 +75,33 @@ def compare_logits(gguf_path: str | Path, sequences: list[list[int]], reference_
     })
 
 
+def run_many(gguf_path: str | Path, jobs: list[tuple[str, dict]], *, timeout: float | None = None) -> list[dict]:
+    """Several of the jobs above on one GGUF in ONE child process (one interpreter start, one import).
+
+    ``jobs``: [(op, kwargs)] with op in inspect/tokenize/render_chat/chat/compare_logits and the keyword
+    arguments of the function of that name. Returns [{"result": ...} | {"error": str}] in order. A native
+    crash fails them all (RuntimeCrash).
+    """
+    defaults = {
+        "tokenize": {"add_special": False, "parse_special": True},
+        "render_chat": {"add_generation_prompt": True},
+        "chat": {"max_tokens": 128, "temperature": 0.0, "n_ctx": 2048, "lora_path": None, "seed": 0, "threads": None},
+        "compare_logits": {"lora_path": None, "threads": None},
+    }
+    requests = []
+    for op, kwargs in jobs:
+        if op not in _OPS or op == "quantize":
+            raise ValueError(f"run_many: unknown op {op!r}")
+        kw = {**defaults.get(op, {}), **kwargs}
+        if op == "compare_logits":
+            kw["reference"] = str(kw.pop("reference_logits"))
+        for key in ("lora_path",):
+            if kw.get(key):
+                kw[key] = str(kw[key])
+        requests.append({"op": op, **kw})
+    return _call("many", gguf_path, {"jobs": requests}, timeout=timeout)
+
+
 def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None) -> dict:
     """Write ``dst`` as ``qtype`` from an F16/BF16/F32 GGUF with llama.cpp's quantizer."""
     qtype = qtype.upper()
@@ -276,8 +303,19 @@ def _op_quantize(req: dict) -> dict:
     return {"size": dst.stat().st_size}
 
 
+def _op_many(req: dict) -> list[dict]:
+    out = []
+    for job in req["jobs"]:
+        try:
+            result = _OPS[job["op"]]({**job, "gguf": req["gguf"]})
+            out.append({"result": result})
+        except UserError as exc:
+            out.append({"error": str(exc)})
+    return out
+
+
 _OPS = {"inspect": _op_inspect, "tokenize": _op_tokenize, "render_chat": _op_render_chat, "chat": _op_chat,
-        "compare_logits": _op_compare_logits, "quantize": _op_quantize}
+        "compare_logits": _op_compare_logits, "quantize": _op_quantize, "many": _op_many}
 
 
 def _child_main(req_path: str, res_path: str) -> int:

@@ -89,7 +89,7 @@ def score_generations(
     if "exact_match" in names:
         module, sources["exact_match"] = load("exact_match", prefer_hub=prefer_hub)
         corpus["exact_match"] = float(module.compute(predictions=preds, references=refs)["exact_match"])
-        for row, p, r in zip(per_example, preds, refs):
+        for row, p, r in zip(per_example, preds, refs, strict=True):
             row["exact_match"] = float(p == r)
 
     wanted_labels = [m for m in LABEL_METRICS if m in names]
@@ -106,7 +106,7 @@ def score_generations(
             kwargs = {} if m == "accuracy" else {"average": "macro", "labels": list(range(len(classes))),
                                                   "zero_division": 0}
             corpus[m] = float(module.compute(predictions=y_pred, references=y_true, **kwargs)[m])
-        for row, t, p in zip(per_example, y_true, y_pred):
+        for row, t, p in zip(per_example, y_true, y_pred, strict=True):
             row["correct"] = float(t == p)
 
     if "rouge" in names:
@@ -114,19 +114,19 @@ def score_generations(
         scores = module.compute(predictions=preds, references=refs, use_aggregator=False)
         for key, values in scores.items():
             corpus[key] = float(sum(values) / n)
-        for row, value in zip(per_example, scores["rougeL"]):
+        for row, value in zip(per_example, scores["rougeL"], strict=True):
             row["rougeL"] = float(value)
 
     if "bleu" in names:
         module, sources["bleu"] = load("bleu", prefer_hub=prefer_hub)
         corpus["bleu"] = float(module.compute(predictions=preds, references=[[r] for r in refs])["bleu"])
-        for row, p, r in zip(per_example, preds, refs):
+        for row, p, r in zip(per_example, preds, refs, strict=True):
             row["bleu"] = sacrebleu.sentence_bleu(p, [r]).score / 100.0
 
     if "chrf" in names:
         module, sources["chrf"] = load("chrf", prefer_hub=prefer_hub)
         corpus["chrf"] = float(module.compute(predictions=preds, references=[[r] for r in refs])["score"])
-        for row, p, r in zip(per_example, preds, refs):
+        for row, p, r in zip(per_example, preds, refs, strict=True):
             row["chrf"] = sacrebleu.sentence_chrf(p, [r]).score
     return corpus, per_example, sources
 
@@ -158,7 +158,7 @@ def paired_bootstrap(
     stat = statistic or (lambda xs: sum(xs) / len(xs))
     if n == 0:
         return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    diffs = [y - x for x, y in zip(a, b)]
+    diffs = [y - x for x, y in zip(a, b, strict=True)]
     rng = random.Random(seed)
     samples = sorted(stat([diffs[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
     tail = (1 - confidence) / 2

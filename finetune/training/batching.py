@@ -81,6 +81,7 @@ def schedule(lengths: list[int], *, batch_size: int, batch_tokens: int | None, m
         batches = plan_epoch(lengths, batch_size=batch_size, batch_tokens=batch_tokens, seed=seed, epoch=epoch)
         groups = [tuple(tuple(b) for b in batches[i:i + micro_batches_per_step])
                   for i in range(0, len(batches), micro_batches_per_step)]
+        per_epoch = len(groups)
         if max_steps is None:
             remaining_epochs = epochs - epoch
             if remaining_epochs <= 0:
@@ -88,7 +89,7 @@ def schedule(lengths: list[int], *, batch_size: int, batch_tokens: int | None, m
             if remaining_epochs < 1:
                 groups = groups[:max(1, math.ceil(remaining_epochs * len(groups)))]
         for i, g in enumerate(groups):
-            steps.append(Step(epoch, i, len(groups), g))
+            steps.append(Step(epoch, i, per_epoch, g))
             if max_steps is not None and len(steps) >= max_steps:
                 return steps
         epoch += 1

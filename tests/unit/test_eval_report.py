@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from finetune import evaluate as ft_eval
 from finetune import eval_report as report
+from finetune import evaluate as ft_eval
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

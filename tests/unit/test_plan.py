@@ -75,7 +75,7 @@ def test_levers_lower_memory():
     lora = plan.estimate(d, s)
     qlora = plan.estimate(d, replace(s, method="qlora"))
     assert qlora.total < lora.total
-    assert qlora.weights < lora.weights / 2.5  # 4-bit linear layers; embeddings and lm_head stay bf16
+    assert qlora.weights < lora.weights / 1.8  # 4-bit linear layers; embeddings and lm_head upcast to fp32 by peft
     assert qlora.trainable_params == lora.trainable_params
     assert plan.estimate(d, replace(s, gradient_checkpointing=True)).activations < lora.activations / 5
     assert plan.estimate(d, replace(s, optimizer="adamw_8bit")).optimizer == lora.optimizer // 4
@@ -84,7 +84,7 @@ def test_levers_lower_memory():
     # double quantization: about 0.127 bits of constants per weight instead of 0.5
     linear = d.num_layers * d.layer_linear_params
     dequantized = max(a * b for a, b in d.linear_shapes().values()) * 2  # one matrix in bf16 for its matmul
-    four_bit = qlora.weights - (d.total_params - linear) * 2 - dequantized
+    four_bit = qlora.weights - (d.total_params - linear) * 4 - dequantized
     assert linear * 0.5 < four_bit < linear * 0.52
 
 
@@ -144,14 +144,14 @@ def test_cli_fits_and_does_not_fit(cli, tmp_path):
     recipe.write_text("name: r\nmodel: {id: meta-llama/Llama-3.1-8B-Instruct, gated: true}\n"
                       "data: {clean: {max_tokens: 1024}}\ntrain: {method: qlora, batch_size: 1}\n")
     config = str(FIXTURES / f"{LLAMA8B}.json")
-    code, out, err = cli("plan", str(recipe), "--gpu-gb", "12", "--config", config)
-    assert code == 0, err
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "16", "--config", config)
+    assert code == 0, out + err
     assert "fits" in out and "8.03B params" in out and "time per 1k examples" in out and "estimate" in out
     code, out, err = cli("plan", str(recipe), "train.method=lora", "train.batch_size=8", "--gpu-gb", "8", "--config", config)
     assert code == 1
     assert "DOES NOT FIT" in out and "train.method=qlora" not in out.split("to make it fit")[0]
     assert "to make it fit" in out
-    code, out, err = cli("plan", str(recipe), "--gpu-gb", "12", "--config", config, "--json")
+    code, out, err = cli("plan", str(recipe), "--gpu-gb", "16", "--config", config, "--json")
     data = json.loads(out)
     assert data["results"][0]["fits"] is True and data["results"][0]["settings"]["gradient_checkpointing"] is True
 

@@ -308,3 +308,22 @@ def test_quickstart_recipe_prepares_with_visible_cleaning(repo_root, tmp_path, t
     test_rows = read_split(r, "test")
     answer = json.loads(test_rows[0]["messages"][-1]["content"])
     assert list(answer) == ["order", "item", "issue", "name"]
+
+
+def test_hub_source_offline_is_a_clear_error(make_recipe):
+    # conftest sets HF_DATASETS_OFFLINE=1: the real datasets.load_dataset path runs and cannot reach the Hub
+    r = make_recipe([{"hub": "someone/not-cached-here", "split": "train", "revision": "main"}])
+    with pytest.raises(UserError, match=r"data.sources\[0\].hub: Hub dataset 'someone/not-cached-here' not found or "
+                                        r"not reachable"):
+        prepare(r)
+
+
+def test_group_by_a_column_no_row_has_is_an_error(make_recipe):
+    r = make_recipe([{"path": "groups.jsonl"}], split={"validation": 0.2, "test": 0.2, "group_by": "conv_id"})
+    with pytest.raises(UserError, match="no row has a column 'conv_id'; columns found: conversation_id, messages"):
+        prepare(r)
+
+
+def test_hub_only_keys_on_a_local_source_are_rejected(make_recipe):
+    with pytest.raises(recipe_mod.RecipeError, match="revision is for Hub sources"):
+        make_recipe([{"path": "groups.jsonl", "revision": "main"}])

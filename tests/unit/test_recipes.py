@@ -63,8 +63,8 @@ def test_header_names_model_card_and_license(path):
 
 
 @pytest.mark.parametrize("path", sized(), ids=lambda p: p.stem)
-def test_plan_fits_the_card_in_the_header(path):
-    r = recipe.load(path)
+def test_plan_fits_the_card_in_the_header(path, tmp_path):
+    r = recipe.load(path, [f"runs_dir={tmp_path}"])  # the worst case from the recipe, not a local prepare run
     fixture = fixture_for(r.model.id)
     if fixture is not None:
         assert fixture.exists(), f"add a config.json snapshot of {r.model.id} as {fixture.relative_to(REPO)}"
@@ -112,3 +112,14 @@ def test_own_data_template_prepares_offline(tmp_path, embedded_model):
     assert rows["train"] >= 20 and rows["validation"] >= 1 and rows["test"] >= 1, rows
     first = (r.run_dir("prepare") / "splits" / "train.jsonl").read_text(encoding="utf-8").splitlines()[0]
     assert '"role": "assistant"' in first and "Answer briefly and exactly." in first
+
+    # after prepare, the plan sizes for the longest real example and the measured share of trained positions
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(r.run_dir("prepare") / "tokenized" / "train"))
+    result = plan.run(r, gpu_gb=8)
+    settings = result["results"][0]["settings"]
+    assert settings["seq_len"] == max(ds["length"]) < r.data.clean.max_tokens
+    assert 0 < settings["logit_fraction"] < 1
+    assert result["time_estimate"]["tokens_per_example_source"] == "measured by prepare"
+    assert result["time_estimate"]["tokens_per_example"] == pytest.approx(sum(ds["length"]) / len(ds))

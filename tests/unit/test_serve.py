@@ -59,9 +59,9 @@ def http(server, path: str, body: dict | bytes | None = None, *, key: str | None
 
 def announce_huge_body(server) -> tuple[int, dict]:
     """Announce a 50 MB body and send none of it: the server must refuse on the header, before reading."""
-    import http.client
+    from http.client import HTTPConnection
 
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.putrequest("POST", "/v1/chat/completions")
     conn.putheader("Authorization", f"Bearer {API_KEY}")
     conn.putheader("Content-Type", "application/json")
@@ -265,11 +265,11 @@ def test_explicit_chat_template_file_is_used(gguf_without_template, tmp_path):
 
 
 def test_client_disconnect_mid_stream_frees_the_worker(server, client):
-    import http.client
+    from http.client import HTTPConnection
 
     wait_healthy(server)
     exchanges = http(server, "/api/feedback")[1]["exchanges"]
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
     body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 64,
                        "temperature": 0, "stream": True})
     conn.request("POST", "/v1/chat/completions", body=body,
@@ -299,3 +299,14 @@ def test_load_test_script_against_the_server(server):
     result = load_test.run_load(server.url, clients=MAX_CONCURRENT, requests=2, max_tokens=4, api_key=API_KEY)
     assert result["successes"] == MAX_CONCURRENT * 2 and result["failures"] == 0, result
     assert 0 < result["p50_s"] <= result["p95_s"] <= result["max_s"]
+
+
+def test_foreign_host_header_is_refused_on_loopback(server):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach the local model."""
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/health", headers={"Host": f"evil.example:{server.port}"})
+    assert conn.getresponse().status == 400
+    conn.close()
+    assert server.health()["status"] == "ok"  # with its own host name it answers

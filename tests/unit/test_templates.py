@@ -114,7 +114,17 @@ def _restore_sentencepiece_dummy_prefix(tok) -> None:
         backend.pre_tokenizer = None
 
 
+_FAMILY_TOKENIZERS: dict[str, object] = {}
+
+
 def family_tokenizer(name: str):
+    """The family's tokenizer with its real chat template (built once per test session; tests do not modify it)."""
+    if name not in _FAMILY_TOKENIZERS:
+        _FAMILY_TOKENIZERS[name] = _build_family_tokenizer(name)
+    return _FAMILY_TOKENIZERS[name]
+
+
+def _build_family_tokenizer(name: str):
     import copy
 
     from tokenizers import AddedToken

@@ -1,7 +1,7 @@
 """Helpers for the train tests: a prepared run (tokenized splits + prepare manifest, per the prepare contract).
 
 The data is synthetic but learnable: a random prompt (label -100) followed by an answer that is a fixed function
-of the prompt's first token, so the loss visibly falls within a few steps on a tiny model.
+of its length only, so the loss visibly falls within a few steps on a tiny model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def synthetic_rows(n: int, seed: int, *, min_len: int = 6, max_len: int = 40) ->
     ids, labels = [], []
     for _ in range(n):
         prompt = [rng.randint(10, 400) for _ in range(rng.randint(min_len // 2, max_len // 2))]
-        answer = [prompt[0] + k for k in range(rng.randint(2, max(3, max_len // 2)))] + [2]
+        answer = [100 + k for k in range(rng.randint(2, max(3, max_len // 2)))] + [2]
         ids.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
     return {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]}

@@ -38,7 +38,7 @@ class Bleu(evaluate.Metric):
         n_refs = {len(r) for r in refs}
         if len(n_refs) > 1:
             raise ValueError(f"every prediction needs the same number of references, got {sorted(n_refs)}")
-        streams = [list(s) for s in zip(*refs)] if refs else [[]]
+        streams = [list(s) for s in zip(*refs, strict=True)] if refs else [[]]
         metric = sacrebleu.metrics.BLEU(max_ngram_order=max_order, smooth_method="add-k" if smooth else "none",
                                         tokenize=tokenize, lowercase=lowercase, effective_order=False)
         result = metric.corpus_score(list(predictions), streams)

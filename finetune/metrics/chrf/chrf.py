@@ -39,7 +39,7 @@ class Chrf(evaluate.Metric):
         n_refs = {len(r) for r in refs}
         if len(n_refs) > 1:
             raise ValueError(f"every prediction needs the same number of references, got {sorted(n_refs)}")
-        streams = [list(s) for s in zip(*refs)] if refs else [[]]
+        streams = [list(s) for s in zip(*refs, strict=True)] if refs else [[]]
         metric = sacrebleu.metrics.CHRF(char_order=char_order, word_order=word_order, beta=beta,
                                         lowercase=lowercase, whitespace=whitespace, eps_smoothing=eps_smoothing)
         result = metric.corpus_score(list(predictions), streams)

@@ -41,7 +41,7 @@ class Rouge(evaluate.Metric):
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer, tokenizer=tokenizer)
         per_example = {t: [] for t in rouge_types}
-        for pred, ref in zip(predictions, references):
+        for pred, ref in zip(predictions, references, strict=True):
             scores = scorer.score_multi(ref, pred) if isinstance(ref, list) else scorer.score(ref, pred)
             for t in rouge_types:
                 per_example[t].append(float(scores[t].fmeasure))

