@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("finetune.evaluate:command", "Score base vs fine-tuned (and the exported GGUF) on held-out data; write report.html."),
     "tune": ("finetune.tune:command", "Search hyperparameters (tune.space) for the lowest validation loss; write best.yaml."),
     "prepare": ("finetune.prepare:command", "Load, clean, dedupe, split and tokenize the recipe's data (with a report)."),
+    "train": ("finetune.train:command", "Train LoRA/DoRA/QLoRA or full fine-tuning on the prepared data (--resume)."),
     "export": ("finetune.export:command", "Merge the adapter, convert to GGUF (F16 + quantized), check parity, write Modelfiles."),
     "run": ("finetune.pipeline:command", "Run prepare, train, eval and export in order, skipping stages that are up to date."),
     "serve": ("serve.server:command", "Serve a model: OpenAI-compatible API and a web chat page (127.0.0.1 by default)."),

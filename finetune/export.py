@@ -24,7 +24,7 @@ from typing import Any
 from finetune import runs
 from finetune.errors import UserError
 
-GREEDY_MAX_TOKENS = 160  # the greedy-chat check: an answer that has not ended by then "did not stop"
+GREEDY_MAX_TOKENS = 200  # the greedy-chat check: an answer that has not ended by then "did not stop"
 
 # --------------------------------------------------------------------------------------------- merge
 
@@ -105,7 +105,8 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
 
     Raises UserError (after writing parity.json) when a parity check fails.
     """
-    from finetune.gguf import convert, ollama as ollama_mod, parity, runtime
+    from finetune.gguf import convert, parity, runtime
+    from finetune.gguf import ollama as ollama_mod
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -171,14 +172,14 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         rows = heldout_rows or parity.FALLBACK_HELDOUT
         sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
         conversations = _prompt_conversations(rows)
-        greedy = conversations[:2]
+        greedy = conversations[:3]
         ref = out_dir / ".reference-logits.npy"
         try:
-            hf_answers = parity.hf_reference(merged_dir, sequences, ref, tokenizer=tokenizer,
-                                             greedy_conversations=greedy, max_new_tokens=GREEDY_MAX_TOKENS)
+            hf = parity.HFReference(merged_dir, tokenizer)
+            hf.save_logits(sequences, ref)
             report = parity.run_checks(
                 model_dir=merged_dir, ggufs=ggufs, tokenizer=tokenizer, sequences=sequences,
-                conversations=conversations, greedy_conversations=greedy, reference=ref, hf_answers=hf_answers,
+                conversations=conversations, greedy_conversations=greedy, reference=ref, hf=hf,
                 n_params=merged["n_params"], min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
                 adapter=(base_file, adapter_file) if adapter_file else None, greedy_max_tokens=GREEDY_MAX_TOKENS,
             )

@@ -42,8 +42,8 @@ class Example:
     group: str
     key: str = ""             # exact-duplicate key (sha1 of the compared text)
     sig: Any = None           # MinHash signature
-    ids: list[int] | None = None
-    labels: list[int] | None = None
+    ids: Any = None           # numpy int32 arrays
+    labels: Any = None
     split: str = ""
 
 
@@ -256,6 +256,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "train_on": data.train_on,
         "max_tokens": data.clean.max_tokens,
         "seconds": clock.laps,
+        "cpu_seconds": clock.cpu,
     }
     _write(out, final, report, data)
     clock.lap("write")
@@ -264,18 +265,20 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
 
 
 class _Clock:
-    """Seconds per step, for the report (where does the time go on a large dataset?)."""
+    """Wall and CPU seconds per step, for the report (where does the time go on a large dataset?)."""
 
     def __init__(self):
         import time
 
-        self._now = time.perf_counter
-        self._last = self._now()
+        self._wall, self._cpu = time.perf_counter, time.process_time
+        self._last = (self._wall(), self._cpu())
         self.laps: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
-        now = self._now()
-        self.laps[name] = round(now - self._last, 3)
+        now = (self._wall(), self._cpu())
+        self.laps[name] = round(now[0] - self._last[0], 3)
+        self.cpu[name] = round(now[1] - self._last[1], 3)
         self._last = now
 
 
@@ -321,6 +324,8 @@ def _assign(pool: list[Example], data, seed: int) -> list[str]:
 
 def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Counter) -> list[Example]:
     from finetune.data.load import Dropped
+    import numpy as np
+
     from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_text
 
     def render(chunk: list[Example]) -> list[tuple[list[int], list[int]]]:
@@ -365,7 +370,9 @@ def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Cou
                     continue
                 ids, labels = ids[:limit], labels[:limit]
                 counters["truncated"] += 1
-            if all(v == IGNORE_INDEX for v in labels):
+            # int32 arrays: a tenth of the memory of Python int lists (100k rows: ~3 GB -> well under 1 GB)
+            ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+            if not (labels != IGNORE_INDEX).any():
                 dropped.append(Dropped(e.origin, "no_trained_tokens",
                                        "no token left to train on (truncation cut the whole reply)", _excerpt(e.example)))
                 continue
@@ -465,10 +472,21 @@ def _write_splits(out: Path, final: dict[str, list[Example]], report: dict[str, 
                        "origin": e.origin}
                 lines.append(json.dumps(row, ensure_ascii=False))
             (splits_dir / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-            ds = datasets.Dataset.from_dict(
-                {"input_ids": [e.ids for e in rows], "labels": [e.labels for e in rows],
-                 "length": [len(e.ids) for e in rows]}, features=features)
-            ds.save_to_disk(str(tok_dir / split))
             lengths[split] = [len(e.ids) for e in rows]
+            # Arrow list arrays from one flat buffer: ~6x less CPU than converting row by row.
+            ds = datasets.Dataset.from_dict(
+                {"input_ids": _list_array([e.ids for e in rows]), "labels": _list_array([e.labels for e in rows]),
+                 "length": lengths[split]}, features=features)
+            ds.save_to_disk(str(tok_dir / split))
             report["tokens"][split] = length_stats(
-                lengths[split], [sum(v != IGNORE_INDEX for v in e.labels) for e in rows])
+                lengths[split], [int((e.labels != IGNORE_INDEX).sum()) for e in rows])
+
+
+def _list_array(arrays: list[Any]):
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))

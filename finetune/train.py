@@ -56,7 +56,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
 
     t = recipe.train
     out = Path(out_dir) if out_dir is not None else recipe.run_dir("train")
-    accelerator = Accelerator()
+    # Without CUDA, train on the CPU (accelerate only sets up multi-process gloo training when told cpu=True).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(t.threads or max(1, _cores() // local_procs))

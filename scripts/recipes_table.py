@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +25,8 @@ def rows() -> list[dict]:
     root = REPO / "recipes"
     out = []
     for path in sorted(p for p in root.rglob("*.y*ml") if "data" not in p.relative_to(root).parts[:-1]):
-        r = recipe.load(path)
+        # the recipe's own worst case, not numbers from a local prepare run
+        r = recipe.load(path, [f"runs_dir={tempfile.gettempdir()}/finetune-recipes-table-no-runs"])
         fixture = REPO / "tests" / "fixtures" / "configs" / f"{r.model.id.replace('/', '--')}.json"
         card = r.card_gb
         result = plan.run(r, gpu_gb=card if card else 8, config_path=fixture if fixture.exists() else None)
@@ -56,7 +58,7 @@ def markdown(table: list[dict]) -> str:
         card = f"{t['card_gb']} GB" if t["card_gb"] else "CPU (8 GB plan)"
         model = t["model"] + (" (gated)" if t["gated"] else "")
         params = f"{t['params_b']:.2f}B" if t["params_b"] < 1 else f"{t['params_b']:.1f}B"
-        minutes = f"~{t['minutes_per_1k']}" if t["minutes_per_1k"] >= 0.1 else "< 0.1"
+        minutes = f"~{t['minutes_per_1k']:.1f}" if t["minutes_per_1k"] >= 0.1 else "< 0.1"
         lines.append(f"| `{t['recipe']}` | {model} | {params} | {t['method']} | {card} | {t['seq_x_batch']}"
                      f"{' (ckpt)' if t['checkpointing'] else ''} | {t['peak_gib']} GiB | {minutes} |")
     lines.append("")

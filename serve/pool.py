@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve.worker import Worker, WorkerCrashed
+from serve.worker import Worker
 
 STALL_TIMEOUT_S = 300.0  # no token for this long: the worker is considered hung and is restarted
 
@@ -89,6 +89,7 @@ class Pool:
                         for i, w in enumerate(self.workers)],
             "in_flight": self.in_flight, "max_concurrent": self.max_concurrent,
             "served": self.served, "failed": self.failed,
+            **({"last_error": self.info["last_error"]} if self.info.get("last_error") else {}),
         }
 
     # ----------------------------------------------------------------------------------------- reader thread
@@ -123,7 +124,7 @@ class Pool:
             try:
                 self.workers[index].restart()
                 break
-            except WorkerCrashed as exc:  # e.g. the GGUF was deleted: keep trying, health shows "degraded"
+            except Exception as exc:  # e.g. the GGUF was deleted or replaced: keep trying, health shows "degraded"
                 self.info["last_error"] = str(exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)

@@ -103,8 +103,9 @@ def score_generations(
         y_pred = [ids.get(c, -1) for c in pred_labels]
         for m in wanted_labels:
             module, sources[m] = load(m, prefer_hub=prefer_hub)
-            kwargs = {} if m == "accuracy" else {"average": "macro", "labels": list(range(len(classes))),
-                                                  "zero_division": 0}
+            kwargs: dict[str, Any] = {} if m == "accuracy" else {"average": "macro", "labels": list(range(len(classes)))}
+            if m in ("precision", "recall"):  # the Hub's f1 module has no zero_division argument
+                kwargs["zero_division"] = 0
             corpus[m] = float(module.compute(predictions=y_pred, references=y_true, **kwargs)[m])
         for row, t, p in zip(per_example, y_true, y_pred, strict=True):
             row["correct"] = float(t == p)

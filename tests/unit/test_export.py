@@ -181,10 +181,11 @@ def test_parity_fails_loudly_on_a_planted_wrong_eos(exported, tmp_path):
     tok = AutoTokenizer.from_pretrained(result["merged"])
     ref = tmp_path / "ref.npy"
     seqs = parity.heldout_sequences(tok, [{"messages": c} for c in CONVERSATIONS])
-    hf = parity.hf_reference(Path(result["merged"]), seqs, ref, tokenizer=tok, greedy_conversations=[])
+    hf = parity.HFReference(Path(result["merged"]), tok)
+    hf.save_logits(seqs, ref)
     report = parity.run_checks(model_dir=Path(result["merged"]), ggufs={"F16": wrong}, tokenizer=tok, sequences=seqs,
                                conversations=[c[:-1] for c in CONVERSATIONS], greedy_conversations=[], reference=ref,
-                               hf_answers=hf, n_params=10**6, min_top1_unquantized=0.99, unquantized="F16")
+                               hf=hf, n_params=10**6, min_top1_unquantized=0.99, unquantized="F16")
     assert not report["ok"]
     assert any("EOS id: GGUF" in f and "<jupyter_code>" in f for f in report["failed"]), report["failed"]
 

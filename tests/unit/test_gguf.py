@@ -44,7 +44,7 @@ def test_runtime_uses_the_gguf_template_exactly_like_hf(embedded_gguf, embedded_
              [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
               {"role": "user", "content": "c ✓ 中"}]]
     rendered = runtime.render_chat(embedded_gguf, convs)
-    for conv, got in zip(convs, rendered):
+    for conv, got in zip(convs, rendered, strict=True):
         assert got["ids"] == parity.hf_ids(tok, conv, add_generation_prompt=True)
     assert rendered[0]["text"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 

@@ -39,6 +39,7 @@ def prepared(tmp: Path, model_dir: Path, name: str = "t", *, n_train: int = 48, 
     from datasets import Dataset
 
     data = recipe_dict(tmp, model_dir, name, seed=seed, model=model, **train)
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     recipe = recipe_mod.load(path)
