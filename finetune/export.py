@@ -24,7 +24,7 @@ from typing import Any
 from finetune import runs
 from finetune.errors import UserError
 
-GREEDY_MAX_TOKENS = 200  # the greedy-chat check: an answer that has not ended by then "did not stop"
+GREEDY_MAX_TOKENS = 128  # the greedy-chat check: an answer that has not ended by then "did not stop"
 
 # --------------------------------------------------------------------------------------------- merge
 
@@ -172,7 +172,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         rows = heldout_rows or parity.FALLBACK_HELDOUT
         sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
         conversations = _prompt_conversations(rows)
-        greedy = conversations[:3]
+        greedy = conversations[:2]
         ref = out_dir / ".reference-logits.npy"
         try:
             hf = parity.HFReference(merged_dir, tokenizer)
@@ -244,7 +244,8 @@ def _prompt_conversations(rows: list[dict]) -> list[list[dict]]:
         [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
          {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And grass? 🌱 草"}],
     ]
-    return convs
+    unique = {json.dumps(c, sort_keys=True): c for c in convs}
+    return list(unique.values())
 
 
 def _parity_summary(report: dict) -> dict:

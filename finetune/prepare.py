@@ -163,52 +163,15 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
             kept += 1
         sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
                                "rows_in": len(loaded.rows) + len(loaded.dropped), "kept_after_cleaning": kept})
+        del loaded  # the raw rows are no longer needed: free them before the next source
     rows_in = sum(s["rows_in"] for s in sources_report)
     if data.split.group_by and examples and counters["group_missing"] == len(examples):
         raise UserError(f"data.split.group_by: no row has a column {data.split.group_by!r}; "
                         f"columns found: {', '.join(sorted(columns_seen))}")
     clock.lap("read_and_clean")
 
-    # 3. exact then near duplicates. Rows of explicit validation/test sources are seen first so that the
-    # copy that survives is the evaluation one.
-    priority = {"test": 0, "validation": 1, "all": 2, "train": 3}
-    examples.sort(key=lambda e: priority[e.role])  # stable: file order within a role
-    texts = [clean.dedupe_text(e.example) for e in examples]
-    for e, t in zip(examples, texts, strict=True):
-        e.key = clean.exact_key(t)
-        if not e.group:
-            e.group = f"r:{e.key}"
-    deduped = Counter()
-    if data.clean.dedupe:
-        seen: dict[str, str] = {}
-        keep = []
-        for e, t in zip(examples, texts, strict=True):
-            if e.key in seen:
-                dropped.append(Dropped(e.origin, "exact_duplicate", f"same as {seen[e.key]}", _excerpt(t)))
-                deduped["exact"] += 1
-                continue
-            seen[e.key] = e.origin
-            keep.append((e, t))
-        examples, texts = [e for e, _ in keep], [t for _, t in keep]
-    near = None
-    if data.clean.near_dedupe or data.split.leakage_check:
-        near = clean.NearIndex(data.clean.near_dedupe_threshold)
-        for e, sig in zip(examples, near.signatures(texts), strict=True):
-            e.sig = sig
-    if data.clean.near_dedupe and near is not None:
-        keep_examples = []
-        by_key = {}
-        for e, t in zip(examples, texts, strict=True):
-            hit = near.query(e.sig)
-            if hit is not None:
-                dropped.append(Dropped(e.origin, "near_duplicate",
-                                       f"{hit[1]:.2f} similar to {by_key[hit[0]].origin}", _excerpt(t)))
-                deduped["near"] += 1
-                continue
-            near.add(e.key, e.sig)
-            by_key[e.key] = e
-            keep_examples.append(e)
-        examples = keep_examples
+    # 3. exact then near duplicates
+    examples, deduped = _dedupe(examples, data, dropped)
     clock.lap("dedupe")
 
     # 4. render + tokenize, length filter
@@ -244,7 +207,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "sources": sources_report,
         "dropped": dict(sorted(Counter(d.reason for d in dropped).items())),
         "dropped_total": len(dropped),
-        "deduped": {"exact": deduped["exact"], "near": deduped["near"]},
+        "deduped": dict(deduped),
         "leakage_removed": dict(leakage),
         "weights": dict(weights),
         "normalized": counters["normalized"],
@@ -316,6 +279,55 @@ def _convert(record: dict[str, Any], fmt: str, src, data) -> dict[str, Any]:
     return formats.to_example(record, fmt, src.columns, default_input=data.default_input)
 
 
+def _dedupe(examples: list[Example], data, dropped) -> tuple[list[Example], Counter]:
+    """Drop exact, then near duplicates; give every example its key, group and MinHash signature.
+
+    Rows of explicit test/validation sources are seen first, so the copy that survives is the evaluation one.
+    """
+    from finetune.data import clean
+    from finetune.data.load import Dropped
+
+    priority = {"test": 0, "validation": 1, "all": 2, "train": 3}
+    examples.sort(key=lambda e: priority[e.role])  # stable: file order within a role
+    texts = [clean.dedupe_text(e.example) for e in examples]
+    for e, t in zip(examples, texts, strict=True):
+        e.key = clean.exact_key(t)
+        if not e.group:
+            e.group = f"r:{e.key}"  # without a group column, identical rows form a group: one split
+    deduped: Counter[str] = Counter({"exact": 0, "near": 0})
+    if data.clean.dedupe:
+        first: dict[str, str] = {}
+        keep = []
+        for e, t in zip(examples, texts, strict=True):
+            if e.key in first:
+                dropped.append(Dropped(e.origin, "exact_duplicate", f"same as {first[e.key]}", _excerpt(e.example)))
+                deduped["exact"] += 1
+                continue
+            first[e.key] = e.origin
+            keep.append((e, t))
+        examples, texts = [e for e, _ in keep], [t for _, t in keep]
+    if not (data.clean.near_dedupe or data.split.leakage_check):
+        return examples, deduped
+    index = clean.NearIndex(data.clean.near_dedupe_threshold)
+    for e, sig in zip(examples, index.signatures(texts), strict=True):
+        e.sig = sig  # the leakage check needs them even when near-dedupe is off
+    if not data.clean.near_dedupe:
+        return examples, deduped
+    kept: list[Example] = []
+    by_key: dict[str, Example] = {}
+    for e in examples:
+        hit = index.query(e.sig)
+        if hit is not None:
+            dropped.append(Dropped(e.origin, "near_duplicate", f"{hit[1]:.2f} similar to {by_key[hit[0]].origin}",
+                                   _excerpt(e.example)))
+            deduped["near"] += 1
+            continue
+        index.add(e.key, e.sig)
+        by_key[e.key] = e
+        kept.append(e)
+    return kept, deduped
+
+
 def _assign(pool: list[Example], data, seed: int) -> list[str]:
     from finetune.data.split import assign_splits
 
@@ -323,9 +335,9 @@ def _assign(pool: list[Example], data, seed: int) -> list[str]:
 
 
 def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Counter) -> list[Example]:
-    from finetune.data.load import Dropped
     import numpy as np
 
+    from finetune.data.load import Dropped
     from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_text
 
     def render(chunk: list[Example]) -> list[tuple[list[int], list[int]]]:
@@ -378,6 +390,11 @@ def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Cou
                 continue
             e.ids, e.labels = ids, labels
             kept.append(e)
+    refused = [d for d in dropped if d.reason == "template_error"]
+    if refused and not kept:  # the template refuses every row: one clear error beats a report of drops
+        raise UserError(f"the model's chat template refused all {len(refused)} rows, e.g. {refused[0].origin}: "
+                        f"{refused[0].detail}. Some templates reject a system message or non-alternating turns; "
+                        "adjust data.system_prompt or the data, or choose a model whose template fits.")
     return kept
 
 

@@ -417,9 +417,12 @@ def _build_model(recipe, resolved, device_type: str, local_index: int):
     # examples then attend to each other silently.
     model.config.use_cache = False
     if device_type == "cuda" and _installed("liger_kernel"):
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        try:  # fused RMSNorm/SwiGLU/RoPE Triton kernels for the architectures Liger knows
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model)
+            _apply_liger_kernel_to_instance(model=model)
+        except Exception as exc:  # an optional speed-up: training stays correct without it
+            print(f"train: Liger kernels not applied ({type(exc).__name__}: {exc})", file=sys.stderr)
     if t.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -59,6 +59,7 @@ def bench(n: int, model: str, workdir: Path) -> dict:
     work = sum(report["seconds"].values())  # the per-row steps, without start-up (imports, tokenizer loading)
     return {"rows": n, "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
             "work_seconds": round(work, 2), "work_rows_per_s": round(n / work), "steps": report["seconds"],
+            "steps_cpu_us_per_row": {k: round(v / n * 1e6) for k, v in report["cpu_seconds"].items()},
             # CPU seconds of this process (all threads): what the work costs, even on a machine shared with
             # others, where wall-clock time mostly measures the neighbours
             "cpu_seconds": round(cpu, 2), "rows_per_cpu_s": round(n / cpu),
@@ -80,7 +81,7 @@ def main() -> None:
             results.append(res)
             print(f"{n:>8} rows: {res['seconds']:7.1f} s  {res['rows_per_s']:>6} rows/s end to end; "
                   f"{res['work_rows_per_s']:>6} rows/s without start-up; {res['rows_per_cpu_s']:>6} rows per CPU-second; "
-                  f"steps {res['steps']}  "
+                  f"CPU us/row by step {res['steps_cpu_us_per_row']}  "
                   f"deduped {res['deduped']}  splits {res['splits']}", flush=True)
     if len(results) > 1:
         a, b = results[0], results[-1]

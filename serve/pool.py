@@ -85,8 +85,9 @@ class Pool:
 
     def status(self) -> dict[str, Any]:
         return {
-            "workers": [{"pid": w.pid, "alive": w.alive(), "restarts": w.restarts, "busy": self.current.get(i) is not None}
-                        for i, w in enumerate(self.workers)],
+            # alive: running and not being recovered (a dying process can still look alive for a moment)
+            "workers": [{"pid": w.pid, "alive": w.alive() and self.healthy.get(i, True), "restarts": w.restarts,
+                         "busy": self.current.get(i) is not None} for i, w in enumerate(self.workers)],
             "in_flight": self.in_flight, "max_concurrent": self.max_concurrent,
             "served": self.served, "failed": self.failed,
             **({"last_error": self.info["last_error"]} if self.info.get("last_error") else {}),

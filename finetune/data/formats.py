@@ -58,8 +58,6 @@ def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *,
     for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
         if all(f in present for f in FIELDS[fmt][0]):
             return fmt
-    if "conversations" in present or "messages" in present:  # ambiguous: decided per row by the message keys
-        return "messages"
     raise UserError(f"{where}: {source}: cannot tell the row format. Columns found: {', '.join(keys) or '(none)'}. "
                     + suggest_mapping(keys))
 

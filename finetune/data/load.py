@@ -119,7 +119,7 @@ def _read_jsonl(text: str, name: str, loaded: Loaded) -> Iterator[RawRow]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            loaded.dropped.append(Dropped(origin, "malformed_json", f"not valid JSON: {exc.msg} at column {exc.colno}",
+            loaded.dropped.append(Dropped(origin, "malformed_json", f"not valid JSON ({exc.msg}, column {exc.colno})",
                                           excerpt(line)))
             continue
         if not isinstance(rec, dict):

@@ -126,7 +126,8 @@ def _fast_renderer(tokenizer):
     """The compiled template called directly: about 3x faster than apply_chat_template, which converts every
     message on every call. Used only after it rendered a probe conversation exactly like apply_chat_template."""
     key = id(tokenizer)
-    if key in _FAST and _FAST[key][0] == tokenizer.chat_template:
+    state = (tokenizer.chat_template, repr(sorted(tokenizer.special_tokens_map.items())))
+    if key in _FAST and _FAST[key][0] == state:  # the same tokenizer object, unchanged
         return _FAST[key][1]
     render = None
     try:
@@ -147,7 +148,7 @@ def _fast_renderer(tokenizer):
                 break
     except Exception:  # a transformers without this helper, or a template that refuses the probe
         render = None
-    _FAST[key] = (tokenizer.chat_template, render)
+    _FAST[key] = (state, render)
     return render
 
 

@@ -327,3 +327,25 @@ def test_group_by_a_column_no_row_has_is_an_error(make_recipe):
 def test_hub_only_keys_on_a_local_source_are_rejected(make_recipe):
     with pytest.raises(recipe_mod.RecipeError, match="revision is for Hub sources"):
         make_recipe([{"path": "groups.jsonl", "revision": "main"}])
+
+
+def test_rows_the_chat_template_refuses_are_reported(make_recipe, tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "no-system-model"
+    shutil.copytree(tiny_model_dir, model)
+    # like Gemma's template: a system message is an error
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    r = make_recipe([{"path": "sharegpt.json"}])  # row 1 has a system turn
+    r.model.id = str(model)
+    report = prepare(r)
+    assert report["dropped"] == {"template_error": 1, "unknown_role": 1}
+    assert "System role not supported" in report["samples"]["template_error"][0]["detail"]
+    assert report["samples"]["template_error"][0]["origin"] == "sharegpt.json:[0]"
+    r = make_recipe([{"path": "sharegpt.json"}], system_prompt="Always answer.")  # now every row has one
+    r.model.id = str(model)
+    with pytest.raises(UserError, match=r"chat template refused all 3 rows.*System role not supported"):
+        prepare(r)

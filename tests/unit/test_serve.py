@@ -195,8 +195,9 @@ def test_a_killed_worker_fails_one_request_and_is_restarted(server, client):
     os.kill(before["pid"], 9)  # what a segfault in llama.cpp looks like from outside
     t.join(timeout=120)
     assert outcome["status"] == 500 and outcome["body"]["error"]["code"] == "worker_crashed", outcome
-    after = wait_healthy(server)["workers"][0]
-    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    health = wait_healthy(server)
+    after = health["workers"][0]
+    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1, (before, health, server.log())
     r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
     assert r.choices[0].message.content is not None
 

@@ -1,0 +1,180 @@
+"""Training speed: vanilla transformers Trainer + peft LoRA vs `finetune train`, same model, data and settings.
+
+    .venv/bin/python scripts/bench_train.py                 # embedded SmolLM2-135M, 64 conversations
+    .venv/bin/python scripts/bench_train.py --examples 32 --rounds 2
+
+Both arms train the same LoRA (r=16, alpha=32, all linear layers, AdamW, lr 2e-4, linear schedule, no warmup,
+batch 8, one epoch, assistant-only loss) on the same variable-length chat data (1-6 support tickets per
+conversation from recipes/data/quickstart.jsonl, rendered once with the model's chat template). Each arm runs in
+a fresh child process so that its peak RSS is its own. tokens/s counts real (unpadded) tokens over the training
+loop's wall time (Trainer: ``train_runtime``; finetune: ``summary['seconds']``), model loading excluded.
+
+- vanilla: ``Trainer`` defaults (fp32 weights, ``DataCollatorForSeq2Seq`` dynamic padding, random batches).
+- finetune: ``finetune.train.run`` defaults (bf16 base weights where the CPU has bf16, padding-free packed
+  batches grouped by length, logits only on trained positions, threads = cores).
+
+On a shared machine speeds are noisy: ``--rounds 2`` alternates the arms and keeps each arm's best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HYPER = {"r": 16, "alpha": 32, "lr": 2e-4, "batch_size": 8}
+
+
+def make_data(n: int, seed: int, out: Path) -> dict:
+    """n conversations of 1-6 tickets each (variable length), rendered with assistant-only labels."""
+    from finetune import models
+    from finetune.data.render import render_messages
+
+    resolved = models.resolve(models.EMBEDDED_MODEL)
+    tokenizer = models.load_tokenizer(resolved)
+    rows = []
+    for line in (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines():
+        try:  # the quickstart file has planted defects (for prepare to catch): keep the clean conversations
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
+                and messages[-1].get("role") == "assistant" and all(m.get("content") for m in messages)):
+            rows.append(row)
+    rng = random.Random(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        picked = rng.sample(rows, rng.randint(1, 6))
+        messages = [picked[0]["messages"][0]] if picked[0]["messages"][0]["role"] == "system" else []
+        for r in picked:
+            messages += [m for m in r["messages"] if m["role"] != "system"]
+        i, lab = render_messages(tokenizer, messages, train_on="assistant")
+        ids.append(i)
+        labels.append(lab)
+    data = {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]}
+    out.write_text(json.dumps(data))
+    lengths = data["length"]
+    return {"examples": n, "tokens": sum(lengths), "min_len": min(lengths), "max_len": max(lengths),
+            "mean_len": round(sum(lengths) / n, 1), "model": str(resolved.path)}
+
+
+# ------------------------------------------------------------------------------------------------ arms
+def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=HYPER["r"], lora_alpha=HYPER["alpha"], target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    ds = Dataset.from_dict({"input_ids": data["input_ids"], "labels": data["labels"]})
+    args = TrainingArguments(output_dir=str(work / "vanilla"), per_device_train_batch_size=HYPER["batch_size"],
+                             num_train_epochs=1, learning_rate=HYPER["lr"], lr_scheduler_type="linear",
+                             save_strategy="no", report_to=[], logging_steps=10, use_cpu=True, seed=42)
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    out = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"seconds": out.metrics["train_runtime"], "steps": trainer.state.global_step, "loss_first": losses[:1],
+            "loss_last": losses[-1:]}
+
+
+def arm_finetune(data: dict, model_path: str, work: Path) -> dict:
+    from datasets import Dataset
+
+    from finetune import recipe as recipe_mod
+    from finetune import runs, train
+
+    recipe = recipe_mod.validate_dict({
+        "name": "bench", "runs_dir": str(work / "runs"), "seed": 42, "model": {"id": "smollm2-135m-instruct"},
+        "train": {"method": "lora", "lora": {"r": HYPER["r"], "alpha": HYPER["alpha"]}, "lr": HYPER["lr"],
+                  "epochs": 1, "batch_size": HYPER["batch_size"], "scheduler": "linear", "warmup_ratio": 0.0,
+                  "save_every": 10**6, "eval_every": 10**6, "log_every": 10},
+    }, base_dir=REPO)
+    tokenized = recipe.run_dir("prepare") / "tokenized" / "train"
+    Dataset.from_dict(data).save_to_disk(str(tokenized))
+    with runs.StageRun(recipe, "prepare") as stage:
+        stage.outputs = {"tokenized": {"train": str(tokenized)}}
+    summary = train.run(recipe)
+    log = [json.loads(x) for x in (recipe.run_dir("train") / "log.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in log if x["loss"] is not None]
+    return {"seconds": summary["seconds"], "steps": summary["steps"], "loss_first": losses[:1],
+            "loss_last": losses[-1:], "attn": summary["attn_implementation"], "base_dtype": summary["base_dtype"]}
+
+
+def child(arm: str, data_path: Path, model_path: str) -> None:
+    data = json.loads(data_path.read_text())
+    with tempfile.TemporaryDirectory() as work:
+        result = (arm_vanilla if arm == "vanilla" else arm_finetune)(data, model_path, Path(work))
+    result["tokens"] = sum(data["length"])
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_arm(arm: str, data_path: Path, model_path: str) -> dict:
+    started = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--child", arm, "--data", str(data_path), "--model", model_path],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{arm} arm failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result["process_seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=64, help="conversations to train on (one epoch)")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the arms this many times; best round counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--child", choices=["vanilla", "finetune"], help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    ns = p.parse_args()
+    if ns.child:
+        child(ns.child, ns.data, ns.model)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "data.json"
+        info = make_data(ns.examples, ns.seed, data_path)
+        print(f"data: {info['examples']} conversations, {info['tokens']} tokens, lengths {info['min_len']}-"
+              f"{info['max_len']} (mean {info['mean_len']}); cores {os.cpu_count()}")
+        results: dict[str, list[dict]] = {"vanilla": [], "finetune": []}
+        for r in range(ns.rounds):
+            for arm in ("vanilla", "finetune"):
+                res = run_arm(arm, data_path, info["model"])
+                results[arm].append(res)
+                print(f"round {r + 1} {arm:9s} {res['tokens_per_s']:8.1f} tok/s  {res['seconds']:7.1f} s  "
+                      f"{res['steps']} steps  peak RSS {res['peak_rss_mb']:7.0f} MB  loss {res['loss_first']} -> "
+                      f"{res['loss_last']}", flush=True)
+    best = {arm: max(rs, key=lambda x: x["tokens_per_s"]) for arm, rs in results.items()}
+    ratio = best["finetune"]["tokens_per_s"] / best["vanilla"]["tokens_per_s"]
+    mem = best["finetune"]["peak_rss_mb"] / best["vanilla"]["peak_rss_mb"]
+    print(f"\nvanilla Trainer+peft (fp32, padded): {best['vanilla']['tokens_per_s']:.1f} tok/s, "
+          f"peak RSS {best['vanilla']['peak_rss_mb']:.0f} MB")
+    print(f"finetune train:                      {best['finetune']['tokens_per_s']:.1f} tok/s, "
+          f"peak RSS {best['finetune']['peak_rss_mb']:.0f} MB")
+    print(f"speed ratio {ratio:.2f}x (target >= 2.5), memory ratio {mem:.2f} (target <= 1.0)")
+    if ns.json:
+        ns.json.write_text(json.dumps({"data": info, "results": results, "ratio": ratio, "memory_ratio": mem},
+                                      indent=1))
+
+
+if __name__ == "__main__":
+    main()
