@@ -85,10 +85,13 @@ class LocalBackend:
                     return
         finally:
             if not finished:  # Ctrl-C: stop the generation and wait for the worker to acknowledge
-                self.worker.send({"op": "cancel", "id": rid})
-                while self.worker.recv()[0] not in ("done", "error"):
-                    pass
                 self.last_id = None
+                try:
+                    self.worker.send({"op": "cancel", "id": rid})
+                    while self.worker.recv()[0] not in ("done", "error"):
+                        pass
+                except (EOFError, OSError):
+                    self.worker.restart()
 
     def feedback(self, messages: list[dict[str, str]], reply: str, **kw: Any) -> str:
         self.store.add_feedback(messages=messages, reply=reply, completion_id=self.last_id, source="chat", **kw)

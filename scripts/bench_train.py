@@ -83,7 +83,7 @@ def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
     ds = Dataset.from_dict({"input_ids": data["input_ids"], "labels": data["labels"]})
     args = TrainingArguments(output_dir=str(work / "vanilla"), per_device_train_batch_size=HYPER["batch_size"],
                              num_train_epochs=1, learning_rate=HYPER["lr"], lr_scheduler_type="linear",
-                             save_strategy="no", report_to=[], logging_steps=10, use_cpu=True, seed=42)
+                             save_strategy="no", report_to=[], logging_steps=1, use_cpu=True, seed=42)
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     out = trainer.train()

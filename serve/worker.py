@@ -149,6 +149,11 @@ class Generator:
 
 def worker_main(conn: Connection, options: dict[str, Any]) -> None:
     """Entry point of the child process: load the model, then serve requests from the pipe until it closes."""
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides what stops (a reply or everything)
+    # and tells the worker through the pipe, so the worker ignores SIGINT instead of dying mid-reply.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         gen = Generator(options["gguf"], n_ctx=options["n_ctx"], threads=options.get("threads"),
                         chat_template=options.get("chat_template"), lora_path=options.get("lora_path"))

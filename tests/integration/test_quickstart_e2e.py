@@ -28,7 +28,9 @@ def finetune(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    runs_dir = tmp_path_factory.mktemp("e2e-runs")
+    # FINETUNE_E2E_RUNS_DIR reuses a runs folder (stages already up to date are skipped, the checks still run);
+    # by default every stage runs from scratch in a fresh folder.
+    runs_dir = Path(os.environ.get("FINETUNE_E2E_RUNS_DIR") or tmp_path_factory.mktemp("e2e-runs"))
     proc = finetune("run", str(RECIPE), f"runs_dir={runs_dir}", *BUDGET)
     assert proc.returncode == 0, f"finetune run failed:\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return runs_dir / "quickstart", proc.stdout, runs_dir

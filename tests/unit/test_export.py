@@ -16,30 +16,37 @@ from pathlib import Path
 
 import pytest
 
+SYSTEM = {"role": "system", "content": "Be brief."}  # short: the template's default system prompt is long
 CONVERSATIONS = [
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-     {"role": "assistant", "content": "Paris."}],
+    [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [SYSTEM, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    [SYSTEM, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+    [SYSTEM, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
 ]
-LORA_CHANGE = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Green, like grass."}]
+LORA_CHANGE = [SYSTEM, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Green, like grass."}]
 
 
 def _train(model, tokenizer, conversations, steps: int, lr: float) -> None:
+    """Full-batch AdamW until the conversations are memorised (a few seconds for this model)."""
     import torch
 
-    batches = [torch.tensor([tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]])
-               for c in conversations]
+    rows = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for step in range(steps):
-        ids = batches[step % len(batches)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared machine: more threads only wait for each other
+    try:
+        model.train()
+        for _ in range(steps):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

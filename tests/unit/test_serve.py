@@ -311,3 +311,25 @@ def test_foreign_host_header_is_refused_on_loopback(server):
     assert conn.getresponse().status == 400
     conn.close()
     assert server.health()["status"] == "ok"  # with its own host name it answers
+
+
+def test_recipe_target_serves_the_exported_quant(tmp_path, gguf, repo_root):
+    from finetune import recipe as recipe_mod
+    from finetune.errors import UserError
+    from finetune.runs import StageRun
+    from serve.server import resolve_target
+
+    recipe_path = str(repo_root / "recipes" / "quickstart.yaml")
+    overrides = [f"runs_dir={tmp_path}"]
+    with pytest.raises(UserError, match="finetune export"):
+        resolve_target(recipe_path, overrides)
+    r = recipe_mod.load(recipe_path, overrides)
+    exported = tmp_path / "quickstart-Q4_K_M.gguf"
+    exported.symlink_to(gguf)
+    with StageRun(r, "export") as stage:
+        stage.outputs = {"gguf": {"Q4_K_M": str(exported)}}
+    with pytest.raises(UserError, match=r"no Q8_0 GGUF \(it has: Q4_K_M\)"):
+        resolve_target(recipe_path, overrides)
+    target = resolve_target(recipe_path, overrides + ["serve.quant=Q4_K_M"])
+    assert target.gguf == exported.resolve() and target.name == "quickstart-Q4_K_M"
+    assert target.store_dir == tmp_path / "quickstart" / "serve"
