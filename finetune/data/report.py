@@ -27,12 +27,17 @@ def plot_lengths(lengths: dict[str, Sequence[int]], path: Path, *, max_tokens: i
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    top = max([max(v) for v in lengths.values() if len(v)] + [max_tokens])
-    bins = min(60, max(10, top // 8))
+    longest = max([max(v) for v in lengths.values() if len(v)] + [1])
+    # Zoom on the data; show the max_tokens line only when it is near enough to be readable.
+    top = max_tokens if max_tokens <= 1.5 * longest else int(longest * 1.1) + 1
+    bins = max(1, min(60, top))
     for split, values in lengths.items():
         if len(values):
             ax.hist(values, bins=bins, range=(0, top), alpha=0.6, label=f"{split} ({len(values)})")
-    ax.axvline(max_tokens, color="black", linestyle="--", linewidth=1, label=f"max_tokens {max_tokens}")
+    if max_tokens <= top:
+        ax.axvline(max_tokens, color="black", linestyle="--", linewidth=1, label=f"max_tokens {max_tokens}")
+    else:
+        ax.plot([], [], " ", label=f"max_tokens {max_tokens} (off the chart)")
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     ax.set_title("Token lengths after rendering with the chat template")
