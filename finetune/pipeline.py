@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -216,7 +217,9 @@ def sample_answer(recipe: Recipe, recipe_path: str) -> dict[str, Any] | None:
     t0 = time.time()
     reply = runtime.chat(ggufs[quant], [conversation], max_tokens=recipe.eval.max_new_tokens, temperature=0.0,
                          n_ctx=recipe.serve.n_ctx)[0]
-    return {"gguf": ggufs[quant], "quant": quant, "prompt": conversation[-1]["content"], "expected": expected,
+    system = next((m["content"] for m in conversation if m["role"] == "system"), None)
+    return {"gguf": ggufs[quant], "quant": quant, "system": system, "prompt": conversation[-1]["content"],
+            "expected": expected,
             "answer": reply["text"], "finish_reason": reply.get("finish_reason"), "seconds": round(time.time() - t0, 1)}
 
 
@@ -247,12 +250,18 @@ def command(argv: list[str]) -> int:
     sample = result.get("answer")
     if sample:
         print(f"\nthe fine-tuned model ({Path(sample['gguf']).name}, llama.cpp) on a test prompt:")
+        if sample.get("system"):
+            print(_indent("system", sample["system"]))
         print(_indent("prompt", sample["prompt"]))
         if sample["expected"] is not None:
             print(_indent("expected", sample["expected"]))
         print(_indent("answer", sample["answer"]))
+        if sample.get("finish_reason") == "length":
+            print(f"  (cut at eval.max_new_tokens={recipe.eval.max_new_tokens} tokens)")
+    # The model learned its task with the training data's system prompt: chat with the same one.
+    system = f" --system {shlex.quote(sample['system'])}" if sample and sample.get("system") else ""
     print("\nchat with it:")
-    print(f"  finetune chat {where}")
+    print(f"  finetune chat {where}{system}")
     print(f"  finetune serve {where}    # web chat + OpenAI-compatible API at http://127.0.0.1:{recipe.serve.port}")
     return 0
 

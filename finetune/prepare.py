@@ -154,6 +154,8 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
                 continue
             counters["normalized"] += changes["normalized"]
             counters["system_prompt_added"] += changes["system_prompt_added"]
+            if fmt == "alpaca" and row.record.get(src.columns.get("input", "input")) is None:
+                counters["default_input"] += 1
             group = None
             if data.split.group_by:
                 group = row.record.get(data.split.group_by)
@@ -211,7 +213,8 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "leakage_removed": dict(leakage),
         "weights": dict(weights),
         "normalized": counters["normalized"],
-        "filled": {"system_prompt": counters["system_prompt_added"], "group_missing": counters["group_missing"]},
+        "filled": {"system_prompt": counters["system_prompt_added"], "default_input": counters["default_input"],
+                   "group_missing": counters["group_missing"]},
         "truncated": counters["truncated"],
         "splits": {s: len(v) for s, v in final.items()},
         "tokens": {},

@@ -142,14 +142,24 @@ def _fast_renderer(tokenizer):
 
         probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                  {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-        for conv, gen in ((probe[1:3], False), (probe, True), (probe[:3], False)):
-            if render(conv, gen) != tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen):
+        fast = render
+        for conv, gen in ((probe[1:3], False), (probe[1:], True), (probe, True), (probe[:3], False)):
+            reference = _outcome(tokenizer.apply_chat_template, conv, tokenize=False, add_generation_prompt=gen)
+            if _outcome(fast, conv, gen) != reference:
                 render = None
                 break
-    except Exception:  # a transformers without this helper, or a template that refuses the probe
+    except Exception:  # a transformers without this helper
         render = None
     _FAST[key] = (state, render)
     return render
+
+
+def _outcome(fn, *args, **kwargs) -> tuple[str, str]:
+    """What a render gives: ("ok", text) or ("error", message). Both ways must agree for the fast path."""
+    try:
+        return "ok", fn(*args, **kwargs)
+    except Exception as exc:  # a template may refuse a probe (e.g. no system role): it must refuse both ways
+        return "error", str(exc)
 
 
 class _Tokens:

@@ -70,6 +70,8 @@ def print_summary(report: dict[str, Any], out_dir: Path) -> None:
         rows.add_row("  truncated to max_tokens", str(report["truncated"]), "kept, cut at the right")
     if report["filled"]["system_prompt"]:
         rows.add_row("  system prompt added", str(report["filled"]["system_prompt"]), "from data.system_prompt")
+    if report["filled"].get("default_input"):
+        rows.add_row("  input filled", str(report["filled"]["default_input"]), "from data.default_input")
     if report["normalized"]:
         rows.add_row("  text normalised", str(report["normalized"]), "unicode / whitespace")
     for split in ("train", "validation", "test"):

@@ -2,7 +2,8 @@
 
 The tiny model (2 layers, width 64, the embedded model's real tokenizer and ChatML template) is first trained
 for a few seconds to answer a handful of conversations and stop, so its logits are peaked (top-1 agreement is
-meaningful) and greedy chat ends with <|im_end|>. The LoRA adapter is then trained to change one answer.
+meaningful) and greedy chat ends with <|im_end|>. The LoRA adapter is then trained to change one answer (to tokens the base already emits: a tiny model
+cannot learn to emit a token whose tied embedding it never trained).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ CONVERSATIONS = [
     [SYSTEM, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
     [SYSTEM, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}],
 ]
-LORA_CHANGE = [SYSTEM, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Green, like grass."}]
+LORA_CHANGE = [SYSTEM, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "4"}]
 
 
 def _train(model, tokenizer, conversations, steps: int, lr: float) -> None:
@@ -63,13 +64,13 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    _train(base, tok, CONVERSATIONS, steps=120, lr=3e-3)
+    _train(base, tok, CONVERSATIONS, steps=100, lr=3e-3)
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
 
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    _train(peft_model, tok, [LORA_CHANGE, *CONVERSATIONS[:2], CONVERSATIONS[3]], steps=60, lr=3e-3)
+    _train(peft_model, tok, [LORA_CHANGE, *CONVERSATIONS[:2], CONVERSATIONS[3]], steps=100, lr=5e-3)
 
     recipe = recipe_mod.validate_dict({"name": "tiny", "runs_dir": str(root / "runs"), "model": {"id": str(base_dir)},
                                        "export": {"quantizations": ["Q8_0"]}}, base_dir=root)
@@ -135,12 +136,12 @@ def test_adapter_gguf_over_base_answers_like_the_merged_gguf(exported):
     from finetune.gguf import runtime
 
     recipe, result = exported
-    prompt = [LORA_CHANGE[:1]]
+    prompt = [LORA_CHANGE[:-1]]
     merged = runtime.chat(result["gguf"]["F16"], prompt, max_tokens=20)[0]
     with_lora = runtime.chat(result["base_gguf"], prompt, max_tokens=20, lora_path=result["adapter_gguf"])[0]
     without = runtime.chat(result["base_gguf"], prompt, max_tokens=20)[0]
     assert with_lora["text"] == merged["text"] and merged["finish_reason"] == "stop"
-    assert merged["text"] == "Green, like grass." and without["text"] == "Blue."
+    assert merged["text"] == "4" and without["text"] == "Blue."
 
 
 def test_modelfiles_and_readme(exported):

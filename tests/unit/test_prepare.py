@@ -112,7 +112,7 @@ def test_formats_are_detected(make_recipe, name, fmt, rows_in, kept, dropped):
 def test_format_conversions(make_recipe):
     r = make_recipe([{"path": "sharegpt.json"}, {"path": "alpaca.json"}, {"path": "text.txt"}],
                     default_input="", system_prompt="Default system.")
-    prepare(r)
+    report = prepare(r)
     rows = {row["origin"]: row for row in read_split(r, "train")}
     assert rows["sharegpt.json:[0]"]["messages"] == [
         {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Largest ocean on Earth?"},
@@ -122,6 +122,7 @@ def test_format_conversions(make_recipe):
     assert rows["alpaca.json:[1]"]["messages"][1:] == [
         {"role": "user", "content": "Sum the numbers.\n\n4 and 9"}, {"role": "assistant", "content": "13"}]
     assert rows["alpaca.json:[2]"]["messages"][0] == {"role": "system", "content": "Default system."}
+    assert report["filled"] == {"system_prompt": 5, "default_input": 1, "group_missing": 0}
     assert rows["text.txt:4"]["text"].startswith("In winter the storms")
     # raw text trains on every token; chat rows only on replies
     import datasets
@@ -129,7 +130,7 @@ def test_format_conversions(make_recipe):
     ds = datasets.load_from_disk(str(r.run_dir("prepare") / "tokenized" / "train"))
     order = list(rows)
     text_row = ds[order.index("text.txt:1")]
-    assert text_row["labels"] == text_row["input_ids"]
+    assert text_row["labels"] == text_row["input_ids"] and text_row["input_ids"][-1] == 2  # ends with EOS
     chat_row = ds[order.index("sharegpt.json:[0]")]
     assert -100 in chat_row["labels"] and chat_row["length"] == len(chat_row["input_ids"])
 
@@ -349,3 +350,24 @@ def test_rows_the_chat_template_refuses_are_reported(make_recipe, tiny_model_dir
     r.model.id = str(model)
     with pytest.raises(UserError, match=r"chat template refused all 3 rows.*System role not supported"):
         prepare(r)
+
+
+def test_json_file_holding_json_lines_and_column_json(make_recipe, tmp_path):
+    lines = (FIXTURES / "groups.jsonl").read_text().splitlines()[:6]
+    as_json = tmp_path / "really_lines.json"
+    as_json.write_text("\n".join(lines) + "\n")
+    report = prepare(make_recipe([{"path": str(as_json)}]))
+    assert report["rows_in"] == 6 and report["sources"][0]["format"] == "messages"
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"prompt": ["Two plus two?", "Capital of Peru?"], "completion": ["Four.", "Lima."]}))
+    report = prepare(make_recipe([{"path": str(columns)}]))
+    assert report["sources"][0]["format"] == "prompt_completion" and report["splits"]["train"] == 2
+
+
+def test_mixing_sources_with_a_weight_below_one(make_recipe):
+    r = make_recipe([{"path": "groups.jsonl", "weight": 0.5}, {"path": "sharegpt.json"}])
+    report = prepare(r)
+    kept = report["splits"]["train"]
+    assert report["weights"]["train_rows_removed"] == 36 - (kept - 3)
+    assert 8 <= kept - 3 <= 28  # about half of the 36 rows, deterministically
+    assert prepare(r, force=True)["splits"]["train"] == kept
