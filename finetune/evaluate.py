@@ -178,9 +178,10 @@ def command(argv: list[str]) -> int:
 def summary_table(result: dict[str, Any]) -> str:
     names = list(result["models"])
     keys = [k for k in _TABLE_KEYS if any(k in result["models"][n] for n in names)]
-    lines = [f"{'metric':<16}" + "".join(f"{n:>14}" for n in names)]
+    width = max(len("metric"), *(len(k) for k in keys)) + 2
+    lines = [f"{'metric':<{width}}" + "".join(f"{n:>14}" for n in names)]
     for k in keys:
-        lines.append(f"{k:<16}" + "".join(f"{_fmt(result['models'][n].get(k)):>14}" for n in names))
+        lines.append(f"{k:<{width}}" + "".join(f"{_fmt(result['models'][n].get(k)):>14}" for n in names))
     return "\n".join(lines)
 
 
@@ -531,6 +532,9 @@ def underfitting(log_rows: list[dict[str, Any]]) -> dict[str, Any]:
         evidence.append(f"still falling at the end ({first:.3f} → {second:.3f} over the last third)")
     if val_falling:
         evidence.append(f"validation loss still improving at the end ({val[-2]:.3f} → {val[-1]:.3f})")
+    elif train_falling:
+        evidence.append("but validation loss is not seen still improving" + (" (fewer than 2 validation points)"
+                                                                             if len(val) < 2 else ""))
     flag = still_high or (train_falling and val_falling)
     hint = " More steps (train.epochs / max_steps) or a higher learning rate would likely help." if flag else ""
     return {"flag": flag, "finding": ("yes: " if flag else "no: ") + "; ".join(evidence) + "." + hint,

@@ -219,8 +219,16 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             print(f"train: interrupted at step {st['step']}; checkpoint saved. Continue with "
                   "`finetune train RECIPE --resume`.", file=sys.stderr)
         raise KeyboardInterrupt
-    if val_rows and st["history"] and st["history"][-1]["val_loss"] is None:
-        validate(steps[st["step"] - 1].epoch_progress)  # stopped between evaluations: still end with one
+    if st["step"] > 0:
+        epoch = steps[st["step"] - 1].epoch_progress
+        if window["targets"]:  # stopped between log lines: log the steps since the last one
+            st["window_loss"] = window["loss"] / window["targets"]
+            record({"step": st["step"], "epoch": round(epoch, 4), "loss": st["window_loss"], "val_loss": None,
+                    "lr": scheduler.get_last_lr()[0], "tokens": st["tokens"],
+                    "tokens_per_s": round(window["tokens"] / max(window["seconds"], 1e-9), 2),
+                    "time": round(st["elapsed"], 2)})
+        if val_rows and not any(e["step"] == st["step"] and e["val_loss"] is not None for e in st["history"]):
+            validate(epoch)  # stopped between evaluations: still end with one
 
     # ---- outputs: the adapter at its best validation step (adapters are small), or the final full model
     weights_step = st["step"]

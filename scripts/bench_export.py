@@ -72,6 +72,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both runtimes")
     p.add_argument("--child", help=argparse.SUPPRESS)
     ns = p.parse_args()
+    # Both runtimes use OpenMP; spinning waits make either one many times slower on a busy machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if ns.child:  # the llama.cpp half, in its own process
         args = json.loads(ns.child)
         print(json.dumps(bench_llama(**args)))

@@ -20,7 +20,7 @@ BUDGET = ["train.max_steps=6", "train.eval_every=3", "train.save_every=3", "eval
           "eval.max_new_tokens=48"]
 
 
-def finetune(*args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def finetune(*args: str, timeout: int = 2700) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -242,3 +242,17 @@ def test_length_grouping_reduces_padding():
         return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
 
     assert padding(grouped) < padding(plain) / 5
+
+
+def test_max_minutes_stops_logs_validates_and_can_be_continued(tmp_path, tiny_model_dir):
+    from finetune import recipe as recipe_mod
+
+    recipe = prepared(tmp_path, tiny_model_dir, max_steps=6, max_minutes=1e-6, log_every=5, eval_every=5)
+    summary = train.run(recipe)
+    out = recipe.run_dir("train")
+    assert summary["steps"] == 1 and summary["stop_reason"] == "max_minutes" and summary["stopped_early"]
+    assert train_losses(out / "log.jsonl")[0][0] == 1 and val_losses(out / "log.jsonl")[0][0] == 1
+    assert summary["final_val_loss"] is not None and (out / "checkpoints" / "checkpoint-1").is_dir()
+    # a longer time budget is not another run: --resume continues the stopped one
+    longer = recipe_mod.with_overrides(recipe, {"train.max_minutes": None})
+    assert train.run(longer, resume=True)["steps"] == 6
