@@ -94,7 +94,8 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16") -> Path:
     """Run convert_hf_to_gguf.py on a checkpoint folder; writes out_file atomically."""
     check_architecture(model_dir)
-    out_file = Path(out_file)
+    # absolute paths: the converter runs with llama.cpp's tree as its working directory
+    model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     _run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outtype", outtype.lower(), "--outfile", str(tmp)],
                    what=f"converting {model_dir} to GGUF")
@@ -104,7 +105,8 @@ def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16") -> Path
 
 def convert_lora(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str = "F16") -> Path:
     """Run convert_lora_to_gguf.py: a PEFT LoRA adapter -> GGUF adapter for ``Llama(lora_path=...)``."""
-    out_file = Path(out_file)
+    # absolute paths: the converter runs with llama.cpp's tree as its working directory
+    adapter_dir, base_dir, out_file = Path(adapter_dir).resolve(), Path(base_dir).resolve(), Path(out_file).resolve()
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     _run_converter("convert_lora_to_gguf.py",
                    ["--base", str(base_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), str(adapter_dir)],

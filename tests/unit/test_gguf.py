@@ -155,3 +155,18 @@ def test_ollama_chatml_template_renders_like_the_hf_template(embedded_model):
     with_system = [{"role": "system", "content": "Be brief."}, *msgs]
     want = tok.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
     assert _render_go_chatml(tr.template, "Be brief.", msgs) == want
+
+
+def test_convert_accepts_relative_paths(tiny_model_dir, tmp_path, monkeypatch):
+    """The converter runs inside llama.cpp's tree: relative paths from the user's folder must still work
+    (runs_dir defaults to the relative 'runs')."""
+    import shutil
+
+    from finetune.gguf import convert
+
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = convert.convert_model(Path("model"), Path("out") / "tiny-F16.gguf")
+    assert (tmp_path / "out" / "tiny-F16.gguf").stat().st_size > 0
+    assert out.is_absolute()
