@@ -138,10 +138,10 @@ def gguf_to_checkpoint(gguf: Path, name: str | None = None) -> Path:
     target = cache_root() / "models" / f"{name or gguf.stem}-{_short_hash(gguf)}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    from finetune.runs import atomic_dir
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from finetune.runs import atomic_dir
 
     folder, file = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
