@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.models import cache_root
 
 
 def installed_version() -> str:
@@ -26,15 +27,10 @@ def installed_version() -> str:
         raise UserError("llama-cpp-python is not installed; run `make install` (or scripts/install_llama_cpp.py)") from None
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
-    return Path(root)
-
-
 def sdist_archive(version: str | None = None, *, download: bool = True) -> Path | None:
     """The sdist tarball of llama-cpp-python==version (kept by the install script, else downloaded once)."""
     version = version or installed_version()
-    folder = _cache_root() / "sdists"
+    folder = cache_root() / "sdists"
     archive = folder / f"llama_cpp_python-{version}.tar.gz"
     if archive.exists():
         return archive
@@ -58,7 +54,7 @@ def sdist_archive(version: str | None = None, *, download: bool = True) -> Path 
 def llama_cpp_dir(version: str | None = None, *, download: bool = True) -> Path | None:
     """Extracted ``vendor/llama.cpp`` of the installed (or given) version; None if absent and download=False."""
     version = version or installed_version()
-    target = _cache_root() / "llama-cpp-src" / version
+    target = cache_root() / "llama-cpp-src" / version
     if (target / "convert_hf_to_gguf.py").exists():
         return target
     archive = sdist_archive(version, download=download)

@@ -45,24 +45,17 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def save(root: Path, step: int, write_files: Callable[[Path], None], state: dict[str, Any], keep: int) -> Path:
     """Write a checkpoint atomically: ``write_files(tmp)`` fills the folder, then state.json, then one rename."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    from finetune.runs import atomic_dir
+
+    final = Path(root) / f"checkpoint-{step}"
+    # atomic_dir's temporary folder is a hidden '.checkpoint-<step>.*.tmp' sibling: never taken for a checkpoint,
+    # and removed by prune() if a killed run leaves it behind. A step saved again (a resumed run) is replaced whole.
+    with atomic_dir(final) as tmp:
         write_files(tmp)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump(state, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prune(root, keep)
     return final
 
