@@ -62,6 +62,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(t.threads or max(1, _cores() // local_procs))
     device_type = accelerator.device.type
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
 
     # ---- data: tokenized by prepare; nothing is tokenized here
     prepare = runs.require_stage(recipe, "prepare")
@@ -95,7 +97,7 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter initialisation (and dropout) follow the recipe's seed
-    model, attn, autocast_dtype = _build_model(recipe, resolved, device_type, accelerator.local_process_index)
+    model, attn, autocast_dtype, kernels = _build_model(recipe, resolved, device_type, accelerator.local_process_index)
     gc_on = _gradient_checkpointing(recipe, model, device_type)
     if gc_on:
         _enable_gradient_checkpointing(model)
@@ -244,8 +246,9 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         "final_train_loss": st.get("window_loss", st.get("last_loss")), "final_val_loss": st["last_val_loss"],
         "stopped_early": stop_reason not in ("completed",), "stop_reason": stop_reason, "weights_step": weights_step,
         "method": t.method, "trainable_params": n_trainable, "device": str(accelerator.device), "processes": world,
-        "attn_implementation": attn, "gradient_checkpointing": bool(gc_on),
-        "base_dtype": _dtype_name(p for p in raw_model.parameters() if not p.requires_grad),
+        "attn_implementation": attn, "kernels": kernels, "gradient_checkpointing": bool(gc_on),
+        "base_dtype": "nf4" if t.method == "qlora" else _dtype_name(p for p in raw_model.parameters()
+                                                                      if not p.requires_grad),
         "trainable_dtype": _dtype_name(p for p in raw_model.parameters() if p.requires_grad),
     }
     if main:
@@ -383,7 +386,9 @@ def _validation_loss(model, rows, t, tokenizer, accelerator, autocast_dtype) -> 
 
 # ------------------------------------------------------------------------------------------- model
 def _build_model(recipe, resolved, device_type: str, local_index: int):
-    """Load the base model in the training dtype and wrap it for the method. Returns (model, attn, autocast dtype)."""
+    """Load the base model in the training dtype and wrap it for the method.
+
+    Returns (model, attention implementation, autocast dtype, fused kernels applied: "liger" or None)."""
     import torch
 
     from finetune import models
@@ -424,17 +429,21 @@ def _build_model(recipe, resolved, device_type: str, local_index: int):
     # NOTES.md: with use_cache=True a cache is built even in training and the packed mask is skipped:
     # examples then attend to each other silently.
     model.config.use_cache = False
+    kernels = None
     if device_type == "cuda" and _installed("liger_kernel"):
         try:  # fused RMSNorm/SwiGLU/RoPE Triton kernels for the architectures Liger knows
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-            _apply_liger_kernel_to_instance(model=model)
+            if model.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN:
+                _apply_liger_kernel_to_instance(model=model)
+                kernels = "liger"
         except Exception as exc:  # an optional speed-up: training stays correct without it
             print(f"train: Liger kernels not applied ({type(exc).__name__}: {exc})", file=sys.stderr)
     if t.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, attn, autocast_dtype
+        return model, attn, autocast_dtype, kernels
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if t.method == "qlora":
@@ -449,7 +458,7 @@ def _build_model(recipe, resolved, device_type: str, local_index: int):
     except ValueError as exc:
         raise UserError(f"train.lora.target_modules: {exc}. Use 'all-linear' or names of the model's linear "
                         "layers (e.g. [q_proj, v_proj]).") from None
-    return model, attn, autocast_dtype
+    return model, attn, autocast_dtype, kernels
 
 
 def _gradient_checkpointing(recipe, model, device_type: str) -> bool:

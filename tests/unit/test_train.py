@@ -176,6 +176,10 @@ def test_dora_and_rslora_build_and_train(tmp_path, tiny_model_dir, method, rslor
 
 
 def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: QLoRA runs (tests/unit/test_train_cuda.py)")
     recipe = prepared(tmp_path, tiny_model_dir, method="qlora", max_steps=2)
     with pytest.raises(UserError, match="CUDA"):
         train.run(recipe)
