@@ -31,7 +31,7 @@ except ImportError: print('liger-kernel not installed')
 " 2>&1 | grep -v "kernels-community"
 
 echo "== 1. tests on CUDA"
-timeout 330 python3 -m pytest -q -p no:cacheprovider -rs -s tests/unit/test_train_cuda.py tests/unit/test_train.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs -s tests/unit/test_train_cuda.py tests/unit/test_train.py \
   2>&1 | grep -v "^$" | tee "$out/pytest.log" | grep -E "passed|failed|error|FAILED|ERROR|^(lora|dora|qlora|full)/|SKIP" 
 
 echo "== 2. bench_train on the GPU"
@@ -56,7 +56,7 @@ for name, overrides in shapes.items():
             shutil.copy(f, out / f.name)
     print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters ->", out)
 EOF
-timeout 150 python3 scripts/bench_train.py --base /tmp/random-smollm2-135m --examples 256 --json "$out/bench-135m.json" 2>&1 \
+timeout 110 python3 scripts/bench_train.py --base /tmp/random-smollm2-135m --examples 256 --json "$out/bench-135m.json" 2>&1 \
   | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-135m.log"
-timeout 200 python3 scripts/bench_train.py --base /tmp/random-smollm2-1.7b --examples 128 --json "$out/bench-1.7b.json" 2>&1 \
+timeout 150 python3 scripts/bench_train.py --base /tmp/random-smollm2-1.7b --examples 128 --json "$out/bench-1.7b.json" 2>&1 \
   | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-1.7b.log"
