@@ -430,16 +430,11 @@ def _build_model(recipe, resolved, device_type: str, local_index: int):
     # examples then attend to each other silently.
     model.config.use_cache = False
     kernels = None
-    if device_type == "cuda" and _installed("liger_kernel"):
-        try:  # fused RMSNorm/SwiGLU/RoPE Triton kernels for the architectures Liger knows
-            from liger_kernel.transformers import _apply_liger_kernel_to_instance
-            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-            if model.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN:
-                _apply_liger_kernel_to_instance(model=model)
-                kernels = "liger"
-        except Exception as exc:  # an optional speed-up: training stays correct without it
-            print(f"train: Liger kernels not applied ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if t.kernels == "liger" and (device_type != "cuda" or not _installed("liger_kernel")):
+        raise UserError("train.kernels: liger needs a CUDA GPU and `pip install liger-kernel`; "
+                        "use train.kernels=auto (Liger when available) or none.")
+    if t.kernels != "none" and device_type == "cuda" and _installed("liger_kernel"):
+        kernels = _apply_liger(model, required=t.kernels == "liger")
     if t.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -459,6 +454,46 @@ def _build_model(recipe, resolved, device_type: str, local_index: int):
         raise UserError(f"train.lora.target_modules: {exc}. Use 'all-linear' or names of the model's linear "
                         "layers (e.g. [q_proj, v_proj]).") from None
     return model, attn, autocast_dtype, kernels
+
+
+def _apply_liger(model, required: bool) -> str | None:
+    """Liger's fused RMSNorm/SwiGLU Triton kernels on this model instance only; returns "liger" or None.
+
+    Liger's apply functions also replace classes and functions in the transformers modeling module (every model
+    built later in the process, on any device, would get them: a CPU model then fails inside Triton). Those
+    module attributes are put back right after; the instance keeps its patched modules. Liger's RoPE is such a
+    module-level function, so it is not used. tests/unit/test_train.py checks the module is left as it was.
+    """
+    import importlib
+
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as exc:
+        if required:
+            raise UserError(f"train.kernels: liger could not be imported ({exc}).") from None
+        return None
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if required:
+            raise UserError(f"train.kernels: Liger has no kernels for model type {model.config.model_type!r}; "
+                            "use train.kernels=auto or none.")
+        return None
+    module = importlib.import_module(type(model).__module__)
+    before = dict(vars(module))
+    try:  # an optional speed-up: training stays correct without it
+        _apply_liger_kernel_to_instance(model=model, rope=False)
+        return "liger"
+    except Exception as exc:
+        if required:
+            raise UserError(f"train.kernels: Liger failed on this model ({type(exc).__name__}: {exc}).") from None
+        print(f"train: Liger kernels not applied ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    finally:
+        for name in set(vars(module)) - set(before):
+            delattr(module, name)
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
 
 
 def _gradient_checkpointing(recipe, model, device_type: str) -> bool:

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_train.py                 # embedded SmolLM2-135M, 64 conversations
     .venv/bin/python scripts/bench_train.py --examples 32 --rounds 2
     python scripts/bench_train.py --base DIR --examples 256    # any local model folder (a GPU: scripts/gpu_check.sh)
+    python scripts/bench_train.py --variant no-liger="train.kernels=none" --variant padded="train.packing=false"
 
 Both arms train the same LoRA (r=16, alpha=32, all linear layers, AdamW, lr 2e-4, linear schedule, no warmup,
 batch 8, one epoch, assistant-only loss) on the same variable-length chat data (1-6 support tickets per
@@ -97,18 +98,18 @@ def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
             "loss_last": losses[-1:]}
 
 
-def arm_finetune(data: dict, model_path: str, work: Path) -> dict:
+def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] | None = None) -> dict:
     from datasets import Dataset
 
     from finetune import recipe as recipe_mod
     from finetune import runs, train
 
-    recipe = recipe_mod.validate_dict({
+    recipe = recipe_mod.validate_dict(recipe_mod.apply_overrides({
         "name": "bench", "runs_dir": str(work / "runs"), "seed": 42, "model": {"id": model_path},
         "train": {"method": "lora", "lora": {"r": HYPER["r"], "alpha": HYPER["alpha"]}, "lr": HYPER["lr"],
                   "epochs": 1, "batch_size": HYPER["batch_size"], "scheduler": "linear", "warmup_ratio": 0.0,
-                  "save_every": 10**6, "eval_every": 10**6, "log_every": 10},
-    }, base_dir=REPO)
+                  "save_every": 10**6, "eval_every": 10**6, "log_every": 4},
+    }, overrides or []), base_dir=REPO)
     tokenized = recipe.run_dir("prepare") / "tokenized" / "train"
     Dataset.from_dict(data).save_to_disk(str(tokenized))
     with runs.StageRun(recipe, "prepare") as stage:
@@ -116,14 +117,23 @@ def arm_finetune(data: dict, model_path: str, work: Path) -> dict:
     summary = train.run(recipe)
     log = [json.loads(x) for x in (recipe.run_dir("train") / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if x["loss"] is not None]
+    # after the first logged window (start-up: first allocations, kernel compilation)
+    logged = [x for x in log if x["loss"] is not None]
+    steady_tps = None
+    if len(logged) > 1 and logged[-1]["time"] > logged[0]["time"]:
+        steady_tps = (logged[-1]["tokens"] - logged[0]["tokens"]) / (logged[-1]["time"] - logged[0]["time"])
     return {"seconds": summary["seconds"], "steps": summary["steps"], "loss_first": losses[:1],
-            "loss_last": losses[-1:], "attn": summary["attn_implementation"], "base_dtype": summary["base_dtype"]}
+            "loss_last": losses[-1:], "attn": summary["attn_implementation"], "base_dtype": summary["base_dtype"],
+            "kernels": summary.get("kernels"), "steady_tokens_per_s": steady_tps}
 
 
-def child(arm: str, data_path: Path, model_path: str) -> None:
+def child(arm: str, data_path: Path, model_path: str, overrides: list[str]) -> None:
     data = json.loads(data_path.read_text())
     with tempfile.TemporaryDirectory() as work:
-        result = (arm_vanilla if arm == "vanilla" else arm_finetune)(data, model_path, Path(work))
+        if arm == "vanilla":
+            result = arm_vanilla(data, model_path, Path(work))
+        else:
+            result = arm_finetune(data, model_path, Path(work), overrides)
     result["tokens"] = sum(data["length"])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -135,9 +145,10 @@ def child(arm: str, data_path: Path, model_path: str) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_arm(arm: str, data_path: Path, model_path: str) -> dict:
+def run_arm(arm: str, data_path: Path, model_path: str, overrides: list[str]) -> dict:
     started = time.time()
-    proc = subprocess.run([sys.executable, __file__, "--child", arm, "--data", str(data_path), "--model", model_path],
+    proc = subprocess.run([sys.executable, __file__, "--child", "vanilla" if arm == "vanilla" else "finetune",
+                           "--data", str(data_path), "--model", model_path] + [f"--set={o}" for o in overrides],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))})
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -155,26 +166,37 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", help="a local model folder to train (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=OVERRIDES",
+                   help="also time finetune with these recipe overrides (space-separated key=value), e.g. "
+                        "no-liger='train.kernels=none'; repeatable")
+    p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--child", choices=["vanilla", "finetune"], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.child:
-        child(ns.child, ns.data, ns.model)
+        child(ns.child, ns.data, ns.model, ns.set)
         return
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "data.json"
         info = make_data(ns.examples, ns.seed, data_path, ns.base)
         print(f"data: {info['examples']} conversations, {info['tokens']} tokens, lengths {info['min_len']}-"
               f"{info['max_len']} (mean {info['mean_len']}); cores {os.cpu_count()}")
-        results: dict[str, list[dict]] = {"vanilla": [], "finetune": []}
+        arms = {"vanilla": [], "finetune": []}
+        for v in ns.variant:
+            label, _, text = v.partition("=")
+            arms[label] = text.split()
+        results: dict[str, list[dict]] = {arm: [] for arm in arms}
         for r in range(ns.rounds):
-            for arm in ("vanilla", "finetune"):
-                res = run_arm(arm, data_path, info["model"])
+            for arm, overrides in arms.items():
+                res = run_arm(arm, data_path, info["model"], overrides)
                 results[arm].append(res)
+                steady = (f"  steady {res['steady_tokens_per_s']:8.1f} tok/s" if res.get("steady_tokens_per_s")
+                          else "")
+                gpu = f"  peak GPU {res['peak_gpu_mb']:7.0f} MB" if "peak_gpu_mb" in res else ""
                 print(f"round {r + 1} {arm:9s} {res['tokens_per_s']:8.1f} tok/s  {res['seconds']:7.1f} s  "
-                      f"{res['steps']} steps  peak RSS {res['peak_rss_mb']:7.0f} MB  loss {res['loss_first']} -> "
-                      f"{res['loss_last']}", flush=True)
+                      f"{res['steps']} steps  peak RSS {res['peak_rss_mb']:7.0f} MB{gpu}  loss {res['loss_first']} "
+                      f"-> {res['loss_last']}{steady}  {' '.join(overrides)}", flush=True)
     best = {arm: max(rs, key=lambda x: x["tokens_per_s"]) for arm, rs in results.items()}
     ratio = best["finetune"]["tokens_per_s"] / best["vanilla"]["tokens_per_s"]
     mem = best["finetune"]["peak_rss_mb"] / best["vanilla"]["peak_rss_mb"]
@@ -183,6 +205,9 @@ def main() -> None:
     print(f"finetune train:                      {best['finetune']['tokens_per_s']:.1f} tok/s, "
           f"peak RSS {best['finetune']['peak_rss_mb']:.0f} MB")
     print(f"speed ratio {ratio:.2f}x (target >= 2.5), memory ratio {mem:.2f} (target <= 1.0)")
+    for arm in [a for a in best if a not in ("vanilla", "finetune")]:
+        print(f"variant {arm}: {best[arm]['tokens_per_s']:.1f} tok/s, ratio "
+              f"{best[arm]['tokens_per_s'] / best['vanilla']['tokens_per_s']:.2f}x ({' '.join(arms[arm])})")
     if "peak_gpu_mb" in best["finetune"]:
         gpu_mem = best["finetune"]["peak_gpu_mb"] / best["vanilla"]["peak_gpu_mb"]
         print(f"GPU {best['finetune']['gpu']}: peak GPU memory vanilla {best['vanilla']['peak_gpu_mb']:.0f} MB, "

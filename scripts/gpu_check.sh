@@ -2,8 +2,9 @@
 # The training checks that need a CUDA GPU, as one run (CI has no GPU; these tests skip there):
 #   1. tests/unit/test_train_cuda.py (QLoRA, 8-bit AdamW, DoRA, full fine-tuning under bf16 autocast, packed ==
 #      padded on CUDA, Liger kernels, the out-of-memory error) and tests/unit/test_train.py on CUDA;
-#   2. scripts/bench_train.py on the GPU with SmolLM2-135M- and SmolLM2-1.7B-shaped models (random weights: the
-#      speed of a step does not depend on the values).
+#   2. scripts/bench_train.py (with variants: no Liger, transformers' sdpa mask, padded) on the GPU with SmolLM2-135M- and SmolLM2-1.7B-shaped models (random weights: the
+#      speed of a step does not depend on the values);
+#   3. scripts/profile_train.py: where the time of a step goes.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
 #
@@ -31,7 +32,7 @@ except ImportError: print('liger-kernel not installed')
 " 2>&1 | grep -v "kernels-community"
 
 echo "== 1. tests on CUDA"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs -s tests/unit/test_train_cuda.py tests/unit/test_train.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs -s tests/unit/test_train_cuda.py tests/unit/test_train.py \
   2>&1 | grep -v "^$" | tee "$out/pytest.log" | grep -E "passed|failed|error|FAILED|ERROR|^(lora|dora|qlora|full)/|SKIP" 
 
 echo "== 2. bench_train on the GPU"
@@ -56,7 +57,11 @@ for name, overrides in shapes.items():
             shutil.copy(f, out / f.name)
     print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters ->", out)
 EOF
-timeout 110 python3 scripts/bench_train.py --base /tmp/random-smollm2-135m --examples 256 --json "$out/bench-135m.json" 2>&1 \
-  | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-135m.log"
-timeout 150 python3 scripts/bench_train.py --base /tmp/random-smollm2-1.7b --examples 128 --json "$out/bench-1.7b.json" 2>&1 \
-  | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-1.7b.log"
+V="--variant no-liger=train.kernels=none --variant sdpa-mask=model.attn_implementation=sdpa"
+timeout 130 python3 scripts/bench_train.py --base /tmp/random-smollm2-1.7b --examples 128 --json "$out/bench-1.7b.json" \
+  $V 2>&1 | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-1.7b.log"
+timeout 140 python3 scripts/bench_train.py --base /tmp/random-smollm2-135m --examples 128 --json "$out/bench-135m.json" \
+  $V --variant padded=train.packing=false 2>&1 | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-135m.log"
+
+echo "== 3. profile (135M-shaped)"
+timeout 60 python3 scripts/profile_train.py /tmp/random-smollm2-135m > "$out/profile-135m.txt" 2>&1; tail -c 300 "$out/profile-135m.txt"

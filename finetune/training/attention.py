@@ -2,9 +2,13 @@
 
 A packed row holds several examples one after another. transformers' sdpa/eager paths handle that by building
 a dense block-diagonal mask over the whole row (and silently skip it when a cache is active: NOTES.md), so
-attention costs (sum of lengths)^2. This function runs causal SDPA on each example separately, costing
-sum(length^2) and never materialising a mask: the same maths as padded batches, without the padding.
-``flash_attention_2`` (CUDA, when installed) does the same in one kernel and is preferred there.
+attention costs (sum of lengths)^2. This function costs sum(length^2) and never materialises a mask: the same
+maths as padded batches, without the padding.
+
+- CUDA, bf16/fp16: one variable-length flash-attention kernel per layer (``torch.nn.attention.varlen``, in torch
+  since 2.10: what the flash-attn package does, without installing it).
+- otherwise (CPU, fp32, older torch): causal SDPA on each example in turn.
+``flash_attention_2`` (CUDA, when the flash-attn package is installed) is preferred by train when present.
 """
 
 from __future__ import annotations
@@ -21,13 +25,25 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if query.shape[0] != 1:
         # transformers builds no mask for a registered custom attention, so a padded batch would attend to padding
         raise RuntimeError(f"{NAME} attention takes packed batches (one row); got {query.shape[0]} rows")
-    bounds = _boundaries(kwargs, query.shape[2])
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         # repeat_kv instead of enable_gqa: works on every torch >= 2.4 backend, forward and backward
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     p = dropout if module.training else 0.0
+    varlen = _torch_varlen()
+    cu = kwargs.get("cu_seq_lens_q")
+    default_scale = scaling is None or abs(scaling - query.shape[-1] ** -0.5) < 1e-9
+    if (varlen is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and p == 0.0
+            and cu is not None and kwargs.get("max_length_q") is not None and (varlen[2] or default_scale)):
+        attn, causal, takes_scale = varlen
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [tokens, heads, head_dim]
+        longest = int(kwargs["max_length_q"])
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        extra = {"scale": scaling} if takes_scale and scaling is not None else {}
+        out = attn(q, k, v, cu, cu, longest, longest, **causal, **extra)
+        return out.unsqueeze(0), None
+    bounds = _boundaries(kwargs, query.shape[2])
     outs = [
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
                                        is_causal=True, scale=scaling)
@@ -35,6 +51,30 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+_VARLEN: list = []
+
+
+def _torch_varlen():
+    """(varlen_attn, keyword arguments for causal attention, whether it takes ``scale``) when this torch has the
+    variable-length flash kernel (its keywords changed between torch releases), else None."""
+    if not _VARLEN:
+        found = None
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+
+            params = inspect.signature(varlen_attn).parameters
+            if "is_causal" in params:
+                found = (varlen_attn, {"is_causal": True}, "scale" in params)
+            elif "window_size" in params:
+                found = (varlen_attn, {"window_size": (-1, 0)}, "scale" in params)
+        except (ImportError, ValueError, TypeError):
+            pass
+        _VARLEN.append(found)
+    return _VARLEN[0]
 
 
 def _boundaries(kwargs, seq_len: int) -> list[int]:

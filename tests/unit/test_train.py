@@ -185,6 +185,16 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
         train.run(recipe)
 
 
+def test_liger_kernels_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    recipe = prepared(tmp_path, tiny_model_dir, kernels="liger", max_steps=2)
+    with pytest.raises(UserError, match="train.kernels: liger needs a CUDA GPU"):
+        train.run(recipe)
+
+
 def test_unknown_target_module_is_a_user_error(tmp_path, tiny_model_dir):
     recipe = prepared(tmp_path, tiny_model_dir, lora={"target_modules": ["no_such_proj"]}, max_steps=1)
     with pytest.raises(UserError, match="target_modules"):

@@ -78,7 +78,7 @@ def test_each_method_trains_on_cuda(tmp_path, tiny_model_dir, method, optimizer)
     out = recipe.run_dir("train")
     assert summary["device"].startswith("cuda") and summary["stop_reason"] == "completed"
     losses = [loss for _, loss in train_losses(out / "log.jsonl")]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < losses[0] - 0.5, losses
     vals = [v for _, v in val_losses(out / "log.jsonl")]
     assert len(vals) >= 2 and min(vals) < vals[0]
     assert summary["peak_memory_mb"] > 0
@@ -132,3 +132,15 @@ def test_cuda_out_of_memory_is_a_clear_error(tmp_path, tiny_model_dir):
     message = str(err.value)
     assert "CUDA out of memory" in message and "gradient checkpointing on" in message
     assert "train.batch_size=128 train.grad_accum=2" in message and "finetune plan" in message
+
+
+def test_liger_leaves_the_transformers_module_as_it_was(tmp_path, tiny_model_dir):
+    """Liger patches the model instance only: a model built afterwards (say on the CPU) is plain transformers."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    before = dict(vars(modeling_llama))
+    recipe = prepared(tmp_path, tiny_model_dir, max_steps=2, eval_every=100, save_every=100)
+    assert train.run(recipe)["kernels"] == "liger"
+    assert {k: v for k, v in vars(modeling_llama).items() if before.get(k) is not v} == {}
+    assert set(vars(modeling_llama)) == set(before)
