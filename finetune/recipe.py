@@ -150,8 +150,9 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     packing: bool = Field(True, description="Padding-free batches (no cross-contamination between samples).")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on only when memory needs it.")
-    kernels: Literal["auto", "liger", "none"] = Field(
-        "auto", description="auto: Liger's fused Triton kernels (RMSNorm, SwiGLU) on CUDA when liger-kernel is installed.")
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger's fused RMSNorm/SwiGLU Triton kernels (CUDA, pip install liger-kernel). "
+        "Off by default: slower for LoRA in our H200 measurements (README).")
     eval_every: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
     save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the last K checkpoints.")

@@ -2,7 +2,7 @@
 # The training checks that need a CUDA GPU, as one run (CI has no GPU; these tests skip there):
 #   1. tests/unit/test_train_cuda.py (QLoRA, 8-bit AdamW, DoRA, full fine-tuning under bf16 autocast, packed ==
 #      padded on CUDA, Liger kernels, the out-of-memory error) and tests/unit/test_train.py on CUDA;
-#   2. scripts/bench_train.py (with variants: no Liger, transformers' sdpa mask, padded) on the GPU with SmolLM2-135M- and SmolLM2-1.7B-shaped models (random weights: the
+#   2. scripts/bench_train.py (with variants: Liger, transformers' sdpa mask, padded) on the GPU with SmolLM2-135M- and SmolLM2-1.7B-shaped models (random weights: the
 #      speed of a step does not depend on the values);
 #   3. scripts/profile_train.py: where the time of a step goes.
 #
@@ -57,7 +57,7 @@ for name, overrides in shapes.items():
             shutil.copy(f, out / f.name)
     print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters ->", out)
 EOF
-V="--variant no-liger=train.kernels=none --variant sdpa-mask=model.attn_implementation=sdpa"
+V="--variant liger=train.kernels=liger --variant sdpa-mask=model.attn_implementation=sdpa"
 timeout 130 python3 scripts/bench_train.py --base /tmp/random-smollm2-1.7b --examples 128 --json "$out/bench-1.7b.json" \
   $V 2>&1 | grep -vE "kernels-community|it/s\]|^\s*$" | tee "$out/bench-1.7b.log"
 timeout 140 python3 scripts/bench_train.py --base /tmp/random-smollm2-135m --examples 128 --json "$out/bench-135m.json" \

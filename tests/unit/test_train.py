@@ -62,6 +62,26 @@ def test_packed_loss_equals_padded_loss_and_keeps_only_trained_logits(tiny_model
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
 
 
+def test_peft_honours_cast_input_dtype_enabled(tiny_model_dir):
+    """train turns peft's per-adapter fp32 input cast off for bf16 mixed precision on CPU (cast_input_dtype_enabled):
+    this fails if peft renames or ignores that switch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_load(tiny_model_dir, "sdpa").to(torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # peft keeps adapters in fp32 over bf16
+    x = torch.ones(2, 3, 64, dtype=torch.bfloat16)
+    assert layer._cast_input_dtype(x, torch.float32).dtype == torch.float32
+    layer.cast_input_dtype_enabled = False
+    assert layer._cast_input_dtype(x, torch.float32).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and layer.lora_B["default"].weight.grad.dtype == torch.float32
+
+
 def test_varlen_attention_refuses_padded_batches(tiny_model_dir):
     import torch
 
