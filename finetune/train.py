@@ -39,6 +39,7 @@ from finetune.training import batching
 from finetune.training import checkpoint as ckpt
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
+BEST_FULL_DIR = "best-model"  # full fine-tuning: the best validation step's weights, until the run ends
 # Settings that can change between an interrupted run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"max_minutes", "eval_every", "save_every", "keep_checkpoints", "early_stopping_patience",
                      "threads", "log_every"}
@@ -157,6 +158,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             st["best_val_loss"], st["best_step"], st["bad_evals"] = val, st["step"], 0
             if t.method in ADAPTER_METHODS:
                 best_weights = _trainable_state(raw_model)
+            elif main:  # a full model is too big to keep in memory: the best one so far goes to disk
+                _save_model_dir(raw_model, tokenizer, out / BEST_FULL_DIR, attn, step=st["step"])
         else:
             st["bad_evals"] += 1
         return val
@@ -232,11 +235,16 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         if val_rows and not any(e["step"] == st["step"] and e["val_loss"] is not None for e in st["history"]):
             validate(epoch)  # stopped between evaluations: still end with one
 
-    # ---- outputs: the adapter at its best validation step (adapters are small), or the final full model
+    # ---- outputs: the weights of the best validation step (adapters: kept in memory; full: saved to disk)
     weights_step = st["step"]
+    best_full = None
     if best_weights is not None and st["best_step"] != st["step"]:
         _load_trainable(raw_model, best_weights)
         weights_step = st["best_step"]
+    elif t.method == "full" and st["best_step"] not in (None, st["step"]):
+        marker = out / BEST_FULL_DIR / "finetune_step.json"
+        if marker.exists() and json.loads(marker.read_text()).get("step") == st["best_step"]:
+            best_full, weights_step = out / BEST_FULL_DIR, st["best_step"]
     summary = {
         "steps": st["step"], "planned_steps": len(steps), "tokens_seen": st["tokens"],
         "seconds": round(st["elapsed"], 2), "train_seconds": round(st["train_seconds"], 2),
@@ -254,7 +262,13 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     }
     if main:
         final_dir = out / ("model" if t.method == "full" else "adapter")
-        _save_final(raw_model, tokenizer, final_dir, attn)
+        if best_full is not None:
+            shutil.rmtree(final_dir, ignore_errors=True)
+            best_full.rename(final_dir)
+            (final_dir / "finetune_step.json").unlink(missing_ok=True)
+        else:
+            _save_model_dir(raw_model, tokenizer, final_dir, attn)
+        shutil.rmtree(out / BEST_FULL_DIR, ignore_errors=True)
         runs.atomic_write_json(out / "summary.json", summary)
         writer.close()
         stage.outputs = {
@@ -599,7 +613,7 @@ def _checkpoint_to_resume(out: Path, fingerprint: str, resume: bool) -> Path | N
 
 
 def _clear_outputs(out: Path) -> None:
-    for name in ("checkpoints", "tb", "adapter", "model"):
+    for name in ("checkpoints", "tb", "adapter", "model", BEST_FULL_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("log.jsonl", "summary.json", "manifest.json"):
         (out / name).unlink(missing_ok=True)
@@ -655,15 +669,23 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, rank: int):
     return ckpt.read_state(path), best
 
 
-def _save_final(model, tokenizer, final_dir: Path, attn: str) -> None:
+def _save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | None = None) -> None:
+    """Save the adapter or model (atomically). ``step``: a snapshot during training (the attention is put back)."""
     from finetune.training import attention
 
-    if attn == attention.NAME and hasattr(model, "set_attn_implementation"):
-        # our packed-batch attention is registered only inside training; saved configs name a standard one
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
-    with runs.atomic_dir(final_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    swap = attn == attention.NAME and hasattr(base, "set_attn_implementation")
+    if swap:  # our packed-batch attention is registered only inside training; saved configs name a standard one
+        base.set_attn_implementation("sdpa")
+    try:
+        with runs.atomic_dir(final_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if step is not None:
+                (Path(tmp) / "finetune_step.json").write_text(json.dumps({"step": step}))
+    finally:
+        if swap and step is not None:
+            base.set_attn_implementation(attn)
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -166,6 +166,28 @@ def test_on_eval_callback_stops_training(tmp_path, tiny_model_dir):
     assert not recipe.run_dir("train").exists()
 
 
+def test_full_fine_tuning_keeps_the_best_validation_weights(tmp_path, tiny_model_dir):
+    """A learning rate that overshoots: validation loss gets worse after its best step, and the saved model is the
+    best step's (not the last one's), reproducing its validation loss."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    recipe = prepared(tmp_path, tiny_model_dir, method="full", max_steps=8, lr=0.05, scheduler="constant",
+                      eval_every=1, save_every=100, model={"dtype": "float32"})
+    summary = train.run(recipe)
+    out = recipe.run_dir("train")
+    assert summary["best_step"] < summary["steps"] and summary["final_val_loss"] > summary["best_val_loss"]
+    assert summary["weights_step"] == summary["best_step"]
+    assert not (out / "best-model").exists() and not (out / "model" / "finetune_step.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32, attn_implementation="sdpa")
+    val = load_from_disk(str(recipe.run_dir("prepare") / "tokenized" / "validation"))
+    examples = list(zip(val["input_ids"], val["labels"], strict=True))
+    with torch.no_grad():
+        loss = float(train.forward_loss_sum(model.eval(), batching.collate_padded(examples, pad_id=0)))
+    assert loss / batching.count_targets(examples) == pytest.approx(summary["best_val_loss"], rel=1e-3)
+
+
 def test_full_fine_tuning_saves_a_plain_model(tmp_path, tiny_model_dir):
     import torch
     from safetensors.torch import load_file
