@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("finetune.prepare:command", "Load, clean, dedupe, split and tokenize the recipe's data (with a report)."),
     "train": ("finetune.train:command", "Train LoRA/DoRA/QLoRA or full fine-tuning on the prepared data (--resume)."),
     "export": ("finetune.export:command", "Merge the adapter, convert to GGUF (F16 + quantized), check parity, write Modelfiles."),
-    "run": ("finetune.pipeline:command", "Run prepare, train, eval and export in order, skipping stages that are up to date."),
+    "run": ("finetune.pipeline:command", "Run prepare, train, export and eval in order, skipping stages that are up to date."),
     "serve": ("serve.server:command", "Serve a model: OpenAI-compatible API and a web chat page (127.0.0.1 by default)."),
     "chat": ("finetune.chat:command", "Chat in the terminal with a model (GGUF directly, or a running server with --url)."),
     "feedback": ("finetune.feedback:command", "Export approved/corrected replies from serve/chat as training data."),

@@ -1,4 +1,6 @@
-"""``finetune run RECIPE``: prepare -> train -> eval -> export, skipping the stages that are already up to date.
+"""``finetune run RECIPE``: prepare -> train -> export -> eval, skipping the stages that are already up to date.
+
+Export runs before eval so that the report scores the exported GGUF next to the base and fine-tuned models.
 
 A stage is up to date when its manifest exists, the recipe sections it reads are the same as when it ran (the
 manifest records the resolved recipe), and what it was built from has not changed since: the manifests of the
@@ -37,8 +39,8 @@ class Stage:
 STAGES = (
     Stage("prepare", "finetune.prepare", ("model", "data", "seed"), ()),
     Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
-    Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train")),
     Stage("export", "finetune.export", ("model", "export"), ("train",)),
+    Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train", "export")),
 )
 STAGE_NAMES = [s.name for s in STAGES]
 STATE_FILE = "pipeline.json"
@@ -105,8 +107,10 @@ def why_stale(recipe: Recipe, stage: Stage, state: dict[str, Any]) -> str | None
     # Run by hand (no pipeline record for this manifest): go by time.
     started = _time(manifest.get("started"))
     for up in stage.upstream:
-        up_manifest = runs.read_manifest(recipe.run_dir(up)) or {}
-        finished = _time(up_manifest.get("finished"))
+        up_manifest = runs.read_manifest(recipe.run_dir(up))
+        if up_manifest is None and up == "export":
+            continue  # eval without an export scores base vs fine-tuned only
+        finished = _time((up_manifest or {}).get("finished"))
         if started is None or finished is None or finished > started:
             return f"{up} finished after it"
     if stage.name == "prepare" and started is not None:
@@ -227,7 +231,7 @@ def sample_answer(recipe: Recipe, recipe_path: str) -> dict[str, Any] | None:
 def command(argv: list[str]) -> int:
     from finetune.cli import load_recipe, recipe_parser
 
-    p = recipe_parser("run", "Run prepare, train, eval and export in order; stages that are up to date are skipped.")
+    p = recipe_parser("run", "Run prepare, train, export and eval in order; stages that are up to date are skipped.")
     p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")
     p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
     p.add_argument("--no-answer", action="store_true", help="skip the final sample answer from the GGUF")

@@ -1,5 +1,5 @@
 """The whole pipeline, for real, through the CLI: `finetune run recipes/quickstart.yaml` on the embedded model with a
-small budget (prepare -> train -> eval -> export), then checks every stage's manifest and key outputs, runs again
+small budget (prepare -> train -> export -> eval), then checks every stage's manifest and key outputs, runs again
 to see every stage skipped, and serves the exported GGUF by its recipe."""
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def test_eval_outputs(run):
         assert 0 < model["loss"] < 20 and model["perplexity"] > 1
     # Six steps at lr 5e-4 on this task lower the held-out loss (the signal the whole pipeline exists for).
     assert tuned["loss"] < base["loss"]
+    # export ran before eval, so the report scores the exported GGUF on the same prompts
+    assert metrics["gguf"]["status"] == "scored", metrics["gguf"]
     assert (run_dir / "eval" / "report.html").stat().st_size > 1000
     assert "base" in stdout and "fine-tuned" in stdout  # the score table printed at the end
 
