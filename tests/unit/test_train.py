@@ -217,23 +217,15 @@ def test_dora_and_rslora_build_and_train(tmp_path, tiny_model_dir, method, rslor
     assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
 
 
-def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("setting,message", [({"method": "qlora"}, "train.method: qlora needs a CUDA GPU"),
+                                             ({"kernels": "liger"}, "train.kernels: liger needs a CUDA GPU")])
+def test_cuda_only_settings_without_cuda_are_a_clear_error(tmp_path, tiny_model_dir, setting, message):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("CUDA is here: QLoRA runs (tests/unit/test_train_cuda.py)")
-    recipe = prepared(tmp_path, tiny_model_dir, method="qlora", max_steps=2)
-    with pytest.raises(UserError, match="CUDA"):
-        train.run(recipe)
-
-
-def test_liger_kernels_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is here")
-    recipe = prepared(tmp_path, tiny_model_dir, kernels="liger", max_steps=2)
-    with pytest.raises(UserError, match="train.kernels: liger needs a CUDA GPU"):
+        pytest.skip("CUDA is here: these run (tests/unit/test_train_cuda.py)")
+    recipe = prepared(tmp_path, tiny_model_dir, max_steps=2, **setting)
+    with pytest.raises(UserError, match=message):
         train.run(recipe)
 
 
