@@ -58,7 +58,9 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     t = recipe.train
     out = Path(out_dir) if out_dir is not None else recipe.run_dir("train")
     # Without CUDA, train on the CPU (accelerate only sets up multi-process gloo training when told cpu=True).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # Precision is finetune's (model.dtype, autocast below), not an accelerate config's mixed_precision.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    _check_distributed(accelerator)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(t.threads or max(1, _cores() // local_procs))
@@ -281,6 +283,19 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         stage.__exit__(None, None, None)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _check_distributed(accelerator) -> None:
+    """Data parallelism (DDP: every process holds the model) is what this loop does; sharded set-ups are refused."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"accelerate config: distributed_type {kind.value} is not supported by `finetune train`, "
+                        "which trains data-parallel (DDP: each GPU holds the whole model). Use "
+                        "recipes/accelerate/multi-gpu.yaml (or multi-node.yaml), and if the model does not fit one "
+                        "GPU, train.method=qlora or train.gradient_checkpointing=on (`finetune plan RECIPE` says what "
+                        "fits).")
 
 
 # ------------------------------------------------------------------------------------------- one step

@@ -19,7 +19,8 @@ GATED_ORGS = ("meta-llama/", "google/gemma", "mistralai/")
 
 
 def shipped() -> list[Path]:
-    return sorted(p for p in RECIPES.rglob("*.y*ml") if "data" not in p.relative_to(RECIPES).parts[:-1])
+    return sorted(p for p in RECIPES.rglob("*.y*ml")
+                  if not {"data", "accelerate"} & set(p.relative_to(RECIPES).parts[:-1]))
 
 
 def sized() -> list[Path]:
@@ -123,3 +124,15 @@ def test_own_data_template_prepares_offline(tmp_path, embedded_model):
     assert 0 < settings["logit_fraction"] < 1
     assert result["time_estimate"]["tokens_per_example_source"] == "measured by prepare"
     assert result["time_estimate"]["tokens_per_example"] == pytest.approx(sum(ds["length"]) / len(ds))
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerate(path):
+    """The accelerate configs shipped for multi-GPU and multi-machine runs load with accelerate and are
+    data-parallel (the only distributed type `finetune train` accepts)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(path)
+    assert str(getattr(config.distributed_type, "value", config.distributed_type)) == "MULTI_GPU"
+    assert str(getattr(config.mixed_precision, "value", config.mixed_precision)) == "no"
+    assert config.num_processes >= 2 and config.use_cpu is False

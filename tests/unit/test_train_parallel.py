@@ -1,4 +1,5 @@
-"""Real data-parallel training: 2 CPU processes (torchrun, gloo) give the same run as 1 process accumulating 2."""
+"""Real data-parallel training: 2 CPU processes (gloo; launched by torchrun, or by `accelerate launch` with the shipped
+multi-GPU config) give the same run as 1 process accumulating 2."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from finetune import train
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir, repo_root):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir, repo_root, launcher):
     import torch
     from safetensors.torch import load_file
 
@@ -25,11 +27,17 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_
     ddp = prepared(tmp_path, tiny_model_dir, "ddp", grad_accum=1, **common)
     train.run(single)
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune", "train",
-                           str(tmp_path / "ddp.yaml")], cwd=repo_root, env=env, capture_output=True, text=True,
-                          timeout=900)
+    if launcher == "torchrun":
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        launch = [torchrun, "--standalone", "--nproc_per_node", "2"]
+    else:
+        # the shipped multi-GPU config: accelerate starts the processes through torchrun; with no GPU here,
+        # finetune trains on the CPU with gloo (accelerate's own CPU mode would need MPI)
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(repo_root / "recipes" / "accelerate" / "multi-gpu.yaml"), "--num_processes", "2"]
+    proc = subprocess.run(launch + ["-m", "finetune", "train", str(tmp_path / "ddp.yaml")], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = single.run_dir("train"), ddp.run_dir("train")
     summary = json.loads((b / "summary.json").read_text())
@@ -46,3 +54,17 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_
         torch.testing.assert_close(wb[name], wa[name], atol=2e-3, rtol=2e-2)
     # and it really trained: the adapter moved away from its zero-initialised B matrices
     assert any(float(w.abs().max()) > 1e-3 for n, w in wb.items() if "lora_B" in n)
+
+
+def test_sharded_distributed_types_are_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from finetune.errors import UserError
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UserError, match=f"distributed_type {kind.value} is not supported.*multi-gpu.yaml"):
+            train._check_distributed(SimpleNamespace(distributed_type=kind))
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        train._check_distributed(SimpleNamespace(distributed_type=kind))
