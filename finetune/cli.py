@@ -61,7 +61,9 @@ def validate_command(argv: list[str]) -> int:
     for item in ns.recipes:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*.y*ml") if "data" not in p.relative_to(path).parts[:-1])
+            from finetune.recipe import recipe_files
+
+            files += recipe_files(path)
         else:
             files.append(path)
     bad = 0

@@ -452,6 +452,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data if data is not None else {}
 
 
+# Folders under a recipes directory that hold other files: data, and accelerate launch configs.
+NOT_RECIPE_FOLDERS = frozenset({"data", "accelerate"})
+
+
+def recipe_files(root: Path) -> list[Path]:
+    """The recipe YAML files under a directory, recursively (data and accelerate-config folders aside)."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*.y*ml") if not NOT_RECIPE_FOLDERS & set(p.relative_to(root).parts[:-1]))
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError listing every problem."""
     path = Path(path)

@@ -22,10 +22,8 @@ from finetune import plan, recipe  # noqa: E402
 
 
 def rows() -> list[dict]:
-    root = REPO / "recipes"
     out = []
-    for path in sorted(p for p in root.rglob("*.y*ml")
-                       if not {"data", "accelerate"} & set(p.relative_to(root).parts[:-1])):
+    for path in recipe.recipe_files(REPO / "recipes"):
         # the recipe's own worst case, not numbers from a local prepare run
         r = recipe.load(path, [f"runs_dir={tempfile.gettempdir()}/finetune-recipes-table-no-runs"])
         fixture = REPO / "tests" / "fixtures" / "configs" / f"{r.model.id.replace('/', '--')}.json"

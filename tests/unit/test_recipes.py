@@ -19,8 +19,7 @@ GATED_ORGS = ("meta-llama/", "google/gemma", "mistralai/")
 
 
 def shipped() -> list[Path]:
-    return sorted(p for p in RECIPES.rglob("*.y*ml")
-                  if not {"data", "accelerate"} & set(p.relative_to(RECIPES).parts[:-1]))
+    return recipe.recipe_files(RECIPES)
 
 
 def sized() -> list[Path]:

@@ -265,8 +265,7 @@ def test_mistral_template_drops_the_system_prompt_of_a_finished_conversation():
 def test_every_shipped_recipe_has_a_tested_template_family(repo_root):
     from finetune import recipe
 
-    root = repo_root / "recipes"
-    files = [p for p in root.rglob("*.y*ml") if "data" not in p.relative_to(root).parts[:-1]]
+    files = recipe.recipe_files(repo_root / "recipes")
     uncovered = []
     for f in files:
         model_id = recipe.load(f).model.id
@@ -279,9 +278,7 @@ def test_gemma_and_mistral_recipes_set_no_system_prompt(repo_root):
     """Gemma refuses a system turn; Mistral drops it from training examples (both tested above)."""
     from finetune import recipe
 
-    for f in (repo_root / "recipes").rglob("*.yaml"):
-        if "data" in f.relative_to(repo_root / "recipes").parts[:-1]:
-            continue
+    for f in recipe.recipe_files(repo_root / "recipes"):
         r = recipe.load(f)
         if r.model.id.startswith(("google/gemma", "mistralai/")):
             assert r.data.system_prompt is None, f.name
