@@ -108,9 +108,9 @@ def why_stale(recipe: Recipe, stage: Stage, state: dict[str, Any]) -> str | None
     started = _time(manifest.get("started"))
     for up in stage.upstream:
         up_manifest = runs.read_manifest(recipe.run_dir(up))
-        if up_manifest is None and up == "export":
-            continue  # eval without an export scores base vs fine-tuned only
-        finished = _time((up_manifest or {}).get("finished"))
+        if up_manifest is None:
+            continue  # an upstream that never ran did not finish after it (eval without an export)
+        finished = _time(up_manifest.get("finished"))
         if started is None or finished is None or finished > started:
             return f"{up} finished after it"
     if stage.name == "prepare" and started is not None:

@@ -685,7 +685,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, rank: int):
 
 
 def _save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | None = None) -> None:
-    """Save the adapter or model (atomically). ``step``: a snapshot during training (the attention is put back)."""
+    """Save the adapter or model (atomically); ``step`` marks a snapshot taken during training."""
     from finetune.training import attention
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -699,7 +699,7 @@ def _save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | No
             if step is not None:
                 (Path(tmp) / "finetune_step.json").write_text(json.dumps({"step": step}))
     finally:
-        if swap and step is not None:
+        if swap:
             base.set_attn_implementation(attn)
 
 

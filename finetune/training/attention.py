@@ -14,6 +14,9 @@ maths as padded batches, without the padding.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 NAME = "finetune_varlen"
 
 
@@ -69,28 +72,21 @@ def _causal_eager(query, key, value, scale: float):
     return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
 
 
-_VARLEN: list = []
-
-
+@functools.cache
 def _torch_varlen():
     """(varlen_attn, keyword arguments for causal attention, whether it takes ``scale``) when this torch has the
     variable-length flash kernel (its keywords changed between torch releases), else None."""
-    if not _VARLEN:
-        found = None
-        try:
-            import inspect
+    try:
+        from torch.nn.attention.varlen import varlen_attn
 
-            from torch.nn.attention.varlen import varlen_attn
-
-            params = inspect.signature(varlen_attn).parameters
-            if "is_causal" in params:
-                found = (varlen_attn, {"is_causal": True}, "scale" in params)
-            elif "window_size" in params:
-                found = (varlen_attn, {"window_size": (-1, 0)}, "scale" in params)
-        except (ImportError, ValueError, TypeError):
-            pass
-        _VARLEN.append(found)
-    return _VARLEN[0]
+        params = inspect.signature(varlen_attn).parameters
+    except (ImportError, ValueError, TypeError):
+        return None
+    if "is_causal" in params:
+        return varlen_attn, {"is_causal": True}, "scale" in params
+    if "window_size" in params:
+        return varlen_attn, {"window_size": (-1, 0)}, "scale" in params
+    return None
 
 
 def _boundaries(kwargs, seq_len: int) -> list[int]:

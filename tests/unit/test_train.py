@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from train_fixtures import prepared, synthetic_rows, train_losses, val_losses
+from train_fixtures import example_pairs, load_model, prepared, synthetic_rows, train_losses, val_losses
 
 from finetune import train
 from finetune.errors import UserError
@@ -17,33 +17,19 @@ from finetune.training import attention, batching
 GOLDEN_FIRST_LOSSES = [10.78651, 10.6673, 10.40796, 10.31783]
 
 
-def _examples(n: int = 4, seed: int = 3):
-    rows = synthetic_rows(n, seed, min_len=4, max_len=60)
-    return list(zip(rows["input_ids"], rows["labels"], strict=True))
-
-
-def _load(model_dir, attn: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
-    model.config.use_cache = False
-    return model.eval()
-
-
 @pytest.mark.parametrize("attn", ["packed-sdpa", "sdpa", "eager"])
 def test_packed_batch_gives_the_same_logits_as_padded(tiny_model_dir, attn):
     import torch
 
     attn = attention.register() if attn == "packed-sdpa" else attn
-    examples = _examples()
+    examples = example_pairs(4, seed=3)
     padded = batching.collate_padded(examples, pad_id=0)
     packed = batching.collate_packed(examples)
     with torch.no_grad():
-        reference = _load(tiny_model_dir, "sdpa")(input_ids=padded["input_ids"],
+        reference = load_model(tiny_model_dir, "sdpa")(input_ids=padded["input_ids"],
                                                   attention_mask=padded["attention_mask"]).logits
         batch = {k: v for k, v in packed.items() if k != "labels"}
-        logits = _load(tiny_model_dir, attn)(**batch, use_cache=False).logits[0]
+        logits = load_model(tiny_model_dir, attn)(**batch, use_cache=False).logits[0]
     bounds = packed["cu_seq_lens_q"].tolist()
     assert len(bounds) == len(examples) + 1
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
@@ -53,10 +39,10 @@ def test_packed_batch_gives_the_same_logits_as_padded(tiny_model_dir, attn):
 def test_packed_loss_equals_padded_loss_and_keeps_only_trained_logits(tiny_model_dir):
     import torch
 
-    examples = _examples(6, seed=5)
+    examples = example_pairs(6, seed=5)
     with torch.no_grad():
-        padded = train.forward_loss_sum(_load(tiny_model_dir, "sdpa"), batching.collate_padded(examples, pad_id=0))
-        packed = train.forward_loss_sum(_load(tiny_model_dir, attention.register()),
+        padded = train.forward_loss_sum(load_model(tiny_model_dir, "sdpa"), batching.collate_padded(examples, pad_id=0))
+        packed = train.forward_loss_sum(load_model(tiny_model_dir, attention.register()),
                                         batching.collate_packed(examples))
     assert batching.count_targets(examples) > 0
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
@@ -68,7 +54,7 @@ def test_peft_honours_cast_input_dtype_enabled(tiny_model_dir):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_load(tiny_model_dir, "sdpa").to(torch.bfloat16),
+    model = get_peft_model(load_model(tiny_model_dir, "sdpa").to(torch.bfloat16),
                            LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32  # peft keeps adapters in fp32 over bf16
@@ -85,7 +71,7 @@ def test_peft_honours_cast_input_dtype_enabled(tiny_model_dir):
 def test_varlen_attention_refuses_padded_batches(tiny_model_dir):
     import torch
 
-    model = _load(tiny_model_dir, attention.register())
+    model = load_model(tiny_model_dir, attention.register())
     with pytest.raises(RuntimeError, match="packed"):
         model(input_ids=torch.ones(2, 5, dtype=torch.long))
 

@@ -12,26 +12,18 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU here", allow_module_level=True)
 
-from train_fixtures import prepared, synthetic_rows, train_losses, val_losses  # noqa: E402
+from train_fixtures import example_pairs, load_model, prepared, train_losses, val_losses  # noqa: E402
 
 from finetune import train  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
 from finetune.training import attention, batching  # noqa: E402
 
 
-def _examples(n: int = 6, seed: int = 3):
-    rows = synthetic_rows(n, seed, min_len=4, max_len=60)
-    return list(zip(rows["input_ids"], rows["labels"], strict=True))
-
-
 def _cuda_model(model_dir, attn: str, dtype, liger: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to("cuda")
-    model.config.use_cache = False
+    model = load_model(model_dir, attn, dtype, device="cuda")
     if liger:
         assert train._apply_liger(model) == "liger"  # the instance only (see the last test)
-    return model.eval()
+    return model
 
 
 def _on_cuda(batch):
@@ -41,7 +33,7 @@ def _on_cuda(batch):
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
 def test_packed_batch_gives_the_same_logits_as_padded_on_cuda(tiny_model_dir, dtype, tol):
     dtype = getattr(torch, dtype)
-    examples = _examples()
+    examples = example_pairs(6, seed=3)
     padded = _on_cuda(batching.collate_padded(examples, pad_id=0))
     packed = _on_cuda(batching.collate_packed(examples))
     with torch.no_grad():
@@ -57,7 +49,7 @@ def test_packed_batch_gives_the_same_logits_as_padded_on_cuda(tiny_model_dir, dt
 def test_liger_kernels_keep_the_packed_loss(tiny_model_dir):
     """Liger's fused RMSNorm/SwiGLU/RoPE (applied by train on CUDA) give the loss of the plain model on packed rows."""
     pytest.importorskip("liger_kernel")
-    examples = _examples(8, seed=5)
+    examples = example_pairs(8, seed=5)
     batch = _on_cuda(batching.collate_packed(examples))
     with torch.no_grad():
         plain = train.forward_loss_sum(_cuda_model(tiny_model_dir, attention.register(), torch.float32), batch)

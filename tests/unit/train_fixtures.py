@@ -27,6 +27,22 @@ def synthetic_rows(n: int, seed: int, *, min_len: int = 6, max_len: int = 40) ->
     return {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]}
 
 
+def example_pairs(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) pairs of varied lengths, as the batching functions take them."""
+    rows = synthetic_rows(n, seed, min_len=4, max_len=60)
+    return list(zip(rows["input_ids"], rows["labels"], strict=True))
+
+
+def load_model(model_dir: Path, attn: str, dtype=None, device: str = "cpu"):
+    """The tiny model in eval mode without a KV cache (fp32 unless told), on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
 def recipe_dict(tmp: Path, model_dir: Path, name: str = "t", *, seed: int = 42, model: dict | None = None,
                 **train: Any) -> dict[str, Any]:
     return {"name": name, "seed": seed, "runs_dir": str(tmp / "runs"),
