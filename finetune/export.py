@@ -53,7 +53,7 @@ def load_chat_tokenizer(source: Path):
 def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | None, out_dir: Path) -> dict[str, Any]:
     """Write a standard HF checkpoint to out_dir: base + adapter merged (or the full fine-tuned model)."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     from finetune.gguf import parity
 
@@ -77,21 +77,72 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     if tokenizer.eos_token_id != eot[0]:
         tokenizer.eos_token = eot_token
     eos_ids = list(dict.fromkeys(eot + ([tokenizer.convert_tokens_to_ids(eos_before)] if eos_before else [])))
-    old = model.generation_config
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0],
-        **{k: getattr(old, k) for k in ("temperature", "top_p", "top_k") if old is not None and getattr(old, k, None) is not None
-           and k in old.to_diff_dict()},
-    )
+    model.generation_config = _generation_config(
+        model.generation_config, bos=tokenizer.bos_token_id, eos=eos_ids,
+        pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0])
     model.config.eos_token_id = eot[0]
     n_params = model.num_parameters()
     with runs.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, Path(tmp), sources=[d for d in (adapter_dir, model_dir, base_dir) if d])
     return {"path": str(out_dir), "dtype": str(save_dtype).removeprefix("torch."), "n_params": n_params,
             "end_of_turn": eot_token, "eos_before": eos_before, "eos_ids": eos_ids,
             "model_type": getattr(model.config, "model_type", None)}
+
+
+def _generation_config(old, *, bos: int | None, eos: list[int], pad: int):
+    """The base's generation settings as its authors shipped them (do_sample with its temperature/top_p/top_k:
+    transformers refuses to save sampling values without do_sample), with our BOS/EOS/pad ids."""
+    from transformers import GenerationConfig
+
+    settings = {}
+    if old is not None:
+        settings = {k: v for k, v in old.to_diff_dict().items()
+                    if k not in ("transformers_version", "bos_token_id", "eos_token_id", "pad_token_id")}
+    config = GenerationConfig(**settings, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    try:
+        config.validate(strict=True)
+    except ValueError:
+        # A base whose own generation config is inconsistent (sampling values, sampling off): keep what is valid.
+        sampling = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+        config = GenerationConfig(**{k: v for k, v in settings.items() if k not in sampling},
+                                  bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    return config
+
+
+# Tokenizer files llama.cpp's converter reads besides what ``save_pretrained`` writes: a SentencePiece model
+# (Llama 2/Mistral/Phi-3/Gemma), tokens added on top of it, BPE vocab/merges, and the chat template files.
+CONVERTER_TOKENIZER_FILES = ("tokenizer.model", "added_tokens.json", "vocab.json",
+                             "merges.txt", "tokenizer.json", "chat_template.jinja", "chat_template.json")
+
+
+def save_tokenizer(tokenizer, out: Path, *, sources: list[Path]) -> None:
+    """Save the tokenizer so that llama.cpp's converter sees the same vocabulary as transformers.
+
+    ``save_pretrained`` (transformers 5) writes tokenizer.json and tokenizer_config.json only: no tokenizer.model,
+    no added_tokens.json, no ``added_tokens_decoder``. The converter then fails (Phi-3: "Missing
+    tokenizer.model") or builds the vocabulary from another file and tokenizes differently, and control tokens
+    that exist only as added tokens are lost. So the files it may read are copied from the model's own folders
+    (first found wins), and the added tokens are written into tokenizer_config.json from the live tokenizer.
+    """
+    import shutil
+
+    tokenizer.save_pretrained(out)
+    for name in CONVERTER_TOKENIZER_FILES:
+        if (out / name).exists():
+            continue
+        found = next((Path(s) / name for s in sources if (Path(s) / name).is_file()), None)
+        if found is not None:
+            shutil.copyfile(found, out / name)
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if added and "added_tokens_decoder" not in config:
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(added.items())}
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -298,8 +349,14 @@ def _heldout_rows(recipe) -> list[dict] | None:
 
 
 def run(recipe, *, recipe_path: str = "RECIPE", log=print) -> dict[str, Any]:
-    """Export the trained model of this recipe's run to runs/<name>/export/."""
-    train = runs.require_stage(recipe, "train", recipe_path)
+    """Export the trained model of this recipe's run to runs/<name>/export/.
+
+    The new export is built in runs/<name>/.export.partial/ and replaces export/ only when every step and parity
+    check passed: a failed export leaves the previous one as it was.
+    """
+    from finetune import pipeline
+
+    train = pipeline.require_fresh(recipe, "train", recipe_path)
     outputs = train.get("outputs", {})
     adapter = Path(outputs["adapter"]) if outputs.get("adapter") else None
     full = Path(outputs["model"]) if outputs.get("model") else None
@@ -316,18 +373,31 @@ def run(recipe, *, recipe_path: str = "RECIPE", log=print) -> dict[str, Any]:
     heldout = _heldout_rows(recipe)
     inputs = {"train_manifest": runs.fingerprint_json(train),
               "weights": runs.file_fingerprint(adapter or full), "base_model": str(base) if base else None}
-    with runs.StageRun(recipe, "export", inputs=inputs) as stage:
+    out = recipe.run_dir("export")
+    with runs.StageRun(recipe, "export", inputs=inputs, upstream={"train": train}, aside=True) as stage:
         result = export_model(
-            name=recipe.name, out_dir=stage.dir, base_dir=base, adapter_dir=adapter, model_dir=full,
+            name=recipe.name, out_dir=stage.work, base_dir=base, adapter_dir=adapter, model_dir=full,
             outtype=cfg.outtype, quantizations=list(cfg.quantizations), adapter_gguf=cfg.adapter_gguf,
             ollama=cfg.ollama, parity_checks=cfg.parity, min_top1_unquantized=cfg.min_top1_f16,
             heldout_rows=heldout, default_quant=recipe.serve.quant, log=log,
         )
+        result = _relocated(result, str(stage.work), str(out))  # the paths the files have once swapped in
         stage.outputs = {"merged": result["merged"], "gguf": result["gguf"], "adapter_gguf": result["adapter_gguf"],
                          "base_gguf": result["base_gguf"], "parity": result["parity"]}
         stage.extra["summary"] = {"sizes": result["sizes"], "parity": result["parity_summary"],
                                   "warnings": result["warnings"], "seconds": result["seconds"]}
     return result
+
+
+def _relocated(value: Any, old: str, new: str) -> Any:
+    """``value`` with every path under the folder ``old`` moved to ``new``."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocated(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old):]
+    return value
 
 
 def command(argv: list[str]) -> int:

@@ -91,13 +91,39 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
+def missing_mtp_layers(model_dir: Path) -> bool:
+    """True when config.json declares multi-token-prediction layers (Qwen3.5 ``mtp_num_hidden_layers``, DeepSeek/GLM
+    ``num_nextn_predict_layers``) that the checkpoint's weights do not hold: transformers drops them when it loads
+    the model, so a merged or fine-tuned checkpoint never has them, and the converter would look for them."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    declared = [config, config.get("text_config") or {}]
+    if not any(int(c.get(k) or 0) > 0 for c in declared for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
+        return False
+    return not any(".mtp." in f".{name}" or "nextn" in name for name in _tensor_names(Path(model_dir)))
+
+
+def _tensor_names(model_dir: Path) -> list[str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="np") as st:
+            names += list(st.keys())
+    return names
+
+
 def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16") -> Path:
     """Run convert_hf_to_gguf.py on a checkpoint folder; writes out_file atomically."""
     check_architecture(model_dir)
     # absolute paths: the converter runs with llama.cpp's tree as its working directory
     model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()
     tmp = out_file.with_name(f".{out_file.name}.tmp")
-    _run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outtype", outtype.lower(), "--outfile", str(tmp)],
+    extra = ["--no-mtp"] if missing_mtp_layers(model_dir) else []
+    _run_converter("convert_hf_to_gguf.py",
+                   [str(model_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), *extra],
                    what=f"converting {model_dir} to GGUF")
     os.replace(tmp, out_file)
     return out_file
@@ -110,18 +136,29 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     _run_converter("convert_lora_to_gguf.py",
                    ["--base", str(base_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), str(adapter_dir)],
-                   what=f"converting the LoRA adapter {adapter_dir} to GGUF")
+                   what=f"converting the LoRA adapter {adapter_dir} to GGUF",
+                   no_mtp=missing_mtp_layers(base_dir))
     os.replace(tmp, out_file)
     return out_file
 
 
-def _run_converter(script: str, args: list[str], *, what: str) -> None:
+# convert_lora_to_gguf.py has no --no-mtp flag; this sets the class attribute that convert_hf_to_gguf.py's --no-mtp
+# sets (``model_class.no_mtp = True``) on the base of every model class, then runs the script unchanged.
+_NO_MTP_BOOTSTRAP = (
+    "import runpy, sys; sys.path.insert(0, '.'); from conversion.base import ModelBase; "
+    "assert hasattr(ModelBase, 'no_mtp'), 'llama.cpp converter: ModelBase.no_mtp is gone'; "
+    "ModelBase.no_mtp = True; script = sys.argv.pop(1); sys.argv[0] = script; "
+    "runpy.run_path(script, run_name='__main__')"
+)
+
+
+def _run_converter(script: str, args: list[str], *, what: str, no_mtp: bool = False) -> None:
     src = sdist.llama_cpp_dir()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(src / "gguf-py")  # the converter's own gguf, never the registry one
     env.setdefault("HF_HUB_OFFLINE", "1")  # everything it needs is local; never let it reach for the Hub
-    proc = subprocess.run([sys.executable, str(src / script), *args], capture_output=True, text=True, env=env,
-                          cwd=str(src), errors="replace")
+    cmd = [sys.executable, "-c", _NO_MTP_BOOTSTRAP, str(src / script)] if no_mtp else [sys.executable, str(src / script)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=str(src), errors="replace")
     if proc.returncode != 0:
         log = proc.stderr + proc.stdout
         tail = "\n".join(log.strip().splitlines()[-15:])
