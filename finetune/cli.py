@@ -2,16 +2,20 @@
 
 Thin on purpose: a literal table of commands, each a function in its stage's module, imported only
 when it runs. Every error the user can fix prints one clear message and exits with code 2; ``--debug``
-shows the traceback instead.
+shows the traceback instead. Third-party warnings and log lines (deprecations, optional-kernel notices)
+go to a log file rather than the console, so that a line on the console is ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
@@ -52,11 +56,11 @@ def load_recipe(ns: argparse.Namespace):
 
 
 def validate_command(argv: list[str]) -> int:
-    from pathlib import Path
-
     from finetune import recipe
 
-    ns = recipe_parser("validate", "Validate recipes (every YAML under a folder, recursively).", many=True).parse_args(argv)
+    ns = recipe_parser("validate", "Validate recipes (every YAML under a folder, recursively): the schema, and "
+                       "what needs no model and no network (local data files, their columns, a local model path).",
+                       many=True).parse_args(argv)
     files: list[Path] = []
     for item in ns.recipes:
         path = Path(item)
@@ -70,12 +74,64 @@ def validate_command(argv: list[str]) -> int:
     for f in files:
         try:
             r = recipe.load(f)
+            problems = check_inputs(r)
+            if problems:
+                raise recipe.RecipeError(str(f), problems)
             print(f"ok      {f}  (name: {r.name}, model: {r.model.id})")
         except recipe.RecipeError as exc:
             bad += 1
             print(f"INVALID {exc}", file=sys.stderr)
     print(f"{len(files) - bad} valid, {bad} invalid")
     return EXIT_USER_ERROR if bad else 0
+
+
+def check_inputs(r) -> list[str]:
+    """What `prepare` and the later stages would refuse that needs no model and no network: no data source, a
+    local data file that is missing, a folder, unreadable, of an unknown format or without the mapped columns,
+    and a local model path (a .gguf file or a folder) that does not exist. Hub ids and Hub datasets are not
+    checked (that needs the network)."""
+    from finetune import prepare
+    from finetune.data import formats
+    from finetune.errors import UserError
+
+    problems = []
+    if not r.data.sources:
+        problems.append("data.sources: no data source; prepare and train need one, e.g. "
+                        "data: {sources: [{path: train.jsonl}]}")
+    for i, src in enumerate(r.data.sources):
+        if src.path is None:
+            continue
+        try:
+            loaded, fmt = prepare.read_source(r, i)
+            formats.check_fields_present((row.record for row in loaded.rows), fmt, src.columns, source=loaded.name,
+                                         where=f"data.sources[{i}]")
+        except UserError as exc:
+            problems.append(str(exc))
+    model_problem = _model_path_problem(r.model.id, r.base_dir)
+    if model_problem:
+        problems.append(model_problem)
+    return problems
+
+
+def _model_path_problem(model_id: str, base_dir: Path) -> str | None:
+    """Why model.id names no local model, when it is meant as a path (a .gguf file, or a folder); None otherwise.
+    Looks where models.resolve looks: next to the recipe, then from the current folder."""
+    from finetune.models import EMBEDDED_MODEL
+
+    if model_id == EMBEDDED_MODEL:
+        return None
+    candidate = Path(model_id).expanduser()
+    places = [candidate] if candidate.is_absolute() else [base_dir / candidate, Path.cwd() / candidate]
+    if any(p.exists() for p in places):
+        return None
+    folders = " and ".join(dict.fromkeys(str(p.parent.resolve()) for p in places))
+    if candidate.suffix.lower() == ".gguf":
+        return (f"model.id: GGUF file {candidate.name} not found (looked in {folders}); give its path relative to the "
+                "recipe's folder, or an absolute path")
+    if model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")):
+        return None  # a Hub id: checked when it is downloaded
+    return (f"model.id: {model_id!r} is not a local folder (looked in {folders}), a .gguf file, a Hub id (org/name) "
+            f"or '{EMBEDDED_MODEL}'")
 
 
 def show_command(argv: list[str]) -> int:
@@ -118,7 +174,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     debug = "--debug" in rest or os.environ.get("FINETUNE_DEBUG") == "1"
+    if not debug:
+        send_third_party_noise_to_log()
     return run_guarded(_resolve(COMMANDS[command][0]), rest, debug=debug)
+
+
+# Libraries whose warnings and log lines are meant for their developers, not for our users.
+THIRD_PARTY_LOGGERS = ("accelerate", "bitsandbytes", "datasets", "huggingface_hub", "peft", "torch", "torchao", "trl")
+OUR_PACKAGES = tuple(str(Path(__file__).resolve().parent.parent / name) for name in ("finetune", "serve"))
+
+
+def third_party_log() -> Path:
+    from finetune.models import cache_root
+
+    return cache_root() / "logs" / "third-party.log"
+
+
+def send_third_party_noise_to_log() -> None:
+    """Third-party warnings (FutureWarning, DeprecationWarning, UserWarnings raised inside a library) and the
+    log lines of THIRD_PARTY_LOGGERS (bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module named
+    'kernels'") go to third_party_log() instead of the console. Our own warnings still print. Set once per
+    process, before any command module is imported; `--debug` (or FINETUNE_DEBUG=1) leaves everything on the
+    console."""
+    log = logging.getLogger("finetune.third_party")
+    if log.handlers:
+        return
+    from logging.handlers import RotatingFileHandler
+
+    path = third_party_log()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # no writable cache folder: leave the console as it is rather than lose the lines
+    handler = RotatingFileHandler(path, maxBytes=2_000_000, backupCount=1, delay=True, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    for name in THIRD_PARTY_LOGGERS:
+        library = logging.getLogger(name)
+        library.addHandler(handler)
+        library.propagate = False
+    # transformers prints through its own handler, set up when it is first imported: its own switch quiets it.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    console = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        ours = str(filename).startswith(OUR_PACKAGES)
+        if ours and not issubclass(category, (DeprecationWarning, FutureWarning)):
+            console(message, category, filename, lineno, file, line)
+        else:
+            log.warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+
+    warnings.showwarning = show
 
 
 def run_guarded(fn: Callable[[list[str]], int], argv: list[str], *, debug: bool) -> int:

@@ -36,7 +36,8 @@ def normalize_text(text: str, *, unicode: bool = True, whitespace: bool = True) 
 
 def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, require_assistant_last: bool,
                   system_prompt: str | None) -> tuple[dict[str, Any], dict[str, bool]]:
-    """Normalised copy of one example and what was changed ({"normalized": ..., "system_prompt_added": ...}).
+    """Normalised copy of one example and what was changed ({"normalized": ..., "system_prompt_added": ...,
+    "roles_mapped": {"human->user": 1, ...}}: the role names ``formats.to_example`` mapped).
 
     Raises RowError for empty turns, a conversation without a user or assistant turn, a system message that
     is not first, or one that does not end with an assistant turn (when required).
@@ -45,7 +46,7 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
         text = normalize_text(example["text"], unicode=unicode, whitespace=whitespace)
         if not text:
             raise RowError("empty_text", "the text is empty")
-        return {"text": text}, {"normalized": text != example["text"], "system_prompt_added": False}
+        return {"text": text}, {"normalized": text != example["text"], "system_prompt_added": False, "roles_mapped": {}}
     changed = False
     msgs = []
     for i, m in enumerate(example["messages"]):
@@ -69,7 +70,8 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
     if system_prompt and roles[0] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
         added = True
-    return {"messages": msgs}, {"normalized": changed, "system_prompt_added": added}
+    return {"messages": msgs}, {"normalized": changed, "system_prompt_added": added,
+                                "roles_mapped": dict(example.get("roles_mapped", {}))}
 
 
 def dedupe_text(example: dict[str, Any]) -> str:

@@ -3,10 +3,14 @@
 Supported: OpenAI-style ``messages`` (role/content; content may be a list of text parts), ShareGPT
 ``conversations`` (from/value), Alpaca (instruction/input/output), prompt/completion, and raw ``text``.
 A recipe can force the format and map its own column names onto a format's fields (``columns:``).
+Role names are normalised the same way in every format (case-insensitive, common aliases: human -> user,
+gpt/bot/model -> assistant), and each mapping is counted.
 """
 
 from __future__ import annotations
 
+import difflib
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,8 +24,11 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ("system",)),
     "text": (("text",), ()),
 }
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
+# Role names seen in chat datasets (OpenAI, ShareGPT, Gemini, LangChain), lower-cased -> our role.
+ROLE_ALIASES = {"system": "system", "developer": "system",
+                "user": "user", "human": "user",
+                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+                "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
 ROLES = ("system", "user", "assistant")
 # Column names that usually hold a question or an answer: used to suggest a `columns:` mapping.
 PROMPT_LIKE = ("question", "query", "prompt", "input", "instruction", "context", "source", "q", "user", "request")
@@ -48,11 +55,50 @@ def check_columns(fmt: str, columns: dict[str, str], where: str) -> None:
                         f"format '{fmt}'; its fields are: {', '.join(required + optional)} (map field: your_column)")
 
 
+def column_names(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Every column that appears in at least one row, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for rec in records:
+        for k in rec:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _absent_column(column: str, field: str, mapped: bool, fmt: str, keys: list[str], *, source: str, where: str) -> UserError:
+    same_case = [k for k in keys if k.lower() == column.lower()]
+    close = same_case or difflib.get_close_matches(column, keys, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?{' (column names are case-sensitive)' if same_case else ''}" if close else ""
+    found = ", ".join(keys) or "(none)"
+    if mapped:
+        return UserError(f"{where}.columns.{field}: column {column!r} is in no row of {source}. Columns found: "
+                         f"{found}.{hint}")
+    return UserError(f"{where}: format {fmt!r} needs a column {field!r}, which no row of {source} has. Columns found: "
+                     f"{found}. Map yours: columns: {{{field}: <your column>}}.{hint}")
+
+
+def check_fields_present(records: Iterable[dict[str, Any]], fmt: str, columns: dict[str, str], *, source: str,
+                         where: str) -> None:
+    """Every field the format needs (and every mapped one) is a column of at least one row.
+
+    Without this, a misspelled column drops every row as ``missing_field`` and prepare "finishes" on nothing."""
+    if fmt not in FIELDS:
+        return
+    keys = column_names(records)
+    if not keys:
+        return  # no row was read at all: the reader has reported why
+    required, optional = FIELDS[fmt]
+    for field in required + tuple(f for f in optional if f in columns):
+        column = columns.get(field, field)
+        if column not in keys:
+            raise _absent_column(column, field, field in columns, fmt, keys, source=source, where=where)
+
+
 def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *, source: str, where: str) -> str:
     """The format of a source from the keys of its first rows (after the `columns:` mapping)."""
-    keys: list[str] = []
-    for rec in records:
-        keys += [k for k in rec if k not in keys]
+    keys = column_names(records)
+    for field, theirs in columns.items():
+        if keys and theirs not in keys:  # a mapped column that no row has: name it rather than "cannot tell"
+            raise _absent_column(theirs, field, True, "auto", keys, source=source, where=where)
     inverse = {theirs: field for field, theirs in columns.items()}
     present = {inverse.get(k, k) for k in keys}
     for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
@@ -73,7 +119,11 @@ def suggest_mapping(keys: list[str]) -> str:
 
 
 def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, default_input: str = "") -> dict[str, Any]:
-    """One row as {"messages": [...]} or {"text": ...}. Raises RowError with the reason when unusable."""
+    """One row as {"messages": [...]} or {"text": ...}. Raises RowError with the reason when unusable.
+
+    When a role name was mapped (``human`` -> ``user``), the example also holds ``"roles_mapped":
+    {"human->user": 1, ...}``; ``clean.clean_example`` moves that count into its changes."""
+    mapped: Counter[str] = Counter()
 
     def get(name: str, required: bool = True) -> Any:
         col = columns.get(name, name)
@@ -90,9 +140,9 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
         return {"text": _text(get("text"), "text")}
     if fmt == "messages":
         # A `messages` column may hold ShareGPT-style turns too (from/value): accept both.
-        return {"messages": _turns(get("messages"), columns.get("messages", "messages"))}
+        return _with_mapped({"messages": _turns(get("messages"), columns.get("messages", "messages"), mapped)}, mapped)
     if fmt == "sharegpt":
-        msgs = _turns(get("conversations"), columns.get("conversations", "conversations"))
+        msgs = _turns(get("conversations"), columns.get("conversations", "conversations"), mapped)
     elif fmt == "alpaca":
         instruction = _text(get("instruction"), columns.get("instruction", "instruction"))
         extra = get("input", required=False)
@@ -103,9 +153,9 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
     elif fmt == "prompt_completion":
         prompt, completion = get("prompt"), get("completion")
         # TRL's conversational prompt/completion: both are lists of messages
-        p = _turns(prompt, "prompt") if isinstance(prompt, list) else [
+        p = _turns(prompt, "prompt", mapped) if isinstance(prompt, list) else [
             {"role": "user", "content": _text(prompt, columns.get("prompt", "prompt"))}]
-        c = _turns(completion, "completion") if isinstance(completion, list) else [
+        c = _turns(completion, "completion", mapped) if isinstance(completion, list) else [
             {"role": "assistant", "content": _text(completion, columns.get("completion", "completion"))}]
         msgs = p + c
     else:
@@ -113,7 +163,18 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
     system = get("system", required=False)
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": system})
-    return {"messages": msgs}
+    return _with_mapped({"messages": msgs}, mapped)
+
+
+def _with_mapped(example: dict[str, Any], mapped: Counter[str]) -> dict[str, Any]:
+    if mapped:
+        example["roles_mapped"] = dict(mapped)
+    return example
+
+
+def normalize_role(name: Any) -> str | None:
+    """Our role for a dataset's role name (case-insensitive, common aliases), or None when unknown."""
+    return ROLE_ALIASES.get(str(name).strip().lower()) if isinstance(name, str) else None
 
 
 def _text(value: Any, name: str) -> str:
@@ -124,7 +185,7 @@ def _text(value: Any, name: str) -> str:
     raise RowError("bad_field_type", f"field {name!r} should be text, got {type(value).__name__}")
 
 
-def _turns(value: Any, name: str) -> list[dict[str, str]]:
+def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         kind = "an empty list" if isinstance(value, list) else type(value).__name__
         raise RowError("bad_field_type", f"field {name!r} should be a non-empty list of turns, got {kind}")
@@ -133,14 +194,18 @@ def _turns(value: Any, name: str) -> list[dict[str, str]]:
         if not isinstance(turn, dict):
             raise RowError("bad_field_type", f"{name}[{i}] should be an object, got {type(turn).__name__}")
         if "role" in turn:
-            role, content = turn.get("role"), turn.get("content")
+            given, content = turn.get("role"), turn.get("content")
         elif "from" in turn:
-            role, content = SHAREGPT_ROLES.get(str(turn.get("from")).lower(), turn.get("from")), turn.get("value")
+            given, content = turn.get("from"), turn.get("value")
         else:
             raise RowError("missing_field", f"{name}[{i}] has neither role/content nor from/value keys "
                                             f"(keys: {', '.join(map(str, turn))})")
-        if role not in ROLES:
-            raise RowError("unknown_role", f"{name}[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
+        role = normalize_role(given)
+        if role is None:
+            raise RowError("unknown_role", f"{name}[{i}] has role {given!r}; expected one of {', '.join(ROLES)} "
+                                           f"(or an alias: {', '.join(a for a in ROLE_ALIASES if a not in ROLES)})")
+        if given != role:
+            mapped[f"{given}->{role}"] += 1
         if content is None:
             raise RowError("empty_turn", f"{name}[{i}] ({role}) has no content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]

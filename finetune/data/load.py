@@ -9,6 +9,7 @@ rest of the file kept; Parquet goes through pyarrow (what ``datasets`` uses), th
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,15 +47,23 @@ def excerpt(value: Any, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_local(path: Path, *, where: str, max_rows: int | None = None) -> Loaded:
-    """Rows of one local file. ``where`` names the recipe key for error messages (data.sources[0].path)."""
+def check_local_file(path: Path, *, where: str) -> None:
+    """What every local source must be before it is read: an existing file of a supported type."""
     if not path.exists():
         raise UserError(f"{where}: file not found: {path} (relative paths are resolved against the recipe's folder)")
     if path.is_dir():
-        raise UserError(f"{where}: {path} is a folder; name one file ({', '.join(SUFFIXES)})")
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SUFFIXES)[:5]
+        shown = f"; data files in it: {', '.join(inside)}" if inside else ""
+        raise UserError(f"{where}: {path} is a folder, not a file; name one file ({', '.join(SUFFIXES)}){shown}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise UserError(f"{where}: {path.name}: unsupported file type {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+
+
+def read_local(path: Path, *, where: str, max_rows: int | None = None) -> Loaded:
+    """Rows of one local file. ``where`` names the recipe key for error messages (data.sources[0].path)."""
+    check_local_file(path, where=where)
+    suffix = path.suffix.lower()
     loaded = Loaded(name=path.name)
     if suffix == ".parquet":
         rows = _read_parquet(path, where)
@@ -168,21 +177,128 @@ def _records_of(data: Any) -> list[Any] | None:
     return None
 
 
-def _read_csv(text: str, name: str, delimiter: str, loaded: Loaded) -> Iterator[RawRow]:
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
-    if not reader.fieldnames:
-        return
-    width = len(reader.fieldnames)
-    start = 2
-    for rec in reader:
-        origin = f"{name}:{start}"
-        start = reader.line_num + 1
-        if None in rec or any(v is None for v in rec.values()):
-            got = width + len(rec.get(None) or []) - sum(v is None for v in rec.values())
-            loaded.dropped.append(Dropped(origin, "malformed_row", f"expected {width} fields, got {got}",
-                                          excerpt({k: v for k, v in rec.items() if k is not None})))
+# CSV delimiters worth detecting in a .csv or .tsv file (Excel writes ';' where ',' is the decimal mark).
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def sniff_delimiter(lines: list[str], default: str) -> str:
+    """The delimiter that splits the header into several fields and the first rows into as many.
+
+    The suffix's own delimiter wins a tie, so a real comma-separated file is never read otherwise."""
+    sample = [line for line in lines[:50] if line.strip()]
+    best, best_score = default, -1.0
+    for delimiter in [default] + [d for d in DELIMITERS if d != default]:
+        counts = [len(fields) for fields in csv.reader(sample, delimiter=delimiter)]
+        if not counts or counts[0] < 2:
             continue
-        yield RawRow(dict(rec), origin)
+        score = sum(c == counts[0] for c in counts) / len(counts)
+        if score > best_score:
+            best, best_score = delimiter, score
+    return best
+
+
+def _ends_in_quotes(line: str, delimiter: str, quoted: bool) -> tuple[bool, bool, bool]:
+    """Whether the line ends inside a quoted cell, whether that cell opened on this line, and whether a quoted
+    cell closed here with text right after its closing quote (`"abc"def`: the quote was not meant to close it).
+
+    Follows Python's csv reader: a quote opens a quoted cell only at the start of a cell; "" inside one is a
+    literal quote; a quote anywhere else is literal text."""
+    state = "quoted" if quoted else "start"
+    opened = stray = False
+    for ch in line.rstrip("\r\n"):
+        if state == "start":
+            state = "quoted" if ch == '"' else ("start" if ch == delimiter else "field")
+            opened |= state == "quoted"
+        elif state == "field":
+            state = "start" if ch == delimiter else "field"
+        elif state == "quoted":
+            state = "quote" if ch == '"' else "quoted"
+        else:  # just after a quote inside a quoted cell: "" is a literal quote, anything else closes the cell
+            state = "quoted" if ch == '"' else ("start" if ch == delimiter else "field")
+            stray |= state == "field"
+            opened &= state == "quoted"
+    return state == "quoted", opened and state == "quoted", stray
+
+
+def _read_csv(text: str, name: str, delimiter: str, loaded: Loaded) -> Iterator[RawRow]:
+    """Rows of a CSV/TSV file, each with the line it starts on.
+
+    A cell whose opening quote is never closed (or is closed by a stray quote many lines later) would swallow
+    the following lines into one row: that row is dropped as ``unclosed_quote`` naming the line where the quote
+    opened, and reading goes on at the next line. Only rows that span several lines are examined that closely;
+    the rest is Python's csv reader at full speed."""
+    lines = text.splitlines(keepends=True)
+    delimiter = sniff_delimiter(lines, delimiter)
+    if delimiter != ("\t" if name.lower().endswith(".tsv") else ","):
+        loaded.name = f"{name} ({DELIMITERS[delimiter]}-separated)"
+    header: list[str] = []
+    start = 0
+    while start < len(lines):
+        reader = csv.reader(itertools.islice(lines, start, None), delimiter=delimiter)
+        read = 0  # lines of this reader consumed so far
+        restart = len(lines)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # e.g. a cell over the csv module's size limit
+                first, read = start + read, reader.line_num
+                loaded.dropped.append(Dropped(f"{name}:{first + 1}", "malformed_row", f"not readable as CSV ({exc})",
+                                              excerpt(lines[first].rstrip("\r\n"))))
+                restart = start + read
+                break
+            first, last, read = start + read, start + reader.line_num - 1, reader.line_num
+            if not fields:
+                continue  # a blank line
+            spill = _quote_trouble(lines[first: last + 1], delimiter) if last > first else None
+            if not header:
+                if spill is not None:
+                    raise UserError(f"{name}: the header row opens a quote on line {first + spill + 1} that is not "
+                                    "closed where the header ends; fix the header")
+                header = fields
+                continue
+            if spill is None and last > first and len(fields) != len(header):
+                spill = 0  # a quoted cell over several lines, and the row it makes has the wrong width
+            if spill is not None:
+                at = first + spill
+                until = "is never closed" if last == len(lines) - 1 and _ends_open(lines[first: last + 1], delimiter) \
+                    else f"runs on to line {last + 1}"
+                loaded.dropped.append(Dropped(
+                    f"{name}:{at + 1}", "unclosed_quote",
+                    f'a quote (") opens a cell on line {at + 1} and {until}; this row was dropped and reading went '
+                    f'on at line {at + 2}. Close the quote, or write a quote inside a quoted cell as ""',
+                    excerpt(lines[at].rstrip("\r\n"))))
+                restart = at + 1
+                break
+            origin = f"{name}:{first + 1}"
+            if len(fields) != len(header):
+                loaded.dropped.append(Dropped(origin, "malformed_row", f"expected {len(header)} fields, got {len(fields)}",
+                                              excerpt(lines[first].rstrip("\r\n"))))
+                continue
+            yield RawRow(dict(zip(header, fields, strict=True)), origin)
+        start = restart
+
+
+def _quote_trouble(record_lines: list[str], delimiter: str) -> int | None:
+    """For a row that spans several lines: the index of the line whose opening quote was never closed, or was
+    closed by a quote followed by more text (`"abc"def`: a stray quote further down); None when it is a proper
+    quoted cell over several lines."""
+    quoted, spill = False, None
+    for i, line in enumerate(record_lines):
+        quoted, opened, stray = _ends_in_quotes(line, delimiter, quoted)
+        if stray and spill is not None:
+            return spill
+        if opened and spill is None:
+            spill = i
+    return spill if quoted else None
+
+
+def _ends_open(record_lines: list[str], delimiter: str) -> bool:
+    quoted = False
+    for line in record_lines:
+        quoted = _ends_in_quotes(line, delimiter, quoted)[0]
+    return quoted
 
 
 def _read_parquet(path: Path, where: str) -> Iterator[RawRow]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.data.clean import NearIndex, normalize_text, shingle_hashes
+from finetune.data.clean import NearIndex, clean_example, normalize_text, shingle_hashes
+from finetune.data.formats import to_example
 
 
 def test_normalize_keeps_indentation_and_newlines():
@@ -42,3 +43,16 @@ def test_near_index_finds_retyped_rows_but_not_different_ones():
     one, _ = shingle_hashes(["a b c d"])
     two, _ = shingle_hashes(["a b", "c d"])
     assert set(one.tolist()).isdisjoint(two.tolist())
+
+
+def test_clean_example_reports_the_role_names_that_were_mapped():
+    rec = {"messages": [{"role": "Human", "content": "Hi  there"}, {"role": "gpt", "content": "Hello"}]}
+    example, changes = clean_example(to_example(rec, "messages", {}), unicode=True, whitespace=True,
+                                     require_assistant_last=True, system_prompt=None)
+    assert example == {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]}
+    assert changes == {"normalized": True, "system_prompt_added": False,
+                       "roles_mapped": {"Human->user": 1, "gpt->assistant": 1}}
+    _, plain = clean_example(to_example({"messages": [{"role": "user", "content": "a b c d"},
+                                                      {"role": "assistant", "content": "e"}]}, "messages", {}),
+                             unicode=True, whitespace=True, require_assistant_last=True, system_prompt=None)
+    assert plain["roles_mapped"] == {}

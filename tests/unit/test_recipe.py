@@ -113,3 +113,36 @@ def test_every_shipped_recipe_validates(repo_root):
         except recipe.RecipeError as exc:
             problems.append(str(exc))
     assert not problems, "\n".join(problems)
+
+
+def test_each_problem_names_its_line(tmp_path):
+    p = write(tmp_path, "name: x\ntrain:\n  lr: 1e-4\n  epochs: yes\nmodell: foo\n")
+    with pytest.raises(recipe.RecipeError) as info:
+        recipe.load(p)
+    assert sorted(info.value.problems) == sorted([
+        "line 4: train.epochs: Input should be a valid number; true/false (also yes/no, on/off) is a boolean, "
+        "not a number: write a number (received True)",
+        "line 5: modell: unknown key. did you mean 'model'?"])
+
+
+def test_one_problem_is_one_line_and_an_override_problem_names_the_override(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    with pytest.raises(recipe.RecipeError) as info:
+        recipe.load(p, ["train.lora.r=0"])
+    assert str(info.value) == "override 'train.lora.r=0': train.lora.r: Input should be greater than or equal to 1 " \
+                              "(received 0)"
+
+
+def test_yaml_floats_without_a_dot_are_numbers_and_dump_round_trips(tmp_path):
+    p = write(tmp_path, "name: x\ntrain:\n  lr: 2e-5\n  max_grad_norm: 1E+1\n")
+    r = recipe.load(p)
+    assert r.train.lr == pytest.approx(2e-5) and r.train.max_grad_norm == pytest.approx(10.0)
+    again = recipe.load(write(tmp_path, recipe.dump(r), "again.yaml"))
+    assert again.train.lr == r.train.lr
+
+
+def test_with_overrides_keeps_numbers_strict(tmp_path):
+    r = recipe.load(write(tmp_path, "name: x\n"))
+    assert recipe.with_overrides(r, {"train.lr": 1e-3, "train.lora.r": 8}).train.lora.r == 8
+    with pytest.raises(recipe.RecipeError, match=r"override 'train.lora.r=True'"):
+        recipe.with_overrides(r, {"train.lora.r": True})
