@@ -3,12 +3,13 @@
 Export runs before eval so that the report scores the exported GGUF next to the base and fine-tuned models.
 
 A stage is up to date when its manifest exists, the recipe sections it reads are the same as when it ran (the
-manifest records the resolved recipe), and what it was built from has not changed since: the manifests of the
-stages upstream of it (fingerprints recorded in runs/<name>/pipeline.json when the pipeline ran it; for a stage
-that was run by hand, the upstream stage must have finished before it started) and, for prepare, the local data
-files. A stage that runs makes the stages reading its outputs stale (their upstream fingerprint changes), not
-the others: a new eval section re-runs eval only. The run ends with a real answer from the fine-tuned
-GGUF on one test prompt and the commands to chat with it and serve it.
+manifest records the resolved recipe), what it was built from has not changed since - for prepare, the content
+of the local data files and the tokenizer (sha256, never modification times); for the others, the manifests of
+the stages upstream of it, recorded in its own manifest when it ran - and the same holds for those upstream
+stages. A stage that runs makes the stages reading its outputs stale, not the others: a new eval section re-runs
+eval only. Each stage checks its upstream the same way before using it (``require_fresh``), so a stage run by
+hand refuses stale inputs instead of using them. The run ends with a real answer from the fine-tuned GGUF on one
+test prompt and the commands to chat with it and serve it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", "finetune.prepare", ("model", "data", "seed"), ()),
+    # prepare depends on the model only through its tokenizer, whose files it fingerprints (prepare.stale_inputs)
+    Stage("prepare", "finetune.prepare", ("data", "seed"), ()),
     Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
     Stage("export", "finetune.export", ("model", "export"), ("train",)),
     Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train", "export")),
 )
 STAGE_NAMES = [s.name for s in STAGES]
+BY_NAME = {s.name: s for s in STAGES} | {"tune": Stage("tune", "finetune.tune", ("tune",), ("prepare",))}
+OUTPUT_NAMES = {"prepare": "prepared data", "train": "the trained model", "export": "the exported GGUF"}
 STATE_FILE = "pipeline.json"
+changed_keys = runs.changed_keys
 
 
 # ------------------------------------------------------------------------------------------ staleness
@@ -54,31 +59,6 @@ def _section(data: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
-    """Dotted keys whose values differ between two recipe sections (for a readable reason)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            out += changed_keys(old.get(key), new.get(key), f"{prefix}.{key}")
-        return out
-    return [] if old == new else [prefix]
-
-
-def manifest_fingerprint(recipe: Recipe, stage: str) -> str | None:
-    path = recipe.run_dir(stage) / "manifest.json"
-    return runs.file_fingerprint(path) if path.exists() else None
-
-
-def data_files(recipe: Recipe) -> dict[str, str]:
-    """Local data source files -> fingerprint (Hub sources are pinned by their recipe revision)."""
-    out = {}
-    for source in recipe.data.sources:
-        if source.path:
-            path = recipe.resolve_path(source.path)
-            out[str(path)] = runs.file_fingerprint(path) if path.exists() else "missing"
-    return out
-
-
 def _time(text: str | None) -> float | None:
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp() if text else None
@@ -86,38 +66,50 @@ def _time(text: str | None) -> float | None:
         return None
 
 
-def why_stale(recipe: Recipe, stage: Stage, state: dict[str, Any]) -> str | None:
-    """None when the stage is up to date, else the reason it must run."""
+def why_stale(recipe: Recipe, stage: Stage) -> str | None:
+    """None when the stage's finished outputs still match the recipe and what they were built from, else why
+    not ("data.system_prompt changed", "data file x.jsonl changed", "prepare ran since", ...). Upstream stages
+    are not checked here (``require_fresh`` and ``run`` walk the chain)."""
     manifest = runs.read_manifest(recipe.run_dir(stage.name))
     if manifest is None:
         return "not run yet"
     current = recipe.to_dict()
-    for dotted in stage.sections:
-        diff = changed_keys(_section(manifest.get("recipe") or {}, dotted), _section(current, dotted), dotted)
-        if diff:
-            return "recipe changed: " + ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
-    record = state.get(stage.name)
-    if record and record.get("manifest") == manifest_fingerprint(recipe, stage.name):
-        for up in stage.upstream:
-            if record.get("upstream", {}).get(up) != manifest_fingerprint(recipe, up):
-                return f"{up} has changed since"
-        if stage.name == "prepare" and record.get("files") != data_files(recipe):
-            return "data files changed"
-        return None
-    # Run by hand (no pipeline record for this manifest): go by time.
-    started = _time(manifest.get("started"))
+    diff = [key for dotted in stage.sections
+            for key in changed_keys(_section(manifest.get("recipe") or {}, dotted), _section(current, dotted), dotted)]
+    if diff:
+        return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") + " changed"
+    if stage.name == "prepare":
+        from finetune import prepare
+
+        reason = prepare.stale_inputs(recipe, manifest)
+        if reason:
+            return reason
+    recorded = (manifest.get("inputs") or {}).get("upstream")
     for up in stage.upstream:
-        up_manifest = runs.read_manifest(recipe.run_dir(up))
-        if up_manifest is None:
-            continue  # an upstream that never ran did not finish after it (eval without an export)
-        finished = _time(up_manifest.get("finished"))
-        if started is None or finished is None or finished > started:
-            return f"{up} finished after it"
-    if stage.name == "prepare" and started is not None:
-        for path in data_files(recipe):
-            if not Path(path).exists() or Path(path).stat().st_mtime > started:
-                return f"{path} changed"
+        now = runs.read_manifest(recipe.run_dir(up))
+        if recorded is None:
+            # Written without an upstream record (by an older finetune, or by hand): go by finishing order.
+            started, finished = _time(manifest.get("started")), _time((now or {}).get("finished"))
+            if now is not None and (started is None or finished is None or finished > started):
+                return f"{up} ran since"
+        elif recorded.get(up) != runs.manifest_id(now):
+            return f"{up} ran since" if now is not None else f"the {up} outputs it used are gone"
     return None
+
+
+def require_fresh(recipe: Recipe, name: str, recipe_path: str = "RECIPE") -> dict[str, Any]:
+    """The manifest of a finished stage whose outputs still match the recipe and their inputs, as do the stages
+    before it. Otherwise a UserError: "prepared data is stale because X changed: run `finetune prepare R`"."""
+    manifest = runs.require_stage(recipe, name, recipe_path)
+    for up in BY_NAME[name].upstream:
+        if (recipe.run_dir(up) / "manifest.json").exists():
+            require_fresh(recipe, up, recipe_path)
+    reason = why_stale(recipe, BY_NAME[name])
+    if reason is not None:
+        raise UserError(f"{OUTPUT_NAMES.get(name, name + ' outputs')} is stale because {reason}: run "
+                        f"`finetune {name} {recipe_path}`" + (" (or `finetune run`, which rebuilds what is stale)"
+                                                              if name in STAGE_NAMES else ""))
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -137,31 +129,39 @@ def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, sta
         answer: bool = True, stages: tuple[Stage, ...] = STAGES) -> dict[str, Any]:
     """Run the stages in order; returns {"stages": {name: {"status", "seconds", "reason"}}, "answer": ...}."""
     state_path = recipe.run_dir() / STATE_FILE
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    runs.make_dir(recipe.run_dir())
+    try:
+        state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    except ValueError:
+        state = {}  # a record of past runs only: staleness is read from the manifests
     results: dict[str, Any] = {}
     rerun = force
     total = time.time()
     for stage in stages:
         if start is not None and stage.name == start:
             rerun = True
-        reason = "forced" if rerun else why_stale(recipe, stage, state)
+        reason = "forced" if rerun else why_stale(recipe, stage)
         if reason is None:
             results[stage.name] = {"status": "up to date", "seconds": 0.0}
             print(f"[{stage.name}] up to date, skipped", flush=True)
             continue
         print(f"[{stage.name}] running ({reason})", flush=True)
         t0 = time.time()
-        result = run_stage(stage, recipe, recipe_path)
+        try:
+            result = run_stage(stage, recipe, recipe_path)
+        except runs.NothingToDo as exc:  # e.g. eval with an empty test split: say so, go on
+            results[stage.name] = {"status": "skipped", "seconds": 0.0, "reason": str(exc)}
+            print(f"[{stage.name}] skipped: {exc}", flush=True)
+            continue
         seconds = time.time() - t0
-        state[stage.name] = {
-            "manifest": manifest_fingerprint(recipe, stage.name),
-            "upstream": {up: manifest_fingerprint(recipe, up) for up in stage.upstream},
-            **({"files": data_files(recipe)} if stage.name == "prepare" else {}),
+        manifest = runs.read_manifest(recipe.run_dir(stage.name))
+        if manifest is None:
+            raise UserError(f"stage '{stage.name}' returned without writing {recipe.run_dir(stage.name)}/manifest.json")
+        state[stage.name] = {  # a record for people; staleness is read from the manifests themselves
+            "manifest": runs.manifest_id(manifest),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(seconds, 1),
         }
-        if state[stage.name]["manifest"] is None:
-            raise UserError(f"stage '{stage.name}' returned without writing {recipe.run_dir(stage.name)}/manifest.json")
         runs.atomic_write_json(state_path, state)
         results[stage.name] = {"status": "ran", "seconds": round(seconds, 1), "reason": reason}
         print(f"[{stage.name}] done in {_duration(seconds)}{_brief(result)}", flush=True)

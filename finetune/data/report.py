@@ -86,4 +86,8 @@ def print_summary(report: dict[str, Any], out_dir: Path) -> None:
             lengths.add_row(split, str(s["rows"]), str(s["min"]), str(s["p50"]), str(s["p90"]), str(s["p99"]),
                             str(s["max"]), str(s["tokens"]), str(s["trained_tokens"]))
     console.print(lengths)
+    from rich.text import Text
+
+    for note in report.get("notes", []):
+        console.print(Text("note: ", style="yellow") + Text(note))
     console.print(f"outputs: {out_dir}  (report.json, lengths.png, splits/, tokenized/)")

@@ -3,6 +3,9 @@
 Rows (or whole groups, when a group column is named) are ordered by a hash of (seed, group key), so the split
 depends only on the seed and the rows themselves, not on file order or Python's hash salt. Test and validation
 take groups from the front of that order until they hold their share of rows; the rest is train.
+
+A split asked for (ratio > 0) gets at least one row even when its share rounds to 0 (a 3-row dataset), but never
+the last group: training keeps at least one, and validation is served before test when groups are that few.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ def assign_splits(groups: Sequence[str], *, validation: float, test: float, seed
     order = sorted(sizes, key=lambda g: hashlib.sha256(f"{seed}\x00{g}".encode()).digest())
     n = len(groups)
     want = {"test": round(test * n), "validation": round(validation * n)}
+    for split, ratio in (("test", test), ("validation", validation)):
+        if ratio > 0 and want[split] == 0:
+            want[split] = 1
     where: dict[str, str] = {}
     taken = {"test": 0, "validation": 0}
-    it = iter(order)
+    i = 0
     for split in ("test", "validation"):
-        while taken[split] < want[split]:
-            g = next(it, None)
-            if g is None:
-                break
-            where[g] = split
-            taken[split] += sizes[g]
-    for g in it:
+        # groups to leave for the splits after this one: train's, and validation's while test takes
+        keep = 1 + (1 if split == "test" and want["validation"] > 0 else 0)
+        while taken[split] < want[split] and len(order) - i > keep:
+            where[order[i]] = split
+            taken[split] += sizes[order[i]]
+            i += 1
+    for g in order[i:]:
         where[g] = "train"
     return [where[g] for g in groups]
 

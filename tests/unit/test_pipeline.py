@@ -1,44 +1,55 @@
 """`finetune run`: which stages run and which are skipped. The stages here are small real modules that write
-their manifests with runs.StageRun, like the real ones, so the skip logic is exercised on real manifests."""
+their manifests with runs.StageRun and record what they read, like the real ones (prepare records the real
+fingerprint of the data files and the tokenizer), so the skip logic is exercised on real manifests."""
 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 
 import pytest
 
 from finetune import pipeline, recipe
+from finetune.errors import UserError
 
 STAGE_MODULE = textwrap.dedent('''
     import json
     from finetune import runs
 
+    UPSTREAM = {upstream!r}
+
     def run(recipe):
         out = recipe.run_dir("{name}")
-        with runs.StageRun(recipe, "{name}") as stage:
+        inputs = {{}}
+        if "{name}" == "prepare":
+            from finetune import models, prepare
+            inputs = prepare.fingerprint_inputs(recipe, models.resolve(recipe.model.id).path)
+        upstream = {{up: runs.read_manifest(recipe.run_dir(up)) for up in UPSTREAM}}
+        with runs.StageRun(recipe, "{name}", inputs=inputs, upstream=upstream, aside=True) as stage:
             count = out / "count.txt"
             n = int(count.read_text()) + 1 if count.exists() else 1
-            count.write_text(str(n))
+            (stage.work / "count.txt").write_text(str(n))
             stage.outputs = {{"count": n}}
         return {{"count": n}}
 ''')
 
 
 @pytest.fixture
-def toy(tmp_path, monkeypatch):
+def toy(tmp_path, monkeypatch, tokenizer_dir):
     """Four toy stages with the real dependency shape, and a recipe whose run folder is in tmp_path."""
     pkg = tmp_path / "toystages"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    for name in ("prepare", "train", "eval", "export"):
-        (pkg / f"{name}.py").write_text(STAGE_MODULE.format(name=name))
+    for s in pipeline.STAGES:
+        (pkg / f"{s.name}.py").write_text(STAGE_MODULE.format(name=s.name, upstream=s.upstream))
     monkeypatch.syspath_prepend(str(tmp_path))
     stages = tuple(pipeline.Stage(s.name, f"toystages.{s.name}", s.sections, s.upstream) for s in pipeline.STAGES)
     data = tmp_path / "data.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
-    (tmp_path / "r.yaml").write_text(f"name: toy\nruns_dir: {tmp_path / 'runs'}\ndata:\n  sources:\n    - path: data.jsonl\n")
+    (tmp_path / "r.yaml").write_text(f"name: toy\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tokenizer_dir}\n"
+                                     "data:\n  sources:\n    - path: data.jsonl\n")
 
     def load(*overrides: str):
         return recipe.load(tmp_path / "r.yaml", list(overrides))
@@ -60,7 +71,7 @@ def test_second_run_skips_everything(toy):
     assert set(go().values()) == {"up to date"}
     assert counts() == {"prepare": 1, "train": 1, "eval": 1, "export": 1}
     state = json.loads((load().run_dir() / "pipeline.json").read_text())
-    assert set(state) == {"prepare", "train", "eval", "export"} and "files" in state["prepare"]
+    assert set(state) == {"prepare", "train", "eval", "export"}
 
 
 def test_a_changed_section_reruns_that_stage_and_what_reads_it(toy):
@@ -81,6 +92,36 @@ def test_changed_data_file_reruns_from_prepare(toy):
     data.write_text(data.read_text() * 2)
     assert set(go().values()) == {"ran"}
     assert counts()["prepare"] == 2
+
+
+def test_a_swapped_data_file_with_an_older_mtime_is_noticed_by_content(toy):
+    """`cp -p other.jsonl data.jsonl`: same size, older modification time, other content."""
+    load, counts, go, data = toy
+    go()
+    before = data.stat()
+    data.write_text(data.read_text().replace('"yo"', '"ok"'))
+    os.utime(data, (before.st_atime - 86400, before.st_mtime - 86400))
+    assert data.stat().st_size == before.st_size and data.stat().st_mtime < before.st_mtime
+    assert pipeline.why_stale(load(), pipeline.BY_NAME["prepare"]) == f"the content of data file {data} changed"
+    with pytest.raises(UserError, match=r"prepared data is stale because the content of data file .*data\.jsonl "
+                                        r"changed: run `finetune prepare R"):
+        pipeline.require_fresh(load(), "train", "R")
+    assert go() == {"prepare": "ran", "train": "ran", "export": "ran", "eval": "ran"}
+
+
+def test_a_data_override_makes_prepared_data_stale_for_every_later_stage(toy):
+    load, counts, go, _ = toy
+    go()
+    changed = load("data.system_prompt=Be brief.", "data.clean.max_tokens=16")
+    for stage in ("train", "export", "eval"):
+        with pytest.raises(UserError, match=r"prepared data is stale because data\.clean\.max_tokens, "
+                                            r"data\.system_prompt changed: run `finetune prepare"):
+            pipeline.require_fresh(changed, stage)
+    pipeline.require_fresh(load(), "eval")  # the recipe as it was: everything is fresh
+    # a model change that keeps the tokenizer does not touch prepared data, but makes the trained model stale
+    with pytest.raises(UserError, match=r"the trained model is stale because model\.dtype changed: run `finetune "
+                                        r"train"):
+        pipeline.require_fresh(load("model.dtype=float32"), "export")
 
 
 def test_a_stage_rerun_by_hand_makes_downstream_stale(toy):

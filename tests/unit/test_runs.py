@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -35,3 +36,77 @@ def test_failed_stage_has_no_manifest(tmp_path):
         with runs.StageRun(r, "train"):
             raise ValueError("boom")
     assert runs.read_manifest(tmp_path / "m" / "train") is None
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_stage_built_aside_replaces_the_old_folder_only_on_success(tmp_path):
+    r = recipe.validate_dict({"name": "m", "runs_dir": str(tmp_path)})
+    with runs.StageRun(r, "export", aside=True) as stage:
+        (stage.work / "model.gguf").write_text("first")
+    final = tmp_path / "m" / "export"
+    before = _tree(final)
+    assert set(before) == {"model.gguf", "manifest.json"}
+    for error in (ValueError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            with runs.StageRun(r, "export", aside=True) as stage:
+                (stage.work / "model.gguf").write_text("half")
+                raise error
+        assert _tree(final) == before  # byte for byte, manifest included
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["export"]  # no partial folder left
+    with runs.StageRun(r, "export", aside=True) as stage:
+        (stage.work / "model.gguf").write_text("second")
+    assert (final / "model.gguf").read_text() == "second"
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["export"]
+
+
+def test_keep_partial_keeps_the_work_folder_after_a_failure(tmp_path):
+    r = recipe.validate_dict({"name": "m", "runs_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError):
+        with runs.StageRun(r, "train", aside=True, keep_partial=True) as stage:
+            (stage.work / "checkpoint").write_text("step 3")
+            raise RuntimeError("interrupted")
+    assert (tmp_path / "m" / ".train.partial" / "checkpoint").read_text() == "step 3"
+    assert not (tmp_path / "m" / "train").exists()
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path):
+    old, new = tmp_path / "final", tmp_path / "new"
+    old.mkdir()
+    (old / "a").write_text("old")
+    new.mkdir()
+    (new / "b").write_text("new")
+    runs.replace_dir(new, old)
+    assert _tree(old) == {"b": b"new"} and not new.exists()
+
+
+def test_runs_dir_that_is_a_file_is_a_user_error(tmp_path):
+    from finetune.errors import UserError
+
+    blocker = tmp_path / "runs.txt"
+    blocker.write_text("not a folder")
+    r = recipe.validate_dict({"name": "m", "runs_dir": str(blocker)})
+    with pytest.raises(UserError, match=r"runs\.txt is a file, not a folder.*runs_dir"):
+        with runs.StageRun(r, "prepare", aside=True):
+            pass
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_runs_dir_is_a_user_error(tmp_path):
+    from finetune.errors import UserError
+
+    tmp_path.chmod(0o555)
+    try:
+        r = recipe.validate_dict({"name": "m", "runs_dir": str(tmp_path / "runs")})
+        with pytest.raises(UserError, match="cannot write to .*runs_dir"):
+            runs.make_dir(r.run_dir())
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_changed_keys_and_manifest_id():
+    assert runs.changed_keys({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}, "x") == ["x.b.c"]
+    assert runs.manifest_id(None) is None and runs.manifest_id({"a": 1}) != runs.manifest_id({"a": 2})
