@@ -184,6 +184,7 @@ def chat_loop(backend: Any, *, system: str | None = None, temperature: float = 0
               read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict[str, str]]:
     """Run the conversation until /quit or end of input; returns the last conversation."""
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    finish_reason = None  # how the last reply ended: stop, length (max_tokens) or stopped (Ctrl-C)
     say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
     say(f"chatting with {backend.name}. /help for commands, Ctrl-D to leave.")
     while True:
@@ -234,8 +235,11 @@ def chat_loop(backend: Any, *, system: str | None = None, temperature: float = 0
                     continue
                 where = backend.feedback(context, reply, correction="\n".join(lines))
             else:
-                where = backend.feedback(context, reply, rating="up" if command == "/good" else "down")
+                where = backend.feedback(context, reply, rating="up" if command == "/good" else "down",
+                                         finish_reason=finish_reason)
             say(f"(stored in {where})")
+            if command == "/good" and finish_reason in ("length", "stopped"):
+                say("(this reply is unfinished, so it is not exported as a good example; /better gives a complete one)")
             continue
         if text.startswith("/"):
             say(f"unknown command {command}; /help lists them (start a message with a space to send a slash)")
@@ -245,12 +249,15 @@ def chat_loop(backend: Any, *, system: str | None = None, temperature: float = 0
         messages.append({"role": "user", "content": text})
         pieces: list[str] = []
         out.write("model> ")
+        backend.finish_reason = None
         try:
             for piece in backend.stream(messages, temperature=temperature, max_tokens=max_tokens):
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
+            finish_reason = backend.finish_reason
         except KeyboardInterrupt:
+            finish_reason = "stopped"
             say("\n(stopped)")
         except UserError as exc:
             say(f"\nerror: {exc}")

@@ -1,14 +1,20 @@
 """The feedback loop: conversations and ratings stored locally, exported as training data for the next round.
 
-``finetune serve`` (web page and API) and ``finetune chat`` record each exchange (the messages sent, the reply)
-and the user's feedback on a reply: thumbs up, thumbs down, or a better answer. Everything lives in one SQLite
-file, ``feedback.sqlite3``, in the store folder: ``runs/<name>/serve/`` when serving a recipe's export, or a
+``finetune serve`` (web page and API) and ``finetune chat`` record each exchange (the messages sent, the reply, how
+it ended) and the user's feedback on a reply: thumbs up, thumbs down, or a better answer. Everything lives in one
+SQLite file, ``feedback.sqlite3``, in the store folder: ``runs/<name>/serve/`` when serving a recipe's export, or a
 folder next to the GGUF when serving a file.
 
 ``finetune feedback export RECIPE|DIR -o out.jsonl`` writes the approved replies (thumbs up) and the corrected
 ones (the suggested better answer replaces the model's) as ``{"messages": [...]}`` rows, the format ``prepare``
-reads: add the file as a data source and train again. The latest feedback on a reply wins; a reply rated down
-without a correction is left out (it says what not to say, not what to say).
+reads: add the file as a data source and train again. The latest feedback on a reply wins. Only approved and
+corrected replies may receive loss, so the export leaves out, and says why:
+- a reply rated down without a correction (it says what not to say, not what to say);
+- a reply rated up that was cut at max_tokens or stopped by the user (an unfinished answer is not a good one);
+- a conversation whose earlier model replies are not approved themselves, when the data will be trained with
+  ``data.train_on: assistant`` or ``all`` (those earlier replies would be trained on too); with ``last_assistant``
+  or ``completion`` they are context only and the row is kept;
+- a row that ``prepare`` would drop (no user turn, an empty turn, a context that does not end with the user...).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,20 @@ from finetune.errors import UserError
 
 STORE_FILE = "feedback.sqlite3"
 ROLES = ("system", "user", "assistant")
+TRAIN_ON_CHOICES = ("assistant", "all", "last_assistant", "completion")  # prepare's data.train_on
+FINISH_REASONS = (None, "stop", "length", "stopped", "cancelled")
+UNFINISHED = {"length": "cut_at_max_tokens", "stopped": "stopped_by_user"}
+# train_on settings under which every assistant turn of a row gets loss (not only the last one)
+TRAINS_EVERY_TURN = ("assistant", "all")
+LEFT_OUT = {
+    "rated_bad": "rated Bad without a better answer",
+    "cut_at_max_tokens": "rated Good but cut at max_tokens (give a better answer to keep it)",
+    "stopped_by_user": "rated Good but stopped by the user (give a better answer to keep it)",
+    "unapproved_context": "earlier model replies in the conversation are not approved and train_on {train_on} would "
+                          "train them too (export with --train-on last_assistant and set data.train_on: "
+                          "last_assistant, or rate those replies)",
+    "duplicate": "the same conversation and answer twice",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS exchanges (
@@ -47,7 +68,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     rating TEXT,                  -- "up" | "down" | NULL (a correction without a rating)
     correction TEXT,              -- the user's better answer, if any
     comment TEXT,
-    source TEXT
+    source TEXT,
+    finish_reason TEXT            -- how the rated reply ended: stop | length (max_tokens) | stopped (by the user)
 );
 CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
 """
@@ -76,6 +98,9 @@ class FeedbackStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")  # readers (export) never block the server's writes
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(feedback)")}
+        if "finish_reason" not in columns:  # a store written before replies recorded how they ended
+            self._db.execute("ALTER TABLE feedback ADD COLUMN finish_reason TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -95,20 +120,28 @@ class FeedbackStore:
 
     def exchange(self, completion_id: str) -> dict[str, Any] | None:
         with self._lock:
-            row = self._db.execute("SELECT messages, reply FROM exchanges WHERE id=?", (completion_id,)).fetchone()
-        return {"messages": json.loads(row[0]), "reply": row[1]} if row else None
+            row = self._db.execute("SELECT messages, reply, finish_reason FROM exchanges WHERE id=?",
+                                   (completion_id,)).fetchone()
+        return {"messages": json.loads(row[0]), "reply": row[1], "finish_reason": row[2]} if row else None
 
     def add_feedback(self, *, messages: list[dict[str, str]] | None = None, reply: str | None = None,
                      completion_id: str | None = None, rating: str | None = None, correction: str | None = None,
-                     comment: str | None = None, source: str = "api") -> int:
-        """Record feedback on one reply. The conversation comes from the request or from the logged exchange."""
+                     comment: str | None = None, finish_reason: str | None = None, source: str = "api") -> int:
+        """Record feedback on one reply. The conversation comes from the request or from the logged exchange.
+
+        finish_reason: how the reply ended ("stop", "length" = cut at max_tokens, "stopped" by the user); the
+        server's own log wins over what the client says when it holds the same reply.
+        """
         if rating not in (None, "up", "down"):
             raise ValueError(f"rating: expected 'up', 'down' or null, got {rating!r}")
+        if finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason: expected one of {', '.join(map(str, FINISH_REASONS))}, "
+                             f"got {finish_reason!r}")
         correction = correction.strip() if isinstance(correction, str) else None
         if rating is None and not correction:
             raise ValueError("give a rating ('up' or 'down') or a correction (a better answer)")
+        logged = self.exchange(completion_id) if completion_id else None
         if messages is None or reply is None:
-            logged = self.exchange(completion_id) if completion_id else None
             if logged is None:
                 raise ValueError("send 'messages' and 'reply' (the completion id is not in this server's log)")
             messages = messages if messages is not None else logged["messages"]
@@ -116,12 +149,19 @@ class FeedbackStore:
         messages = check_messages(messages)
         if not isinstance(reply, str):
             raise ValueError(f"reply: expected a string, got {type(reply).__name__}")
+        if not messages or messages[-1]["role"] != "user":
+            last = f"ends with role {messages[-1]['role']!r}" if messages else "is empty"
+            raise ValueError(f"messages: the conversation before the rated reply {last}; it must end with the user "
+                             "message the reply answers")
+        if logged is not None and logged["reply"] == reply and logged["finish_reason"]:
+            finish_reason = logged["finish_reason"]
+        finish_reason = "stopped" if finish_reason == "cancelled" else finish_reason
         with self._lock:
             cur = self._db.execute(
-                "INSERT INTO feedback (created, completion_id, messages, reply, rating, correction, comment, source) "
-                "VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO feedback (created, completion_id, messages, reply, rating, correction, comment, source, "
+                "finish_reason) VALUES (?,?,?,?,?,?,?,?,?)",
                 (time.time(), completion_id, json.dumps(messages, ensure_ascii=False), reply, rating,
-                 correction or None, comment, source),
+                 correction or None, comment, source, finish_reason),
             )
             return int(cur.lastrowid)
 
@@ -129,10 +169,11 @@ class FeedbackStore:
         """All feedback rows, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, created, completion_id, messages, reply, rating, correction, comment, source "
-                "FROM feedback ORDER BY id"
+                "SELECT id, created, completion_id, messages, reply, rating, correction, comment, source, "
+                "finish_reason FROM feedback ORDER BY id"
             ).fetchall()
-        keys = ("id", "created", "completion_id", "messages", "reply", "rating", "correction", "comment", "source")
+        keys = ("id", "created", "completion_id", "messages", "reply", "rating", "correction", "comment", "source",
+                "finish_reason")
         out = []
         for row in rows:
             item = dict(zip(keys, row, strict=True))
@@ -149,31 +190,78 @@ class FeedbackStore:
         return {"exchanges": exchanges, "up": fb.get("up", 0), "down": fb.get("down", 0), "corrections": corrections}
 
 
-def training_rows(feedback: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Approved and corrected replies as {"messages": [...]} rows (latest feedback per reply wins)."""
+def training_rows(feedback: list[dict[str, Any]], *, train_on: str = "assistant"
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Approved and corrected replies as {"messages": [...]} rows (latest feedback per reply wins).
+
+    train_on: how the rows will be trained (prepare's data.train_on). Returns the rows and
+    {"approved": n, "corrected": n, "left_out": {reason: n}} (reasons: LEFT_OUT keys and prepare's drop reasons).
+    """
+    from finetune.data.clean import clean_example
+    from finetune.data.formats import RowError
+
     latest: dict[str, dict[str, Any]] = {}
     for item in feedback:  # oldest first, so later feedback on the same reply replaces earlier
         key = item["completion_id"] or f"row-{item['id']}"
         latest[key] = item
-    rows, seen = [], set()
-    stats = {"approved": 0, "corrected": 0, "rejected": 0, "duplicates": 0}
-    for item in latest.values():
+
+    def approved(item: dict[str, Any]) -> str | None:
+        """The answer this feedback approves (the reply or its correction), or None."""
         if item["correction"]:
-            answer, kind = item["correction"], "corrected"
-        elif item["rating"] == "up":
-            answer, kind = item["reply"], "approved"
-        else:
-            stats["rejected"] += 1
+            return item["correction"]
+        if item["rating"] == "up" and item.get("finish_reason") not in UNFINISHED:
+            return item["reply"]
+        return None
+
+    # Replies approved as they stand, by (conversation before them, text): an earlier model turn inside a later
+    # conversation may be trained only if it is one of these.
+    good_turns = {_turn_key(item["messages"], item["reply"]) for item in latest.values()
+                  if approved(item) == item["reply"]}
+    rows, seen = [], set()
+    stats: dict[str, Any] = {"approved": 0, "corrected": 0, "left_out": Counter()}
+    for item in latest.values():
+        answer = approved(item)
+        if answer is None:
+            reason = "rated_bad" if item["rating"] == "down" or item["rating"] is None else \
+                UNFINISHED[item["finish_reason"]]
+            stats["left_out"][reason] += 1
             continue
-        messages = item["messages"] + [{"role": "assistant", "content": answer}]
+        context = item["messages"]
+        earlier = [i for i, m in enumerate(context) if m["role"] == "assistant"]
+        if train_on in TRAINS_EVERY_TURN and any(
+                _turn_key(context[:i], context[i]["content"]) not in good_turns for i in earlier):
+            stats["left_out"]["unapproved_context"] += 1
+            continue
+        messages = context + [{"role": "assistant", "content": answer}]
+        try:  # the row must be one prepare keeps: the same checks, with prepare's default cleaning
+            clean_example({"messages": messages}, unicode=True, whitespace=True, require_assistant_last=True,
+                          system_prompt=None)
+            if not context or context[-1]["role"] != "user":
+                raise RowError("context_not_ending_with_user", "the reply does not answer a user message")
+        except RowError as exc:
+            stats["left_out"][exc.reason] += 1
+            continue
         key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if key in seen:
-            stats["duplicates"] += 1
+            stats["left_out"]["duplicate"] += 1
             continue
         seen.add(key)
-        stats[kind] += 1
+        stats["corrected" if item["correction"] else "approved"] += 1
         rows.append({"messages": messages})
+    stats["left_out"] = dict(stats["left_out"])
     return rows, stats
+
+
+def _turn_key(context: list[dict[str, str]], reply: str) -> str:
+    return json.dumps([context, reply], sort_keys=True, ensure_ascii=False)
+
+
+def left_out_text(left_out: dict[str, int], train_on: str) -> str:
+    """'2 rated Bad without a better answer; 1 ...' (prepare's drop reasons as they are)."""
+    if not left_out:
+        return "nothing left out"
+    return "; ".join(f"{n} {LEFT_OUT.get(reason, reason.replace('_', ' ')).format(train_on=train_on)}"
+                     for reason, n in sorted(left_out.items(), key=lambda kv: -kv[1]))
 
 
 def store_dir_for(target: str | Path, overrides: list[str] | None = None) -> Path:
@@ -209,7 +297,7 @@ def gguf_store_dir(gguf: Path) -> Path:
     return cache_root() / "feedback" / gguf.stem
 
 
-def export(store_folder: Path, out: Path) -> dict[str, Any]:
+def export(store_folder: Path, out: Path, *, train_on: str = "assistant") -> dict[str, Any]:
     from finetune.runs import atomic_write_text
 
     if not (Path(store_folder) / STORE_FILE).exists():
@@ -220,7 +308,7 @@ def export(store_folder: Path, out: Path) -> dict[str, Any]:
         )
     store = FeedbackStore(store_folder)
     try:
-        rows, stats = training_rows(store.feedback())
+        rows, stats = training_rows(store.feedback(), train_on=train_on)
     finally:
         store.close()
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -241,11 +329,23 @@ def command(argv: list[str]) -> int:
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. runs_dir=/tmp/runs")
         sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     exp.add_argument("-o", "--out", required=True, help="output JSONL file (add it to data.sources to train on it)")
+    exp.add_argument("--train-on", choices=TRAIN_ON_CHOICES,
+                     help="the data.train_on of the recipe that will train the file (default: the recipe's when a "
+                     "recipe is given, else assistant). With assistant or all, conversations whose earlier model "
+                     "replies are not approved are left out, since those replies would be trained on too")
     ns, extra = p.parse_known_args(argv)  # overrides may come after -o
     bad = [a for a in extra if a.startswith("-") or "=" not in a]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
-    folder = store_dir_for(ns.target, ns.overrides + extra)
+    overrides = ns.overrides + extra
+    recipe_train_on = None
+    if Path(ns.target).suffix in (".yaml", ".yml"):
+        from finetune import recipe as recipe_mod
+
+        recipe = recipe_mod.load(Path(ns.target), overrides)
+        folder, recipe_train_on = recipe.run_dir("serve"), recipe.data.train_on
+    else:
+        folder = store_dir_for(ns.target, overrides)
     if ns.action == "stats":
         if not (folder / STORE_FILE).exists():
             raise UserError(f"no feedback store at {folder / STORE_FILE}")
@@ -255,10 +355,18 @@ def command(argv: list[str]) -> int:
         print(f"{folder / STORE_FILE}: {counts['exchanges']} exchanges, {counts['up']} thumbs up, "
               f"{counts['down']} thumbs down, {counts['corrections']} better answers")
         return 0
-    result = export(folder, Path(ns.out))
+    out = Path(ns.out)
+    if out.is_dir():
+        raise UserError(f"-o {out}: is a folder; give a file name, e.g. -o {out / 'feedback.jsonl'}")
+    if out.suffix != ".jsonl":
+        raise UserError(f"-o {out}: the export writes JSON Lines; name the file *.jsonl (e.g. -o {out.with_suffix('.jsonl')})"
+                        " so that prepare reads it as such")
+    train_on = ns.train_on or recipe_train_on or "assistant"
+    result = export(folder, out, train_on=train_on)
+    left = sum(result["left_out"].values())
     print(f"wrote {result['rows']} conversations to {result['out']} ({result['approved']} approved, "
-          f"{result['corrected']} corrected; left out {result['rejected']} rated down without a better answer, "
-          f"{result['duplicates']} duplicates)")
-    print(f"train on them: add `- path: {Path(ns.out).resolve()}` under data.sources in your recipe, then "
+          f"{result['corrected']} corrected; only approved or corrected replies get loss with data.train_on: {train_on})")
+    print(f"left out {left}: {left_out_text(result['left_out'], train_on)}" if left else "left out nothing")
+    print(f"train on them: add `- path: {out.resolve()}` under data.sources in your recipe, then "
           "`finetune run RECIPE`")
     return 0

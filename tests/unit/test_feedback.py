@@ -27,7 +27,7 @@ def test_approved_and_corrected_are_exported_rejected_are_not(tmp_path):
         {"messages": Q1 + [{"role": "assistant", "content": "4"}]},
         {"messages": Q2 + [{"role": "assistant", "content": "Paris."}]},
     ]
-    assert stats == {"approved": 1, "corrected": 1, "rejected": 1, "duplicates": 0}
+    assert stats == {"approved": 1, "corrected": 1, "left_out": {"rated_bad": 1}}
     assert store.counts() == {"exchanges": 3, "up": 1, "down": 2, "corrections": 1}
     store.close()
 
@@ -41,7 +41,7 @@ def test_latest_feedback_on_a_reply_wins_and_duplicates_are_dropped(tmp_path):
     store.add_feedback(messages=Q3, reply="Hi!", rating="up")  # same conversation twice, no id
     rows, stats = training_rows(store.feedback())
     assert rows == [{"messages": Q3 + [{"role": "assistant", "content": "Hi!"}]}]
-    assert stats["rejected"] == 1 and stats["duplicates"] == 1
+    assert stats["left_out"] == {"rated_bad": 1, "duplicate": 1}
     store.close()
 
 
@@ -51,6 +51,12 @@ def test_latest_feedback_on_a_reply_wins_and_duplicates_are_dropped(tmp_path):
     ({"completion_id": "chatcmpl-unknown", "rating": "up"}, "not in this server's log"),
     ({"messages": [{"role": "wizard", "content": "x"}], "reply": "x", "rating": "up"}, "messages[0]"),
     ({"messages": "hello", "reply": "x", "rating": "up"}, "expected a list"),
+    ({"messages": [], "reply": "x", "rating": "up"}, "conversation before the rated reply is empty"),
+    ({"messages": Q2 + [{"role": "assistant", "content": "Paris"}], "reply": "x", "rating": "up"},
+     "ends with role 'assistant'"),
+    ({"messages": [{"role": "system", "content": "Be brief."}], "reply": "x", "rating": "up"},
+     "ends with role 'system'"),
+    ({"messages": Q2, "reply": "x", "rating": "up", "finish_reason": "timeout"}, "finish_reason"),
 ])
 def test_bad_feedback_is_refused_with_a_reason(tmp_path, kwargs, message):
     store = FeedbackStore(tmp_path)
@@ -68,6 +74,7 @@ def test_export_command_writes_prepare_rows(tmp_path, cli):
     out = tmp_path / "out.jsonl"
     code, stdout, _ = cli("feedback", "export", str(tmp_path / "store"), "-o", str(out))
     assert code == 0 and "wrote 2 conversations" in stdout and "1 approved, 1 corrected" in stdout
+    assert "left out nothing" in stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(set(r) == {"messages"} and r["messages"][-1]["role"] == "assistant" for r in rows)
     code, stdout, _ = cli("feedback", "stats", str(tmp_path / "store" / STORE_FILE))
@@ -91,3 +98,117 @@ def test_store_locations(tmp_path, repo_root):
 
     # never inside an installed package
     assert "site-packages" not in store_dir_for(embedded_gguf_path()).parts
+
+
+def test_unfinished_replies_are_never_exported_as_approved(tmp_path):
+    """Cut at max_tokens (from the server's log or said by the client) or stopped by the user: Good is not enough;
+    a better answer on the same reply is kept."""
+    store = FeedbackStore(tmp_path)
+    cut = store.add_exchange(Q2, "The capital of France is", finish_reason="length")
+    store.add_feedback(completion_id=cut, rating="up")
+    store.add_feedback(messages=Q3, reply="Hel", rating="up", finish_reason="stopped")
+    # the client claims "stop" for the logged cut reply: the server's log wins
+    cut2 = store.add_exchange(Q1, "The answer is", finish_reason="length")
+    store.add_feedback(completion_id=cut2, messages=Q1, reply="The answer is", rating="up", finish_reason="stop")
+    fixed = store.add_exchange([{"role": "user", "content": "Name a colour."}], "Blu", finish_reason="length")
+    store.add_feedback(completion_id=fixed, correction="Blue.")
+    rows, stats = training_rows(store.feedback())
+    assert rows == [{"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}]
+    assert stats == {"approved": 0, "corrected": 1, "left_out": {"cut_at_max_tokens": 2, "stopped_by_user": 1}}
+    store.close()
+
+
+def bad_then_good(store: FeedbackStore) -> None:
+    """A conversation whose first reply is rated Bad; the user goes on and rates the second reply Good."""
+    first = [{"role": "user", "content": "What is the capital of France?"}]
+    bad = store.add_exchange(first, "Lyon, the city of silk weavers.")
+    store.add_feedback(completion_id=bad, rating="down")
+    later = first + [{"role": "assistant", "content": "Lyon, the city of silk weavers."},
+                     {"role": "user", "content": "Are you sure? Think again."}]
+    good = store.add_exchange(later, "Sorry: Paris is the capital of France.")
+    store.add_feedback(completion_id=good, rating="up")
+    single = store.add_exchange([{"role": "user", "content": "Name a primary colour."}], "Red.")
+    store.add_feedback(completion_id=single, rating="up")
+    wrong = store.add_exchange([{"role": "user", "content": "How many legs does a spider have?"}], "Six.")
+    store.add_feedback(completion_id=wrong, rating="down")
+    store.add_feedback(completion_id=wrong, correction="A spider has eight legs.")
+
+
+def test_a_bad_reply_inside_a_later_conversation_is_never_trained(tmp_path):
+    store = FeedbackStore(tmp_path)
+    bad_then_good(store)
+    # train_on assistant trains every assistant turn: the conversation holding the Bad reply cannot be exported
+    rows, stats = training_rows(store.feedback(), train_on="assistant")
+    assert all("Lyon" not in m["content"] for r in rows for m in r["messages"])
+    assert stats["left_out"] == {"rated_bad": 1, "unapproved_context": 1} and len(rows) == 2
+    # train_on last_assistant: earlier turns are context only, the row is kept with its approved last reply
+    rows, stats = training_rows(store.feedback(), train_on="last_assistant")
+    assert len(rows) == 3 and stats["left_out"] == {"rated_bad": 1}
+    assert [r["messages"][-1]["content"] for r in rows if len(r["messages"]) > 2] == [
+        "Sorry: Paris is the capital of France."]
+    store.close()
+
+
+def test_an_approved_earlier_reply_may_stay_in_context_under_train_on_assistant(tmp_path):
+    store = FeedbackStore(tmp_path)
+    a = store.add_exchange(Q2, "Paris.")
+    store.add_feedback(completion_id=a, rating="up")
+    b = store.add_exchange(Q2 + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"}],
+                           "Madrid.")
+    store.add_feedback(completion_id=b, rating="up")
+    rows, stats = training_rows(store.feedback(), train_on="assistant")
+    assert len(rows) == 2 and stats == {"approved": 2, "corrected": 0, "left_out": {}}
+    store.close()
+
+
+def test_rows_prepare_would_drop_are_left_out_with_prepares_reason(tmp_path):
+    """Old stores may hold rows the server now refuses: the export still only writes rows prepare keeps."""
+    store = FeedbackStore(tmp_path)
+    with store._lock:  # written as an older version of the server did, without today's checks
+        for messages, reply in (([{"role": "system", "content": "S"}], "no user turn"),
+                                (Q2 + [{"role": "assistant", "content": "x"}], "after an assistant turn"),
+                                (Q3, "   ")):
+            store._db.execute("INSERT INTO feedback (created, messages, reply, rating) VALUES (0, ?, ?, 'up')",
+                              (json.dumps(messages), reply))
+    rows, stats = training_rows(store.feedback(), train_on="last_assistant")
+    assert rows == []
+    assert stats["left_out"] == {"no_user_turn": 1, "context_not_ending_with_user": 1, "empty_turn": 1}
+    store.close()
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "last_assistant"])
+def test_export_round_trip_through_prepare_never_trains_a_bad_reply(tmp_path, cli, tiny_model_dir, train_on):
+    """Export -> prepare (the real stage, the embedded model's tokenizer): every exported row is kept, the
+    approved and corrected replies get loss, the Bad reply never does."""
+    import datasets
+    import yaml
+    from transformers import AutoTokenizer
+
+    from finetune import prepare as prepare_mod
+    from finetune import recipe as recipe_mod
+    from finetune.data.render import IGNORE_INDEX
+
+    store = FeedbackStore(tmp_path / "store")
+    bad_then_good(store)
+    store.close()
+    before = (tmp_path / "store" / STORE_FILE).read_bytes()
+    out = tmp_path / "feedback.jsonl"
+    code, stdout, _ = cli("feedback", "export", str(tmp_path / "store"), "-o", str(out), "--train-on", train_on)
+    assert code == 0, stdout
+    assert "1 rated Bad without a better answer" in stdout
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump({
+        "name": "fb", "runs_dir": str(tmp_path / "runs"), "model": {"id": str(tiny_model_dir)},
+        "data": {"sources": [{"path": str(out)}], "train_on": train_on, "split": {"validation": 0, "test": 0}}}))
+    report = prepare_mod.run(recipe_mod.load(recipe_path))
+    assert report["splits"]["train"] == len(exported) and not report["dropped"], report
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ds = datasets.load_from_disk(str(tmp_path / "runs" / "fb" / "prepare" / "tokenized" / "train"))
+    trained = [tok.decode([i for i, label in zip(r["input_ids"], r["labels"], strict=True) if label != IGNORE_INDEX])
+               for r in ds]
+    everything = " ".join(trained)
+    assert "Lyon" not in everything
+    assert "Red." in everything and "A spider has eight legs." in everything
+    assert ("Paris is the capital" in everything) == (train_on == "last_assistant")
+    assert (tmp_path / "store" / STORE_FILE).read_bytes() == before
