@@ -2,16 +2,30 @@
 
 Endpoints (``/v1/*`` and ``/api/*`` need ``Authorization: Bearer KEY`` when the server has an API key):
     GET  /                       the web chat page (serve/static/index.html; no external resources)
-    GET  /health                 status, model, limits, workers (no key needed; reveals no conversation)
-    GET  /v1/models              the one model this server serves
+    GET  /health                 status, model, limits, workers (no key needed on loopback; on the network, without
+                                 the key it says only {"status": "ok"})
+    GET  /v1/models              the one model this server serves;  GET /v1/models/{id}  that model
     POST /v1/chat/completions    chat, rendered with the GGUF's own chat template; "stream": true -> SSE
     POST /v1/completions         raw text completion (no template)
-    POST /api/feedback           {completion_id?, messages?, reply?, rating: up|down, correction?}
+    POST /api/feedback           {completion_id?, messages?, reply?, rating: up|down, correction?, finish_reason?}
     GET  /api/feedback           stored counts
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}`` so the official clients raise the usual
-exceptions: 400 invalid request / prompt too long, 401 bad key, 413 body too large, 429 too many requests in
-flight, 500 the worker crashed on this request (it is restarted), 503 no worker free in time.
+Sampling: ``temperature`` defaults to 0.7 and ``top_p`` to 0.95 (OpenAI's defaults are 1.0 and 1.0): send them to
+get OpenAI's. Implemented besides: ``stop`` (up to 4 non-empty strings), ``seed``, ``presence_penalty``,
+``frequency_penalty``, ``logit_bias`` (token id -> bias), ``response_format`` (text, json_object, json_schema:
+enforced with a llama.cpp grammar), ``echo`` (completions), ``user`` (accepted, no effect), and llama.cpp's
+``top_k``, ``min_p``, ``repeat_penalty``. Anything else (``logprobs``, ``tools``, ``n`` > 1, ``suffix``...) is refused
+with a 400 that names it, never silently ignored. ``model`` may be left out; any other name than the served one is
+a 404 ``model_not_found``.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` everywhere (404 and 405 too) so the
+official clients raise the usual exceptions: 400 invalid request / prompt too long, 401 bad key, 404 unknown model or
+path, 413 body too large (counted while reading, chunked uploads included), 429 too many requests in flight,
+500 the worker crashed on this request (it is restarted), 503 no worker free in time. Every 4xx and 5xx answer is
+logged as one console line (logger ``finetune.serve``).
+
+A client that disconnects cancels its request, streaming or not, generating or still queued: the worker stops
+between two tokens and takes the next request.
 """
 
 from __future__ import annotations
@@ -19,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,13 +44,15 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.middleware.trustedhost import TrustedHostMiddleware
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune.feedback import FeedbackStore
 from serve.pool import Busy, Pool, RequestFailed, Unavailable
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("finetune.serve")
+DRAIN_OVERSIZE_S = 5.0  # how long an oversize upload is read (and thrown away) so the client can see the 413
 
 
 @dataclass
@@ -50,6 +67,8 @@ class ServerSettings:
     # Host headers accepted; None = any. On loopback only local names: a web page elsewhere cannot reach this
     # server through DNS rebinding (a hostile name that resolves to 127.0.0.1).
     allowed_hosts: list[str] | None = None
+    # Listening on the network: /health tells a caller without the key only whether the server is up.
+    network: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # shown by /health (gguf path, store, n_ctx...)
 
 
@@ -59,39 +78,113 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = ""
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            other = sorted({str(p.get("type")) for p in value if p.get("type") != "text"})
+            if other:
+                raise ValueError(f"content parts of type {', '.join(other)} are not supported (text only)")
+        return value
+
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):  # OpenAI content parts: text ones only (others are refused above)
+            return "".join(str(p.get("text", "")) for p in self.content)
         return self.content or ""
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+# Parameters that are accepted but change nothing in the answer.
+NO_EFFECT = {"user"}
+# Parameters that are understood but not implemented: refused when they ask for something (a value other than
+# "off"), so a client never gets an answer that silently ignored what it asked for.
+REFUSED_UNLESS_OFF: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False), "best_of": (None, 1), "suffix": (None, ""),
+}
+WHY_NOT = {
+    "logprobs": "llama.cpp would have to keep the logits of every token",
+    "top_logprobs": "llama.cpp would have to keep the logits of every token",
+    "tools": "the GGUF's chat template path has no tool-call parser",
+    "functions": "the GGUF's chat template path has no tool-call parser",
+    "tool_choice": "the GGUF's chat template path has no tool-call parser",
+    "function_call": "the GGUF's chat template path has no tool-call parser",
+    "best_of": "one choice per request",
+    "suffix": "no fill-in-the-middle",
+}
+
+
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send many optional OpenAI fields; unknown ones are ignored
+    # Unknown fields are kept (not dropped) so that unsupported() can name them in a 400.
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.7, ge=0, le=2)
-    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(0.7, ge=0, le=2, description="default 0.7 (OpenAI: 1.0)")
+    top_p: float = Field(0.95, gt=0, le=1, description="default 0.95 (OpenAI: 1.0)")
+    top_k: int = Field(40, ge=0, description="llama.cpp: 0 = off")
+    min_p: float = Field(0.05, ge=0, le=1, description="llama.cpp: 0 = off")
+    repeat_penalty: float = Field(1.0, gt=0, description="llama.cpp: 1 = off")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[int, float] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if any(s == "" for s in stops):
+            raise ValueError("an empty stop string would end every answer before it starts; leave it out")
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (value or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"token {token}: bias {bias} is outside -100..100")
+        return value
+
+    def unsupported(self) -> list[str]:
+        """Names of parameters this server would have to ignore to answer."""
+        names = []
+        for key, value in (self.model_extra or {}).items():
+            if key in NO_EFFECT:
+                continue
+            if key in REFUSED_UNLESS_OFF and value in REFUSED_UNLESS_OFF[key]:
+                continue
+            names.append(key)
+        return names
+
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
-    # Not OpenAI: lets the web page mark its own conversations in the log.
+    response_format: ResponseFormat | None = None
+    # Not OpenAI: lets the web page and `finetune chat` mark their own conversations in the log.
     source: Literal["api", "web", "chat"] = "api"
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: str = Field(..., min_length=1, description="the text to continue (not empty)")
+    echo: bool = False
 
 
 class FeedbackRequest(BaseModel):
@@ -102,19 +195,174 @@ class FeedbackRequest(BaseModel):
     rating: Literal["up", "down"] | None = None
     correction: str | None = Field(None, max_length=20000)
     comment: str | None = Field(None, max_length=2000)
+    # How the rated reply ended: "stop", "length" (cut at max_tokens) or "stopped" (by the user).
+    finish_reason: Literal["stop", "length", "stopped", "cancelled"] | None = None
     source: str = "web"
 
 
-def error_response(status: int, message: str, code: str | None = None, *, type_: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = type_ or {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error",
-                     429: "rate_limit_error"}.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": None}},
-                        status_code=status, headers=headers)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(status: int, message: str, code: str | None = None, *, param: str | None = None,
+               type_: str | None = None) -> dict[str, Any]:
+    kind = type_ or ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None, *, param: str | None = None,
+                   type_: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param=param, type_=type_), status_code=status,
+                        headers=headers)
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+# ------------------------------------------------------------------------------------------ the guard (ASGI)
+class Guard:
+    """In front of everything: Host check, API key, the body limit (counted while reading), and one log line per
+    4xx/5xx answer. Pure ASGI, so that the app sees the client's disconnect and the body is never held whole
+    before it is measured."""
+
+    def __init__(self, app: Any, settings: ServerSettings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = self._logged(scope, send)
+        settings = self.settings
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if settings.allowed_hosts is not None:
+            host = host_name(headers.get("host", "")).lower()
+            if host not in settings.allowed_hosts:
+                await reply(send, 400, f"Host header {headers.get('host', '')!r} is not accepted: this server listens "
+                            f"on a loopback address and answers only {', '.join(settings.allowed_hosts)} (protection "
+                            "against DNS rebinding); use one of those in the URL", "invalid_host")
+                return
+        path = scope["path"]
+        if path.startswith(("/v1/", "/api/")) and settings.api_key and not key_ok(headers, settings.api_key):
+            await reply(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                        "invalid_api_key")
+            return
+        limit = settings.max_body_bytes
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            await reply(send, 413, f"request body of {length} bytes is over this server's limit of {limit} bytes",
+                        "request_too_large")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away while uploading
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await drain(receive)
+                await reply(send, 413, f"request body is over this server's limit of {limit} bytes (stopped reading "
+                            f"at {len(body)} bytes)", "request_too_large")
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: only the disconnect is left to hear
+
+        try:
+            await self.app(scope, replay, send)
+        except Exception as exc:  # a bug: the 500 and its traceback come from the server; this is the one line
+            log.error(f"500 {scope['method']} {path} internal error: {type(exc).__name__}: {exc}")
+            raise
+
+    def _logged(self, scope: dict[str, Any], send: Any) -> Any:
+        state: dict[str, Any] = {"status": 0, "body": b""}
+
+        async def logged_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body" and state["status"] >= 400:
+                state["body"] = (state["body"] + message.get("body", b""))[:4096]
+                if not message.get("more_body", False):
+                    log_answer(scope, state["status"], state["body"])
+            await send(message)
+
+        return logged_send
+
+
+def log_answer(scope: dict[str, Any], status: int, body: bytes) -> None:
+    try:
+        error = json.loads(body)["error"]
+        what = f"{error.get('code') or error.get('type')}: {error.get('message')}"
+    except (ValueError, KeyError, TypeError):
+        what = body.decode("utf-8", errors="replace")[:300]
+    (log.error if status >= 500 else log.warning)(f"{status} {scope['method']} {scope['path']} {what}")
+
+
+async def drain(receive: Any) -> None:
+    """Read and discard the rest of an oversize upload (bounded in time, constant memory): a client that is still
+    sending when the server closes the connection would not see the 413."""
+    deadline = time.monotonic() + DRAIN_OVERSIZE_S
+    with suppress(asyncio.TimeoutError):
+        while time.monotonic() < deadline:
+            message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+
+async def reply(send: Any, status: int, message: str, code: str) -> None:
+    payload = json.dumps(error_body(status, message, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without the port: '127.0.0.1:8765' -> '127.0.0.1', '[::1]:8765' -> '::1'."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def key_ok(headers: dict[str, str], key: str) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """Await ``awaitable``; if the client disconnects first, cancel it (which cancels a queued or running
+    generation: see Pool.generate) and raise ClientGone."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.cancelled() and work.done():
+        return work.result()
+    with suppress(asyncio.CancelledError):
+        await work
+    raise ClientGone
+
+
+async def disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # -------------------------------------------------------------------------------------------------- the app
@@ -126,63 +374,94 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         pool.close()
 
     app = FastAPI(title="finetune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    if settings.allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if path.startswith(("/v1/", "/api/")):
-            if settings.api_key and not _key_ok(request, settings.api_key):
-                return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                                      "invalid_api_key")
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > settings.max_body_bytes:
-                return error_response(413, f"request body of {length} bytes is over this server's limit of "
-                                           f"{settings.max_body_bytes}", "request_too_large")
-        return await call_next(request)
+    app.add_middleware(Guard, settings=settings)
+    model_card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "finetune"}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return error_response(400, f"invalid request: {problems}", "invalid_request")
+        problems = []
+        for e in exc.errors():
+            if e["type"] == "json_invalid":
+                at = e["loc"][1] if len(e["loc"]) > 1 else "?"
+                problems.append(f"the body is not valid JSON ({(e.get('ctx') or {}).get('error', 'parse error')} at "
+                                f"character {at})")
+                continue
+            where = ".".join(str(p) for p in e["loc"][1:]) or "body"
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        first = exc.errors()[0]["loc"][1:] if exc.errors() and exc.errors()[0]["type"] != "json_invalid" else ()
+        return error_response(400, f"invalid request: {'; '.join(problems)}", "invalid_request",
+                              param=".".join(str(p) for p in first) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = (f"{request.method} {request.url.path}: no such endpoint (this server has /v1/chat/completions, "
+                       "/v1/completions, /v1/models, /api/feedback, /health and the page at /)")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code), headers=getattr(exc, "headers", None))
 
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         status = pool.status()
-        ok = all(w["alive"] for w in status["workers"])
-        return {"status": "ok" if ok else "degraded", "model": settings.model_name,
+        state = "ok" if all(w["alive"] for w in status["workers"]) else "degraded"
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if settings.network and settings.api_key and not key_ok(headers, settings.api_key):
+            return {"status": state}
+        return {"status": state, "model": settings.model_name,
                 "auth": bool(settings.api_key), "max_prompt_tokens": settings.max_prompt_tokens,
                 "max_tokens": settings.max_tokens, "feedback": store is not None, **settings.extra, **status}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "finetune"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        return unknown_model(model_id) or model_card
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
+        refused = check(body)
+        if refused is not None:
+            return refused
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         job = _job(body, mode="chat", messages=messages)
+        if body.response_format is not None and body.response_format.type != "text":
+            if body.response_format.type == "json_schema":
+                schema = (body.response_format.json_schema or {}).get("schema")
+                if not isinstance(schema, dict):
+                    return error_response(400, "response_format.json_schema.schema: expected a JSON schema object",
+                                          "invalid_request", param="response_format")
+                job["json_schema"] = schema
+            else:
+                job["json_schema"] = {}  # any JSON object
         cid = f"chatcmpl-{uuid.uuid4().hex}"
 
-        def log(result: dict[str, Any]) -> None:
+        def log_exchange(result: dict[str, Any]) -> None:
             if store is not None and settings.log_conversations and result["finish_reason"] != "cancelled":
                 store.add_exchange(messages, result["text"], completion_id=cid, model=settings.model_name,
                                    finish_reason=result["finish_reason"], source=body.source,
                                    params={"temperature": body.temperature, "max_tokens": job["max_tokens"]})
 
-        return await _respond(body, job, cid, chat=True, on_done=log)
+        return await _respond(request, body, job, cid, chat=True, on_done=log_exchange)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
+        refused = check(body)
+        if refused is not None:
+            return refused
         job = _job(body, mode="completion", prompt=body.prompt)
-        return await _respond(body, job, f"cmpl-{uuid.uuid4().hex}", chat=False, on_done=None)
+        return await _respond(request, body, job, f"cmpl-{uuid.uuid4().hex}", chat=False, on_done=None,
+                              echo=body.prompt if body.echo else "")
 
     @app.post("/api/feedback")
     async def feedback(body: FeedbackRequest):
@@ -191,7 +470,7 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         try:
             fid = store.add_feedback(messages=body.messages, reply=body.reply, completion_id=body.completion_id,
                                      rating=body.rating, correction=body.correction, comment=body.comment,
-                                     source=body.source)
+                                     finish_reason=body.finish_reason, source=body.source)
         except ValueError as exc:
             return error_response(400, str(exc), "invalid_feedback")
         return {"id": fid, "stored": True}
@@ -203,17 +482,60 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         return {"store": str(store.path), **store.counts()}
 
     # ------------------------------------------------------------------------------------------- helpers
+    def unknown_model(name: str | None) -> JSONResponse | None:
+        if name is None or name == settings.model_name:
+            return None
+        return error_response(404, f"model {name!r} is not served here: this server serves {settings.model_name!r} "
+                              "(GET /v1/models); send that name or leave 'model' out", "model_not_found",
+                              param="model")
+
+    def check(body: Sampling) -> JSONResponse | None:
+        unknown = unknown_model(body.model)
+        if unknown is not None:
+            return unknown
+        names = body.unsupported()
+        if not names:
+            return None
+        reasons = [f"{n} ({WHY_NOT[n]})" if n in WHY_NOT else n for n in names]
+        return error_response(400, f"unsupported parameter{'s' if len(names) > 1 else ''}: {', '.join(reasons)}. "
+                              "This server implements temperature, top_p, max_tokens, stop, seed, presence_penalty, "
+                              "frequency_penalty, logit_bias, response_format, stream and (llama.cpp) top_k, min_p, "
+                              "repeat_penalty; leave the others out", "unsupported_parameter", param=names[0])
+
     def _job(body: Sampling, **what: Any) -> dict[str, Any]:
         asked = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         return {"max_tokens": min(asked, settings.max_tokens), "temperature": body.temperature, "top_p": body.top_p,
-                "stop": stop, "seed": body.seed, "max_prompt_tokens": settings.max_prompt_tokens, **what}
+                "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
+                "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+                "logit_bias": body.logit_bias, "stop": stop, "seed": body.seed,
+                "max_prompt_tokens": settings.max_prompt_tokens, **what}
 
-    async def _respond(body: Sampling, job: dict[str, Any], cid: str, *, chat: bool, on_done) -> Response:
+    async def _respond(request: Request, body: Sampling, job: dict[str, Any], cid: str, *, chat: bool, on_done,
+                       echo: str = "") -> Response:
         created = int(time.time())
         events = pool.generate(job)
+
+        async def first_event() -> tuple:
+            return await events.__anext__()  # "start": the prompt was accepted (or an exception says why not)
+
+        async def all_events() -> tuple[tuple, dict[str, Any]]:
+            first = await first_event()
+            done: dict[str, Any] = {}
+            async for event in events:
+                if event[0] == "done":
+                    done = event[2]
+            return first, done
+
         try:
-            first = await events.__anext__()  # "start": the prompt was accepted (or an exception says why not)
+            if body.stream:
+                first = await unless_disconnected(request, first_event())
+            else:
+                first, done = await unless_disconnected(request, all_events())
+        except ClientGone:
+            # Nobody reads this answer (the connection is gone); it makes the one log line.
+            return error_response(499, "the client disconnected before the answer was ready; its generation was "
+                                  "cancelled", "client_disconnected")
         except Busy as exc:
             return error_response(429, f"server busy: {exc}; retry shortly", "too_many_requests",
                                   headers={"Retry-After": "1"})
@@ -228,19 +550,13 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
                     "total_tokens": prompt_tokens + done["completion_tokens"]}
 
         if not body.stream:
-            try:
-                async for event in events:
-                    if event[0] == "done":
-                        done = event[2]
-            except RequestFailed as exc:
-                return error_response(exc.status, exc.message, exc.code)
             if on_done:
                 on_done(done)
             choice: dict[str, Any] = {"index": 0, "finish_reason": done["finish_reason"], "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": done["text"]}
             else:
-                choice["text"] = done["text"]
+                choice["text"] = echo + done["text"]
             return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
                                  "created": created, "model": settings.model_name, "choices": [choice],
                                  "usage": usage(done)})
@@ -261,6 +577,8 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
             try:
                 if chat:
                     yield sse(chunk(None, None, role=True))
+                if echo:
+                    yield sse(chunk(echo, None))
                 async for event in events:
                     if event[0] == "delta":
                         yield sse(chunk(event[2], None))
@@ -275,7 +593,9 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
                 yield sse("[DONE]")
             except RequestFailed as exc:
                 # Headers are already sent: report in-band, the way OpenAI streams report errors.
-                yield sse({"error": {"message": exc.message, "type": "server_error", "code": exc.code}})
+                (log.error if exc.status >= 500 else log.warning)(
+                    f"{exc.status} POST {request.url.path} (streaming, in-band) {exc.code}: {exc.message}")
+                yield sse(error_body(exc.status, exc.message, exc.code))
             finally:
                 await events.aclose()  # a client that went away cancels the generation
 
@@ -283,9 +603,3 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
-
-
-def _key_ok(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())

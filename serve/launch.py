@@ -20,21 +20,28 @@ from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def connect_address(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host`` (the wildcards mean loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
 
 
 class ServerProcess:
     def __init__(self, target: str | Path, overrides: list[str] | None = None, *, api_key: str | None = None,
                  store: str | Path | None = None, port: int | None = None, startup_timeout: float = 180.0,
-                 log_path: str | Path | None = None):
+                 log_path: str | Path | None = None, host: str | None = None):
         self.target = str(target)
         self.overrides = list(overrides or [])
         self.api_key = api_key
         self.store = str(store) if store else None
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = port or free_port(host or "127.0.0.1")
+        self.url = f"http://{connect_address(host or '127.0.0.1')}:{self.port}"
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="finetune-serve-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
@@ -48,6 +55,8 @@ class ServerProcess:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "finetune", "serve", self.target, *self.overrides, "--port", str(self.port)]
+        if self.host:
+            cmd += ["--host", self.host]
         if self.store:
             cmd += ["--store", self.store]
         env = dict(os.environ)
@@ -72,7 +81,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+        """/health with the key (a network server tells a caller without it only whether it is up)."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=headers), timeout=10) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:

@@ -6,7 +6,10 @@
   context is not shareable). Waiting longer than ``queue_timeout`` -> 503.
 - A worker that dies (segfault, abort, OOM kill) or stalls fails only the request it was running (500 for that
   request), and is restarted by its reader thread; the queue keeps flowing through the other workers meanwhile.
-- A client that disconnects mid-stream cancels its generation between two tokens, so it does not hold a worker.
+- A client that disconnects cancels its request: a queued one leaves the queue, a running one stops between two
+  tokens, so an abandoned request never holds a worker (the app cancels the ``generate`` iterator, see
+  serve/app.py ``unless_disconnected``).
+- Each worker crash, stall and failed restart is logged as one console line (logger ``finetune.serve``).
 
 Every worker has an epoch that changes on each restart; a worker handle is returned to the free queue together with
 the epoch it had, and a stale entry (the worker was restarted meanwhile) is dropped. So a worker is never handed to
@@ -16,6 +19,7 @@ two requests at once, whatever the order of crash, restart and release.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +28,7 @@ from typing import Any
 
 from serve.worker import Worker
 
+log = logging.getLogger("finetune.serve")
 STALL_TIMEOUT_S = 300.0  # no token for this long: the worker is considered hung and is restarted
 
 
@@ -113,6 +118,7 @@ class Pool:
     def _recover(self, index: int, reason: str) -> None:
         self.healthy[index] = False
         rid = self.current.get(index)
+        log.error(f"{reason}{' while answering a request' if rid else ''}; restarting it")
         if rid and rid in self.jobs and self.loop is not None:
             self.loop.call_soon_threadsafe(
                 self.jobs[rid].put_nowait,
@@ -126,9 +132,12 @@ class Pool:
                 self.workers[index].restart()
                 break
             except Exception as exc:  # e.g. the GGUF was deleted or replaced: keep trying, health shows "degraded"
+                if self.info.get("last_error") != str(exc):
+                    log.error(f"model worker {index} could not be restarted (retrying): {exc}")
                 self.info["last_error"] = str(exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        self.info.pop("last_error", None)
         self.epochs[index] += 1
         self.healthy[index] = True
         if self.loop is not None and self.free is not None:
@@ -148,9 +157,12 @@ class Pool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(f"no model worker became free within {self.queue_timeout:.0f} s; try again later")
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as the
+            # item does, and a cancelled (abandoned) request would then take the worker anyway.
             try:
-                index, epoch = await asyncio.wait_for(self.free.get(), remaining)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(remaining):
+                    index, epoch = await self.free.get()
+            except TimeoutError:
                 continue
             if epoch == self.epochs[index] and self.healthy[index]:
                 return index
@@ -180,8 +192,10 @@ class Pool:
                 pass  # the pipe is gone: the reader thread reports the crash into our queue
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), STALL_TIMEOUT_S)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(STALL_TIMEOUT_S):
+                        event = await queue.get()
+                except TimeoutError:
+                    log.error(f"model worker {index} produced nothing for {STALL_TIMEOUT_S:.0f} s; killing it")
                     self.kill_worker(index)
                     raise RequestFailed(503, "worker_stalled",
                                         f"the model produced nothing for {STALL_TIMEOUT_S:.0f} s; it was restarted") from None

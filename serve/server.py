@@ -9,12 +9,17 @@ request, not the server.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import ipaddress
+import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from finetune.errors import UserError
 from finetune.recipe import Recipe, ServeConfig
@@ -78,6 +83,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def local_host_names(host: str) -> list[str]:
+    """The Host header names a loopback server answers: the local names plus the address it is bound to."""
+    return list(dict.fromkeys(["127.0.0.1", "localhost", "::1", host.lower()]))
+
+
+def console_logging(level: str) -> None:
+    """One line per 4xx/5xx answer and per worker crash (logger finetune.serve) on the console."""
+    logger = logging.getLogger("finetune.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s finetune serve: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel({"trace": "DEBUG"}.get(level, level.upper()))
+
+
 def worker_options(target: Target, *, threads: int | None = None) -> dict:
     config = target.config
     chat_template = None
@@ -93,15 +114,29 @@ def worker_options(target: Target, *, threads: int | None = None) -> dict:
             "threads": threads or config.threads or max(1, cores // config.workers)}
 
 
-def check_port_free(host: str, port: int) -> None:
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (before the model loads, so a busy port fails at once). ``::`` is
+    dual-stack (IPv6 and IPv4), as users expect of "every address"; asyncio alone would make it IPv6-only."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server running there? "
-                            "Choose another port with --port N") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except ValueError:
+        sock.close()
+        raise UserError(f"--host {host}: not an IP address or host name (e.g. 127.0.0.1, ::1, 0.0.0.0, ::)") from None
+    except OSError as exc:
+        sock.close()
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host}: no such address on this machine ({exc.strerror}); use 127.0.0.1, "
+                            "0.0.0.0 (every IPv4 address), :: (every address) or one of this machine's") from None
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server running there? "
+                        "Choose another port with --port N") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def command(argv: list[str]) -> int:
@@ -117,15 +152,24 @@ def command(argv: list[str]) -> int:
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV}; safer than a flag)")
     p.add_argument("--store", help="folder for conversations and feedback (default runs/<name>/serve or next to the GGUF)")
     p.add_argument("--chat-template", help="a .jinja chat template, only for a GGUF that lacks one")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level (info shows every request)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="console log level: warning (default) shows one line per 4xx/5xx answer and per worker "
+                   "crash; info also shows every request")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     ns = p.parse_intermixed_args(argv)
 
-    overrides = list(ns.overrides)
-    for flag, key in ((ns.host, "host"), (ns.port, "port"), (ns.chat_template, "chat_template")):
-        if flag is not None:
-            overrides.append(f"serve.{key}={flag}")
-    target = resolve_target(ns.target, overrides)
+    target = resolve_target(ns.target, list(ns.overrides))
+    # The flags are taken as typed (not through the KEY=VALUE parser, which reads values as YAML: `::` is a mapping
+    # there) and validated by the same schema as the recipe's serve section.
+    flags = {k: v for k, v in (("host", ns.host), ("port", ns.port), ("chat_template", ns.chat_template)) if v is not None}
+    if flags:
+        try:
+            config = ServeConfig.model_validate({**target.config.model_dump(), **flags})
+        except ValidationError as exc:
+            problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'serve'} "
+                                 f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
+            raise UserError(f"finetune serve: {problems}") from None
+        target = dataclasses.replace(target, config=config)
     config = target.config
     api_key = ns.api_key or os.environ.get(API_KEY_ENV) or config.api_key
     if not is_loopback(config.host) and not api_key:
@@ -133,13 +177,17 @@ def command(argv: list[str]) -> int:
             f"refusing to listen on {config.host} without an API key: anyone who can reach this machine could use "
             f"the model. Set {API_KEY_ENV}=<a long random string> (or --api-key), or bind to 127.0.0.1."
         )
-    check_port_free(config.host, config.port)
+    sock = listen(config.host, config.port)
     store_dir = Path(ns.store) if ns.store else target.store_dir
-    serve_forever(target, api_key=api_key, store_dir=store_dir, log_level=ns.log_level)
+    try:
+        serve_forever(target, api_key=api_key, store_dir=store_dir, log_level=ns.log_level, sock=sock)
+    finally:
+        sock.close()
     return 0
 
 
-def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_level: str = "warning") -> None:
+def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_level: str = "warning",
+                  sock: socket.socket | None = None) -> None:
     try:
         import uvicorn
 
@@ -151,6 +199,7 @@ def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_l
     from serve.pool import Pool
     from serve.worker import NoChatTemplate, WorkerCrashed
 
+    console_logging(log_level)
     config = target.config
     print(f"loading {target.gguf} ({config.workers} worker{'s' if config.workers > 1 else ''}) ...", flush=True)
     pool = Pool(worker_options(target), workers=config.workers, max_concurrent=config.max_concurrent,
@@ -167,7 +216,8 @@ def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_l
         log_conversations=config.log_conversations,
         max_body_bytes=max(1 << 20, config.prompt_limit * 64),
         extra={"gguf": str(target.gguf), "n_ctx": info["n_ctx"], "chat_template": info["chat_template"]},
-        allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"] if is_loopback(config.host) else None,
+        allowed_hosts=local_host_names(config.host) if is_loopback(config.host) else None,
+        network=not is_loopback(config.host),
     )
     app = create_app(pool, settings, store)
     url = f"http://{'[' + config.host + ']' if ':' in config.host else config.host}:{config.port}"
@@ -177,7 +227,9 @@ def serve_forever(target: Target, *, api_key: str | None, store_dir: Path, log_l
     print(f"  feedback store: {store.path}", flush=True)
     print("  stop with Ctrl-C", flush=True)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=log_level == "info")
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                               access_log=log_level == "info"))
+        server.run(sockets=[sock or listen(config.host, config.port)])
     finally:
         pool.close()
         store.close()

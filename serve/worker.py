@@ -87,6 +87,17 @@ class Generator:
         stops = [s for s in ([result.stop] if isinstance(result.stop, str) else (result.stop or [])) if s]
         return result.prompt, stops
 
+    @staticmethod
+    def json_grammar(schema: dict[str, Any]) -> Any:
+        """A llama.cpp grammar that only lets JSON through: any object for {}, else the given JSON schema."""
+        import json
+
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if not schema:
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+
     def tokenize_prompt(self, prompt: str, *, chat: bool) -> list[int]:
         # A chat template writes its own BOS (if the model wants one): adding another would double it, which is
         # what llama-cpp-python's own Jinja2 handler avoids too. A raw completion prompt gets the model's default.
@@ -121,14 +132,24 @@ class Generator:
                                  "message": f"the prompt ({len(tokens)} tokens) fills the context ({self.n_ctx})"}))
             return
         max_tokens = min(int(request.get("max_tokens") or 256), room)
+        try:
+            grammar = self.json_grammar(request["json_schema"]) if request.get("json_schema") is not None else None
+        except Exception as exc:  # llama.cpp's schema converter or grammar parser refused it
+            emit(("error", rid, {"status": 400, "code": "invalid_json_schema",
+                                 "message": f"response_format: llama.cpp cannot enforce this JSON schema: {exc}"}))
+            return
         emit(("start", rid, {"prompt_tokens": len(tokens)}))
         stop = list(dict.fromkeys(stops + list(request.get("stop") or [])))
         pieces: list[str] = []
         finish_reason = "length"
         stream = self.llm.create_completion(
             tokens, max_tokens=max_tokens, temperature=float(request.get("temperature", 0.7)),
-            top_p=float(request.get("top_p", 0.95)), stop=stop or None, stream=True,
-            seed=request.get("seed"), repeat_penalty=1.0,
+            top_p=float(request.get("top_p", 0.95)), top_k=int(request.get("top_k", 40)),
+            min_p=float(request.get("min_p", 0.05)), repeat_penalty=float(request.get("repeat_penalty", 1.0)),
+            presence_penalty=float(request.get("presence_penalty", 0.0)),
+            frequency_penalty=float(request.get("frequency_penalty", 0.0)),
+            logit_bias=request.get("logit_bias") or None, grammar=grammar,
+            stop=stop or None, stream=True, seed=request.get("seed"),
         )
         for chunk in stream:
             choice = chunk["choices"][0]

@@ -69,11 +69,15 @@ def test_chat_page_streams_and_stores_feedback(server, page):
         "() => { const b = document.querySelector('.msg.assistant .body');"
         " return b && b.classList.contains('streaming') && b.textContent.length > 0; }", timeout=120000)
     partial = body.text_content()
-    page.get_by_test_id("thumbs-up").wait_for(timeout=180000)  # the actions appear when the reply is complete
+    page.get_by_test_id("suggest").wait_for(timeout=180000)  # the actions appear when the reply is complete
     final = body.text_content()
     assert final and final.startswith(partial) and len(final) > len(partial)
 
-    page.get_by_test_id("thumbs-up").click()
+    # Good is offered only on a finished reply: one cut at max tokens can be rated Bad or get a better answer.
+    cut = "cut at max tokens" in reply.locator(".meta").first.text_content()
+    rating = "down" if cut else "up"
+    assert reply.get_by_test_id("thumbs-up").is_visible() is not cut
+    reply.get_by_test_id("thumbs-up" if rating == "up" else "thumbs-down").click()
     page.get_by_test_id("feedback-saved").wait_for(timeout=15000)
     page.get_by_test_id("suggest").click()
     page.get_by_test_id("better-text").fill("The sea covers most of the Earth.")
@@ -88,11 +92,25 @@ def test_chat_page_streams_and_stores_feedback(server, page):
     store = FeedbackStore(server.store_dir)
     feedback = store.feedback()
     store.close()
-    assert [(f["rating"], f["correction"]) for f in feedback] == [("up", None), (None, "The sea covers most of the Earth.")]
+    assert [(f["rating"], f["correction"]) for f in feedback] == [(rating, None),
+                                                                  (None, "The sea covers most of the Earth.")]
     first = feedback[0]
     assert first["source"] == "web" and first["reply"] == final and first["completion_id"].startswith("chatcmpl-")
+    assert first["finish_reason"] == ("length" if cut else "stop")
     assert first["messages"] == [{"role": "system", "content": "You are a friendly assistant."},
                                  {"role": "user", "content": "Hello! Tell me about the sea."}]
+
+
+def test_no_good_button_on_a_reply_cut_at_max_tokens(page):
+    page.get_by_test_id("new-chat").click()
+    page.get_by_test_id("max-tokens").fill("2")
+    page.get_by_test_id("input").fill("Tell me everything you know about the sea.")
+    page.get_by_test_id("send").click()
+    reply = page.get_by_test_id("msg-assistant").last
+    reply.get_by_test_id("suggest").wait_for(timeout=180000)
+    assert "cut at max tokens" in reply.locator(".meta").first.text_content()
+    assert not reply.get_by_test_id("thumbs-up").is_visible() and reply.get_by_test_id("thumbs-down").is_visible()
+    page.get_by_test_id("max-tokens").fill("40")
 
 
 def test_new_chat_clears_the_conversation(page):
@@ -101,5 +119,5 @@ def test_new_chat_clears_the_conversation(page):
     assert page.get_by_test_id("msg-user").count() == 0 and page.get_by_test_id("msg-assistant").count() == 0
     page.get_by_test_id("input").fill("Hi again")
     page.get_by_test_id("send").click()
-    page.get_by_test_id("thumbs-up").wait_for(timeout=180000)
+    page.get_by_test_id("suggest").wait_for(timeout=180000)
     assert page.get_by_test_id("msg-user").count() == 1

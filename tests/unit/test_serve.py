@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 API_KEY = "test-key-0123456789"
 MAX_PROMPT = 200
 MAX_CONCURRENT = 2
+MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the name the server gives the embedded GGUF (its file stem)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def server(gguf, tmp_path_factory):
     from serve.launch import ServerProcess
 
     store = tmp_path_factory.mktemp("serve-store")
-    overrides = [f"serve.max_prompt_tokens={MAX_PROMPT}", "serve.n_ctx=512", "serve.max_tokens=64",
+    overrides = [f"serve.max_prompt_tokens={MAX_PROMPT}", "serve.n_ctx=512", "serve.max_tokens=256",
                  f"serve.max_concurrent={MAX_CONCURRENT}", "serve.threads=1"]
     with ServerProcess(gguf, overrides, api_key=API_KEY, store=store) as srv:
         srv.store_dir = store
@@ -88,13 +89,14 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 
 def test_models_and_health(server, client):
     models = client.models.list()
-    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct.Q4_1"]
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
     h = server.health()
     assert h["status"] == "ok" and h["auth"] is True and h["chat_template"] == "gguf" and h["n_ctx"] == 512
 
 
 def test_chat_completion_non_streaming(client):
-    r = client.chat.completions.create(model="any", messages=HELLO, max_tokens=8, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
     choice = r.choices[0]
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str) and choice.message.content
@@ -105,8 +107,8 @@ def test_chat_completion_non_streaming(client):
 
 def test_streaming_matches_non_streaming(client):
     """Greedy decoding: the streamed pieces join to the same text as the one-shot answer."""
-    whole = client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0)
-    stream = client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, temperature=0, stream=True,
+    whole = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -120,9 +122,9 @@ def test_streaming_matches_non_streaming(client):
 
 
 def test_text_completion(client):
-    r = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0)
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert r.object == "text_completion" and isinstance(r.choices[0].text, str) and r.choices[0].text
-    streamed = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0,
+    streamed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
@@ -130,7 +132,7 @@ def test_text_completion(client):
 def test_wrong_or_missing_api_key_is_401(server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError):
-        bad.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+        bad.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     status, body = http(server, "/v1/models", key=None)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     status, _ = http(server, "/api/feedback", {"reply": "x", "messages": [], "rating": "up"}, key=None)
@@ -141,15 +143,15 @@ def test_wrong_or_missing_api_key_is_401(server):
 def test_oversize_prompt_is_refused_and_server_stays_healthy(server, client):
     long = [{"role": "user", "content": "word " * (MAX_PROMPT * 2)}]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="m", messages=long, max_tokens=4)
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=4)
     assert info.value.code == "context_length_exceeded"
     assert f"at most {MAX_PROMPT}" in info.value.message
     with pytest.raises(openai.BadRequestError):  # the streaming path refuses before sending any chunk
-        client.chat.completions.create(model="m", messages=long, max_tokens=4, stream=True)
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=4, stream=True)
     status, body = announce_huge_body(server)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert wait_healthy(server)["status"] == "ok"
-    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert r.choices[0].message.content is not None
 
 
@@ -198,16 +200,25 @@ def test_a_killed_worker_fails_one_request_and_is_restarted(server, client):
     health = wait_healthy(server)
     after = health["workers"][0]
     assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1, (before, health, server.log())
-    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert r.choices[0].message.content is not None
+    log = server.log()
+    assert f"model worker (pid {before['pid']}) crashed" in log, log
+    assert "500 POST /v1/chat/completions worker_crashed" in log, log
 
 
 def test_feedback_is_stored_and_exported(server, client, cli, tmp_path):
-    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=6, temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=64, temperature=0)
+    assert r.choices[0].finish_reason == "stop", r
     reply = r.choices[0].message.content
     # By completion id only: the server looks the exchange up in its log.
     status, body = http(server, "/api/feedback", {"completion_id": r.id, "rating": "up"})
     assert status == 200 and body["stored"] is True
+    # A reply cut at max_tokens and rated Good (the server's log knows it was cut) is not exported as approved.
+    cut = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to twenty."}],
+                                         max_tokens=2, temperature=0)
+    assert cut.choices[0].finish_reason == "length"
+    assert http(server, "/api/feedback", {"completion_id": cut.id, "rating": "up", "finish_reason": "stop"})[0] == 200
     status, body = http(server, "/api/feedback", {"messages": HELLO, "reply": "bad", "rating": "maybe"})
     assert status == 400
     status, counts = http(server, "/api/feedback")
@@ -217,6 +228,8 @@ def test_feedback_is_stored_and_exported(server, client, cli, tmp_path):
     assert code == 0, stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {"messages": HELLO + [{"role": "assistant", "content": reply}]} in rows
+    assert all(row["messages"][-1]["content"] != cut.choices[0].message.content for row in rows)
+    assert "rated Good but cut at max_tokens" in stdout
 
 
 def test_non_loopback_host_needs_an_api_key(cli, gguf, monkeypatch):
@@ -285,7 +298,7 @@ def test_client_disconnect_mid_stream_frees_the_worker(server, client):
     assert health["in_flight"] == 0
     # A cancelled generation is not logged as an exchange; one that ran to its 64 tokens would be.
     assert http(server, "/api/feedback")[1]["exchanges"] == exchanges
-    r = client.chat.completions.create(model="m", messages=HELLO, max_tokens=4)
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert r.choices[0].message.content is not None
     assert time.monotonic() - t0 < 60
 
@@ -333,3 +346,194 @@ def test_recipe_target_serves_the_exported_quant(tmp_path, gguf, repo_root):
     target = resolve_target(recipe_path, overrides + ["serve.quant=Q4_K_M"])
     assert target.gguf == exported.resolve() and target.name == "quickstart-Q4_K_M"
     assert target.store_dir == tmp_path / "quickstart" / "serve"
+
+
+# ------------------------------------------------------------------------------------------- OpenAI protocol
+def test_unknown_model_is_404_and_retrieve_works(server, client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
+    assert info.value.code == "model_not_found" and "gpt-4o" in info.value.message and MODEL in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    assert client.models.retrieve(MODEL).owned_by == "finetune"
+    # the model may be left out (the web page and scripts/load_test.py do)
+    status, body = http(server, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})
+    assert status == 200 and body["model"] == MODEL
+
+
+def test_empty_prompt_and_empty_stop_are_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="", max_tokens=2)
+    assert "prompt" in info.value.message
+    for stop in ("", ["\n", ""]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, stop=stop)
+        assert "stop" in info.value.message and "empty stop string" in info.value.message
+
+
+def test_unsupported_parameters_are_refused_by_name(client):
+    cases = [({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+             ({"extra_body": {"best_of": 3}}, "best_of"), ({"extra_body": {"mirostat": 2}}, "mirostat")]
+    for kwargs, name in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, **kwargs)
+        assert info.value.code == "unsupported_parameter" and name in info.value.message, info.value.message
+        assert info.value.param == name
+    with pytest.raises(openai.BadRequestError) as info:  # echo is a completions parameter, not a chat one
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, extra_body={"echo": True})
+    assert "echo" in info.value.message
+    # "off" values of unimplemented parameters are not a request for anything: accepted
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logprobs=False, tools=None,
+                                       user="someone")
+    assert r.choices[0].message.content is not None
+
+
+def test_implemented_sampling_parameters(client):
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=16, temperature=0,
+                                       presence_penalty=1.5, frequency_penalty=1.0, seed=7)
+    assert r.choices[0].message.content
+    # logit_bias -100 on the greedy first token: that token cannot come first any more
+    greedy = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0)
+    tokens = greedy.usage.completion_tokens
+    assert tokens == 1
+    from llama_cpp import Llama
+
+    from finetune.models import embedded_gguf_path
+
+    vocab = Llama(str(embedded_gguf_path()), vocab_only=True, verbose=False)
+    first = vocab.tokenize(greedy.choices[0].text.encode(), add_bos=False, special=False)[0]
+    biased = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert biased.choices[0].text != greedy.choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text.startswith("The capital of France is")
+    js = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give a JSON object."}],
+                                        max_tokens=24, temperature=0, response_format={"type": "json_object"})
+    assert js.choices[0].message.content.lstrip().startswith("{"), js.choices[0].message.content
+
+
+def test_404_and_405_use_the_openai_error_shape(server):
+    status, body = http(server, "/v1/nothing-here")
+    assert status == 404 and body["error"]["code"] == "not_found" and "/v1/nothing-here" in body["error"]["message"]
+    status, body = http(server, "/v1/models", {"x": 1})  # POST where only GET exists
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_4xx_answers_leave_one_console_line(server):
+    http(server, "/v1/chat/completions", {"model": "no-such-model", "messages": HELLO})
+    deadline = time.monotonic() + 10
+    while "404 POST /v1/chat/completions model_not_found" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "404 POST /v1/chat/completions model_not_found: model 'no-such-model'" in server.log()
+
+
+# ----------------------------------------------------------------------------------- body limit, disconnects
+def server_peak_rss_kb(server) -> int:
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+def test_chunked_oversize_body_is_refused_while_reading(server):
+    """100 MiB sent chunked (no Content-Length): 413 in OpenAI's shape, and the server's memory peak stays flat
+    (it counts while reading and throws the rest away instead of holding the body)."""
+    import socket
+
+    wait_healthy(server)
+    peak_before = server_peak_rss_kb(server)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                 f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    piece = b'{"messages": [' + b" " * (1 << 16)
+    chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    t0 = time.monotonic()
+    for _ in range(100 << 4):  # 1600 x 64 KiB
+        sock.sendall(chunk)
+    sock.sendall(b"0\r\n\r\n")
+    response = b""
+    while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+        data = sock.recv(65536)
+        if not data:
+            break
+        response += data
+    sock.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), response[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_too_large" and "limit" in error["message"]
+    growth_mb = (server_peak_rss_kb(server) - peak_before) / 1024
+    assert growth_mb < 20, f"the server's memory peak grew by {growth_mb:.0f} MB reading a refused body"
+    assert time.monotonic() - t0 < 60
+    assert server.health()["status"] == "ok"
+
+
+def test_disconnect_cancels_non_streaming_requests_running_and_queued(server, client):
+    """Two non-streaming requests that would each generate 256 tokens: one running, one queued. Both clients hang
+    up: the worker stops between two tokens, the queued one never runs, the next short request is answered in
+    under a second."""
+    from http.client import HTTPConnection
+
+    before = wait_healthy(server)
+    body = json.dumps({"model": MODEL, "prompt": "1, 2, 3, 4,", "max_tokens": 256, "temperature": 0})
+    conns = []
+    for expected_in_flight in (1, 2):
+        conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=body,
+                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        conns.append(conn)
+        deadline = time.monotonic() + 30
+        while server.health()["in_flight"] < expected_in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+    health = server.health()
+    assert health["in_flight"] == 2 and health["workers"][0]["busy"], health
+    for conn in conns:
+        conn.sock.shutdown(2)
+        conn.close()  # both users closed the tab
+    t0 = time.monotonic()
+    while server.health()["in_flight"] and time.monotonic() - t0 < 5:
+        time.sleep(0.02)
+    idle_after = time.monotonic() - t0
+    t1 = time.monotonic()
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0)
+    answered = time.monotonic() - t1
+    assert r.choices[0].message.content is not None
+    assert answered < 1.0, f"the next short request took {answered:.2f} s (idle after {idle_after:.2f} s)"
+    after = server.health()
+    assert after["workers"][0]["pid"] == before["workers"][0]["pid"]  # cancelled, not killed
+    assert after["served"] == before["served"] + 1  # only the short request ran to its end
+
+
+# ----------------------------------------------------------------------------------------- hosts and health
+def test_loopback_alias_host_answers_its_own_host_header(gguf, tmp_path):
+    """--host 127.0.0.2 (any loopback address) answers requests addressed to it, not "Invalid host header"."""
+    from serve.launch import ServerProcess
+
+    with ServerProcess(gguf, ["serve.threads=1", "serve.n_ctx=256"], host="127.0.0.2", store=tmp_path) as srv:
+        assert srv.url.startswith("http://127.0.0.2:")
+        status, body = http(srv, "/v1/models", key=None)
+        assert status == 200 and body["data"][0]["id"] == MODEL
+        h = srv.health()
+        assert h["model"] == MODEL and "gguf" in h  # loopback: /health shows the details
+
+
+def test_network_host_ipv6_wildcard_and_health_without_key(gguf, tmp_path):
+    """--host :: listens on every address (IPv6 and IPv4); there /health without the key says only "ok"."""
+    from serve.launch import ServerProcess
+
+    with ServerProcess(gguf, ["serve.threads=1", "serve.n_ctx=256"], host="::", api_key=API_KEY,
+                       store=tmp_path) as srv:
+        assert srv.url.startswith("http://[::1]:")
+        with urllib.request.urlopen(srv.url + "/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+        full = srv.health()  # with the key
+        assert full["model"] == MODEL and full["workers"][0]["pid"]
+        status, body = http(srv, "/v1/models", key=None)
+        assert status == 401
