@@ -132,6 +132,13 @@ class Generator:
                                  "message": f"the prompt ({len(tokens)} tokens) fills the context ({self.n_ctx})"}))
             return
         max_tokens = min(int(request.get("max_tokens") or 256), room)
+        vocab = self.llm.n_vocab()
+        outside = [t for t in request.get("logit_bias") or {} if not 0 <= int(t) < vocab]
+        if outside:
+            emit(("error", rid, {"status": 400, "code": "invalid_logit_bias",
+                                 "message": f"logit_bias: token id {outside[0]} is not in this model's vocabulary "
+                                            f"(ids 0..{vocab - 1})"}))
+            return
         try:
             grammar = self.json_grammar(request["json_schema"]) if request.get("json_schema") is not None else None
         except Exception as exc:  # llama.cpp's schema converter or grammar parser refused it

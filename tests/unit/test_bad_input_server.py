@@ -80,6 +80,8 @@ HTTP_CASES = [
     ("penalty-out-of-range", "POST", CHAT, {"messages": HELLO, "presence_penalty": 5}, 400, ["presence_penalty"]),
     ("logit-bias-out-of-range", "POST", CHAT, {"messages": HELLO, "logit_bias": {"15": 500}}, 400,
      ["logit_bias", "500"]),
+    ("logit-bias-outside-the-vocabulary", "POST", CHAT, {"messages": HELLO, "logit_bias": {"999999": 5}}, 400,
+     ["logit_bias", "999999", "vocabulary"]),
     ("logit-bias-not-a-token-id", "POST", CHAT, {"messages": HELLO, "logit_bias": {"hello": 1}}, 400, ["logit_bias"]),
     ("max-tokens-zero", "POST", CHAT, {"messages": HELLO, "max_tokens": 0}, 400, ["max_tokens"]),
     ("no-messages", "POST", CHAT, {"messages": []}, 400, ["messages"]),
