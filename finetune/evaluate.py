@@ -52,15 +52,25 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
     """Score base, fine-tuned and (if exported) GGUF models; write metrics.json, examples.jsonl, report.html."""
     import torch
 
-    from finetune import eval_report
+    from finetune import eval_report, pipeline
 
     cfg = recipe.eval
-    prepared = runs.require_stage(recipe, "prepare", recipe_path)
-    trained = runs.require_stage(recipe, "train", recipe_path)
+    prepared = pipeline.require_fresh(recipe, "prepare", recipe_path)
+    trained = pipeline.require_fresh(recipe, "train", recipe_path)
     exported = runs.read_manifest(recipe.run_dir("export"))
+    if exported is not None and cfg.gguf:
+        try:
+            pipeline.require_fresh(recipe, "export", recipe_path)
+        except UserError as exc:
+            raise UserError(f"{exc}; or score without the GGUF: eval.gguf=false") from None
 
     split_file = _stage_path(prepared, ("splits", cfg.split), recipe.run_dir("prepare") / "splits" / f"{cfg.split}.jsonl")
     rows = read_jsonl(split_file)
+    if not rows:
+        other = "validation" if cfg.split == "test" else "test"
+        raise runs.NothingToDo(f"the {cfg.split} split is empty ({split_file} has no rows). To get one: set "
+                               f"data.split.{cfg.split} (e.g. 0.1) or add a source with role: {cfg.split}, then run "
+                               f"`finetune prepare {recipe_path}`; or score the other split: eval.split={other}.")
     examples = [r for r in rows if _is_chat_example(r)][: cfg.max_examples]
     gen_names = [m for m in cfg.metrics if m in GENERATION_METRICS]
     want_loss = any(m in cfg.metrics for m in ("loss", "perplexity"))
@@ -84,10 +94,11 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
                       seed=recipe.seed)
 
+    runs.make_dir(recipe.run_dir())
     with runs.StageRun(recipe, "eval", inputs={
         "prepare": runs.fingerprint_json(prepared), "train": runs.fingerprint_json(trained),
         "export": runs.fingerprint_json(exported) if exported else None, "split": str(split_file),
-    }) as stage:
+    }, upstream={"prepare": prepared, "train": trained, "export": exported}, aside=True) as stage:
         variants: dict[str, dict[str, Any]] = {}
         answers: dict[str, list[dict[str, Any]]] = {}
         per_example_loss: dict[str, list[float]] = {}
@@ -145,14 +156,15 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
                 "finish_reason": {name: outs[i]["finish_reason"] for name, outs in answers.items()},
                 "scores": {name: per_example_scores[name][i] for name in answers},
             })
-        out = stage.dir
+        out = stage.work  # swapped into runs/<name>/eval/ when the stage succeeds
         runs.atomic_write_json(out / "metrics.json", result)
         runs.atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                for r in example_rows))
         eval_report.write_report(out, result, example_rows, log_rows, title=f"{recipe.name}: evaluation")
+        final = stage.dir
         stage.outputs.update({
-            "metrics": str(out / "metrics.json"), "examples": str(out / "examples.jsonl"),
-            "report": str(out / "report.html"), "variants": list(variants),
+            "metrics": str(final / "metrics.json"), "examples": str(final / "examples.jsonl"),
+            "report": str(final / "report.html"), "variants": list(variants),
         })
     return result
 

@@ -31,7 +31,7 @@ from finetune.data.formats import RowError
 from finetune.errors import UserError
 
 # Bump when the output of prepare changes for the same inputs, so old caches are rebuilt.
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2
 SAMPLES_PER_REASON = 5
 RENDER_CHUNK = 512
 
@@ -624,7 +624,8 @@ def _write_splits(out: Path, final: dict[str, list[Example]], report: dict[str, 
             ds = datasets.Dataset.from_dict(
                 {"input_ids": _list_array([e.ids for e in rows]), "labels": _list_array([e.labels for e in rows]),
                  "length": lengths[split]}, features=features)
-            ds.save_to_disk(str(tok_dir / split))
+            # an empty split still gets its one (empty) shard: without one, load_from_disk fails with an IndexError
+            ds.save_to_disk(str(tok_dir / split), **({"num_shards": 1} if not rows else {}))
             report["tokens"][split] = length_stats(
                 lengths[split], [int((e.labels != IGNORE_INDEX).sum()) for e in rows])
 

@@ -15,7 +15,9 @@ is ours, on purpose:
   step, all micro-batches and processes). Accumulation and data parallelism change nothing about the update.
 
 Outputs (runs/<name>/train/): adapter/ or model/, checkpoints/checkpoint-<step>/, tb/, log.jsonl, summary.json,
-manifest.json (written last: the stage is finished exactly when it exists).
+manifest.json (written last: the stage is finished exactly when it exists). They are built in
+runs/<name>/.train.partial/ and replace train/ only when the run succeeds: a failed or interrupted run leaves the
+previous adapter as it was, and its checkpoints stay in .train.partial/ to resume from.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ RESUMABLE_CHANGES = {"max_minutes", "eval_every", "save_every", "keep_checkpoint
 
 
 def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] | None = None,
-        out_dir: str | Path | None = None) -> dict[str, Any]:
+        out_dir: str | Path | None = None, recipe_path: str = "RECIPE") -> dict[str, Any]:
     """Train; returns the summary. ``on_eval(step, val_loss)`` returning True stops training (tune's pruning).
 
     An interrupted run (checkpoints but no manifest) is resumed automatically when its settings match;
-    ``resume=True`` insists on resuming and says why it cannot.
+    ``resume=True`` insists on resuming (also a finished run that stopped early) and says why it cannot.
+    Everything that can be checked (settings vs this machine, fresh prepared data, the model) is checked
+    before anything is written.
     """
     import torch
     from accelerate import Accelerator
@@ -65,11 +69,14 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(t.threads or max(1, _cores() // local_procs))
     device_type = accelerator.device.type
+    check_settings(recipe, device_type)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
 
     # ---- data: tokenized by prepare; nothing is tokenized here
-    prepare = runs.require_stage(recipe, "prepare")
+    from finetune import pipeline
+
+    prepare = pipeline.require_fresh(recipe, "prepare", recipe_path)
     tokenized = _tokenized_paths(recipe, prepare)
     train_rows = _load_rows(tokenized["train"], "train")
     val_rows = _load_rows(tokenized["validation"], "validation") if tokenized.get("validation") else []
@@ -77,30 +84,52 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         raise UserError(f"{tokenized['train']}: no example has a trained token (every label is -100). "
                         "Check data.train_on and that conversations end with an assistant turn, then rerun prepare.")
     micro_per_step = t.grad_accum * world
+    packing, packing_off = _packing(recipe, main)
     steps = batching.schedule([len(ids) for ids, _ in train_rows], batch_size=t.batch_size,
-                              batch_tokens=t.batch_tokens if t.packing else None,
+                              batch_tokens=t.batch_tokens if packing else None,
                               micro_batches_per_step=micro_per_step, seed=recipe.seed, epochs=t.epochs,
                               max_steps=t.max_steps)
     data_fp = {split: runs.file_fingerprint(Path(p)) for split, p in tokenized.items()}
     fingerprint = _resume_fingerprint(recipe, data_fp, micro_per_step)
+    if main and not val_rows:
+        split = recipe.data.split
+        why = ("data.split.validation is 0" if split.validation == 0
+               else "no source has role: validation" if all(s.role != "all" for s in recipe.data.sources)
+               else "too few rows or groups to carve one; see prepare's notes")
+        print(f"train: the validation split is empty ({why}): training runs without validation loss, so early "
+              "stopping and best-step selection are off; the final step's weights are saved.", file=sys.stderr)
 
-    # ---- where to start: a fresh run, or the last complete checkpoint of an interrupted one
-    start_ckpt = _checkpoint_to_resume(out, fingerprint, resume)
-    accelerator.wait_for_everyone()
-    if main and start_ckpt is None:
-        _clear_outputs(out)
-    accelerator.wait_for_everyone()
-
-    # ---- model
+    # ---- the model must resolve before anything is written
     from finetune import models
 
     resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                               trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
     tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code)
+
+    # ---- where to start: a fresh run, or the last complete checkpoint of an interrupted (or stopped) one.
+    # Everything is written to the work folder, which replaces `out` only when the run succeeds.
+    stage = runs.StageRun(recipe, "train", inputs={
+        "prepare_manifest": runs.fingerprint_json(prepare.get("outputs", {})), "tokenized": data_fp,
+        "base_model": {"id": recipe.model.id, "path": str(resolved.path), "revision": resolved.revision},
+    }, upstream={"prepare": prepare}, aside=True, keep_partial=True, folder=out)
+    work = stage.work
+    start_ckpt, copy_from = _checkpoint_to_resume(out, work, fingerprint, resume)
+    accelerator.wait_for_everyone()
+    if main:
+        runs.make_dir(out.parent)
+        if copy_from is not None or start_ckpt is None:
+            shutil.rmtree(work, ignore_errors=True)
+        if copy_from is not None:
+            runs.link_tree(copy_from, work)  # continue a finished run without touching it until this one ends
+        stage.__enter__()
+    accelerator.wait_for_everyone()
+
+    # ---- model
     from transformers import set_seed
 
     set_seed(recipe.seed)  # adapter initialisation (and dropout) follow the recipe's seed
-    model, attn, autocast_dtype, kernels = _build_model(recipe, resolved, device_type, accelerator.local_process_index)
+    model, attn, autocast_dtype, kernels = _build_model(recipe, resolved, device_type, accelerator.local_process_index,
+                                                        packing=packing)
     gc_on = _gradient_checkpointing(recipe, model, device_type)
     if gc_on:
         _enable_gradient_checkpointing(model)
@@ -123,34 +152,28 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             print(f"train: resuming from {start_ckpt} (step {st['step']} of {len(steps)})")
 
     # ---- bookkeeping (main process writes every file)
-    stage = runs.StageRun(recipe, "train", inputs={
-        "prepare_manifest": runs.fingerprint_json(prepare.get("outputs", {})), "tokenized": data_fp,
-        "base_model": {"id": recipe.model.id, "path": str(resolved.path), "revision": resolved.revision},
-    })
-    stage.dir = out
     if main:
-        stage.__enter__()
-        log_path = out / "log.jsonl"
+        log_path = work / "log.jsonl"
         runs.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in st["history"]))
-        writer = _tensorboard(out / "tb", purge_step=st["step"] if start_ckpt else None)
+        writer = _tensorboard(work / "tb", purge_step=st["step"] if start_ckpt else None)
     stop = _StopSignal()
 
     def record(entry: dict[str, Any]) -> None:
         st["history"].append(entry)
         if main:
-            with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+            with open(work / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
             for key in ("loss", "val_loss", "lr", "tokens_per_s"):
                 if entry.get(key) is not None:
                     writer.add_scalar(f"train/{key}" if key != "val_loss" else "eval/loss", entry[key], entry["step"])
 
     def save_checkpoint() -> None:
-        _save_checkpoint(out / "checkpoints", st, raw_model, optimizer, scheduler, best_weights, accelerator,
+        _save_checkpoint(work / "checkpoints", st, raw_model, optimizer, scheduler, best_weights, accelerator,
                          t.keep_checkpoints)
 
     def validate(epoch: float) -> float:
         nonlocal best_weights
-        val = _validation_loss(raw_model, val_rows, t, tokenizer, accelerator, autocast_dtype)
+        val = _validation_loss(raw_model, val_rows, t, tokenizer, accelerator, autocast_dtype, packing)
         st["last_val_loss"] = val
         record({"step": st["step"], "epoch": round(epoch, 4), "loss": None, "val_loss": val,
                 "lr": scheduler.get_last_lr()[0], "tokens": st["tokens"], "tokens_per_s": None,
@@ -161,7 +184,7 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             if t.method in ADAPTER_METHODS:
                 best_weights = _trainable_state(raw_model)
             elif main:  # a full model is too big to keep in memory: the best one so far goes to disk
-                _save_model_dir(raw_model, tokenizer, out / BEST_FULL_DIR, attn, step=st["step"])
+                _save_model_dir(raw_model, tokenizer, work / BEST_FULL_DIR, attn, step=st["step"])
         else:
             st["bad_evals"] += 1
         return val
@@ -177,7 +200,7 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             step = steps[st["step"]]
             t0 = time.time()
             loss_sum, targets, tokens, gc_on = _train_step(model, optimizer, scheduler, step, train_rows, recipe,
-                                                           tokenizer, accelerator, autocast_dtype, gc_on)
+                                                           tokenizer, accelerator, autocast_dtype, gc_on, packing)
             st["step"] += 1
             st["tokens"] += tokens
             dt = time.time() - t0
@@ -244,9 +267,9 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         _load_trainable(raw_model, best_weights)
         weights_step = st["best_step"]
     elif t.method == "full" and st["best_step"] not in (None, st["step"]):
-        marker = out / BEST_FULL_DIR / "finetune_step.json"
+        marker = work / BEST_FULL_DIR / "finetune_step.json"
         if marker.exists() and json.loads(marker.read_text()).get("step") == st["best_step"]:
-            best_full, weights_step = out / BEST_FULL_DIR, st["best_step"]
+            best_full, weights_step = work / BEST_FULL_DIR, st["best_step"]
     summary = {
         "steps": st["step"], "planned_steps": len(steps), "tokens_seen": st["tokens"],
         "seconds": round(st["elapsed"], 2), "train_seconds": round(st["train_seconds"], 2),
@@ -256,26 +279,30 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         "final_train_loss": st.get("window_loss", st.get("last_loss")), "final_val_loss": st["last_val_loss"],
         "stopped_early": stop_reason not in ("completed",), "stop_reason": stop_reason, "weights_step": weights_step,
         "method": t.method, "trainable_params": n_trainable, "device": str(accelerator.device), "processes": world,
-        "attn_implementation": attn, "kernels": kernels,
+        "attn_implementation": attn, "kernels": kernels, "packing": packing, "packing_off_reason": packing_off,
         "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None, "gradient_checkpointing": bool(gc_on),
         "base_dtype": "nf4" if t.method == "qlora" else _dtype_name(p for p in raw_model.parameters()
                                                                       if not p.requires_grad),
         "trainable_dtype": _dtype_name(p for p in raw_model.parameters() if p.requires_grad),
+        "validation_rows": len(val_rows),
+        "validation": "on" if val_rows else "off: the validation split is empty (no validation loss, early stopping "
+                                             "or best-step selection; the final step's weights are saved)",
     }
     if main:
-        final_dir = out / ("model" if t.method == "full" else "adapter")
+        final_name = "model" if t.method == "full" else "adapter"
+        final_dir = work / final_name
         if best_full is not None:
             shutil.rmtree(final_dir, ignore_errors=True)
             best_full.rename(final_dir)
             (final_dir / "finetune_step.json").unlink(missing_ok=True)
         else:
             _save_model_dir(raw_model, tokenizer, final_dir, attn)
-        shutil.rmtree(out / BEST_FULL_DIR, ignore_errors=True)
-        runs.atomic_write_json(out / "summary.json", summary)
+        shutil.rmtree(work / BEST_FULL_DIR, ignore_errors=True)
+        runs.atomic_write_json(work / "summary.json", summary)
         writer.close()
         stage.outputs = {
-            "adapter": str(final_dir) if t.method != "full" else None,
-            "model": str(final_dir) if t.method == "full" else None,
+            "adapter": str(out / final_name) if t.method != "full" else None,
+            "model": str(out / final_name) if t.method == "full" else None,
             "method": t.method, "base_model": str(resolved.path), "log": str(out / "log.jsonl"),
             "summary": str(out / "summary.json"), "tensorboard": str(out / "tb"),
         }
@@ -283,6 +310,21 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         stage.__exit__(None, None, None)
     accelerator.wait_for_everyone()
     return summary
+
+
+def check_settings(recipe, device_type: str) -> None:
+    """Settings this machine cannot run, refused before any data is read or any output touched."""
+    from finetune import models
+
+    t = recipe.train
+    if t.method == "qlora" and device_type != "cuda":
+        raise UserError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); none was found. "
+                        "Use train.method=lora on this machine (it fits: the CPU has system memory).")
+    if t.optimizer == "adamw_8bit" and device_type != "cuda":
+        raise UserError("train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes); use train.optimizer=adamw.")
+    if t.kernels == "liger" and (device_type != "cuda" or not _installed("liger_kernel")):
+        raise UserError("train.kernels: liger needs a CUDA GPU and `pip install liger-kernel`; use train.kernels=none.")
+    models.check_attention(recipe.model.attn_implementation, device_type)
 
 
 def _check_distributed(accelerator) -> None:
@@ -300,7 +342,7 @@ def _check_distributed(accelerator) -> None:
 
 # ------------------------------------------------------------------------------------------- one step
 def _train_step(model, optimizer, scheduler, step: batching.Step, rows, recipe, tokenizer, accelerator,
-                autocast_dtype, gc_on: bool) -> tuple[float, int, int, bool]:
+                autocast_dtype, gc_on: bool, packing: bool) -> tuple[float, int, int, bool]:
     """Forward/backward every micro-batch of this process, then one optimizer step. Returns the step's global
     (sum of token losses, trained tokens, input tokens) and whether gradient checkpointing is now on."""
     import torch
@@ -324,7 +366,7 @@ def _train_step(model, optimizer, scheduler, step: batching.Step, rows, recipe, 
             for i, (mb, weight) in enumerate(work):
                 sync = i == len(work) - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), _autocast(autocast_dtype, accelerator):
-                    loss_sum = forward_loss_sum(model, _collate(mb, t.packing, tokenizer, accelerator.device))
+                    loss_sum = forward_loss_sum(model, _collate(mb, packing, tokenizer, accelerator.device))
                 accelerator.backward(loss_sum * (scale * weight))
                 local_sum += float(loss_sum.detach()) * weight
             break
@@ -388,14 +430,14 @@ def _autocast(dtype, accelerator):
     return torch.autocast(device_type=accelerator.device.type, dtype=dtype)
 
 
-def _validation_loss(model, rows, t, tokenizer, accelerator, autocast_dtype) -> float | None:
+def _validation_loss(model, rows, t, tokenizer, accelerator, autocast_dtype, packing: bool) -> float | None:
     """Mean token loss over the validation split (each process scores a share; sums are reduced)."""
     import torch
 
     if not rows:
         return None
     batches = batching.eval_batches([len(ids) for ids, _ in rows], batch_size=t.batch_size,
-                                    batch_tokens=t.batch_tokens if t.packing else None)
+                                    batch_tokens=t.batch_tokens if packing else None)
     world, rank = accelerator.num_processes, accelerator.process_index
     total, count = 0.0, 0
     was_training = model.training
@@ -404,7 +446,7 @@ def _validation_loss(model, rows, t, tokenizer, accelerator, autocast_dtype) -> 
         for b in batches[rank::world]:
             examples = [rows[i] for i in b]
             with _autocast(autocast_dtype, accelerator):
-                total += float(forward_loss_sum(model, _collate(examples, t.packing, tokenizer, accelerator.device)))
+                total += float(forward_loss_sum(model, _collate(examples, packing, tokenizer, accelerator.device)))
             count += batching.count_targets(examples)
     if was_training:
         model.train()
@@ -415,7 +457,28 @@ def _validation_loss(model, rows, t, tokenizer, accelerator, autocast_dtype) -> 
 
 
 # ------------------------------------------------------------------------------------------- model
-def _build_model(recipe, resolved, device_type: str, local_index: int):
+def _packing(recipe, main: bool) -> tuple[bool, str | None]:
+    """Whether batches are packed: the recipe's train.packing, unless the architecture cannot keep packed examples
+    apart (then padded batches, said once). Returns (packing, why it is off)."""
+    if not recipe.train.packing:
+        return False, None
+    from transformers import AutoConfig
+
+    from finetune import models
+    from finetune.training import attention
+
+    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
+                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=recipe.model.trust_remote_code)
+    why = attention.packing_obstacle(config)
+    if why is None:
+        return True, None
+    if main:
+        print(f"train: packing off for this model: {why}; training on padded batches (same results, more padding)")
+    return False, why
+
+
+def _build_model(recipe, resolved, device_type: str, local_index: int, *, packing: bool):
     """Load the base model in the training dtype and wrap it for the method.
 
     Returns (model, attention implementation, autocast dtype, fused kernels applied: "liger" or None)."""
@@ -425,15 +488,10 @@ def _build_model(recipe, resolved, device_type: str, local_index: int):
     from finetune.training import attention
 
     t = recipe.train
-    if t.method == "qlora" and device_type != "cuda":
-        raise UserError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); none was found. "
-                        "Use train.method=lora on this machine (it fits: the CPU has system memory).")
-    if t.optimizer == "adamw_8bit" and device_type != "cuda":
-        raise UserError("train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes); use train.optimizer=adamw.")
     attn = recipe.model.attn_implementation
     if attn == "auto":
-        if not t.packing:
-            attn = "sdpa"
+        if not packing:
+            attn = "auto"  # transformers' own default for the architecture (sdpa, or eager where it has none)
         elif device_type == "cuda" and _installed("flash_attn"):
             attn = "flash_attention_2"
         else:
@@ -609,30 +667,32 @@ def _resume_fingerprint(recipe, data_fp: dict[str, str], micro_per_step: int) ->
                                   "data": data_fp, "micro_batches_per_step": micro_per_step})
 
 
-def _checkpoint_to_resume(out: Path, fingerprint: str, resume: bool) -> Path | None:
-    latest = ckpt.latest(out / "checkpoints")
+def _checkpoint_to_resume(out: Path, work: Path, fingerprint: str, resume: bool) -> tuple[Path | None, Path | None]:
+    """(the checkpoint to continue from, as a path under ``work``; a finished folder to copy into ``work`` first).
+
+    The work folder holds an interrupted run. ``out`` is continued only with --resume when it finished (a run
+    stopped by max_minutes or early stopping), or when it never finished (written by an older finetune in place).
+    """
     finished = (out / "manifest.json").exists()
-    if resume and latest is None:
-        raise UserError(f"--resume: no complete checkpoint under {out / 'checkpoints'}"
-                        + (" (that run finished)" if finished else "") + ". Run `finetune train RECIPE` without --resume.")
-    if latest is None or (finished and not resume):
-        return None  # nothing to resume, or a finished run trained again from the start
-    if ckpt.read_state(latest).get("fingerprint") != fingerprint:
-        if resume:
-            raise UserError(f"--resume: {latest} was made with other settings (model, data, seed or train.* keys "
-                            f"other than {sorted(RESUMABLE_CHANGES)}). Restore them, or train without --resume "
-                            "to start over.")
-        print(f"train: not resuming {latest}: the recipe or data changed since; starting over", file=sys.stderr)
-        return None
-    return latest
-
-
-def _clear_outputs(out: Path) -> None:
-    for name in ("checkpoints", "tb", "adapter", "model", BEST_FULL_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("log.jsonl", "summary.json", "manifest.json"):
-        (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    folders = [work] + ([out] if resume or not finished else [])
+    for folder in folders:
+        latest = ckpt.latest(folder / "checkpoints")
+        if latest is None:
+            continue
+        if ckpt.read_state(latest).get("fingerprint") != fingerprint:
+            if resume:
+                raise UserError(f"--resume: {latest} was made with other settings (model, data, seed or train.* keys "
+                                f"other than {sorted(RESUMABLE_CHANGES)}). Restore them, or train without --resume "
+                                "to start over.")
+            print(f"train: not resuming {latest}: the recipe or data changed since; starting over", file=sys.stderr)
+            continue
+        if folder == work:
+            return latest, None
+        return work / "checkpoints" / latest.name, out
+    if resume:
+        raise UserError(f"--resume: no complete checkpoint under {work / 'checkpoints'} or {out / 'checkpoints'}. "
+                        "Run `finetune train RECIPE` without --resume.")
+    return None, None
 
 
 def _trainable_state(model) -> dict[str, Any]:
@@ -691,7 +751,10 @@ def _save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | No
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     swap = attn == attention.NAME and hasattr(base, "set_attn_implementation")
     if swap:  # our packed-batch attention is registered only inside training; saved configs name a standard one
-        base.set_attn_implementation("sdpa")
+        try:
+            base.set_attn_implementation("sdpa")
+        except (ValueError, ImportError):  # an architecture without SDPA support (gpt-oss: attention sinks)
+            base.set_attn_implementation("eager")
     try:
         with runs.atomic_dir(final_dir) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -859,7 +922,7 @@ def command(argv: list[str]) -> int:
                         "when its settings are unchanged)")
     ns = p.parse_args(argv)
     recipe = load_recipe(ns)
-    summary = run(recipe, resume=ns.resume)
+    summary = run(recipe, resume=ns.resume, recipe_path=ns.recipe)
     if int(os.environ.get("RANK", "0")) == 0:
         out = recipe.run_dir("train")
         val = summary["final_val_loss"]

@@ -9,7 +9,8 @@ loss to optuna, and a trial whose loss is worse than the median of earlier trial
 
 The study lives in runs/<name>/tune/study.db (sqlite): running the command again continues it up to the trial
 budget; ``--fresh`` starts over. Writes results.csv / results.json (one row per trial), best.yaml (the recipe
-with the best values, as a new run '<name>-tuned'; it validates) and manifest.json.
+with the best values, as a new run '<name>-tuned'; it validates) and manifest.json, only when the study ends
+with a finished trial: a failed or interrupted study leaves the previous results and best.yaml as they were.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str
     """Run (or continue) the study; write the results table and best.yaml. Returns the results."""
     import optuna
 
+    from finetune import pipeline
+
     cfg = recipe.tune
     check_space(recipe)
-    runs.require_stage(recipe, "prepare", recipe_path)
-    out = recipe.run_dir("tune")
-    out.mkdir(parents=True, exist_ok=True)
+    prepared = pipeline.require_fresh(recipe, "prepare", recipe_path)
+    out = runs.make_dir(recipe.run_dir("tune"))
     db = out / "study.db"
     if fresh:
         for path in (db, out / "trials"):
@@ -75,21 +77,23 @@ def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str
         budget = min(budget, grid_size(cfg))
     remaining = max(0, budget - _count_finished(study))
     started = time.time()
-    with runs.StageRun(recipe, "tune", inputs={"prepare": runs.fingerprint_json(
-            runs.read_manifest(recipe.run_dir("prepare")))}) as stage:
-        print(f"tune: {cfg.sampler} search over {', '.join(cfg.space)}; {remaining} trial(s) to run "
-              f"({_count_finished(study)} done), {cfg.trial_max_steps or 'full'} steps each")
-        if remaining:
-            study.optimize(lambda t: objective(t, recipe, out), n_trials=remaining,
-                           timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
-                           catch=_out_of_memory_errors(), gc_after_trial=True)
-        rows = results_rows(study)
+    print(f"tune: {cfg.sampler} search over {', '.join(cfg.space)}; {remaining} trial(s) to run "
+          f"({_count_finished(study)} done), {cfg.trial_max_steps or 'full'} steps each")
+    if remaining:
+        study.optimize(lambda t: objective(t, recipe, out), n_trials=remaining,
+                       timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
+                       catch=_out_of_memory_errors(), gc_after_trial=True)
+    rows = results_rows(study)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not complete:
+        states = ", ".join(f"trial {r['trial']} {r['state']}" for r in rows[:8])
+        raise UserError(f"no trial finished ({states}): every trial was pruned or failed. "
+                        "Widen tune.space, raise tune.trial_max_steps, or set tune.prune: false.")
+    # The study itself is resumable state; the results below are replaced only now that it has ended.
+    with runs.StageRun(recipe, "tune", inputs={"prepare": runs.fingerprint_json(prepared)},
+                       upstream={"prepare": prepared}) as stage:
         runs.atomic_write_json(out / "results.json", rows)
         runs.atomic_write_text(out / "results.csv", results_csv(rows))
-        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-        if not complete:
-            raise UserError(f"no trial finished (see {out / 'results.csv'}): every trial was pruned or failed. "
-                            "Widen tune.space, raise tune.trial_max_steps, or set tune.prune: false.")
         best = study.best_trial
         best_path = write_best_recipe(recipe, best.params, out / "best.yaml", trial=best.number,
                                       value=best.value, n_trials=len(rows))
