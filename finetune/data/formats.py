@@ -94,16 +94,21 @@ def check_fields_present(records: Iterable[dict[str, Any]], fmt: str, columns: d
 
 
 def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *, source: str, where: str) -> str:
-    """The format of a source from the keys of its first rows (after the `columns:` mapping)."""
+    """The format of a source from the keys of its first rows (after the `columns:` mapping).
+
+    A `columns:` mapping narrows the choice to the formats that have the mapped fields; when none fits because
+    a mapped column is in no row, the error names that column (not "cannot tell the row format")."""
     keys = column_names(records)
-    for field, theirs in columns.items():
-        if keys and theirs not in keys:  # a mapped column that no row has: name it rather than "cannot tell"
-            raise _absent_column(theirs, field, True, "auto", keys, source=source, where=where)
     inverse = {theirs: field for field, theirs in columns.items()}
     present = {inverse.get(k, k) for k in keys}
-    for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion", "text"):
+    order = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+    fitting = [fmt for fmt in order if all(f in FIELDS[fmt][0] + FIELDS[fmt][1] for f in columns)]
+    for fmt in fitting or order:
         if all(f in present for f in FIELDS[fmt][0]):
             return fmt
+    absent = [(field, theirs) for field, theirs in columns.items() if theirs not in keys]
+    if keys and absent:
+        raise _absent_column(absent[0][1], absent[0][0], True, "auto", keys, source=source, where=where)
     raise UserError(f"{where}: {source}: cannot tell the row format. Columns found: {', '.join(keys) or '(none)'}. "
                     + suggest_mapping(keys))
 
