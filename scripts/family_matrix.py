@@ -1,0 +1,356 @@
+"""The family matrix: a tiny twin of each model family (scripts/twins.py) through the whole pipeline.
+
+    python scripts/family_matrix.py                       # every family
+    python scripts/family_matrix.py --families qwen3,gemma3 --json matrix.json
+
+For each family:
+1. prime: the random twin is fitted for a few dozen full-batch steps on a handful of chats in its own template
+   (all tokens, so it learns the template and to end its turns with the family's end-of-turn token): its
+   predictions are then peaked where the chats are, so logit agreement means something, and it stops by itself.
+2. prepare: a recipe pointing model.id at the primed twin, over chats with a system prompt and several turns.
+3. train: LoRA for a few steps on chats whose answers differ from the primed ones (the loss must fall).
+4. export: merge, GGUF F16 + Q8_0 + the adapter GGUF, and export's own parity checks (tokenization exact, chat
+   prompt exact, teacher-forced top-1 agreement over positions where HF's top two differ by a margin, KL,
+   greedy chat ends at the family's end of turn). The matrix then runs the F16 GGUF greedily itself and records
+   whether it stopped on its own.
+5. serve: `finetune serve RECIPE` answers one request through the openai client, and the answer ends with
+   finish_reason "stop".
+6. ollama: the Modelfile has a TEMPLATE and a stop line for the end-of-turn token.
+
+Prints a table family x stage (pass/fail with the figure), writes it as JSON (--json), exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import twins  # noqa: E402
+
+STAGES = ("prime", "prepare", "train", "export", "serve", "ollama")
+SYSTEM = "You are a terse assistant."
+# The chats the twin is primed on (its "pretraining"), and the LoRA data: the same questions with other answers.
+QA = [("Hi", "Hello! How can I help?"), ("What is 2+2?", "4"), ("Name a colour.", "Blue."),
+      ("Capital of France?", "Paris."), ("Say yes.", "Yes."), ("Count to three.", "One, two, three."),
+      ("Opposite of hot?", "Cold."), ("A fruit?", "An apple.")]
+LORA_ANSWERS = {"Name a colour.": "Green.", "A fruit?": "A pear.", "Say yes.": "Yes, indeed.",
+                "Opposite of hot?": "Cold, of course."}
+PRIME_STEPS = 60
+PRIME_LR = 5e-3
+PRIME_KEEP = 24
+TRAIN_STEPS = 8
+
+
+def conversations(answers: dict[str, str] | None = None) -> list[list[dict]]:
+    """Single-turn chats with and without a system prompt, and two-turn chats: every shape prepare must render."""
+    qa = [(q, (answers or {}).get(q, a)) for q, a in QA]
+    out = []
+    for i, (q, a) in enumerate(qa):
+        chat = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        out.append([{"role": "system", "content": SYSTEM}, *chat] if i % 2 == 0 else chat)
+        q2, a2 = qa[(i + 3) % len(qa)]
+        out.append([{"role": "system", "content": SYSTEM}, *chat, {"role": "user", "content": q2},
+                    {"role": "assistant", "content": a2}])
+    return out
+
+
+def supports_system(tokenizer) -> bool:
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}], tokenize=False)
+    except Exception:  # Gemma 2's template raises on a system message
+        return False
+    return True
+
+
+def without_system(chats: list[list[dict]]) -> list[list[dict]]:
+    return [[m for m in c if m["role"] != "system"] for c in chats]
+
+
+# ------------------------------------------------------------------------------------------------ prime
+def prime(name: str, twin: Path, log=print) -> dict[str, Any]:
+    """Fit the twin on the chats (cached next to it); returns {"path", "loss_first", "loss_last"}."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import runs
+
+    out = twin.parent / f"{twin.name}-primed"
+    done = out / "primed.json"
+    if done.exists():
+        return {"path": out, **json.loads(done.read_text())}
+    tok = AutoTokenizer.from_pretrained(twin)
+    chats = conversations()
+    if not supports_system(tok):
+        chats = without_system(chats)
+    rows = [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in chats]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    # Rows padded on the left, so every row ends with its last answer and end of turn, and only the last KEEP
+    # positions get logits: a twin's vocabulary (128k-262k) makes full logits the whole cost of a step.
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    targets = ids[:, -PRIME_KEEP + 1:]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=PRIME_LR)
+    losses = []
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared machine: more threads mostly wait for each other
+    for _ in range(PRIME_STEPS):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=PRIME_KEEP).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    torch.set_num_threads(threads)
+    model.config.use_cache = True
+    figures = {"loss_first": losses[0], "loss_last": losses[-1], "steps": PRIME_STEPS}
+    with runs.atomic_dir(out) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        for f in twin.iterdir():  # tokenizer files, chat template, the Hub-like generation config
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+                shutil.copyfile(f, Path(tmp) / f.name)
+        (Path(tmp) / "primed.json").write_text(json.dumps(figures))
+    return {"path": out, **figures}
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Path:
+    import yaml
+
+    chats = conversations(LORA_ANSWERS)
+    if not system_ok:
+        chats = without_system(chats)
+    data = work / "data.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats * 2))
+    recipe = {
+        "name": name.replace(".", "_"), "runs_dir": str(work / "runs"), "seed": 0,
+        "model": {"id": str(model_dir)},
+        "data": {"sources": [{"path": str(data)}], "split": {"validation": 0.125, "test": 0.125},
+                 "clean": {"near_dedupe": False, "dedupe": False, "max_tokens": 256}},
+        "train": {"method": "lora", "lora": {"r": 8, "alpha": 16}, "lr": 3e-3, "max_steps": TRAIN_STEPS,
+                  "batch_size": 8, "warmup_ratio": 0.0, "scheduler": "constant", "eval_every": TRAIN_STEPS,
+                  "save_every": TRAIN_STEPS, "log_every": 1, "threads": max(1, min(os.cpu_count() or 1, 2))},
+        "export": {"quantizations": ["Q8_0"]},
+        "serve": {"quant": "F16", "n_ctx": 512, "max_tokens": 64, "threads": 1},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def stage_prepare(recipe) -> dict[str, Any]:
+    from finetune import prepare
+
+    report = prepare.run(recipe, force=True)
+    rows = report["splits"]
+    return {"ok": rows["train"] > 0 and rows["test"] > 0, "figure": f"{rows['train']}/{rows['validation']}/{rows['test']} rows",
+            "rows": rows}
+
+
+def stage_train(recipe) -> dict[str, Any]:
+    from finetune import train
+
+    train.run(recipe)
+    log = [json.loads(x) for x in (recipe.run_dir("train") / "log.jsonl").read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in log if r.get("loss") is not None]
+    first, last = losses[0], losses[-1]
+    ok = last < first
+    return {"ok": ok, "figure": f"loss {first:.2f}->{last:.2f}", "loss_first": first, "loss_last": last,
+            **({} if ok else {"error": f"training loss did not fall ({first:.3f} -> {last:.3f})"})}
+
+
+def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
+    from finetune import export
+    from finetune.gguf import runtime
+
+    result = export.run(recipe, log=lambda *_: None)
+    report = json.loads(Path(result["parity"]).read_text())
+    f16, q8 = report["types"]["F16"]["logits"], report["types"]["Q8_0"]["logits"]
+    eot = report["end_of_turn"]["end_of_turn"][0]["token"] if report["end_of_turn"].get("end_of_turn") else None
+    # The matrix's own greedy run on the F16 GGUF: does the twin end its turn there by itself?
+    prompt = [{"role": "user", "content": QA[1][0]}]
+    answer = runtime.chat(result["gguf"]["F16"], [prompt], max_tokens=export.GREEDY_MAX_TOKENS)[0]
+    problems = []
+    if eot != family.end_of_turn:
+        problems.append(f"end of turn is {eot!r}, the family's is {family.end_of_turn!r}")
+    if answer["finish_reason"] != "stop":
+        problems.append(f"greedy F16 chat did not stop within {export.GREEDY_MAX_TOKENS} tokens: {answer['text'][:80]!r}")
+    top1 = f16.get("judged_top1", f16["top1_agreement"])
+    out = {"ok": report["ok"] and not problems, "end_of_turn": eot, "stopped": answer["finish_reason"] == "stop",
+           "answer": answer["text"], "f16_top1": top1, "f16_kl": f16["kl_mean"],
+           "f16_judged_over": f16.get("judged_over"), "f16_top1_all": f16["top1_agreement"],
+           "q8_top1": q8.get("judged_top1", q8["top1_agreement"]), "q8_kl": q8["kl_mean"],
+           "adapter_top1": (report.get("adapter") or {}).get("top1_agreement"),
+           "tokenization": report["tokenization"].get("ok"), "chat_prompt": report["chat_prompt"].get("ok"),
+           "greedy_stopped": report["greedy_chat"].get("gguf_stopped"),
+           "figure": f"F16 top1 {top1:.3f} KL {f16['kl_mean']:.1e}, Q8 {out_q(q8)}, stop {eot} "
+                     f"{'seen' if answer['finish_reason'] == 'stop' else 'NOT seen'}",
+           "gguf": result["gguf"], "parity": result["parity"]}
+    if problems:
+        out["error"] = "; ".join(problems)
+    if not report["ok"]:
+        out["error"] = "; ".join(report["failed"] + problems)[:2000]
+    return out
+
+
+def out_q(q: dict) -> str:
+    return f"{q.get('judged_top1', q['top1_agreement']):.3f}"
+
+
+def stage_serve(recipe_path: Path, recipe) -> dict[str, Any]:
+    import openai
+
+    from serve.launch import ServerProcess
+
+    with ServerProcess(recipe_path, [], startup_timeout=240) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=180)
+        name = server.health()["model"]
+        r = client.chat.completions.create(model=name, max_tokens=64, temperature=0,
+                                           messages=[{"role": "user", "content": QA[1][0]}])
+    choice = r.choices[0]
+    ok = isinstance(choice.message.content, str) and choice.finish_reason == "stop"
+    out = {"ok": ok, "finish_reason": choice.finish_reason, "answer": choice.message.content,
+           "figure": f"{choice.finish_reason}: {(choice.message.content or '')[:24]!r}"}
+    if not ok:
+        out["error"] = f"the served answer did not end by itself (finish_reason {choice.finish_reason!r})"
+    return out
+
+
+def stage_ollama(recipe, family: twins.Family) -> dict[str, Any]:
+    modelfile = (recipe.run_dir("export") / "Modelfile").read_text()
+    has_template = "\nTEMPLATE " in modelfile
+    stops = [ln.split(" ", 2)[2] for ln in modelfile.splitlines() if ln.startswith("PARAMETER stop ")]
+    ok = has_template and f'"{family.end_of_turn}"' in stops
+    out = {"ok": ok, "template": has_template, "stops": stops,
+           "figure": f"TEMPLATE {'yes' if has_template else 'NO'}, stop {', '.join(stops) or 'none'}"}
+    if not ok:
+        out["error"] = ("the Modelfile has no TEMPLATE (Ollama would guess the prompt format)" if not has_template
+                        else f"the Modelfile does not stop on {family.end_of_turn!r} (stops: {stops})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run_family(name: str, work: Path, log=print) -> dict[str, dict[str, Any]]:
+    from finetune import recipe as recipe_mod
+
+    family = twins.FAMILIES[name]
+    cells: dict[str, dict[str, Any]] = {}
+    recipe = recipe_path = None
+    for stage in STAGES:
+        t = time.time()
+        try:
+            if stage == "prime":
+                twin = twins.build(name, log=log)
+                primed = prime(name, twin, log=log)
+                from transformers import AutoTokenizer
+
+                system_ok = supports_system(AutoTokenizer.from_pretrained(primed["path"]))
+                cell = {"ok": primed["loss_last"] < primed["loss_first"] / 4,
+                        "figure": f"loss {primed['loss_first']:.2f}->{primed['loss_last']:.2f}",
+                        "loss_first": primed["loss_first"], "loss_last": primed["loss_last"], "twin": str(twin)}
+                recipe_path = write_recipe(name, primed["path"], work, system_ok)
+                recipe = recipe_mod.load(recipe_path)
+            elif stage == "prepare":
+                cell = stage_prepare(recipe)
+            elif stage == "train":
+                cell = stage_train(recipe)
+            elif stage == "export":
+                cell = stage_export(recipe, family)
+            elif stage == "serve":
+                cell = stage_serve(recipe_path, recipe)
+            else:
+                cell = stage_ollama(recipe, family)
+        except Exception as exc:  # a stage's failure is this cell's figure; later stages cannot run
+            cell = {"ok": False, "figure": type(exc).__name__, "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()[-3000:]}
+        cell["seconds"] = round(time.time() - t, 1)
+        cells[stage] = cell
+        log(f"[{name}] {stage}: {'pass' if cell['ok'] else 'FAIL'} {cell['figure']} ({cell['seconds']} s)"
+            + (f"\n    {cell['error'][:1500]}" if not cell["ok"] and cell.get("error") else ""))
+        if not cell["ok"]:
+            for rest in STAGES[STAGES.index(stage) + 1:]:
+                cells[rest] = {"ok": False, "figure": "not run", "seconds": 0.0, "error": f"{stage} failed"}
+            break
+    return cells
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    rows = [["family", *STAGES, "seconds"]]
+    for name, cells in results.items():
+        rows.append([name, *[f"{'pass' if cells[s]['ok'] else 'FAIL'} {cells[s]['figure']}" for s in STAGES],
+                     f"{sum(c['seconds'] for c in cells.values()):.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Take a tiny twin of each model family through prepare, train, export "
+                                "(parity), serve and Ollama; print a family x stage table; exit 1 on any failure.")
+    p.add_argument("--families", help=f"comma-separated subset (default: all): {','.join(twins.FAMILIES)}")
+    p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--work", help="keep the runs in this folder (default: a temporary folder, removed)")
+    p.add_argument("--quiet", action="store_true", help="print only the stage lines and the table, not the stages' own output")
+    ns = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    names = [n.strip() for n in ns.families.split(",")] if ns.families else list(twins.FAMILIES)
+    unknown = [n for n in names if n not in twins.FAMILIES]
+    if unknown:
+        p.error(f"unknown families {unknown}; known: {', '.join(twins.FAMILIES)}")
+    t0 = time.time()
+    root = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="family-matrix-"))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        for name in names:
+            work = root / name
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            sink = io.StringIO()
+            with contextlib.redirect_stdout(sink) if ns.quiet else contextlib.nullcontext():
+                results[name] = run_family(name, work, log=lambda *a: print(*a, file=sys.__stdout__, flush=True))
+    finally:
+        if not ns.work:
+            shutil.rmtree(root, ignore_errors=True)
+    seconds = time.time() - t0
+    print()
+    print(table(results))
+    failed = [n for n, cells in results.items() if not all(c["ok"] for c in cells.values())]
+    print(f"\n{len(names) - len(failed)} of {len(names)} families passed every stage in {seconds:.0f} s"
+          + (f"; failing: {', '.join(failed)}" if failed else ""))
+    if ns.json:
+        import platform
+
+        Path(ns.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds, 1), "cores": os.cpu_count(),
+            "machine": platform.machine(), "command": "python scripts/family_matrix.py" + (
+                f" --families {ns.families}" if ns.families else ""),
+            "families": results}, indent=2, default=str) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
