@@ -50,9 +50,18 @@ def recipe_parser(prog: str, description: str, *, many: bool = False) -> argpars
 
 
 def load_recipe(ns: argparse.Namespace):
+    """The recipe a stage command runs on, with its overrides; a local model path that does not exist is an error
+    here, before the stage starts (every stage that loads a recipe this way reads the model)."""
     from finetune import recipe
 
-    return recipe.load(ns.recipe, ns.overrides)
+    r = recipe.load(ns.recipe, ns.overrides)
+    problem = _model_path_problem(r.model.id, r.base_dir)
+    if problem:
+        override = next((o for o in reversed(ns.overrides) if o.partition("=")[0].strip() == "model.id"), None)
+        if override is not None:
+            raise recipe.RecipeError("override", [f"{recipe.OVERRIDE_PREFIX}{override!r}: {problem}"])
+        raise recipe.RecipeError(ns.recipe, [problem])
+    return r
 
 
 def validate_command(argv: list[str]) -> int:

@@ -384,3 +384,12 @@ def test_a_mapping_chooses_the_format_it_maps_to():
     assert formats.detect_format(rows, {}, source="s", where="w") == "text"
     with pytest.raises(formats.UserError, match=r"w.columns.completion: column 'A' is in no row of s"):
         formats.detect_format(rows, {"prompt": "q", "completion": "A"}, source="s", where="w")
+
+
+def test_a_stage_names_the_folder_a_missing_gguf_was_looked_for_in(bad, recipe_with_data, tmp_path):
+    r = recipe_with_data("model:\n  id: mine.gguf\n")
+    line = bad("prepare", str(r))
+    assert line.startswith(f"error: {r}: model.id: GGUF file mine.gguf not found (looked in {tmp_path}")
+    line = bad("train", str(recipe_with_data()), "model.id=gone/other.gguf")
+    assert line.startswith("error: override 'model.id=gone/other.gguf': model.id: GGUF file other.gguf not found")
+    assert str(tmp_path / "gone") in line
