@@ -197,8 +197,9 @@ class EvalConfig(Section):
 # ------------------------------------------------------------------------------------------------- tune
 class ParamSpace(Section):
     values: list[Any] | None = Field(None, description="Choices (grid or categorical), e.g. [8, 16, 32].")
-    low: float | None = Field(None, description="Lowest value of a range (integers for integer keys such as train.lora.r).")
-    high: float | None = Field(None, description="Highest value of a range.")
+    # int | float: with strict types, `low: 10` stays an integer and fits an integer key such as train.max_steps
+    low: int | float | None = Field(None, description="Lowest value of a range (integers for integer keys such as train.lora.r).")
+    high: int | float | None = Field(None, description="Highest value of a range.")
     log: bool = Field(False, description="Sample the range on a log scale (learning rates).")
 
     @model_validator(mode="after")
@@ -227,7 +228,11 @@ class TuneConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------- export
-QuantType = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q5_0"]
+QuantType = Literal["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q5_0",
+                    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS",
+                    "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "Q2_K_S"]
+# llama.cpp refuses these without an importance matrix (export.imatrix computes one from the training data).
+NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
 
 
 class ExportConfig(Section):
@@ -240,15 +245,31 @@ class ExportConfig(Section):
     ollama: bool = Field(True, description="Write an Ollama Modelfile next to each GGUF.")
     parity: bool = Field(True, description="Run the parity checks (tokens, chat prompt, logits, greedy chat).")
     min_top1_f16: float = Field(0.99, ge=0, le=1, description="F16 teacher-forced top-1 agreement required.")
+    imatrix: bool = Field(True, description="Quantize the types below 8 bits with an importance matrix measured on "
+                          "the training split (and imatrix_files); needed for IQ1/IQ2/IQ3_XXS.")
+    imatrix_files: list[str] = Field(default_factory=list, description="More calibration text for the importance "
+                                     "matrix: .txt (paragraphs) or .jsonl (messages or text), relative to the recipe.")
+    imatrix_tokens: int = Field(16384, ge=64, description="Calibration tokens the importance matrix is measured on.")
+    table_examples: int = Field(24, ge=0, description="Held-out prompts each GGUF type answers for the exact-match "
+                                "column of export/quantization.json (0: none).")
+    fit_gb: float | None = Field(None, gt=0, description="Pick the smallest exported type within this many GB whose "
+                                 "exact match stays within metric_tolerance of the unquantized GGUF; it becomes the "
+                                 "Modelfile's default (and serve's with serve.quant: auto).")
+    metric_tolerance: float = Field(0.02, ge=0, le=1, description="How far below the unquantized GGUF's exact match "
+                                    "the picked type may be.")
+
+    @model_validator(mode="after")
+    def _imatrix_types(self) -> ExportConfig:
+        needing = [q for q in self.quantizations if q.upper() in NEEDS_IMATRIX]
+        if needing and not self.imatrix:
+            raise ValueError(f"quantizations {needing} need an importance matrix: set imatrix: true or drop them")
+        return self
 
     @field_validator("quantizations")
     @classmethod
     def _known_types(cls, v: list[str]) -> list[str]:
-        needs_imatrix = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
         known = list(QuantType.__args__)
         for q in v:
-            if q.upper() in needs_imatrix:
-                raise ValueError(f"{q} needs an importance matrix, which finetune does not compute; use one of {known}")
             if q not in known:
                 close = difflib.get_close_matches(q.upper(), known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -261,7 +282,8 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs api_key (or FINETUNE_API_KEY).")
     port: int = Field(8765, ge=1, le=65535)
     api_key: str | None = Field(None, description="Bearer key for /v1 and /api. Required when host is not a loopback address.")
-    quant: str = Field("Q8_0", description="Which exported GGUF to serve (a key of the export's gguf outputs).")
+    quant: str = Field("Q8_0", description="Which exported GGUF to serve (a key of the export's gguf outputs), or "
+                       "auto: the type export picked for export.fit_gb.")
     n_ctx: int = Field(2048, ge=128, description="Context window (prompt + answer) in tokens.")
     max_prompt_tokens: int | None = Field(
         None, ge=16, description="Longer prompts get HTTP 400 (context_length_exceeded). Default: n_ctx minus room for "

@@ -146,3 +146,10 @@ def test_with_overrides_keeps_numbers_strict(tmp_path):
     assert recipe.with_overrides(r, {"train.lr": 1e-3, "train.lora.r": 8}).train.lora.r == 8
     with pytest.raises(recipe.RecipeError, match=r"override 'train.lora.r=True'"):
         recipe.with_overrides(r, {"train.lora.r": True})
+
+
+def test_a_tune_range_over_an_optional_integer_key_stays_integer(tmp_path):
+    r = recipe.load(write(tmp_path, "name: x\ntune:\n  space:\n    train.max_steps: {low: 10, high: 40}\n"))
+    space = r.tune.space["train.max_steps"]
+    assert (space.low, space.high) == (10, 40) and isinstance(space.low, int)
+    assert recipe.with_overrides(r, {"train.max_steps": space.low}).train.max_steps == 10
