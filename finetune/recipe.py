@@ -135,6 +135,12 @@ class DataConfig(Section):
     train_on: Literal["assistant", "all", "last_assistant", "completion"] = Field(
         "assistant", description="Which tokens get loss: assistant turns (default), all, the last assistant turn, or completion."
     )
+    reasoning: Literal["auto", "keep", "drop", "answer_without"] = Field(
+        "auto", description="What happens to reasoning (reasoning_content or <think>...</think>) in assistant turns: "
+        "auto = what the model's chat template does at inference; keep = render and train it; drop = remove it; "
+        "answer_without = remove it and switch the template's thinking off (enable_thinking=false) in training, "
+        "eval and serving alike. answer_without needs a template with that switch (Qwen3, Qwen3.5, SmolLM3).",
+    )
     clean: CleanConfig = Field(default_factory=CleanConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
 

@@ -52,11 +52,16 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
     for i, m in enumerate(example["messages"]):
         content = normalize_text(m["content"], unicode=unicode, whitespace=whitespace)
         changed |= content != m["content"]
-        if not content.strip():
+        if not content.strip() and not m.get("tool_calls"):  # a turn that only calls tools has no text
             if m["role"] == "system":  # an empty system prompt is no system prompt
                 continue
             raise RowError("empty_turn", f"message {i} ({m['role']}) is empty")
-        msgs.append({"role": m["role"], "content": content})
+        msg = {**m, "content": content}
+        if "reasoning_content" in m:
+            reasoning = normalize_text(m["reasoning_content"], unicode=unicode, whitespace=whitespace)
+            changed |= reasoning != m["reasoning_content"]
+            msg["reasoning_content"] = reasoning
+        msgs.append(msg)
     roles = [m["role"] for m in msgs]
     if "system" in roles[1:]:
         raise RowError("system_not_first", f"a system message at position {roles.index('system', 1)}; it must come first")
@@ -70,15 +75,28 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
     if system_prompt and roles[0] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
         added = True
-    return {"messages": msgs}, {"normalized": changed, "system_prompt_added": added,
-                                "roles_mapped": dict(example.get("roles_mapped", {}))}
+    out: dict[str, Any] = {"messages": msgs}
+    if example.get("tools"):
+        out["tools"] = example["tools"]
+    return out, {"normalized": changed, "system_prompt_added": added,
+                 "roles_mapped": dict(example.get("roles_mapped", {}))}
 
 
 def dedupe_text(example: dict[str, Any]) -> str:
     """The text two rows are compared on: every turn except the system prompt, with its role."""
     if "text" in example:
         return example["text"]
-    return "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in example["messages"] if m["role"] != "system")
+    return "\x1e".join(f"{m['role']}\x1f{_turn_text(m)}" for m in example["messages"] if m["role"] != "system")
+
+
+def _turn_text(message: dict[str, Any]) -> str:
+    """A turn's compared text: its reasoning, content and tool calls (two rows that call different tools with
+    the same words are different rows)."""
+    import json
+
+    parts = [message.get("reasoning_content", ""), message["content"]]
+    parts += [json.dumps(c["function"], sort_keys=True, ensure_ascii=False) for c in message.get("tool_calls", [])]
+    return " ".join(p for p in parts if p)
 
 
 def exact_key(text: str) -> str:

@@ -4,12 +4,20 @@ Supported: OpenAI-style ``messages`` (role/content; content may be a list of tex
 ``conversations`` (from/value), Alpaca (instruction/input/output), prompt/completion, and raw ``text``.
 A recipe can force the format and map its own column names onto a format's fields (``columns:``).
 Role names are normalised the same way in every format (case-insensitive, common aliases: human -> user,
-gpt/bot/model -> assistant), and each mapping is counted.
+gpt/bot/model -> assistant, function/ipython -> tool), and each mapping is counted.
+
+Agent conversations (OpenAI's shape) are validated field by field: a ``tools`` column (a list of function
+definitions, or that list as JSON text), assistant ``tool_calls`` (``arguments`` a JSON object or its text; kept
+as a parsed object, which is what chat templates expect), ``tool`` messages answering a call (``tool_call_id``
+must name a call of the assistant turn they follow), and reasoning: a ``reasoning_content`` field (aliases
+``reasoning``, ``thinking``) or inline ``<think>...</think>`` / ``[THINK]...[/THINK]`` at the start of the content,
+which is moved into ``reasoning_content`` so the recipe's ``data.reasoning`` setting can act on it.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -18,7 +26,7 @@ from finetune.errors import UserError
 
 # format -> (required fields, optional fields)
 FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "messages": (("messages",), ()),
+    "messages": (("messages",), ("tools",)),
     "sharegpt": (("conversations",), ("system",)),
     "alpaca": (("instruction", "output"), ("input", "system")),
     "prompt_completion": (("prompt", "completion"), ("system",)),
@@ -28,8 +36,13 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 ROLE_ALIASES = {"system": "system", "developer": "system",
                 "user": "user", "human": "user",
                 "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
-                "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
-ROLES = ("system", "user", "assistant")
+                "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+                "tool": "tool", "function": "tool", "ipython": "tool"}
+ROLES = ("system", "user", "assistant", "tool")
+# Fields an assistant turn may carry its reasoning in (datasets differ); stored as reasoning_content.
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+# Inline reasoning at the start of an assistant reply: (opening marker, closing marker).
+INLINE_REASONING = (("<think>", "</think>"), ("[THINK]", "[/THINK]"))
 # Column names that usually hold a question or an answer: used to suggest a `columns:` mapping.
 PROMPT_LIKE = ("question", "query", "prompt", "input", "instruction", "context", "source", "q", "user", "request")
 ANSWER_LIKE = ("answer", "response", "output", "completion", "target", "reply", "a", "assistant", "label", "summary")
@@ -145,7 +158,10 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
         return {"text": _text(get("text"), "text")}
     if fmt == "messages":
         # A `messages` column may hold ShareGPT-style turns too (from/value): accept both.
-        return _with_mapped({"messages": _turns(get("messages"), columns.get("messages", "messages"), mapped)}, mapped)
+        tools = _tools(get("tools", required=False), columns.get("tools", "tools"))
+        msgs = _turns(get("messages"), columns.get("messages", "messages"), mapped)
+        check_tool_flow(msgs, tools, columns.get("messages", "messages"))
+        return _with_mapped({"messages": msgs, **({"tools": tools} if tools else {})}, mapped)
     if fmt == "sharegpt":
         msgs = _turns(get("conversations"), columns.get("conversations", "conversations"), mapped)
     elif fmt == "alpaca":
@@ -190,7 +206,7 @@ def _text(value: Any, name: str) -> str:
     raise RowError("bad_field_type", f"field {name!r} should be text, got {type(value).__name__}")
 
 
-def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, str]]:
+def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         kind = "an empty list" if isinstance(value, list) else type(value).__name__
         raise RowError("bad_field_type", f"field {name!r} should be a non-empty list of turns, got {kind}")
@@ -211,7 +227,8 @@ def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, str]]:
                                            f"(or an alias: {', '.join(a for a in ROLE_ALIASES if a not in ROLES)})")
         if given != role:
             mapped[f"{given}->{role}"] += 1
-        if content is None:
+        calls = turn.get("tool_calls")
+        if content is None and not (role == "assistant" and calls):
             raise RowError("empty_turn", f"{name}[{i}] ({role}) has no content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = []
@@ -222,5 +239,166 @@ def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, str]]:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                     raise RowError("unsupported_content", f"{name}[{i}] has a {kind!r} part; only text is supported")
             content = "".join(parts)
-        out.append({"role": role, "content": _text(content, f"{name}[{i}].content")})
+        message: dict[str, Any] = {"role": role, "content": "" if content is None else
+                                   _text(content, f"{name}[{i}].content")}
+        if role == "assistant":
+            reasoning = _reasoning(turn, message, f"{name}[{i}]")
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            if calls is not None:
+                parsed = _tool_calls(calls, f"{name}[{i}].tool_calls")
+                if parsed:
+                    message["tool_calls"] = parsed
+        elif calls:
+            raise RowError("bad_tool_call", f"{name}[{i}].tool_calls: only assistant turns make tool calls, this is "
+                                            f"a {role} turn")
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if turn.get(key) is not None:
+                    if not isinstance(turn[key], str):
+                        raise RowError("bad_tool_result", f"{name}[{i}].{key} should be text, got "
+                                                          f"{type(turn[key]).__name__}")
+                    message[key] = turn[key]
+        out.append(message)
     return out
+
+
+def _reasoning(turn: dict[str, Any], message: dict[str, Any], where: str) -> str | None:
+    """The reasoning of an assistant turn: from a reasoning field, or split off inline markers at the start of
+    the content (the content keeps only the answer)."""
+    fields = [f for f in REASONING_FIELDS if turn.get(f) is not None]
+    if len(fields) > 1:
+        raise RowError("bad_reasoning", f"{where} has reasoning in both {fields[0]!r} and {fields[1]!r}; keep one")
+    if fields:
+        value = turn[fields[0]]
+        if not isinstance(value, str):
+            raise RowError("bad_reasoning", f"{where}.{fields[0]} should be text, got {type(value).__name__}")
+        if any(opening in message["content"] for opening, _ in INLINE_REASONING):
+            raise RowError("bad_reasoning", f"{where} has reasoning in {fields[0]!r} and inline reasoning markers in "
+                                            "its content; keep one")
+        return value
+    content = message["content"]
+    for opening, closing in INLINE_REASONING:
+        stripped = content.lstrip()
+        if stripped.startswith(opening) or (closing in content and opening not in content):
+            if closing not in content:
+                raise RowError("bad_reasoning", f"{where}.content opens {opening} but never closes it with {closing}")
+            before, _, after = content.partition(closing)
+            if opening in after or closing in after:
+                raise RowError("bad_reasoning", f"{where}.content has more than one {opening}...{closing} block; "
+                                                "put one reasoning block at the start of the reply")
+            message["content"] = after.lstrip("\n")
+            return before.split(opening, 1)[-1].strip("\n")
+        if closing in content:
+            raise RowError("bad_reasoning", f"{where}.content has {closing} after text; reasoning goes first, "
+                                            f"as {opening}...{closing} at the start of the reply")
+    return None
+
+
+def _json_object(value: Any, where: str, reason: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(reason, f"{where} is not valid JSON ({exc.msg} at column {exc.colno}): "
+                                   f"{value[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise RowError(reason, f"{where} should be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI tool calls, checked: [{"id"?, "type": "function", "function": {"name", "arguments"}}].
+
+    Bare {"name", "arguments"} entries (a common dataset shape) are accepted too; arguments are kept parsed."""
+    if not isinstance(value, list):
+        raise RowError("bad_tool_call", f"{where} should be a list of calls, got {type(value).__name__}")
+    calls = []
+    for k, call in enumerate(value):
+        at = f"{where}[{k}]"
+        if not isinstance(call, dict):
+            raise RowError("bad_tool_call", f"{at} should be an object, got {type(call).__name__}")
+        function = call.get("function", call)
+        if call.get("type", "function") != "function":
+            raise RowError("bad_tool_call", f"{at}.type is {call.get('type')!r}; only 'function' calls are supported")
+        if not isinstance(function, dict):
+            raise RowError("bad_tool_call", f"{at}.function should be an object, got {type(function).__name__}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise RowError("bad_tool_call", f"{at}.function.name is missing or not text")
+        if "arguments" not in function:
+            raise RowError("bad_tool_call", f"{at}.function.arguments is missing (use {{}} for a call without any)")
+        arguments = _json_object(function["arguments"], f"{at}.function.arguments", "bad_tool_arguments")
+        out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if call.get("id") is not None:
+            if not isinstance(call["id"], str):
+                raise RowError("bad_tool_call", f"{at}.id should be text, got {type(call['id']).__name__}")
+            out["id"] = call["id"]
+        calls.append(out)
+    return calls
+
+
+def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
+    """The row's tool definitions (OpenAI: [{"type": "function", "function": {"name", "description",
+    "parameters"}}]), given as a list or as its JSON text."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError("bad_tools", f"field {where!r} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, list):
+        raise RowError("bad_tools", f"field {where!r} should be a list of tool definitions, got {type(value).__name__}")
+    tools = []
+    for k, tool in enumerate(value):
+        at = f"{where}[{k}]"
+        if not isinstance(tool, dict):
+            raise RowError("bad_tools", f"{at} should be an object, got {type(tool).__name__}")
+        if "function" not in tool and "name" in tool:  # a bare function definition
+            tool = {"type": "function", "function": tool}
+        function = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise RowError("bad_tools", f"{at} should be {{\"type\": \"function\", \"function\": {{...}}}}")
+        if not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise RowError("bad_tools", f"{at}.function.name is missing or not text")
+        if "parameters" in function:
+            function = {**function, "parameters": _json_object(function["parameters"], f"{at}.function.parameters",
+                                                               "bad_tools")}
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def check_tool_flow(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None, name: str) -> None:
+    """Every call names a defined tool (when tools are given); every tool message answers a call of the
+    assistant turn before it (by tool_call_id when the calls have ids), at most one answer per call."""
+    known = {t["function"]["name"] for t in tools} if tools else None
+    pending: dict[str, str] = {}  # call id -> function name, for the last assistant turn with calls
+    unanswered = 0
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            calls = m.get("tool_calls", [])
+            for k, call in enumerate(calls):
+                fn = call["function"]["name"]
+                if known is not None and fn not in known:
+                    raise RowError("unknown_tool", f"{name}[{i}].tool_calls[{k}] calls {fn!r}, which is not in the "
+                                                   f"row's tools ({', '.join(sorted(known))})")
+            pending = {c["id"]: c["function"]["name"] for c in calls if "id" in c}
+            unanswered = len(calls)
+        elif m["role"] == "tool":
+            if unanswered == 0:
+                raise RowError("unmatched_tool_result", f"{name}[{i}] is a tool result, but no tool call of the "
+                                                        "assistant turn before it is left to answer")
+            call_id = m.get("tool_call_id")
+            if pending:
+                if call_id is None:
+                    raise RowError("unmatched_tool_result", f"{name}[{i}] has no tool_call_id; the calls it may "
+                                                            f"answer have ids {', '.join(sorted(pending))}")
+                if call_id not in pending:
+                    raise RowError("unmatched_tool_result", f"{name}[{i}].tool_call_id {call_id!r} matches no call "
+                                                            f"of the assistant turn before it (ids: "
+                                                            f"{', '.join(sorted(pending))})")
+                del pending[call_id]
+            unanswered -= 1
+        elif m["role"] == "user":
+            pending, unanswered = {}, 0
