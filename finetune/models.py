@@ -64,7 +64,11 @@ def resolve(model_id: str, revision: str | None = None, *, base_dir: Path | None
         candidate = base_dir / candidate
     if candidate.suffix == ".gguf":
         if not candidate.exists():
-            raise UserError(f"model.id: GGUF file {candidate} not found")
+            looked = [candidate.resolve().parent] + ([(base_dir / Path(model_id).expanduser()).resolve().parent]
+                                                     if base_dir is not None and not candidate.is_absolute() else [])
+            raise UserError(f"model.id: GGUF file {candidate.name} not found (looked in "
+                            f"{', '.join(dict.fromkeys(str(p) for p in looked))}); give its path relative to the "
+                            "recipe file or an absolute path")
         check_gguf_file(candidate)
         key = _short_hash(candidate)
         return ResolvedModel(gguf_to_checkpoint(candidate.resolve(), key=key), model_id, "gguf", key)

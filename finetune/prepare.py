@@ -183,6 +183,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     sources_report = []
     examples: list[Example] = []
     counters: Counter[str] = Counter()
+    roles_mapped: Counter[str] = Counter()
     clock = _Clock()
     columns_seen: set[str] = set()
 
@@ -203,6 +204,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
                 continue
             counters["normalized"] += changes["normalized"]
             counters["system_prompt_added"] += changes["system_prompt_added"]
+            roles_mapped.update(changes.get("roles_mapped") or {})
             if fmt == "alpaca" and row.record.get(src.columns.get("input", "input")) is None:
                 counters["default_input"] += 1
             group = None
@@ -265,6 +267,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "leakage_removed": dict(leakage),
         "weights": dict(weights),
         "normalized": counters["normalized"],
+        "roles_mapped": dict(sorted(roles_mapped.items())),
         "filled": {"system_prompt": counters["system_prompt_added"], "default_input": counters["default_input"],
                    "group_missing": counters["group_missing"]},
         "truncated": counters["truncated"],
@@ -392,6 +395,10 @@ def read_source(recipe, i: int):
     if is_txt and fmt not in ("auto", "text"):
         raise UserError(f"{where}: {loaded.name} is a .txt file, which holds raw text; set format: text (or auto)")
     formats.check_columns("text" if is_txt else fmt, src.columns, where)
+    if fmt not in ("auto", "text") and loaded.rows:
+        # a misspelled mapped column would otherwise drop every row as missing_field and "finish"
+        formats.check_fields_present((r.record for r in loaded.rows), fmt, src.columns, source=loaded.name,
+                                     where=where)
     if fmt == "auto":
         if is_txt:
             fmt = "text"

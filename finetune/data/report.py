@@ -74,6 +74,9 @@ def print_summary(report: dict[str, Any], out_dir: Path) -> None:
         rows.add_row("  input filled", str(report["filled"]["default_input"]), "from data.default_input")
     if report["normalized"]:
         rows.add_row("  text normalised", str(report["normalized"]), "unicode / whitespace")
+    if report.get("roles_mapped"):
+        rows.add_row("  roles mapped", str(sum(report["roles_mapped"].values())),
+                     ", ".join(f"{k} {v}" for k, v in report["roles_mapped"].items()))
     for split in ("train", "validation", "test"):
         rows.add_row(f"{split}", str(report["splits"][split]), "")
     console.print(rows)

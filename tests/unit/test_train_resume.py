@@ -57,12 +57,14 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tiny
                           env={**os.environ, "PYTHONPATH": str(repo_root)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / "manifest.json").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4"]
+    # an unfinished run lives beside the train folder until it finishes
+    partial = victim.run_dir() / ".train.partial"
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["checkpoint-4"]
     # what a crash in the middle of a later save leaves behind must never be picked up
-    (out / "checkpoints" / ".checkpoint-8.tmp").mkdir()
-    (out / "checkpoints" / ".checkpoint-8.tmp" / "trainable.safetensors").write_bytes(b"half")
-    (out / "checkpoints" / "checkpoint-9").mkdir()
-    (out / "checkpoints" / "checkpoint-9" / "trainable.safetensors").write_bytes(b"half")
+    (partial / "checkpoints" / ".checkpoint-8.tmp").mkdir()
+    (partial / "checkpoints" / ".checkpoint-8.tmp" / "trainable.safetensors").write_bytes(b"half")
+    (partial / "checkpoints" / "checkpoint-9").mkdir()
+    (partial / "checkpoints" / "checkpoint-9" / "trainable.safetensors").write_bytes(b"half")
 
     summary = train.run(victim, resume=True)
     assert summary["steps"] == ref_summary["steps"] == 10
@@ -86,7 +88,7 @@ def test_ctrl_c_saves_a_checkpoint_and_an_automatic_rerun_continues(tmp_path, ti
     with pytest.raises(KeyboardInterrupt):
         train.run(run, on_eval=press_ctrl_c)
     out = run.run_dir("train")
-    assert (out / "checkpoints" / "checkpoint-3" / "state.json").exists()
+    assert (run.run_dir() / ".train.partial" / "checkpoints" / "checkpoint-3" / "state.json").exists()
     assert not (out / "manifest.json").exists()
     summary = train.run(run)  # no --resume: an interrupted run with unchanged settings continues by itself
     assert summary["steps"] == 10
