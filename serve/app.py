@@ -14,7 +14,11 @@ Sampling: ``temperature`` defaults to 0.7 and ``top_p`` to 0.95 (OpenAI's defaul
 get OpenAI's. Implemented besides: ``stop`` (up to 4 non-empty strings), ``seed``, ``presence_penalty``,
 ``frequency_penalty``, ``logit_bias`` (token id -> bias), ``response_format`` (text, json_object, json_schema:
 enforced with a llama.cpp grammar), ``echo`` (completions), ``user`` (accepted, no effect), and llama.cpp's
-``top_k``, ``min_p``, ``repeat_penalty``. Anything else (``logprobs``, ``tools``, ``n`` > 1, ``suffix``...) is refused
+``top_k``, ``min_p``, ``repeat_penalty``, and ``tools`` with ``tool_choice`` auto or none: tools are rendered by the
+model's chat template, and the reply's ``tool_calls`` (OpenAI's shape, ``finish_reason`` "tool_calls") are read for
+the call syntaxes of ``finetune.data.toolcalls`` (Qwen2.5/3 Hermes, Qwen3.5 XML, Llama 3.1 JSON, Mistral); with
+tools, a streamed reply comes whole in one delta. Reasoning (``<think>``, ``[THINK]``) is returned as
+``reasoning_content`` apart from ``content``. Anything else (``logprobs``, ``n`` > 1, ``suffix``...) is refused
 with a 400 that names it, never silently ignored. ``model`` may be left out; any other name than the served one is
 a 404 ``model_not_found``.
 
@@ -75,8 +79,12 @@ class ServerSettings:
 # ------------------------------------------------------------------------------------------- request bodies
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = ""
+    tool_calls: list[dict[str, Any]] | None = None   # an assistant turn that called tools
+    tool_call_id: str | None = None                  # a tool result: the call it answers
+    name: str | None = None
+    reasoning_content: str | None = None             # an earlier answer's reasoning, as this server returned it
 
     @field_validator("content")
     @classmethod
@@ -109,17 +117,15 @@ NO_EFFECT = {"user"}
 # Parameters that are understood but not implemented: refused when they ask for something (a value other than
 # "off"), so a client never gets an answer that silently ignored what it asked for.
 REFUSED_UNLESS_OFF: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []),
-    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "functions": (None, []),
+    "function_call": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False), "best_of": (None, 1), "suffix": (None, ""),
 }
 WHY_NOT = {
     "logprobs": "llama.cpp would have to keep the logits of every token",
     "top_logprobs": "llama.cpp would have to keep the logits of every token",
-    "tools": "the GGUF's chat template path has no tool-call parser",
-    "functions": "the GGUF's chat template path has no tool-call parser",
-    "tool_choice": "the GGUF's chat template path has no tool-call parser",
-    "function_call": "the GGUF's chat template path has no tool-call parser",
+    "functions": "the legacy functions API; send tools instead",
+    "function_call": "the legacy functions API; send tool_choice instead",
     "best_of": "one choice per request",
     "suffix": "no fill-in-the-middle",
 }
@@ -178,6 +184,10 @@ class Sampling(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1)
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    # "auto" (default with tools) or "none" (tools are not shown to the model); forcing a call ("required", a
+    # named function) is refused: nothing here constrains the model to call.
+    tool_choice: Literal["auto", "none"] | None = None
     # Not OpenAI: lets the web page and `finetune chat` mark their own conversations in the log.
     source: Literal["api", "web", "chat"] = "api"
 
@@ -202,6 +212,23 @@ class FeedbackRequest(BaseModel):
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def agent_messages(body: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The request's messages and tools as the chat template takes them (and as training rendered them): tool
+    calls with parsed arguments, tool results, reasoning of earlier answers. Raises ValueError naming the field."""
+    from finetune.data.formats import RowError, read_conversation
+
+    raw = []
+    for m in body.messages:
+        turn: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        turn |= {k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                   ("name", m.name), ("reasoning_content", m.reasoning_content)) if v is not None}
+        raw.append(turn)
+    try:
+        return read_conversation(raw, body.tools if body.tool_choice != "none" else None)
+    except RowError as exc:
+        raise ValueError(exc.detail) from None
 
 
 def error_body(status: int, message: str, code: str | None = None, *, param: str | None = None,
@@ -432,9 +459,12 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         refused = check(body)
         if refused is not None:
             return refused
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        job = _job(body, mode="chat", messages=messages)
+        try:
+            messages, tools = agent_messages(body)
+        except ValueError as exc:
+            return error_response(400, str(exc), "invalid_request", param="messages" if "messages" in str(exc)
+                                  else "tools")
+        job = _job(body, mode="chat", messages=messages, tools=tools)
         if body.response_format is not None and body.response_format.type != "text":
             if body.response_format.type == "json_schema":
                 schema = (body.response_format.json_schema or {}).get("schema")
@@ -554,7 +584,7 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
                 on_done(done)
             choice: dict[str, Any] = {"index": 0, "finish_reason": done["finish_reason"], "logprobs": None}
             if chat:
-                choice["message"] = {"role": "assistant", "content": done["text"]}
+                choice["message"] = done.get("message") or {"role": "assistant", "content": done["text"]}
             else:
                 choice["text"] = echo + done["text"]
             return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
@@ -579,13 +609,24 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
                     yield sse(chunk(None, None, role=True))
                 if echo:
                     yield sse(chunk(echo, None))
+                # With tools offered, the reply is held back until it is whole: a tool call is only known to be
+                # one (and parsed) at the end. It then comes as one delta in OpenAI's shape.
+                whole = chat and bool(job.get("tools"))
                 async for event in events:
-                    if event[0] == "delta":
+                    if event[0] == "delta" and not whole:
                         yield sse(chunk(event[2], None))
                     elif event[0] == "done":
                         done = event[2]
                         if on_done:
                             on_done(done)
+                        if whole:
+                            message = done.get("message") or {"content": done["text"]}
+                            delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+                            if "tool_calls" in delta:
+                                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(delta["tool_calls"])]
+                            piece = chunk(None, None)
+                            piece["choices"][0]["delta"] = delta
+                            yield sse(piece)
                         yield sse(chunk(None, done["finish_reason"]))
                         if include_usage:
                             yield sse({"id": cid, "object": obj, "created": created, "model": settings.model_name,

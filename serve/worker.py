@@ -10,7 +10,8 @@ The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llam
     child -> parent   ("ready", info) | ("fatal", {"code", "message"})                   once, at start
                       ("start", id, {"prompt_tokens": n})                               prompt accepted
                       ("delta", id, text)                                               streamed text
-                      ("done", id, {"finish_reason", "prompt_tokens", "completion_tokens", "text"})
+                      ("done", id, {"finish_reason", "prompt_tokens", "completion_tokens", "text",
+                                    "message"})  chat: OpenAI's assistant message (reasoning_content, tool_calls)
                       ("error", id, {"status": int, "code": str, "message": str})       request refused/failed
 
 Chat prompts are rendered with the GGUF's own Jinja chat template (metadata ``tokenizer.chat_template``) through
@@ -28,6 +29,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from finetune.data.render import template_kwargs, template_messages
+from finetune.data.toolcalls import parse_reply, tool_syntax
 
 
 class NoChatTemplate(Exception):
@@ -48,7 +52,7 @@ class Generator:
     """llama.cpp generation for one model; used inside the worker process (and by tests directly)."""
 
     def __init__(self, gguf: str, *, n_ctx: int, threads: int | None, chat_template: str | None = None,
-                 lora_path: str | None = None, seed: int = 0):
+                 lora_path: str | None = None, seed: int = 0, reasoning: str = "auto"):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -64,6 +68,10 @@ class Generator:
         template = chat_template if chat_template is not None else self.llm.metadata.get("tokenizer.chat_template")
         self.template_source = "file" if chat_template is not None else ("gguf" if template else None)
         self.formatter = None
+        self.template = template or ""
+        # the recipe's data.reasoning: the same template variables (enable_thinking) as in training
+        self.reasoning = reasoning
+        self.template_kwargs = template_kwargs(template, reasoning) if template else {}
         if template:
             self.formatter = Jinja2ChatFormatter(
                 template=template, eos_token=self.eos_text, bos_token=self.bos_text,
@@ -79,11 +87,14 @@ class Generator:
         return {"gguf": self.gguf, "n_ctx": self.n_ctx, "chat_template": self.template_source,
                 "eos": self.eos_text, "bos": self.bos_text, "pid": os.getpid()}
 
-    def render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
-        """(prompt text, stop strings) from the model's own chat template."""
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> tuple[str, list[str]]:
+        """(prompt text, stop strings) from the model's own chat template, rendered as in training: tools as the
+        template's ``tools``, reasoning in the field the template reads, the recipe's thinking switch."""
         if self.formatter is None:
             raise NoChatTemplate(no_template_message(self.gguf))
-        result = self.formatter(messages=messages)
+        result = self.formatter(messages=template_messages(messages, self.template, self.reasoning), tools=tools,
+                                **self.template_kwargs)
         stops = [s for s in ([result.stop] if isinstance(result.stop, str) else (result.stop or [])) if s]
         return result.prompt, stops
 
@@ -107,9 +118,16 @@ class Generator:
                  cancelled: Callable[[], bool]) -> None:
         rid = request["id"]
         chat = request["mode"] == "chat"
+        if chat and request.get("tools") and tool_syntax(self.template) is None:
+            emit(("error", rid, {"status": 400, "code": "tools_unsupported",
+                                 "message": "tools: this model's chat template has no tool-call format finetune can "
+                                            "read (Qwen2.5/Qwen3 <tool_call>, Qwen3.5 XML, Llama 3.1 JSON, Mistral "
+                                            "[TOOL_CALLS]); serve a model whose template has one, or pass one with "
+                                            "--chat-template FILE.jinja (the model must be trained with it)"}))
+            return
         try:
             if chat:
-                prompt, stops = self.render_chat(request["messages"])
+                prompt, stops = self.render_chat(request["messages"], request.get("tools"))
             else:
                 prompt, stops = request["prompt"], []
         except NoChatTemplate as exc:
@@ -171,8 +189,29 @@ class Generator:
                 break
         text = "".join(pieces)
         completion_tokens = len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
-        emit(("done", rid, {"finish_reason": finish_reason, "prompt_tokens": len(tokens),
-                            "completion_tokens": completion_tokens, "text": text}))
+        done: dict[str, Any] = {"finish_reason": finish_reason, "prompt_tokens": len(tokens),
+                                "completion_tokens": completion_tokens, "text": text}
+        if chat:
+            done["message"] = self.reply_message(text, request.get("tools"))
+            if done["message"].get("tool_calls") and finish_reason == "stop":
+                done["finish_reason"] = "tool_calls"
+        emit(("done", rid, done))
+
+    def reply_message(self, text: str, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The answer as OpenAI's assistant message: reasoning apart from content, and tool calls (only when the
+        request offered tools and the template's call syntax is one finetune reads)."""
+        # without tools offered, no call syntax is read (an empty template): the text stays the answer
+        reply = parse_reply(text, self.template if tools else "", tools=tools,
+                            end_tokens=(self.eos_text,) if self.eos_text else ())
+        message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+        if reply.reasoning is not None:
+            message["reasoning_content"] = reply.reasoning
+        if tools and reply.tool_calls:
+            message["tool_calls"] = reply.openai_tool_calls()
+            message["content"] = reply.content or None
+        elif tools and reply.unparsed is not None:  # a call the model wrote wrongly stays visible as text
+            message["content"] = text
+        return message
 
 
 def worker_main(conn: Connection, options: dict[str, Any]) -> None:
@@ -184,7 +223,8 @@ def worker_main(conn: Connection, options: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         gen = Generator(options["gguf"], n_ctx=options["n_ctx"], threads=options.get("threads"),
-                        chat_template=options.get("chat_template"), lora_path=options.get("lora_path"))
+                        chat_template=options.get("chat_template"), lora_path=options.get("lora_path"),
+                        reasoning=options.get("reasoning", "auto"))
     except Exception as exc:
         conn.send(("fatal", {"code": "load_failed",
                              "message": f"could not load {options['gguf']}: {type(exc).__name__}: {exc}"}))

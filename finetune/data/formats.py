@@ -402,3 +402,12 @@ def check_tool_flow(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | No
             unanswered -= 1
         elif m["role"] == "user":
             pending, unanswered = {}, 0
+
+
+def read_conversation(messages: Any, tools: Any, name: str = "messages") -> tuple[list[dict[str, Any]],
+                                                                                  list[dict[str, Any]] | None]:
+    """(messages, tools) of one agent conversation, validated as a data row is (the server takes requests so)."""
+    msgs = _turns(messages, name, Counter())
+    parsed = _tools(tools, "tools")
+    check_tool_flow(msgs, parsed, name)
+    return msgs, parsed

@@ -374,7 +374,7 @@ def test_empty_prompt_and_empty_stop_are_400(client):
 
 
 def test_unsupported_parameters_are_refused_by_name(client):
-    cases = [({"logprobs": True}, "logprobs"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    cases = [({"logprobs": True}, "logprobs"), ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
              ({"extra_body": {"best_of": 3}}, "best_of"), ({"extra_body": {"mirostat": 2}}, "mirostat")]
     for kwargs, name in cases:
         with pytest.raises(openai.BadRequestError) as info:
@@ -537,3 +537,56 @@ def test_network_host_ipv6_wildcard_and_health_without_key(gguf, tmp_path):
         assert full["model"] == MODEL and full["workers"][0]["pid"]
         status, body = http(srv, "/v1/models", key=None)
         assert status == 401
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_tools_with_a_template_without_a_call_format_are_refused(client):
+    """The embedded model's template (SmolLM2 ChatML) writes no tools: asking for them is a 400, not an answer
+    that silently ignored them."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, tools=TOOLS)
+    assert info.value.code == "tools_unsupported", info.value.message
+
+
+def test_tool_messages_are_validated_like_training_rows(client):
+    messages = HELLO + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Oslo}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, tools=TOOLS)
+    assert "messages[1].tool_calls[0].function.arguments is not valid JSON" in info.value.message
+
+
+def test_worker_returns_tool_calls_and_reasoning_in_openai_shape(gguf):
+    """The worker with a ChatML tool template (Qwen2.5's, same turn tokens as the embedded model): a request with
+    tools and a finished tool round renders, and a reply is read into OpenAI's assistant message."""
+    from finetune.gguf import sdist
+    from serve.worker import Generator
+
+    root = sdist.llama_cpp_dir(download=False)
+    if root is None or not (root / "models" / "templates").is_dir():
+        pytest.skip("llama.cpp source cache (templates) is absent: run `make install`")
+    template = (root / "models" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
+    gen = Generator(str(gguf), n_ctx=512, threads=1, chat_template=template)
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    prompt, _ = gen.render_chat(messages, TOOLS)
+    assert '"name": "get_weather"' in prompt and "<tool_response>\nsunny\n</tool_response>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    message = gen.reply_message('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>',
+                                TOOLS)
+    (call,) = message["tool_calls"]
+    assert message["content"] is None and call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Rome"}
+    events = []
+    gen.generate({"id": "r1", "mode": "chat", "messages": messages, "tools": TOOLS, "max_tokens": 8,
+                  "temperature": 0}, events.append, lambda: False)
+    assert events[0][0] == "start" and events[-1][0] == "done", events
+    assert events[-1][2]["message"]["role"] == "assistant"
+    thinking = gen.reply_message("<think>\nhm\n</think>\n\nOslo is sunny.", None)
+    assert thinking == {"role": "assistant", "content": "Oslo is sunny.", "reasoning_content": "hm"}
