@@ -305,7 +305,8 @@ def _parity_summary(report: dict) -> dict:
     for q, item in report["types"].items():
         lg = item["logits"]
         out[q] = {k: (round(lg[k], 4) if isinstance(lg.get(k), float) else lg.get(k))
-                  for k in ("top1_agreement", "kl_mean", "ppl_reference", "ppl_gguf", "min_top1")}
+                  for k in ("top1_agreement", "judged_top1", "decisive_positions", "kl_mean", "ppl_reference",
+                            "ppl_gguf", "min_top1")}
     if report.get("adapter"):
         out["adapter_top1"] = report["adapter"].get("top1_agreement")
     return out

@@ -33,6 +33,10 @@ FTYPES: dict[str, int] = {
 NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
 
 
+# compare_logits: a position is "decisive" when the reference's top token beats its second by this much probability.
+DECISIVE_MARGIN = 0.05
+
+
 class RuntimeCrash(UserError):
     """The llama.cpp child process died (a native crash) or gave no result."""
 
@@ -254,7 +258,7 @@ def _op_compare_logits(req: dict) -> dict:
     ref = np.load(req["reference"], mmap_mode="r")
     n_ctx = max(len(s) for s in seqs) + 8
     llm = _load(req["gguf"], n_ctx=n_ctx, logits_all=True, lora_path=req["lora_path"], threads=req["threads"])
-    agree = total = 0
+    agree = total = decisive = decisive_agree = 0
     kl_sum = nll_ref = nll_gguf = 0.0
     row = 0
     for seq in seqs:
@@ -268,8 +272,15 @@ def _op_compare_logits(req: dict) -> dict:
         # Position i predicts token i+1: compare all but the last position.
         targets = np.asarray(seq[1:])
         lp_got, lp_want = lp_got[:-1], lp_want[:-1]
-        agree += int((lp_got.argmax(-1) == lp_want.argmax(-1)).sum())
+        same = lp_got.argmax(-1) == lp_want.argmax(-1)
+        agree += int(same.sum())
         total += len(targets)
+        # Where the reference's two best tokens are nearly tied, rounding alone may swap them: count agreement
+        # also over the positions where the reference prefers its top token by a margin.
+        top2 = np.exp(np.sort(lp_want, axis=-1)[:, -2:])
+        clear = (top2[:, 1] - top2[:, 0]) >= DECISIVE_MARGIN
+        decisive += int(clear.sum())
+        decisive_agree += int((same & clear).sum())
         kl_sum += float((np.exp(lp_want) * (lp_want - lp_got)).sum())
         idx = np.arange(len(targets))
         nll_ref -= float(lp_want[idx, targets].sum())
@@ -277,6 +288,8 @@ def _op_compare_logits(req: dict) -> dict:
     return {
         "positions": total,
         "top1_agreement": agree / total if total else None,
+        "decisive_positions": decisive,
+        "top1_agreement_decisive": decisive_agree / decisive if decisive else None,
         "kl_mean": kl_sum / total if total else None,
         "ppl_reference": float(np.exp(nll_ref / total)) if total else None,
         "ppl_gguf": float(np.exp(nll_gguf / total)) if total else None,
