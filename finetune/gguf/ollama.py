@@ -1,7 +1,8 @@
 """Ollama Modelfiles: the GGUF's Jinja chat template translated to Ollama's Go TEMPLATE.
 
 Ollama does not run Jinja; a Modelfile needs the prompt format written as a Go template. Only formats whose
-translation is known exactly are written (ChatML, Llama 3, Gemma, Phi-3); for any other template the Modelfile
+translation is known exactly are written (ChatML, Llama 3, Gemma 2/3, Gemma 4, Phi-3, Mistral v0.3/Nemo,
+Mistral 3, Granite 4, gpt-oss harmony); for any other template the Modelfile
 says so and Ollama falls back to its own detection from the GGUF metadata - the export reports it as a warning.
 """
 
@@ -40,12 +41,51 @@ _PHI3 = """{{- if .System }}<|system|>
 {{ end }}<|assistant|>
 """
 
-# family -> (markers that must all be in the Jinja template, Go template)
+_GEMMA4 = """{{- if .System }}<|turn>system
+{{ .System }}<turn|>
+{{ end }}{{- range .Messages }}<|turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}
+{{ .Content }}<turn|>
+{{ end }}<|turn>model
+<|channel>thought
+<channel|>"""
+
+# Mistral v0.3 / Nemo: the system prompt goes before the last user message.
+_MISTRAL = """{{- range $i, $m := .Messages }}{{- if eq $m.Role "user" }}[INST]{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}
+
+{{ end }}{{ $m.Content }}[/INST]{{ else if eq $m.Role "assistant" }}{{ $m.Content }}</s>{{ end }}{{ end }}"""
+
+_MISTRAL3 = """{{- if .System }}[SYSTEM_PROMPT]{{ .System }}[/SYSTEM_PROMPT]{{ end }}{{- range .Messages }}
+{{- if eq .Role "user" }}[INST]{{ .Content }}[/INST]{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}"""
+
+_GRANITE = """{{- if .System }}<|start_of_role|>system<|end_of_role|>{{ .System }}<|end_of_text|>
+{{ end }}{{- range .Messages }}<|start_of_role|>{{ .Role }}<|end_of_role|>{{ .Content }}<|end_of_text|>
+{{ end }}<|start_of_role|>assistant<|end_of_role|>"""
+
+_HARMONY = """<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+Current date: {{ currentDate }}
+
+Reasoning: medium
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
+{{- if .System }}<|start|>developer<|message|># Instructions
+
+{{ .System }}
+
+<|end|>{{ end }}{{- range .Messages }}{{- if eq .Role "user" }}<|start|>user<|message|>{{ .Content }}<|end|>
+{{- else if eq .Role "assistant" }}<|start|>assistant<|channel|>final<|message|>{{ .Content }}<|end|>{{ end }}{{ end }}<|start|>assistant"""
+
+# family -> (markers that must all be in the Jinja template, Go template); the first match wins.
 _FAMILIES: list[tuple[str, tuple[str, ...], str]] = [
     ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), _LLAMA3),
     ("chatml", ("<|im_start|>", "<|im_end|>"), _CHATML),
     ("gemma", ("<start_of_turn>", "<end_of_turn>"), _GEMMA),
+    ("gemma4", ("<|turn>", "<turn|>"), _GEMMA4),
     ("phi3", ("<|user|>", "<|assistant|>", "<|end|>"), _PHI3),
+    ("mistral3", ("[SYSTEM_PROMPT]", "[INST]", "[/INST]"), _MISTRAL3),
+    ("mistral", ("[INST]", "[/INST]"), _MISTRAL),
+    ("granite", ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"), _GRANITE),
+    ("harmony", ("<|start|>", "<|message|>", "<|channel|>", "<|end|>"), _HARMONY),
 ]
 
 
@@ -62,8 +102,8 @@ def translate_template(jinja_template: str) -> Translation:
         if all(m in jinja_template for m in markers):
             return Translation(family, go_template, None)
     return Translation(None, None, "the chat template is not a format finetune can translate to Ollama's TEMPLATE "
-                                   "(known: ChatML, Llama 3, Gemma, Phi-3); Ollama will guess the format from the "
-                                   "GGUF. Check `ollama show --template` and add a TEMPLATE to the Modelfile.")
+                                   "(known: ChatML, Llama 3, Gemma, Gemma 4, Phi-3, Mistral, Mistral 3, Granite, "
+                                   "harmony); Ollama will guess the format from the GGUF. Check `ollama show --template` and add a TEMPLATE to the Modelfile.")
 
 
 def modelfile(gguf_name: str, *, jinja_template: str, stop_tokens: list[str], num_ctx: int,

@@ -109,6 +109,15 @@ def _template(name: str) -> str:
     ("Qwen-Qwen2.5-7B-Instruct.jinja", "chatml", "<|im_end|>"),
     ("google-gemma-2-2b-it.jinja", "gemma", "<end_of_turn>"),
     ("microsoft-Phi-3.5-mini-instruct.jinja", "phi3", "<|end|>"),
+    ("google-gemma-4-31B-it.jinja", "gemma4", "<turn|>"),
+    ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral", "</s>"),
+    ("Mistral-Small-3.2-24B-Instruct-2506.jinja", "mistral3", "</s>"),
+    ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", "mistral3", "</s>"),
+    ("ibm-granite-granite-4.0.jinja", "granite", "<|end_of_text|>"),
+    ("openai-gpt-oss-120b.jinja", "harmony", "<|return|>"),
+    ("LFM2.5-Instruct.jinja", "chatml", "<|im_end|>"),
+    ("HuggingFaceTB-SmolLM3-3B.jinja", "chatml", "<|im_end|>"),
+    ("Qwen3.5-4B.jinja", "chatml", "<|im_end|>"),
 ])
 def test_ollama_translation_of_real_templates(name, family, stop):
     from finetune.gguf import ollama
