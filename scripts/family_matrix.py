@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -329,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             work = root / name
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            sink = io.StringIO()
-            with contextlib.redirect_stdout(sink) if ns.quiet else contextlib.nullcontext():
+            with (work / "output.log").open("w") as sink, contextlib.ExitStack() as quiet:
+                if ns.quiet:  # the stages' own progress lines go to <work>/<family>/output.log
+                    quiet.enter_context(contextlib.redirect_stdout(sink))
+                    quiet.enter_context(contextlib.redirect_stderr(sink))
                 results[name] = run_family(name, work, log=lambda *a: print(*a, file=sys.__stdout__, flush=True))
     finally:
         if not ns.work:

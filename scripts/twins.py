@@ -53,6 +53,7 @@ class Family:
     added: tuple[str, ...] = ()       # control tokens added on top of the vocabulary (stand-ins, added-only tokens)
     renames: dict[int, str] = field(default_factory=dict)  # spm: piece id -> control token text (stand-ins)
     tokenizer_class: str | None = None
+    add_bos: bool | None = None       # the real tokenizer's add_bos_token, where it differs from the loader's default
     standin: str | None = None        # what is not the real family's, and why
 
 
@@ -116,7 +117,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
            "spm:phi-3", "microsoft-Phi-3.5-mini-instruct",
            {"bos": "<s>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "unk": "<unk>"},
-           {"do_sample": True, "temperature": 0.7, "top_p": 0.9}, "<|end|>", tokenizer_class="LlamaTokenizer"),
+           {"do_sample": True, "temperature": 0.7, "top_p": 0.9}, "<|end|>", tokenizer_class="LlamaTokenizer",
+           add_bos=True),
     Family("phi4-mini", "Phi-4 mini instruct", "Phi3ForCausalLM",
            {"num_hidden_layers": 2, "tie_word_embeddings": True,
             "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.75, "rope_type": "default"}},
@@ -132,7 +134,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}},
            "spm:llama-spm", "mistralai-Mistral-Nemo-Instruct-2407", {"bos": "<s>", "eos": "</s>", "unk": "<unk>"},
            {"do_sample": True, "temperature": 0.7, "top_p": 0.95}, "</s>",
-           added=MISTRAL_CONTROL, tokenizer_class="LlamaTokenizer",
+           added=MISTRAL_CONTROL, tokenizer_class="LlamaTokenizer", add_bos=True,
            standin="Mistral v0.3's 32768-piece SentencePiece model is not in llama.cpp's source: Llama 2's SentencePiece "
                    "model (the one Mistral's extends) with v0.3's control tokens as added tokens; its template: Mistral "
                    "Nemo's ([INST] ... [/INST] answer</s>, the same format)"),
@@ -149,7 +151,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
            "spm:gemma-4", "google-gemma-2-2b-it", {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"},
            {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 64}, "<end_of_turn>",
-           renames={106: "<start_of_turn>", 107: "<end_of_turn>"}, tokenizer_class="GemmaTokenizer",
+           renames={106: "<start_of_turn>", 107: "<end_of_turn>"}, tokenizer_class="GemmaTokenizer", add_bos=True,
            standin="llama.cpp keeps no Gemma 2 vocabulary: Gemma 4's pieces as a SentencePiece BPE model (scores from "
                    "the merge ranks), with <start_of_turn>/<end_of_turn> at Gemma 2's ids 106/107"),
     Family("gemma3", "Gemma 3 1B/4B/12B it", "Gemma3ForCausalLM",
@@ -160,7 +162,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
            "spm:gemma-4", "google-gemma-2-2b-it", {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"},
            {"do_sample": True, "top_p": 0.95, "top_k": 64}, "<end_of_turn>",
-           renames={105: "<start_of_turn>", 106: "<end_of_turn>"}, tokenizer_class="GemmaTokenizer",
+           renames={105: "<start_of_turn>", 106: "<end_of_turn>"}, tokenizer_class="GemmaTokenizer", add_bos=True,
            standin="llama.cpp keeps no Gemma 3 vocabulary or template: Gemma 4's pieces as a SentencePiece BPE model "
                    "(scores from the merge ranks) with <start_of_turn>/<end_of_turn> at Gemma 3's ids 105/106, and "
                    "Gemma 2's template (Gemma 3's differs only in folding a system message into the first user turn)"),
@@ -291,9 +293,16 @@ def _tokenizer(family: Family, out: Path):
         tok = _load_from(out, family)
     else:
         raise ValueError(family.vocab)
-    missing = [t for t in family.added if t not in tok.get_vocab()]
-    if missing:
-        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    extra = out / ".extra_tokens.json"
+    control = [t for _, t in json.loads(extra.read_text())] if extra.exists() else []
+    extra.unlink(missing_ok=True)
+    # Control tokens are special added tokens, as in the real tokenizer_config.json's added_tokens_decoder (also the
+    # ones already in the vocabulary: added_tokens.json alone does not make them special).
+    control += [t for t in family.added if t not in control]
+    if control:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in control], special_tokens=True)
+    if family.add_bos is not None:
+        tok.add_bos_token = family.add_bos
     for key, text in family.special.items():
         setattr(tok, f"{key}_token", text)
     template = _template(family)
