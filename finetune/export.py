@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +152,12 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
                  model_dir: Path | None = None, outtype: str = "F16", quantizations: list[str] | tuple = ("Q8_0", "Q4_K_M"),
                  adapter_gguf: bool = True, ollama: bool = True, parity_checks: bool = True,
                  min_top1_unquantized: float = 0.99, heldout_rows: list[dict] | None = None,
-                 default_quant: str | None = None, log=print) -> dict[str, Any]:
-    """Merge, convert, quantize, check and describe; returns what was written (paths, sizes, parity summary).
+                 default_quant: str | None = None, calibration: Calibration | None = None,
+                 table: TableSettings | None = None, log=print) -> dict[str, Any]:
+    """Merge, convert, quantize, check and describe; returns what was written (paths, sizes, parity summary,
+    quantization table).
 
+    ``calibration``: text for the importance matrix of the sub-8-bit types (None: quantize without one).
     Raises UserError (after writing parity.json) when a parity check fails.
     """
     from finetune.gguf import convert, parity, runtime
@@ -163,11 +167,12 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    table = table or TableSettings()
     quantizations = [q.upper() for q in quantizations if q.upper() != outtype.upper()]
     for q in quantizations:
-        if q in runtime.NEEDS_IMATRIX:
-            raise UserError(f"export.quantizations: {q} needs an importance matrix, which finetune does not compute; "
-                            "use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
+        if q in runtime.NEEDS_IMATRIX and calibration is None:
+            raise UserError(f"export.quantizations: {q} needs an importance matrix; turn export.imatrix on "
+                            "(the default) or use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
         if q not in runtime.FTYPES:
             raise UserError(f"export.quantizations: unknown type {q!r}; known: {', '.join(sorted(runtime.FTYPES))}")
 
@@ -196,11 +201,18 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
     ggufs[outtype] = convert.convert_model(merged_dir, out_dir / f"{name}-{outtype}.gguf", outtype)
     timings["convert"] = time.time() - t
+    imatrix_file, imatrix_info = None, None
+    guided = [q for q in quantizations if q not in IMATRIX_FREE] if calibration is not None else []
+    if guided:
+        t = time.time()
+        imatrix_file = out_dir / f"{name}-imatrix.gguf"
+        imatrix_info = _importance_matrix(merged_dir, ggufs[outtype], imatrix_file, calibration, log)
+        timings["imatrix"] = time.time() - t
     t = time.time()
     for q in quantizations:
-        log(f"export: quantizing to {q}")
+        log(f"export: quantizing to {q}" + (" with the importance matrix" if q in guided else ""))
         ggufs[q] = out_dir / f"{name}-{q}.gguf"
-        runtime.quantize(ggufs[outtype], ggufs[q], q)
+        runtime.quantize(ggufs[outtype], ggufs[q], q, imatrix=imatrix_file if q in guided else None)
     timings["quantize"] = time.time() - t
 
     adapter_file = base_file = None
@@ -246,6 +258,26 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
                             f"the trained model (details: {out_dir / 'parity.json'}):\n  - "
                             + "\n  - ".join(report["failed"]))
 
+    from finetune.gguf import quant_table
+
+    t = time.time()
+    prompts = quant_table.task_prompts(heldout_rows or [], table.examples)
+    answer_tokens = [len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in prompts]
+    rows = quant_table.build(ggufs, parity_types=(report or {}).get("types"), prompts=prompts,
+                             max_tokens=min(256, max(answer_tokens, default=0) + 16), imatrix_types=set(guided),
+                             log=log)
+    fit_bytes = int(table.fit_gb * 1e9) if table.fit_gb is not None else None
+    picked, why = quant_table.pick(rows, fit_bytes=fit_bytes, tolerance=table.tolerance)
+    quant = {"rows": rows, "picked": picked, "why": why, "fit_gb": table.fit_gb, "tolerance": table.tolerance,
+             "imatrix": imatrix_info}
+    runs.atomic_write_json(out_dir / "quantization.json", quant)
+    chart = quant_table.plot(rows, out_dir / "quantization.png")
+    timings["table"] = time.time() - t
+    if table.fit_gb is not None:
+        log(f"export: picked {picked}: {why}" if picked else f"export: WARNING: {why}")
+        if picked:
+            default_quant = picked
+
     warnings: list[str] = []
     if ollama:
         info = runtime.inspect(ggufs[outtype])
@@ -264,7 +296,8 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
                 log(f"export: WARNING: {warning}")
     sizes = {q: p.stat().st_size for q, p in ggufs.items()}
     runs.atomic_write_text(out_dir / "README.md", _readme(name, ggufs, sizes, adapter_file, base_file, report, ollama,
-                                                          default_quant if default_quant in ggufs else None))
+                                                          default_quant if default_quant in ggufs else None)
+                           + _table_section(quant, chart))
     timings["total"] = time.time() - t0
     return {
         "merged": str(merged_dir), "merge": merged,
@@ -274,7 +307,60 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         "parity": str(out_dir / "parity.json") if report is not None else None,
         "parity_summary": _parity_summary(report) if report is not None else None,
         "warnings": warnings, "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "quantization": str(out_dir / "quantization.json"), "picked": picked,
+        "imatrix": str(imatrix_file) if imatrix_file else None,
     }
+
+
+# Types quantized without an importance matrix: 8 bits and more lose too little for one to matter.
+IMATRIX_FREE = {"F32", "F16", "BF16", "Q8_0"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Text the model is run on to measure how much each weight column matters (the importance matrix)."""
+    rows: list[dict]                 # prepare's rows: {"messages": [...]} rendered with the chat template, or {"text"}
+    sources: list[str]               # what they came from, recorded in the imatrix file
+    max_tokens: int = 16384
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    examples: int = 24               # held-out prompts each type answers for the exact-match column
+    fit_gb: float | None = None      # pick the smallest type within this file size ...
+    tolerance: float = 0.02          # ... whose exact match is at most this far below the unquantized GGUF's
+
+
+def _importance_matrix(merged_dir: Path, f16: Path, out_file: Path, calibration: Calibration, log) -> dict:
+    from finetune.gguf import imatrix
+
+    tokenizer = load_chat_tokenizer(merged_dir)
+    sequences = []
+    for row in calibration.rows:
+        if row.get("messages"):
+            sequences.append(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+        elif row.get("text"):
+            sequences.append(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+    log(f"export: importance matrix from {', '.join(calibration.sources)} (up to {calibration.max_tokens} tokens)")
+    importance = imatrix.collect(merged_dir, sequences, max_tokens=calibration.max_tokens)
+    info = imatrix.write(importance, gguf_model=f16, out_file=out_file, datasets=calibration.sources)
+    info["unmapped"] = info["unmapped"][:20]
+    return info
+
+
+def _table_section(quant: dict, chart: Path | None) -> str:
+    from finetune.gguf import quant_table
+
+    lines = ["", "## Which file to use", "", quant_table.markdown(quant["rows"])]
+    if quant.get("imatrix"):
+        lines.append(f"Types marked imatrix were quantized with an importance matrix measured on "
+                     f"{quant['imatrix']['tokens']} tokens of your training data (`*-imatrix.gguf`, llama.cpp's "
+                     "format).")
+    if quant.get("picked"):
+        lines.append(f"\nRecommended: **{quant['picked']}** ({quant['why']}).")
+    if chart is not None:
+        lines.append(f"\n![size vs quality]({chart.name})")
+    return "\n".join(lines) + "\n"
 
 
 def _prompt_conversations(rows: list[dict]) -> list[list[dict]]:
@@ -338,11 +424,11 @@ def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: P
 
 # --------------------------------------------------------------------------------------------- stage
 
-def _heldout_rows(recipe) -> list[dict] | None:
+def _heldout_rows(recipe, split: str = "test") -> list[dict] | None:
     manifest = runs.read_manifest(recipe.run_dir("prepare"))
     if not manifest:
         return None
-    path = (manifest.get("outputs", {}).get("splits") or {}).get("test")
+    path = (manifest.get("outputs", {}).get("splits") or {}).get(split)
     if not path or not Path(path).exists():
         return None
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -380,14 +466,51 @@ def run(recipe, *, recipe_path: str = "RECIPE", log=print) -> dict[str, Any]:
             name=recipe.name, out_dir=stage.work, base_dir=base, adapter_dir=adapter, model_dir=full,
             outtype=cfg.outtype, quantizations=list(cfg.quantizations), adapter_gguf=cfg.adapter_gguf,
             ollama=cfg.ollama, parity_checks=cfg.parity, min_top1_unquantized=cfg.min_top1_f16,
-            heldout_rows=heldout, default_quant=recipe.serve.quant, log=log,
+            heldout_rows=heldout, default_quant=recipe.serve.quant, calibration=_calibration(recipe),
+            table=TableSettings(examples=cfg.table_examples, fit_gb=cfg.fit_gb, tolerance=cfg.metric_tolerance),
+            log=log,
         )
         result = _relocated(result, str(stage.work), str(out))  # the paths the files have once swapped in
         stage.outputs = {"merged": result["merged"], "gguf": result["gguf"], "adapter_gguf": result["adapter_gguf"],
-                         "base_gguf": result["base_gguf"], "parity": result["parity"]}
+                         "base_gguf": result["base_gguf"], "parity": result["parity"],
+                         "quantization": result["quantization"], "imatrix": result["imatrix"],
+                         "picked": result["picked"]}
         stage.extra["summary"] = {"sizes": result["sizes"], "parity": result["parity_summary"],
                                   "warnings": result["warnings"], "seconds": result["seconds"]}
     return result
+
+
+def _calibration(recipe) -> Calibration | None:
+    """The training split (and export.imatrix_files) as calibration text, or None when export.imatrix is off."""
+    cfg = recipe.export
+    if not cfg.imatrix or all(q.upper() in IMATRIX_FREE for q in cfg.quantizations):
+        return None
+    rows, sources = list(_heldout_rows(recipe, "train") or []), []
+    if rows:
+        sources.append(f"{recipe.name} training split ({len(rows)} rows)")
+    for name in cfg.imatrix_files:
+        path = Path(name) if Path(name).is_absolute() else Path(recipe.base_dir) / name
+        if not path.is_file():
+            raise UserError(f"export.imatrix_files: {path} not found (paths are relative to the recipe file)")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix == ".jsonl":
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{i}: not a JSON line (calibration .jsonl rows hold 'messages' or "
+                                    "'text')") from None
+                if isinstance(row, dict) and (row.get("messages") or row.get("text")):
+                    rows.append(row)
+        else:  # plain text: paragraphs
+            rows += [{"text": p} for p in text.split("\n\n") if p.strip()]
+        sources.append(path.name)
+    if not rows:
+        raise UserError("export.imatrix: no calibration text (the training split is missing and export.imatrix_files "
+                        "is empty); run `finetune prepare`, add export.imatrix_files, or set export.imatrix: false")
+    return Calibration(rows=rows, sources=sources, max_tokens=cfg.imatrix_tokens)
 
 
 def _relocated(value: Any, old: str, new: str) -> Any:

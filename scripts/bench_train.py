@@ -19,6 +19,11 @@ With CUDA both arms train on the GPU (the Trainer's default fp32 there too; fine
 rows, and Liger kernels when installed); peak memory is then the GPU's (``torch.cuda.max_memory_allocated``).
 
 On a shared machine speeds are noisy: ``--rounds 2`` alternates the arms and keeps each arm's best round.
+
+Speed only counts at equal quality: after its epoch, each arm's trained LoRA is scored by the same function on the
+same held-out conversations (``--heldout``, drawn with another seed): mean cross-entropy per assistant token, base
+weights in fp32, padded batches, eval mode. The ratio is printed beside that comparison. (The logged training
+losses are not comparable: the Trainer logs each step's mean, finetune a window's mean per trained token.)
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 HYPER = {"r": 16, "alpha": 32, "lr": 2e-4, "batch_size": 8}
 
 
-def make_data(n: int, seed: int, out: Path, base: str | None = None) -> dict:
-    """n conversations of 1-6 tickets each (variable length), rendered with assistant-only labels."""
+def make_data(n: int, seed: int, out: Path, base: str | None = None, heldout: int = 16) -> dict:
+    """n conversations of 1-6 tickets each (variable length), rendered with assistant-only labels, plus
+    ``heldout`` more drawn with another seed for the equal-quality check."""
     from finetune import models
     from finetune.data.render import render_messages
 
@@ -55,21 +61,62 @@ def make_data(n: int, seed: int, out: Path, base: str | None = None) -> dict:
         if (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)
                 and messages[-1].get("role") == "assistant" and all(m.get("content") for m in messages)):
             rows.append(row)
-    rng = random.Random(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        picked = rng.sample(rows, rng.randint(1, 6))
-        messages = [picked[0]["messages"][0]] if picked[0]["messages"][0]["role"] == "system" else []
-        for r in picked:
-            messages += [m for m in r["messages"] if m["role"] != "system"]
-        i, lab = render_messages(tokenizer, messages, train_on="assistant")
-        ids.append(i)
-        labels.append(lab)
-    data = {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]}
+
+    def draw(count: int, rng: random.Random) -> tuple[list, list]:
+        ids, labels = [], []
+        for _ in range(count):
+            picked = rng.sample(rows, rng.randint(1, 6))
+            messages = [picked[0]["messages"][0]] if picked[0]["messages"][0]["role"] == "system" else []
+            for r in picked:
+                messages += [m for m in r["messages"] if m["role"] != "system"]
+            i, lab = render_messages(tokenizer, messages, train_on="assistant")
+            ids.append(i)
+            labels.append(lab)
+        return ids, labels
+
+    ids, labels = draw(n, random.Random(seed))
+    held_ids, held_labels = draw(heldout, random.Random(seed + 10_000))
+    data = {"input_ids": ids, "labels": labels, "length": [len(x) for x in ids],
+            "heldout": {"input_ids": held_ids, "labels": held_labels}}
     out.write_text(json.dumps(data))
     lengths = data["length"]
     return {"examples": n, "tokens": sum(lengths), "min_len": min(lengths), "max_len": max(lengths),
             "mean_len": round(sum(lengths) / n, 1), "model": str(resolved.path)}
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def heldout_loss(model, heldout: dict, pad_id: int) -> float:
+    """Mean cross-entropy per assistant token on the held-out conversations: one function for both arms."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    rows = list(zip(heldout["input_ids"], heldout["labels"], strict=True))
+    with torch.no_grad():
+        for i in range(0, len(rows), 8):
+            batch = rows[i:i + 8]
+            width = max(len(x) for x, _ in batch)
+            ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in batch], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch], device=device)
+            labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    return total / count
+
+
+def _fp32_with_adapter(model_path: str, adapter_dir: Path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if torch.cuda.is_available():
+        base = base.to("cuda")
+    return PeftModel.from_pretrained(base, adapter_dir)
 
 
 # ------------------------------------------------------------------------------------------------ arms
@@ -94,8 +141,12 @@ def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     out = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before the quality check
+    trainer.model.save_pretrained(work / "vanilla-adapter")
+    quality = heldout_loss(_fp32_with_adapter(model_path, work / "vanilla-adapter"), data["heldout"],
+                           tokenizer.pad_token_id)
     return {"seconds": out.metrics["train_runtime"], "steps": trainer.state.global_step, "loss_first": losses[:1],
-            "loss_last": losses[-1:]}
+            "loss_last": losses[-1:], "peak_rss_mb": peak, "heldout_loss": quality}
 
 
 def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] | None = None) -> dict:
@@ -111,7 +162,7 @@ def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] |
                   "save_every": 10**6, "eval_every": 10**6, "log_every": 4},
     }, overrides or []), base_dir=REPO)
     tokenized = recipe.run_dir("prepare") / "tokenized" / "train"
-    Dataset.from_dict(data).save_to_disk(str(tokenized))
+    Dataset.from_dict({k: data[k] for k in ("input_ids", "labels", "length")}).save_to_disk(str(tokenized))
     with runs.StageRun(recipe, "prepare") as stage:
         stage.outputs = {"tokenized": {"train": str(tokenized)}}
     summary = train.run(recipe)
@@ -122,9 +173,15 @@ def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] |
     steady_tps = None
     if len(logged) > 1 and logged[-1]["time"] > logged[0]["time"]:
         steady_tps = (logged[-1]["tokens"] - logged[0]["tokens"]) / (logged[-1]["time"] - logged[0]["time"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before the quality check
+    from finetune import models
+
+    pad_id = models.load_tokenizer(models.resolve(model_path)).pad_token_id
+    quality = heldout_loss(_fp32_with_adapter(model_path, recipe.run_dir("train") / "adapter"), data["heldout"], pad_id)
     return {"seconds": summary["seconds"], "steps": summary["steps"], "loss_first": losses[:1],
             "loss_last": losses[-1:], "attn": summary["attn_implementation"], "base_dtype": summary["base_dtype"],
-            "kernels": summary.get("kernels"), "steady_tokens_per_s": steady_tps}
+            "kernels": summary.get("kernels"), "steady_tokens_per_s": steady_tps, "peak_rss_mb": peak,
+            "heldout_loss": quality}
 
 
 def child(arm: str, data_path: Path, model_path: str, overrides: list[str]) -> None:
@@ -136,7 +193,6 @@ def child(arm: str, data_path: Path, model_path: str, overrides: list[str]) -> N
             result = arm_finetune(data, model_path, Path(work), overrides)
     result["tokens"] = sum(data["length"])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import torch
 
     if torch.cuda.is_available():
@@ -164,6 +220,7 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=64, help="conversations to train on (one epoch)")
     p.add_argument("--rounds", type=int, default=1, help="alternate the arms this many times; best round counts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout", type=int, default=16, help="held-out conversations for the equal-quality check")
     p.add_argument("--base", help="a local model folder to train (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=OVERRIDES",
@@ -179,7 +236,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "data.json"
-        info = make_data(ns.examples, ns.seed, data_path, ns.base)
+        info = make_data(ns.examples, ns.seed, data_path, ns.base, ns.heldout)
         print(f"data: {info['examples']} conversations, {info['tokens']} tokens, lengths {info['min_len']}-"
               f"{info['max_len']} (mean {info['mean_len']}); cores {os.cpu_count()}")
         arms = {"vanilla": [], "finetune": []}
@@ -195,8 +252,8 @@ def main() -> None:
                           else "")
                 gpu = f"  peak GPU {res['peak_gpu_mb']:7.0f} MB" if "peak_gpu_mb" in res else ""
                 print(f"round {r + 1} {arm:9s} {res['tokens_per_s']:8.1f} tok/s  {res['seconds']:7.1f} s  "
-                      f"{res['steps']} steps  peak RSS {res['peak_rss_mb']:7.0f} MB{gpu}  loss {res['loss_first']} "
-                      f"-> {res['loss_last']}{steady}  {' '.join(overrides)}", flush=True)
+                      f"{res['steps']} steps  peak RSS {res['peak_rss_mb']:7.0f} MB{gpu}  held-out loss "
+                      f"{res['heldout_loss']:.4f}{steady}  {' '.join(overrides)}", flush=True)
     best = {arm: max(rs, key=lambda x: x["tokens_per_s"]) for arm, rs in results.items()}
     ratio = best["finetune"]["tokens_per_s"] / best["vanilla"]["tokens_per_s"]
     mem = best["finetune"]["peak_rss_mb"] / best["vanilla"]["peak_rss_mb"]
@@ -204,10 +261,14 @@ def main() -> None:
           f"peak RSS {best['vanilla']['peak_rss_mb']:.0f} MB")
     print(f"finetune train:                      {best['finetune']['tokens_per_s']:.1f} tok/s, "
           f"peak RSS {best['finetune']['peak_rss_mb']:.0f} MB")
-    print(f"speed ratio {ratio:.2f}x (target >= 2.5), memory ratio {mem:.2f} (target <= 1.0)")
+    q_v, q_f = best["vanilla"]["heldout_loss"], best["finetune"]["heldout_loss"]
+    print(f"held-out loss after the same {best['finetune']['tokens']} tokens: vanilla {q_v:.4f}, finetune {q_f:.4f} "
+          f"({(q_f - q_v) / q_v:+.1%})")
+    print(f"speed ratio {ratio:.2f}x at that quality (target >= 2.5), memory ratio {mem:.2f} (target <= 1.0)")
     for arm in [a for a in best if a not in ("vanilla", "finetune")]:
         print(f"variant {arm}: {best[arm]['tokens_per_s']:.1f} tok/s, ratio "
-              f"{best[arm]['tokens_per_s'] / best['vanilla']['tokens_per_s']:.2f}x ({' '.join(arms[arm])})")
+              f"{best[arm]['tokens_per_s'] / best['vanilla']['tokens_per_s']:.2f}x, held-out loss "
+              f"{best[arm]['heldout_loss']:.4f} ({' '.join(arms[arm])})")
     if "peak_gpu_mb" in best["finetune"]:
         gpu_mem = best["finetune"]["peak_gpu_mb"] / best["vanilla"]["peak_gpu_mb"]
         print(f"GPU {best['finetune']['gpu']}: peak GPU memory vanilla {best['vanilla']['peak_gpu_mb']:.0f} MB, "

@@ -279,6 +279,7 @@ class Guard:
         limit = settings.max_body_bytes
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
+            await drain(receive)  # never stored; read so that a client still sending sees the 413, not a broken pipe
             await reply(send, 413, f"request body of {length} bytes is over this server's limit of {limit} bytes",
                         "request_too_large")
             return

@@ -60,6 +60,12 @@ def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     manifest = require_stage(recipe, "export", str(path))
     ggufs: dict[str, str] = (manifest.get("outputs") or {}).get("gguf") or {}
     quant = recipe.serve.quant
+    if quant == "auto":  # the type export picked for export.fit_gb (export/quantization.json says why)
+        quant = (manifest.get("outputs") or {}).get("picked")
+        if not quant:
+            raise UserError(f"serve.quant: auto needs export.fit_gb, so that `finetune export {target}` picks a type "
+                            f"(none was picked for run '{recipe.name}'); set export.fit_gb or serve.quant to one of: "
+                            f"{', '.join(sorted(ggufs)) or 'none'}")
     if quant not in ggufs:
         have = ", ".join(sorted(ggufs)) or "none"
         raise UserError(
@@ -111,7 +117,9 @@ def worker_options(target: Target, *, threads: int | None = None) -> dict:
         chat_template = template_path.read_text(encoding="utf-8")
     cores = os.cpu_count() or 1
     return {"gguf": str(target.gguf), "n_ctx": config.n_ctx, "chat_template": chat_template,
-            "threads": threads or config.threads or max(1, cores // config.workers)}
+            "threads": threads or config.threads or max(1, cores // config.workers),
+            # trained and served the same way: the recipe's reasoning setting (a bare .gguf: the template's default)
+            "reasoning": target.recipe.data.reasoning if target.recipe else "auto"}
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +107,18 @@ def run_many(gguf_path: str | Path, jobs: list[tuple[str, dict]], *, timeout: fl
     return _call("many", gguf_path, {"jobs": requests}, timeout=timeout)
 
 
-def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None) -> dict:
-    """Write ``dst`` as ``qtype`` from an F16/BF16/F32 GGUF with llama.cpp's quantizer."""
+def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int | None = None,
+             imatrix: str | Path | None = None) -> dict:
+    """Write ``dst`` as ``qtype`` from an F16/BF16/F32 GGUF with llama.cpp's quantizer, guided by an importance
+    matrix GGUF (``finetune.gguf.imatrix``, or one made by llama.cpp's imatrix tool) when given."""
     qtype = qtype.upper()
-    if qtype in NEEDS_IMATRIX:
-        raise UserError(f"export.quantizations: {qtype} needs an importance matrix, which finetune does not compute; "
-                        "use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
+    if qtype in NEEDS_IMATRIX and imatrix is None:
+        raise UserError(f"export.quantizations: {qtype} needs an importance matrix; turn export.imatrix on "
+                        "(the default) or use Q4_K_M, Q5_K_M, Q6_K or Q8_0")
     if qtype not in FTYPES:
         raise UserError(f"export.quantizations: unknown type {qtype!r}; known: {', '.join(sorted(FTYPES))}")
-    return _call("quantize", src, {"dst": str(dst), "ftype": FTYPES[qtype], "threads": threads})
+    return _call("quantize", src, {"dst": str(dst), "ftype": FTYPES[qtype], "threads": threads,
+                                   "imatrix": str(imatrix) if imatrix else None})
 
 
 # ------------------------------------------------------------------------------------------ the parent
@@ -243,11 +247,13 @@ def _op_chat(req: dict) -> list[dict]:
     out = []
     for messages in req["conversations"]:
         llm.reset()
+        started = time.perf_counter()
         r = handler(llama=llm, messages=messages, temperature=req["temperature"], max_tokens=req["max_tokens"],
                     seed=req["seed"], repeat_penalty=1.0, top_k=0 if req["temperature"] == 0 else 40)
         choice = r["choices"][0]
         out.append({"text": choice["message"]["content"] or "", "finish_reason": choice["finish_reason"],
-                    "tokens": r["usage"]["completion_tokens"]})
+                    "tokens": r["usage"]["completion_tokens"], "prompt_tokens": r["usage"]["prompt_tokens"],
+                    "seconds": time.perf_counter() - started})
     return out
 
 
@@ -309,14 +315,41 @@ def _op_quantize(req: dict) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = req["ftype"]
     params.nthread = req["threads"] or max(1, os.cpu_count() or 1)
+    keep_alive = []
+    if req.get("imatrix"):
+        params.imatrix, keep_alive = _imatrix_param(req["imatrix"])
     dst = Path(req["dst"])
     tmp = dst.with_name(f".{dst.name}.tmp")
     rc = llama_cpp.llama_model_quantize(req["gguf"].encode(), str(tmp).encode(), params)
+    del keep_alive
     if rc != 0:
         tmp.unlink(missing_ok=True)
         return {"error": f"llama_model_quantize({dst.name}) returned {rc}"}
     os.replace(tmp, dst)
     return {"size": dst.stat().st_size}
+
+
+def _imatrix_param(path: str):
+    """llama_model_quantize_params.imatrix: a NULL-terminated C array of {name, data, size}, and the Python objects
+    that own its memory (they must outlive the quantize call)."""
+    import ctypes
+
+    import llama_cpp
+
+    from finetune.gguf import imatrix
+
+    entries = imatrix.load(Path(path))
+    array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    owners = [array]
+    for i, (name, values) in enumerate(entries.items()):
+        buf = (ctypes.c_float * len(values))(*values)
+        encoded = name.encode()
+        owners += [buf, encoded]
+        array[i].name = encoded
+        array[i].data = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
+        array[i].size = len(values)
+    array[len(entries)].name = None
+    return ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), owners
 
 
 def _op_many(req: dict) -> list[dict]:

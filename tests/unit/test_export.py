@@ -112,6 +112,16 @@ def test_export_writes_the_contracted_outputs(exported):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(merged).chat_template  # the chat template travels with the checkpoint
+    # the quantization table: one row per type, answered on the held-out prompts, with parity's figures
+    table = json.loads(Path(manifest["quantization"]).read_text())
+    rows = {r["type"]: r for r in table["rows"]}
+    assert set(rows) == {"F16", "Q8_0"}
+    assert rows["F16"]["examples"] == 5 and 0 <= rows["F16"]["exact_match"] <= 1
+    assert rows["Q8_0"]["top1_agreement"] == json.loads(Path(manifest["parity"]).read_text())["types"]["Q8_0"][
+        "logits"]["top1_agreement"]
+    assert rows["Q8_0"]["decode_tokens_per_s"] > 0 and rows["Q8_0"]["bytes"] < rows["F16"]["bytes"]
+    assert manifest["imatrix"] is None  # nothing below 8 bits was asked for
+    assert "## Which file to use" in (out / "README.md").read_text()
 
 
 def test_parity_report_is_exact_for_f16(exported):
