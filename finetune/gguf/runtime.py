@@ -122,6 +122,20 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, *, threads: int | Non
 
 
 # ------------------------------------------------------------------------------------------ the parent
+def omp_wait_policy(threads: int | None = None) -> str:
+    """OpenMP wait policy for a llama.cpp process about to start: spin (ACTIVE) when the machine has a free core for
+    each of its threads, sleep at once (PASSIVE) when it is busy. Neither is free: spinning threads that wait for a
+    core held by another process made decoding several times slower on a busy machine, and sleeping threads made it
+    several times slower on an idle one (scripts/bench_export.py measures both). A policy set by the user wins."""
+    cores = os.cpu_count() or 1
+    threads = threads or min(cores, 16)
+    try:
+        load = os.getloadavg()[0]  # runnable processes, averaged over the last minute
+    except OSError:
+        return "PASSIVE"
+    return "ACTIVE" if load + threads <= cores + 0.5 else "PASSIVE"
+
+
 def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | None = None) -> Any:
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -133,9 +147,7 @@ def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | Non
         # The child must import this checkout of finetune, whatever the caller's working directory.
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        # llama.cpp's OpenMP threads spin while waiting by default; on a busy machine (more runnable threads than
-        # cores) that made decoding 10x slower here (40 tokens: 30 s vs 3 s). Passive waiting costs ~nothing idle.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.setdefault("OMP_WAIT_POLICY", omp_wait_policy(payload.get("threads")))
         try:
             proc = subprocess.run([sys.executable, "-m", "finetune.gguf.runtime", str(req), str(res)],
                                   capture_output=True, text=True, env=env, timeout=timeout, errors="replace")
