@@ -10,6 +10,7 @@ The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llam
     child -> parent   ("ready", info) | ("fatal", {"code", "message"})                   once, at start
                       ("start", id, {"prompt_tokens": n})                               prompt accepted
                       ("delta", id, text)                                               streamed text
+                      ("reasoning", id, text)           streamed reasoning (chat without tools), never in a delta
                       ("done", id, {"finish_reason", "prompt_tokens", "completion_tokens", "text",
                                     "message"})  chat: OpenAI's assistant message (reasoning_content, tool_calls)
                       ("error", id, {"status": int, "code": str, "message": str})       request refused/failed
@@ -23,15 +24,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from finetune.data.render import template_kwargs, template_messages
-from finetune.data.toolcalls import parse_reply, tool_syntax
+from finetune.data.toolcalls import ReplyStream, parse_reply, tool_syntax
 
 
 class NoChatTemplate(Exception):
@@ -54,7 +55,8 @@ class Generator:
     def __init__(self, gguf: str, *, n_ctx: int, threads: int | None, chat_template: str | None = None,
                  lora_path: str | None = None, seed: int = 0, reasoning: str = "auto"):
         import llama_cpp
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from finetune.gguf.chat_format import ChatRenderer
 
         self.gguf = gguf
         self.llm = llama_cpp.Llama(
@@ -62,30 +64,17 @@ class Generator:
             seed=seed, verbose=False,
         )
         self.n_ctx = self.llm.n_ctx()
-        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
-        self.eos_text = self._special_text(eos_id)
-        self.bos_text = self._special_text(bos_id)
-        template = chat_template if chat_template is not None else self.llm.metadata.get("tokenizer.chat_template")
-        self.template_source = "file" if chat_template is not None else ("gguf" if template else None)
-        self.formatter = None
-        self.template = template or ""
-        # the recipe's data.reasoning: the same template variables (enable_thinking) as in training
+        # the renderer parity and eval use: same template variables, BOS/EOS texts and end-of-generation tokens
+        self.renderer = ChatRenderer(self.llm, template=chat_template, reasoning=reasoning)
+        self.eos_text, self.bos_text = self.renderer.eos_text, self.renderer.bos_text
+        self.template = self.renderer.template
+        self.template_source = "file" if chat_template is not None else ("gguf" if self.template else None)
+        self.formatter = self.renderer.formatter
         self.reasoning = reasoning
-        self.template_kwargs = template_kwargs(template, reasoning) if template else {}
-        if template:
-            self.formatter = Jinja2ChatFormatter(
-                template=template, eos_token=self.eos_text, bos_token=self.bos_text,
-                stop_token_ids=[eos_id] if eos_id >= 0 else None,
-            )
-
-    def _special_text(self, token_id: int) -> str:
-        if token_id < 0:
-            return ""
-        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def info(self) -> dict[str, Any]:
         return {"gguf": self.gguf, "n_ctx": self.n_ctx, "chat_template": self.template_source,
-                "eos": self.eos_text, "bos": self.bos_text, "pid": os.getpid()}
+                "template": self.template, "eos": self.eos_text, "bos": self.bos_text, "pid": os.getpid()}
 
     def render_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> tuple[str, list[str]]:
@@ -93,10 +82,7 @@ class Generator:
         template's ``tools``, reasoning in the field the template reads, the recipe's thinking switch."""
         if self.formatter is None:
             raise NoChatTemplate(no_template_message(self.gguf))
-        result = self.formatter(messages=template_messages(messages, self.template, self.reasoning), tools=tools,
-                                **self.template_kwargs)
-        stops = [s for s in ([result.stop] if isinstance(result.stop, str) else (result.stop or [])) if s]
-        return result.prompt, stops
+        return self.renderer.render(messages, tools=tools)
 
     @staticmethod
     def json_grammar(schema: dict[str, Any]) -> Any:
@@ -112,7 +98,9 @@ class Generator:
     def tokenize_prompt(self, prompt: str, *, chat: bool) -> list[int]:
         # A chat template writes its own BOS (if the model wants one): adding another would double it, which is
         # what llama-cpp-python's own Jinja2 handler avoids too. A raw completion prompt gets the model's default.
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=not chat, special=chat)
+        if chat:
+            return self.renderer.tokenize(prompt)
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
     def generate(self, request: dict[str, Any], emit: Callable[[tuple], None],
                  cancelled: Callable[[], bool]) -> None:
@@ -165,30 +153,24 @@ class Generator:
             return
         emit(("start", rid, {"prompt_tokens": len(tokens)}))
         stop = list(dict.fromkeys(stops + list(request.get("stop") or [])))
+        # Chat replies keep their special tokens (gpt-oss's channels, Mistral's [TOOL_CALLS], Llama's
+        # <|python_tag|>): they are what the reply is read back by. Without tools, reasoning streams apart.
+        reading = ReplyStream(self.template, prompt) if chat and not request.get("tools") else None
         pieces: list[str] = []
         finish_reason = "length"
-        stream = self.llm.create_completion(
-            tokens, max_tokens=max_tokens, temperature=float(request.get("temperature", 0.7)),
-            top_p=float(request.get("top_p", 0.95)), top_k=int(request.get("top_k", 40)),
-            min_p=float(request.get("min_p", 0.05)), repeat_penalty=float(request.get("repeat_penalty", 1.0)),
-            presence_penalty=float(request.get("presence_penalty", 0.0)),
-            frequency_penalty=float(request.get("frequency_penalty", 0.0)),
-            logit_bias=request.get("logit_bias") or None, grammar=grammar,
-            stop=stop or None, stream=True, seed=request.get("seed"),
-        )
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            text = choice.get("text") or ""
-            if text:
-                pieces.append(text)
-                emit(("delta", rid, text))
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
+        completion_tokens = 0
+        steps = self.sample(tokens, request, max_tokens=max_tokens, stop=stop, grammar=grammar, special=chat)
+        for piece, finish_reason, completion_tokens in steps:  # noqa: B007 (the last values are the result)
+            if piece:
+                pieces.append(piece)
+                for field, text in reading.feed(piece) if reading else [("content", piece)]:
+                    emit(("delta" if field == "content" else "reasoning", rid, text))
             if cancelled():
                 finish_reason = "cancelled"
                 break
+        for field, text in reading.finish() if reading else []:
+            emit(("delta" if field == "content" else "reasoning", rid, text))
         text = "".join(pieces)
-        completion_tokens = len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
         done: dict[str, Any] = {"finish_reason": finish_reason, "prompt_tokens": len(tokens),
                                 "completion_tokens": completion_tokens, "text": text}
         if chat:
@@ -197,11 +179,62 @@ class Generator:
                 done["finish_reason"] = "tool_calls"
         emit(("done", rid, done))
 
+    def sample(self, tokens: list[int], request: dict[str, Any], *, max_tokens: int, stop: list[str], grammar: Any,
+               special: bool) -> Iterator[tuple[str, str, int]]:
+        """Generate after ``tokens``: yields (new text, finish reason so far, completion tokens) per token.
+
+        llama.cpp's own completion loop drops special tokens from the text; this one detokenizes with
+        ``special`` (chat replies keep their markers). It stops on an end-of-generation token (not part of the
+        text), on a stop string (cut before it; text that may begin one is held back until it cannot), or after
+        ``max_tokens``."""
+        import numpy as np
+
+        seed = request.get("seed")
+        self.llm.set_seed(int(seed) if seed is not None else random.randrange(2**32))
+        bias = {int(k): float(v) for k, v in (request.get("logit_bias") or {}).items()}
+
+        def add_bias(_ids: Any, scores: Any) -> Any:
+            scores = np.copy(scores)
+            for token, value in bias.items():
+                scores[token] += value
+            return scores
+
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        generated: list[int] = []
+        sent = 0
+        text = ""
+        for token in self.llm.generate(
+                tokens, top_k=int(request.get("top_k", 40)), top_p=float(request.get("top_p", 0.95)),
+                min_p=float(request.get("min_p", 0.05)), temp=float(request.get("temperature", 0.7)),
+                repeat_penalty=float(request.get("repeat_penalty", 1.0)),
+                presence_penalty=float(request.get("presence_penalty", 0.0)),
+                frequency_penalty=float(request.get("frequency_penalty", 0.0)),
+                logits_processor=llama_cpp.LogitsProcessorList([add_bias]) if bias else None, grammar=grammar):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                yield text[sent:], "stop", len(generated)
+                return
+            generated.append(token)
+            # the whole reply decoded again: a character split across tokens is complete only later
+            text = self.llm.detokenize(generated, prev_tokens=tokens, special=special).decode("utf-8", errors="ignore")
+            cut = min((at for at in (text.find(s, max(0, sent - len(s))) for s in stop) if at >= 0), default=-1)
+            if cut >= 0:
+                yield text[sent:cut], "stop", len(generated)
+                return
+            if len(generated) >= max_tokens:
+                yield text[sent:], "length", len(generated)
+                return
+            held = max((k for s in stop for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
+            yield text[sent:len(text) - held], "length", len(generated)
+            sent = len(text) - held
+
     def reply_message(self, text: str, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
         """The answer as OpenAI's assistant message: reasoning apart from content, and tool calls (only when the
         request offered tools and the template's call syntax is one finetune reads)."""
-        # without tools offered, no call syntax is read (an empty template): the text stays the answer
-        reply = parse_reply(text, self.template if tools else "", tools=tools,
+        # without tools offered, no call syntax is read, except gpt-oss's channels, which hold its answer
+        syntax = tool_syntax(self.template)
+        reply = parse_reply(text, self.template if tools or syntax == "harmony" else "", tools=tools,
                             end_tokens=(self.eos_text,) if self.eos_text else ())
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.reasoning is not None:

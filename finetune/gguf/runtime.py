@@ -45,11 +45,13 @@ class RuntimeCrash(UserError):
 # ------------------------------------------------------------------------------------------ public API
 def chat(gguf_path: str | Path, conversations: list[list[dict]], *, max_tokens: int = 128, temperature: float = 0.0,
          n_ctx: int = 2048, lora_path: str | Path | None = None, seed: int = 0, threads: int | None = None,
-         timeout: float | None = None) -> list[dict]:
-    """Answer each conversation with the GGUF's own chat template: [{"text", "finish_reason", "tokens"}, ...]."""
+         timeout: float | None = None, reasoning: str = "auto", tools: list[dict] | None = None) -> list[dict]:
+    """Answer each conversation with the GGUF's own chat template, rendered as the server renders it
+    (``finetune.gguf.chat_format``): [{"text", "finish_reason", "tokens", "prompt_tokens", "seconds"}, ...]."""
     return _call("chat", gguf_path, {
         "conversations": conversations, "max_tokens": max_tokens, "temperature": temperature, "n_ctx": n_ctx,
         "lora_path": str(lora_path) if lora_path else None, "seed": seed, "threads": threads,
+        "reasoning": reasoning, "tools": tools,
     }, timeout=timeout)
 
 
@@ -63,9 +65,11 @@ def tokenize(gguf_path: str | Path, texts: list[str], *, add_special: bool = Fal
     return _call("tokenize", gguf_path, {"texts": texts, "add_special": add_special, "parse_special": parse_special})
 
 
-def render_chat(gguf_path: str | Path, conversations: list[list[dict]], *, add_generation_prompt: bool = True) -> list[dict]:
+def render_chat(gguf_path: str | Path, conversations: list[list[dict]], *, add_generation_prompt: bool = True,
+                reasoning: str = "auto", tools: list[dict] | None = None) -> list[dict]:
     """The prompt chat() would feed the model: [{"text", "ids"}, ...] (the Jinja path, exactly as chat uses it)."""
-    return _call("render_chat", gguf_path, {"conversations": conversations, "add_generation_prompt": add_generation_prompt})
+    return _call("render_chat", gguf_path, {"conversations": conversations, "add_generation_prompt": add_generation_prompt,
+                                            "reasoning": reasoning, "tools": tools})
 
 
 def compare_logits(gguf_path: str | Path, sequences: list[list[int]], reference_logits: str | Path, *,
@@ -89,8 +93,9 @@ def run_many(gguf_path: str | Path, jobs: list[tuple[str, dict]], *, timeout: fl
     """
     defaults = {
         "tokenize": {"add_special": False, "parse_special": True},
-        "render_chat": {"add_generation_prompt": True},
-        "chat": {"max_tokens": 128, "temperature": 0.0, "n_ctx": 2048, "lora_path": None, "seed": 0, "threads": None},
+        "render_chat": {"add_generation_prompt": True, "reasoning": "auto", "tools": None},
+        "chat": {"max_tokens": 128, "temperature": 0.0, "n_ctx": 2048, "lora_path": None, "seed": 0, "threads": None,
+                 "reasoning": "auto", "tools": None},
         "compare_logits": {"lora_path": None, "threads": None},
     }
     requests = []
@@ -180,44 +185,26 @@ def _load(path: str, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: 
                            n_threads_batch=threads, verbose=False)
 
 
-def _eog_ids(llm) -> list[int]:
-    import llama_cpp
+def _renderer(llm, gguf: str, reasoning: str = "auto"):
+    """The shared chat renderer (finetune.gguf.chat_format): the same prompt and stop tokens as the server."""
+    from finetune.gguf.chat_format import ChatRenderer
 
-    vocab = llm._model.vocab
-    return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-
-
-def _formatter(llm, gguf: str):
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
+    renderer = ChatRenderer(llm, reasoning=reasoning)
+    if renderer.formatter is None:
         raise UserError(
             f"{gguf} has no chat template (tokenizer.chat_template); llama-cpp-python would silently fall back to "
             "the llama-2 format. Export from a tokenizer with a chat template (finetune export writes it)."
         )
-    model = llm._model
-    bos, eos = model.token_bos(), model.token_eos()
-    return Jinja2ChatFormatter(
-        template=template,
-        eos_token=model.token_get_text(eos) if eos != -1 else "",
-        bos_token=model.token_get_text(bos) if bos != -1 else "",
-        stop_token_ids=_eog_ids(llm),
-    )
-
-
-def _render(llm, formatter, messages: list[dict]) -> tuple[str, list[int]]:
-    # Exactly what llama-cpp-python's chat handler does with a Jinja formatter (added_special=True: no extra BOS).
-    out = formatter(messages=messages)
-    ids = llm.tokenize(out.prompt.encode("utf-8"), add_bos=not out.added_special, special=True)
-    return out.prompt, ids
+    return renderer
 
 
 def _op_inspect(req: dict) -> dict:
     llm = _load(req["gguf"], vocab_only=True)
     model = llm._model
     meta = {k: v for k, v in llm.metadata.items()}
-    eog = _eog_ids(llm)
+    from finetune.gguf.chat_format import end_of_generation_ids
+
+    eog = end_of_generation_ids(llm)
     bos, eos = model.token_bos(), model.token_eos()
     return {
         "metadata": meta,
@@ -243,27 +230,28 @@ def _op_tokenize(req: dict) -> list[list[int]]:
 
 def _op_render_chat(req: dict) -> list[dict]:
     llm = _load(req["gguf"], vocab_only=True)
-    fmt = _formatter(llm, req["gguf"])
-    fmt.add_generation_prompt = req["add_generation_prompt"]
+    renderer = _renderer(llm, req["gguf"], req.get("reasoning", "auto"))
     out = []
     for messages in req["conversations"]:
-        text, ids = _render(llm, fmt, messages)
-        out.append({"text": text, "ids": ids})
+        text, _ = renderer.render(messages, tools=req.get("tools"), add_generation_prompt=req["add_generation_prompt"])
+        out.append({"text": text, "ids": renderer.tokenize(text)})
     return out
 
 
 def _op_chat(req: dict) -> list[dict]:
     llm = _load(req["gguf"], n_ctx=req["n_ctx"], lora_path=req["lora_path"], seed=req["seed"], threads=req["threads"])
-    fmt = _formatter(llm, req["gguf"])
-    handler = fmt.to_chat_handler()
+    renderer = _renderer(llm, req["gguf"], req.get("reasoning", "auto"))
     out = []
     for messages in req["conversations"]:
         llm.reset()
         started = time.perf_counter()
-        r = handler(llama=llm, messages=messages, temperature=req["temperature"], max_tokens=req["max_tokens"],
-                    seed=req["seed"], repeat_penalty=1.0, top_k=0 if req["temperature"] == 0 else 40)
+        prompt, stops = renderer.render(messages, tools=req.get("tools"))
+        ids = renderer.tokenize(prompt)
+        # llama.cpp stops by itself on every end-of-generation token (renderer.stop_ids)
+        r = llm.create_completion(ids, temperature=req["temperature"], max_tokens=req["max_tokens"], stop=stops or None,
+                                  seed=req["seed"], repeat_penalty=1.0, top_k=0 if req["temperature"] == 0 else 40)
         choice = r["choices"][0]
-        out.append({"text": choice["message"]["content"] or "", "finish_reason": choice["finish_reason"],
+        out.append({"text": choice["text"] or "", "finish_reason": choice["finish_reason"],
                     "tokens": r["usage"]["completion_tokens"], "prompt_tokens": r["usage"]["prompt_tokens"],
                     "seconds": time.perf_counter() - started})
     return out

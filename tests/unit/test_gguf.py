@@ -68,11 +68,12 @@ def test_quantize_refuses_types_that_need_an_importance_matrix(embedded_gguf, tm
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_recipe_rejects_imatrix_and_misspelt_types():
+def test_recipe_rejects_imatrix_types_without_one_and_misspelt_types():
     from finetune import recipe
 
     with pytest.raises(recipe.RecipeError, match="importance matrix"):
-        recipe.validate_dict({"name": "x", "export": {"quantizations": ["IQ2_XXS"]}})
+        recipe.validate_dict({"name": "x", "export": {"quantizations": ["IQ2_XXS"], "imatrix": False}})
+    assert recipe.validate_dict({"name": "x", "export": {"quantizations": ["IQ2_XXS"]}}).export.imatrix
     with pytest.raises(recipe.RecipeError, match="did you mean 'Q4_K_M'"):
         recipe.validate_dict({"name": "x", "export": {"quantizations": ["Q4KM"]}})
 
