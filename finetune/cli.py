@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("finetune.chat:command", "Chat in the terminal with a model (GGUF directly, or a running server with --url)."),
     "feedback": ("finetune.feedback:command", "Export approved/corrected replies from serve/chat as training data."),
     "plan": ("finetune.plan:command", "Estimate memory and time; say whether it fits your GPU/CPU and what to change."),
+    "doctor": ("finetune.doctor:command", "Before training: which family a model is, what each stage will do with it."),
 }
 
 EXIT_USER_ERROR = 2

@@ -29,6 +29,11 @@ class ResolvedModel:
     revision: str | None  # Hub commit (or GGUF sha256 for converted files)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: nothing may be fetched from the Hub (the one place that reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def cache_root() -> Path:
     root = os.environ.get("FINETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finetune")
     return Path(root)
@@ -160,7 +165,7 @@ def download_from_hub(repo_id: str, revision: str | None, *, gated: bool = False
         RevisionNotFoundError,
     )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline)
     except GatedRepoError:
@@ -261,7 +266,19 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
 
 
-def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
+def read_chat_template(path: Path) -> str:
+    """The text of a .jinja chat template file (model.chat_template), with a clear error when it is unusable."""
+    if not path.is_file():
+        raise UserError(f"model.chat_template: {path} not found (relative paths are resolved against the recipe's "
+                        "folder)")
+    text = path.read_text(encoding="utf-8")
+    if "messages" not in text:
+        raise UserError(f"model.chat_template: {path} does not read `messages`; it is not a chat template")
+    return text
+
+
+def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False, chat_template: Path | None = None):
+    """The model's tokenizer; ``chat_template`` (a .jinja file) replaces its own template when given."""
     from transformers import AutoTokenizer
 
     try:
@@ -273,6 +290,8 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False):
                         f"{REMOTE_CODE_HINT}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        tok.chat_template = read_chat_template(chat_template)
     return tok
 
 

@@ -1,0 +1,212 @@
+"""``finetune doctor MODEL``: before any training, what the toolkit will do with this model, stage by stage.
+
+    finetune doctor Qwen/Qwen3-1.7B          # a Hub id (config and tokenizer files only are fetched)
+    finetune doctor ./my-model               # a local Hugging Face folder
+    finetune doctor recipes/quickstart.yaml  # the recipe's model.id
+
+It says which family the model is, whether each stage supports it (train: LoRA targets, packing; export:
+llama.cpp's converter, multi-token-prediction layers; serve: chat template, end of turn), what its template's
+BOS and end-of-turn tokens are, and what will be exported. A model that cannot go all the way is refused here,
+with the reason and what to do, exit code 2 - never at export after hours of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import UserError
+
+# Files enough to answer every question here: config, tokenizer and template. Never the weights.
+_METADATA_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+@dataclass
+class Report:
+    model: str
+    path: Path
+    rows: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, check, finding)
+    refusals: list[str] = field(default_factory=list)
+
+    def add(self, stage: str, check: str, finding: str) -> None:
+        self.rows.append((stage, check, finding))
+
+    def refuse(self, stage: str, check: str, why: str) -> None:
+        self.rows.append((stage, check, f"NO: {why}"))
+        self.refusals.append(f"{stage}: {why}")
+
+
+def metadata_folder(model_id: str, revision: str | None = None, *, base_dir: Path | None = None) -> Path:
+    """A folder holding the model's config and tokenizer files: local as is, the embedded model converted, or a
+    Hub repository's metadata files only (no weights)."""
+    from finetune import models
+
+    candidate = Path(model_id).expanduser()
+    if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
+        candidate = base_dir / candidate
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file():
+            raise UserError(f"{candidate} has no config.json; give a Hugging Face model folder")
+        return candidate.resolve()  # its config and tokenizer are all this needs: no weights required
+    if model_id == models.EMBEDDED_MODEL or candidate.suffix == ".gguf" or candidate.exists():
+        return models.resolve(model_id, revision, base_dir=base_dir).path
+    if model_id.count("/") != 1:
+        raise UserError(f"{model_id!r} is not a folder, a .gguf file, a Hub id (org/name) or "
+                        f"'{models.EMBEDDED_MODEL}'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=_METADATA_PATTERNS,
+                                      local_files_only=models.hub_offline()))
+    except Exception as exc:  # noqa: BLE001 - the Hub's errors are many; each becomes one line
+        raise UserError(f"{model_id}: could not read its config from the Hub ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}). Offline (HF_HUB_OFFLINE=1) it must be in the cache; "
+                        "gated models need `hf auth login` and the license accepted.") from None
+
+
+def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None = None,
+            trust_remote_code: bool = False) -> Report:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.gguf import convert, parity, sdist
+    from finetune.training import attention
+
+    path = metadata_folder(model_id, revision, base_dir=base_dir)
+    report = Report(model_id, path)
+    raw = json.loads((path / "config.json").read_text())
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    arch = (raw.get("architectures") or ["?"])[0]
+    report.add("model", "architecture", f"{arch} (model_type {raw.get('model_type')})")
+    if getattr(config, "vision_config", None) is not None:
+        report.add("model", "image-text checkpoint", "text-only fine-tuning: the language model gets the adapters, "
+                   "the vision tower is kept as it is in the merged checkpoint; the GGUF is the text model")
+
+    # parameters, counted on the meta device (no memory, no weights)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        report.refuse("train", "transformers class", f"transformers cannot build {arch} as a causal LM "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); upgrade transformers or pick "
+                      "a supported model")
+        return report
+    total = sum(p.numel() for p in model.parameters())
+    experts = int(getattr(text, "num_local_experts", 0) or getattr(text, "num_experts", 0) or 0)
+    per_token = int(getattr(text, "num_experts_per_tok", 0) or 0)
+    if experts and per_token:
+        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}.")
+        active = total - expert_params + expert_params * per_token // experts
+        report.add("model", "parameters", f"{total / 1e9:.2f} B total, {active / 1e9:.2f} B active per token "
+                   f"({per_token} of {experts} experts)")
+    else:
+        report.add("model", "parameters", f"{total / 1e9:.2f} B")
+
+    # train: what LoRA can reach, packing
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                     and not n.endswith("lm_head")})
+    if not linear:
+        report.refuse("train", "LoRA targets", "no linear layer for LoRA to adapt; use train.method: full")
+    else:
+        note = ", ".join(linear)
+        if experts and not any(".experts." in f".{n}." for n, m in model.named_modules()
+                               if isinstance(m, torch.nn.Linear)):
+            note += " (the experts are fused weight tensors, not linear layers: LoRA adapts attention and the router)"
+        report.add("train", "LoRA targets (all-linear)", note)
+    obstacle = attention.packing_obstacle(config)
+    report.add("train", "packed batches", f"off: {obstacle}; padded batches instead" if obstacle else
+               "on (padding-free; sliding windows, soft-capping and attention sinks honoured)")
+
+    # tokenizer and template
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        report.refuse("prepare", "tokenizer", f"the tokenizer does not load ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:160]})")
+        return report
+    if not tok.chat_template:
+        report.refuse("prepare", "chat template", "the tokenizer has no chat template, so conversations cannot be "
+                      "rendered the way the model will be served; pick the instruct model, or set "
+                      "data.chat_template to a .jinja file")
+    else:
+        report.add("prepare", "chat template", f"yes ({len(tok.chat_template)} characters)")
+        try:
+            eot = parity.end_of_turn_tokens(tok)
+            report.add("serve", "end of turn", ", ".join(repr(tok.convert_ids_to_tokens(i)) for i in eot) +
+                       " (becomes the exported EOS, so llama.cpp and Ollama stop there)")
+        except UserError as exc:
+            report.refuse("serve", "end of turn", str(exc))
+    report.add("prepare", "BOS", repr(tok.bos_token) if tok.bos_token else "none")
+
+    # export: the converter
+    src = sdist.llama_cpp_dir(download=False) if _installed_llama() else None
+    if src is None:
+        report.add("export", "llama.cpp converter", "unknown: llama-cpp-python's source is not cached yet "
+                   "(`make install` fetches it)")
+    else:
+        known = set(convert._text_model_map(str(src)))
+        if arch not in known:
+            report.refuse("export", "llama.cpp converter", f"{arch} is not an architecture llama.cpp's converter "
+                          f"knows (llama-cpp-python {sdist.installed_version()}); the merged Hugging Face checkpoint "
+                          "would be the only output")
+        else:
+            report.add("export", "llama.cpp converter", f"{arch}: yes")
+    if any(int(c.get(k) or 0) > 0 for c in (raw, raw.get("text_config") or {})
+           for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
+        report.add("export", "multi-token prediction", "declared in config.json; transformers does not load those "
+                   "layers, so the GGUF is converted without them (--no-mtp)")
+    report.add("export", "outputs", "merged checkpoint, F16 GGUF + quantized types (importance matrix from your "
+               "data below 8 bits), LoRA adapter GGUF, Ollama Modelfile, parity report")
+    return report
+
+
+def _installed_llama() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def format_report(report: Report) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.model}  ({report.path})", show_lines=False)
+    for col in ("stage", "check", "finding"):
+        table.add_column(col, overflow="fold")
+    for row in report.rows:
+        table.add_row(*row)
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(table)
+    verdict = ("supported through every stage" if not report.refusals else
+               "REFUSED: " + "; ".join(report.refusals))
+    return console.export_text() + verdict + "\n"
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="finetune doctor", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a Hub id, a local model folder, a .gguf file, or a recipe (its model.id)")
+    p.add_argument("--revision", help="a Hub revision")
+    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    ns = p.parse_args(argv)
+    model_id, revision, base_dir, remote = ns.model, ns.revision, Path.cwd(), ns.trust_remote_code
+    if ns.model.endswith((".yaml", ".yml")):
+        from finetune import recipe
+
+        r = recipe.load(ns.model)
+        model_id, revision, base_dir = r.model.id, revision or r.model.revision, r.base_dir
+        remote = remote or r.model.trust_remote_code
+    report = examine(model_id, revision, base_dir=base_dir, trust_remote_code=remote)
+    if ns.json:
+        print(json.dumps({"model": report.model, "path": str(report.path),
+                          "findings": [dict(zip(("stage", "check", "finding"), r, strict=True)) for r in report.rows],
+                          "refused": report.refusals}, indent=1))
+    else:
+        print(format_report(report), end="")
+    return 2 if report.refusals else 0
+
