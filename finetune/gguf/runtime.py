@@ -243,7 +243,8 @@ def _op_chat(req: dict) -> list[dict]:
     renderer = _renderer(llm, req["gguf"], req.get("reasoning", "auto"))
     out = []
     for messages in req["conversations"]:
-        llm.reset()
+        # no llm.reset(): llama-cpp-python keeps the KV cache of the longest prefix shared with the previous
+        # prompt (the template's system prompt and turn markers), so only the rest is evaluated
         started = time.perf_counter()
         prompt, stops = renderer.render(messages, tools=req.get("tools"))
         ids = renderer.tokenize(prompt)
