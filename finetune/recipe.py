@@ -154,8 +154,23 @@ class LoraConfig(Section):
     rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
 
 
+class PreferenceConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO/KTO: strength of the pull towards the reference model (higher "
+                        "stays closer); ORPO: weight of the odds-ratio term against the NLL.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable rows' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable rows' losses. With unequal "
+                                      "counts, keep desirable_weight * n_desirable / (undesirable_weight * "
+                                      "n_undesirable) between 1 and 1.33 (KTO paper, Eq. 8).")
+
+
 class TrainConfig(Section):
     method: Literal["lora", "qlora", "dora", "full"] = Field("lora", description="qlora needs a CUDA GPU (bitsandbytes 4-bit).")
+    objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
+        "sft", description="sft: next-token loss on the trained tokens; dpo / orpo: prompt/chosen/rejected pairs; "
+        "kto: prompt/completion/label rows (or pairs, split into a desirable and an undesirable row). DPO and KTO "
+        "compare with a reference: the base with the adapter off (adapters), or the base's log-probabilities "
+        "computed once before training (full).")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(2.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")

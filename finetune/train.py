@@ -37,7 +37,7 @@ from typing import Any
 
 from finetune import runs
 from finetune.errors import UserError
-from finetune.training import batching
+from finetune.training import batching, preference
 from finetune.training import checkpoint as ckpt
 
 ADAPTER_METHODS = ("lora", "dora", "qlora")
@@ -78,14 +78,25 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
 
     prepare = pipeline.require_fresh(recipe, "prepare", recipe_path)
     tokenized = _tokenized_paths(recipe, prepare)
-    train_rows = _load_rows(tokenized["train"], "train")
-    val_rows = _load_rows(tokenized["validation"], "validation") if tokenized.get("validation") else []
-    if not any(any(x != -100 for x in labels[1:]) for _, labels in train_rows):
-        raise UserError(f"{tokenized['train']}: no example has a trained token (every label is -100). "
-                        "Check data.train_on and that conversations end with an assistant turn, then rerun prepare.")
+    objective = t.objective
+    if objective == "sft":
+        train_rows = _load_rows(tokenized["train"], "train")
+        val_rows = _load_rows(tokenized["validation"], "validation") if tokenized.get("validation") else []
+        if not any(any(x != -100 for x in labels[1:]) for _, labels in train_rows):
+            raise UserError(f"{tokenized['train']}: no example has a trained token (every label is -100). "
+                            "Check data.train_on and that conversations end with an assistant turn, then rerun "
+                            "prepare.")
+        lengths = [len(ids) for ids, _ in train_rows]
+    else:
+        train_rows = preference.load_rows(tokenized["train"], "train", objective)
+        val_rows = (preference.load_rows(tokenized["validation"], "validation", objective)
+                    if tokenized.get("validation") else [])
+        lengths = [r.length for r in train_rows]
+    pref_settings = preference.Settings(objective, t.preference.beta, t.preference.desirable_weight,
+                                        t.preference.undesirable_weight)
     micro_per_step = t.grad_accum * world
     packing, packing_off = _packing(recipe, main)
-    steps = batching.schedule([len(ids) for ids, _ in train_rows], batch_size=t.batch_size,
+    steps = batching.schedule(lengths, batch_size=t.batch_size,
                               batch_tokens=t.batch_tokens if packing else None,
                               micro_batches_per_step=micro_per_step, seed=recipe.seed, epochs=t.epochs,
                               max_steps=t.max_steps)
@@ -143,6 +154,24 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, len(steps)))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    reference = val_reference = None
+    if objective in preference.NEEDS_REFERENCE:
+        reference = preference.Reference(raw_model, adapters=t.method in ADAPTER_METHODS, packing=packing,
+                                         pad_id=tokenizer.pad_token_id, device=accelerator.device,
+                                         autocast=lambda: _autocast(autocast_dtype, accelerator))
+        if t.method == "full":  # no second copy of the weights: the base's log-probabilities, before any update
+            if main:
+                print(f"train: reference log-probabilities of {len(train_rows) + len(val_rows)} {objective} rows "
+                      "(full fine-tuning: computed once, before the first update)", file=sys.stderr)
+            reference.precompute(train_rows, objective, t.batch_size)
+            val_reference = preference.Reference(raw_model, adapters=False, packing=packing,
+                                                 pad_id=tokenizer.pad_token_id, device=accelerator.device,
+                                                 autocast=lambda: _autocast(autocast_dtype, accelerator))
+            if val_rows:
+                val_reference.precompute(val_rows, objective, t.batch_size)
+        else:
+            val_reference = reference
+    pref = {"settings": pref_settings, "reference": reference, "val_reference": val_reference}
 
     st = _fresh_state(fingerprint, micro_per_step)
     best_weights: dict[str, Any] | None = None
@@ -173,12 +202,19 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
 
     def validate(epoch: float) -> float:
         nonlocal best_weights
-        val = _validation_loss(raw_model, val_rows, t, tokenizer, accelerator, autocast_dtype, packing)
+        extra: dict[str, Any] = {}
+        if objective == "sft":
+            val = _validation_loss(raw_model, val_rows, t, tokenizer, accelerator, autocast_dtype, packing)
+        else:
+            val, extra = _validation_preference(raw_model, val_rows, t, pref, tokenizer, accelerator, autocast_dtype,
+                                                packing)
+            st["last_val_reward"] = extra
         st["last_val_loss"] = val
         record({"step": st["step"], "epoch": round(epoch, 4), "loss": None, "val_loss": val,
                 "lr": scheduler.get_last_lr()[0], "tokens": st["tokens"], "tokens_per_s": None,
-                "time": round(st["elapsed"], 2)})
-        progress.note(f"step {st['step']}: validation loss {val:.4f}")
+                "time": round(st["elapsed"], 2), **extra})
+        progress.note(f"step {st['step']}: validation loss {val:.4f}" + (
+            f", reward accuracy {extra['reward_accuracy']:.3f}, margin {extra['reward_margin']:.4f}" if extra else ""))
         if st["best_val_loss"] is None or val < st["best_val_loss"]:
             st["best_val_loss"], st["best_step"], st["bad_evals"] = val, st["step"], 0
             if t.method in ADAPTER_METHODS:
@@ -200,7 +236,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             step = steps[st["step"]]
             t0 = time.time()
             loss_sum, targets, tokens, gc_on = _train_step(model, optimizer, scheduler, step, train_rows, recipe,
-                                                           tokenizer, accelerator, autocast_dtype, gc_on, packing)
+                                                           tokenizer, accelerator, autocast_dtype, gc_on, packing,
+                                                           pref)
             st["step"] += 1
             st["tokens"] += tokens
             dt = time.time() - t0
@@ -284,7 +321,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         "base_dtype": "nf4" if t.method == "qlora" else _dtype_name(p for p in raw_model.parameters()
                                                                       if not p.requires_grad),
         "trainable_dtype": _dtype_name(p for p in raw_model.parameters() if p.requires_grad),
-        "validation_rows": len(val_rows),
+        "validation_rows": len(val_rows), "objective": objective,
+        "validation_reward": st.get("last_val_reward"),
         "validation": "on" if val_rows else "off: the validation split is empty (no validation loss, early stopping "
                                              "or best-step selection; the final step's weights are saved)",
     }
@@ -342,32 +380,51 @@ def _check_distributed(accelerator) -> None:
 
 # ------------------------------------------------------------------------------------------- one step
 def _train_step(model, optimizer, scheduler, step: batching.Step, rows, recipe, tokenizer, accelerator,
-                autocast_dtype, gc_on: bool, packing: bool) -> tuple[float, int, int, bool]:
+                autocast_dtype, gc_on: bool, packing: bool, pref: dict[str, Any] | None = None
+                ) -> tuple[float, int, int, bool]:
     """Forward/backward every micro-batch of this process, then one optimizer step. Returns the step's global
-    (sum of token losses, trained tokens, input tokens) and whether gradient checkpointing is now on."""
+    (sum of token losses, trained tokens, input tokens) and whether gradient checkpointing is now on; for a
+    preference objective (sum of per-pair or per-example losses, pairs or examples, input tokens)."""
     import torch
 
     t = recipe.train
     world, rank = accelerator.num_processes, accelerator.process_index
+    objective = t.objective
     micro = [[rows[i] for i in mb] for mb in step.micro_batches]
-    targets = sum(batching.count_targets(mb) for mb in micro)  # every process knows the whole step's plan
-    tokens = sum(len(ids) for mb in micro for ids, _ in mb)
+    mine_idx = list(step.micro_batches)[rank::world]
+    if objective == "sft":
+        targets = sum(batching.count_targets(mb) for mb in micro)  # every process knows the whole step's plan
+        tokens = sum(len(ids) for mb in micro for ids, _ in mb)
+        # Loss of a step = sum of token losses / trained tokens of the whole step; DDP averages gradients over
+        # processes, so each process scales by world.
+        scale = world / max(targets, 1)
+    else:
+        # Loss of a step = mean over the step's pairs (KTO: examples); ORPO's NLL over the chosen trained tokens
+        targets = sum(preference.units(mb) for mb in micro)
+        chosen_targets = sum(preference.chosen_targets(mb) for mb in micro)
+        tokens = sum(r.length for mb in micro for r in mb)
+        scale = float(world)
     mine = micro[rank::world]
     # Every process must run as many backward passes as the others: one without data of its own in this step
     # repeats a micro-batch with weight 0 (only in the last, incomplete step of an epoch).
     per_process = math.ceil(len(micro) / world)
     work = [(mb, 1.0) for mb in mine] + [(micro[0], 0.0)] * (per_process - len(mine))
-    # Loss of a step = sum of token losses / trained tokens of the whole step; DDP averages gradients over
-    # processes, so each process scales by world.
-    scale = world / max(targets, 1)
+    work_idx = mine_idx + [step.micro_batches[0]] * (per_process - len(mine))
     for attempt in (1, 2):
         try:
             local_sum = 0.0
             for i, (mb, weight) in enumerate(work):
                 sync = i == len(work) - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), _autocast(autocast_dtype, accelerator):
-                    loss_sum = forward_loss_sum(model, _collate(mb, packing, tokenizer, accelerator.device))
-                accelerator.backward(loss_sum * (scale * weight))
+                    if objective == "sft":
+                        loss = loss_sum = forward_loss_sum(model, _collate(mb, packing, tokenizer,
+                                                                           accelerator.device))
+                    else:
+                        res = _preference_batch(model, accelerator.unwrap_model(model), mb, work_idx[i], rows,
+                                                pref["settings"], pref["reference"], packing, tokenizer,
+                                                accelerator, step_units=targets, step_chosen_targets=chosen_targets)
+                        loss, loss_sum = res.loss, torch.tensor(res.loss_sum)
+                accelerator.backward(loss * (scale * weight))
                 local_sum += float(loss_sum.detach()) * weight
             break
         except torch.OutOfMemoryError:
@@ -388,6 +445,51 @@ def _train_step(model, optimizer, scheduler, step: batching.Step, rows, recipe, 
     if world > 1:
         total = float(accelerator.reduce(torch.tensor([local_sum], device=accelerator.device), "sum").item())
     return total, targets, tokens, gc_on
+
+
+def _preference_batch(model, raw_model, rows_mb, indices, all_rows, settings, reference, packing: bool, tokenizer,
+                      accelerator, *, step_units: int, step_chosen_targets: int) -> preference.BatchResult:
+    """One micro-batch of a preference objective: policy forward (with gradients, through the DDP wrapper),
+    reference and KTO's mismatched pairs without gradients (on the unwrapped model)."""
+    pad_id, device = tokenizer.pad_token_id, accelerator.device
+
+    def forward(seqs):
+        return preference.sequence_logps(model, seqs, packing=packing, pad_id=pad_id, device=device)
+
+    def no_grad_forward(seqs):
+        return preference.sequence_logps(raw_model, seqs, packing=packing, pad_id=pad_id, device=device)
+
+    return preference.batch_loss(forward, reference, rows_mb, indices, all_rows, settings, step_units=step_units,
+                                 step_chosen_targets=step_chosen_targets, no_grad_forward=no_grad_forward)
+
+
+def _validation_preference(model, rows, t, pref, tokenizer, accelerator, autocast_dtype, packing: bool
+                           ) -> tuple[float | None, dict[str, Any]]:
+    """The objective's mean loss over the validation rows, with reward accuracy and mean margin (chosen minus
+    rejected implicit reward; KTO: mean reward, accuracy = rewards on the side of 0 their label asks for)."""
+    import torch
+
+    if not rows:
+        return None, {}
+    batches = batching.eval_batches([r.length for r in rows], batch_size=t.batch_size,
+                                    batch_tokens=t.batch_tokens if packing else None)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, units, correct, margin
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for b in batches[rank::world]:
+            with _autocast(autocast_dtype, accelerator):
+                res = _preference_batch(model, model, [rows[i] for i in b], b, rows, pref["settings"],
+                                        pref["val_reference"], packing, tokenizer, accelerator,
+                                        step_units=len(b), step_chosen_targets=1)
+            sums = [sums[0] + res.loss_sum, sums[1] + res.units, sums[2] + res.correct, sums[3] + res.margin_sum]
+    if was_training:
+        model.train()
+    if world > 1:
+        sums = accelerator.reduce(torch.tensor(sums, device=accelerator.device), "sum").tolist()
+    n = max(sums[1], 1)
+    return sums[0] / n, {"reward_accuracy": round(sums[2] / n, 4), "reward_margin": round(sums[3] / n, 4)}
 
 
 def forward_loss_sum(model, batch: dict[str, Any]):
@@ -795,6 +897,12 @@ def _load_rows(path: Path, split: str) -> list[tuple[list[int], list[int]]]:
     if bad is not None:
         raise UserError(f"{path}: row {bad} has {len(rows[bad][0])} input_ids but {len(rows[bad][1])} labels; "
                         "rerun `finetune prepare RECIPE`.")
+    if preference.LABEL_COLUMN in ds.column_names:
+        # rated rows (KTO's shape) under SFT: an undesirable reply must never be a target
+        rows = [r for r, good in zip(rows, ds[preference.LABEL_COLUMN], strict=True) if good]
+        if split == "train":
+            print(f"train: objective sft on rated rows: training on the {len(rows)} desirable of {len(ds)} rows "
+                  "(train.objective=kto uses both)", file=sys.stderr)
     rows = [r for r in rows if len(r[0]) > 1]  # a single token predicts nothing
     if split == "train" and not rows:
         raise UserError(f"{path}: the training split is empty; check data.sources and data.clean, rerun prepare.")
