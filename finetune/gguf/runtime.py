@@ -153,6 +153,9 @@ def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | Non
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("OMP_WAIT_POLICY", omp_wait_policy(payload.get("threads")))
+        # On an assertion (GGML_ABORT) ggml forks gdb to print a backtrace; when two threads abort at once the forks
+        # wait on each other and the child hangs forever instead of dying. Without it, it dies and is reported.
+        env.setdefault("GGML_NO_BACKTRACE", "1")
         try:
             proc = subprocess.run([sys.executable, "-m", "finetune.gguf.runtime", str(req), str(res)],
                                   capture_output=True, text=True, env=env, timeout=timeout, errors="replace")
