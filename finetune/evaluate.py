@@ -3,7 +3,11 @@
 Reads the held-out split that prepare wrote, and the adapter (or full model) that train wrote. Every model
 variant answers the SAME prompts with the SAME generation settings (batched, greedy by default): the prompt is
 the conversation without its last assistant turn, rendered by the tokenizer's own chat template with the
-generation prompt; the reference is that last assistant turn. Loss and perplexity come from the tokenized
+generation prompt, with the row's tools and the recipe's reasoning setting (data.reasoning), as in training and
+serving; the reference is that last assistant turn. Every answer, whichever model wrote it, is read back the same
+way (finetune.data.toolcalls.parse_reply, special tokens kept): reasoning apart, the answer text, the tool calls.
+Text metrics compare the answer without its reasoning (plus one canonical JSON line per tool call);
+tool_call_match compares the calls (function name + JSON-equal arguments). Loss and perplexity come from the tokenized
 split (loss only on the trained tokens, as in training). When export has run, the exported GGUF answers the
 same prompts through llama.cpp as a third column.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +33,10 @@ from finetune import metrics as metric_lib
 from finetune import runs
 from finetune.errors import UserError
 
-GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf")
+GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf",
+                      "tool_call_match")
 # The metric the "improved?" verdict is read from: the first of these the recipe asks for (per-example scores).
-PRIMARY_ORDER = [("exact_match", "exact_match"), ("accuracy", "correct"), ("rouge", "rougeL"),
+PRIMARY_ORDER = [("tool_call_match", "tool_call_match"), ("exact_match", "exact_match"), ("accuracy", "correct"), ("rouge", "rougeL"),
                  ("chrf", "chrf"), ("bleu", "bleu")]
 LOSS_TOKENS_PER_BATCH = 4096  # logits are tokens x vocab floats: bound the memory of one forward pass
 
@@ -88,9 +94,16 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
     adapter_dir = Path(outputs["adapter"]) if outputs.get("adapter") else None
     full_dir = Path(outputs["model"]) if outputs.get("model") else None
     base_path = Path(outputs.get("base_model") or _resolve_base(recipe).path)
-    tokenizer = _load_tokenizer(adapter_dir or full_dir or base_path, recipe.model.trust_remote_code)
-    prompts = [render_prompt(tokenizer, ex["messages"][:-1]) for ex in examples]
-    references = [ex["messages"][-1]["content"] for ex in examples]
+    tokenizer = _load_tokenizer(adapter_dir or full_dir or base_path, recipe.model.trust_remote_code,
+                                recipe.chat_template_path())
+    reasoning = recipe.data.reasoning
+    prompts = [render_prompt(tokenizer, ex["messages"][:-1], tools=ex.get("tools"), reasoning=reasoning)
+               for ex in examples]
+    reference_calls = [metric_lib.canonical_calls(ex["messages"][-1].get("tool_calls")) for ex in examples]
+    references = [metric_lib.answer_text(ex["messages"][-1]["content"], calls)
+                  for ex, calls in zip(examples, reference_calls, strict=True)]
+    template = tokenizer.chat_template or ""
+    end_tokens = tuple(t for t in (tokenizer.eos_token, tokenizer.pad_token) if t)
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
                       seed=recipe.seed)
 
@@ -119,19 +132,28 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
                     entry.update(train_sample_loss=train_loss["loss"], train_sample_perplexity=train_loss["perplexity"])
             if gen_names:
                 t1 = time.time()
-                answers[name] = generate(model, tokenizer, prompts, device=device, **gen_kwargs)
+                raw = generate(model, tokenizer, prompts, device=device, **gen_kwargs)
+                answers[name] = [read_answer(o, template, ex.get("tools"), end_tokens)
+                                 for o, ex in zip(raw, examples, strict=True)]
                 entry["generation_seconds"] = round(time.time() - t1, 2)
             entry["seconds"] = round(time.time() - t0, 2)
             variants[name] = entry
             print(f"eval: {name} done in {entry['seconds']:.0f} s")
         del model
 
-        gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg)
+        gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg,
+                                   template=template, end_tokens=end_tokens)
 
         per_example_scores: dict[str, list[dict[str, float]]] = {}
         sources: dict[str, str] = {}
         for name, outs in answers.items():
             corpus, per_example, sources = metric_lib.score_generations(gen_names, [o["text"] for o in outs], references)
+            if "tool_call_match" in gen_names:
+                calls_corpus, calls_per_example = metric_lib.score_tool_calls([o["tool_calls"] for o in outs],
+                                                                               reference_calls)
+                corpus.update(calls_corpus)
+                for row, extra in zip(per_example, calls_per_example, strict=True):
+                    row.update(extra)
             variants[name].update(corpus)
             variants[name]["answers_cut_at_max_new_tokens"] = sum(o["finish_reason"] == "length" for o in outs)
             per_example_scores[name] = per_example
@@ -153,6 +175,8 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
                 "id": ex.get("id", str(i)), "prompt": prompts[i], "messages": ex["messages"][:-1],
                 "reference": references[i],
                 "answers": {name: outs[i]["text"] for name, outs in answers.items()},
+                # what each model wrote, special tokens and reasoning included
+                "raw": {name: outs[i].get("raw", outs[i]["text"]) for name, outs in answers.items()},
                 "finish_reason": {name: outs[i]["finish_reason"] for name, outs in answers.items()},
                 "scores": {name: per_example_scores[name][i] for name in answers},
             })
@@ -197,7 +221,7 @@ def summary_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_TABLE_KEYS = ["exact_match", "accuracy", "precision", "recall", "f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
+_TABLE_KEYS = ["tool_call_match", "exact_match", "accuracy", "precision", "recall", "f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
                "bleu", "chrf", "loss", "perplexity", "train_sample_loss", "answers_cut_at_max_new_tokens"]
 
 
@@ -233,11 +257,27 @@ def _stage_path(manifest: dict[str, Any], keys: tuple[str, ...], default: Path) 
     return Path(node) if node else default
 
 
-def render_prompt(tokenizer, messages: list[dict[str, Any]]) -> str:
-    """The prompt text exactly as the chat template renders it, ending with the assistant's turn opener."""
+def render_prompt(tokenizer, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                  reasoning: str = "auto") -> str:
+    """The prompt text exactly as the chat template renders it in training and serving (the tools, the reasoning
+    setting's template switch), ending with the assistant's turn opener."""
+    from finetune.data.render import prompt_text
+
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("the model's tokenizer has no chat template; eval renders prompts with it (as training does)")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt_text(tokenizer, messages, tools=tools, reasoning=reasoning)
+
+
+def read_answer(output: dict[str, Any], template: str, tools: list[dict[str, Any]] | None = None,
+                end_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A generated reply (special tokens kept) read back as the chat template wrote it: ``text`` is what the text
+    metrics compare (the answer without reasoning, then the calls), ``tool_calls`` what tool_call_match compares."""
+    from finetune.data.toolcalls import parse_reply
+
+    reply = parse_reply(output["text"], template, tools=tools, end_tokens=end_tokens)
+    return {"text": metric_lib.answer_text(reply.content, reply.tool_calls), "raw": output["text"],
+            "reasoning": reply.reasoning, "tool_calls": reply.tool_calls, "unparsed_call": reply.unparsed,
+            "finish_reason": output["finish_reason"], "tokens": output.get("tokens")}
 
 
 def _resolve_base(recipe):
@@ -247,12 +287,16 @@ def _resolve_base(recipe):
                           trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool):
+def _load_tokenizer(path: Path, trust_remote_code: bool, chat_template: Path | None = None):
     from transformers import AutoTokenizer
+
+    from finetune import models
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:  # model.chat_template, as prepare and train used it
+        tok.chat_template = models.read_chat_template(chat_template)
     return tok
 
 
@@ -347,7 +391,8 @@ def dataset_loss(model, dataset, device: str) -> dict[str, Any]:
 
 def generate(model, tokenizer, prompts: list[str], *, device: str, max_new_tokens: int, temperature: float,
              batch_size: int, seed: int) -> list[dict[str, Any]]:
-    """Batched generation with left padding; greedy when temperature is 0. One {"text", "finish_reason"} each."""
+    """Batched generation with left padding; greedy when temperature is 0. One {"text", "finish_reason"} each;
+    the text keeps special tokens (reasoning and tool-call markers: read_answer takes it apart)."""
     import torch
 
     torch.manual_seed(seed)
@@ -375,7 +420,7 @@ def generate(model, tokenizer, prompts: list[str], *, device: str, max_new_token
                 tokens = new[j]
                 stop_at = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
                 kept = tokens if stop_at is None else tokens[:stop_at]
-                results[i] = {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                results[i] = {"text": tokenizer.decode(kept, skip_special_tokens=False).strip(),
                               "finish_reason": "length" if stop_at is None else "stop", "tokens": len(kept)}
     finally:
         tokenizer.padding_side = old_side
@@ -389,7 +434,10 @@ def _stop_ids(model, tokenizer) -> list[int]:
         for t in value if isinstance(value, list) else [value]:
             if isinstance(t, int) and t not in ids:
                 ids.append(t)
+    harmony = "<|channel|>" in (getattr(tokenizer, "chat_template", None) or "")
     for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        if token == "<|end|>" and harmony:  # gpt-oss: <|end|> closes the analysis message, not the reply
+            continue
         tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
         if isinstance(tid, int) and tid not in ids:
             ids.append(tid)
@@ -398,8 +446,11 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg) -> dict[str, Any]:
-    """Let the exported GGUF answer the same prompts; return its status (scored, or why not)."""
+def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, *, template: str | None = None,
+                 end_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Let the exported GGUF answer the same prompts, rendered and read back as the server does (the rows' tools,
+    data.reasoning, special tokens kept); return its status (scored, or why not). ``template``: the chat template
+    the transformers column's answers were read with (default: the GGUF's own)."""
     quant = cfg.gguf_quant
     if not cfg.gguf:
         return {"status": "off", "reason": "eval.gguf is false"}
@@ -415,21 +466,52 @@ def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg) 
     path = Path(paths[quant])
     if not path.exists():
         return {"status": "absent", "reason": f"{path} is missing; run `finetune export RECIPE` again"}
-    from finetune.gguf import runtime
-
     name = f"gguf-{quant}"
-    longest = max((len(e["messages"][-2]["content"]) for e in examples), default=0)
+    longest = max((len(json.dumps(e, ensure_ascii=False)) for e in examples), default=0)  # characters >= tokens
     n_ctx = max(recipe.serve.n_ctx, cfg.max_new_tokens + longest + 256)
     t0 = time.time()
     try:
-        outs = runtime.chat(str(path), [e["messages"][:-1] for e in examples], max_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, n_ctx=n_ctx, seed=recipe.seed)
+        outs, gguf_template = gguf_generate(path, examples, reasoning=recipe.data.reasoning,
+                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            n_ctx=n_ctx, seed=recipe.seed)
     except Exception as exc:  # a crash of the native library arrives here as an error from the child process
         return {"status": "failed", "reason": f"the GGUF could not answer: {type(exc).__name__}: {exc}", "path": str(path)}
-    answers[name] = [{"text": (o.get("text") or "").strip(), "finish_reason": o.get("finish_reason", "stop")}
-                     for o in outs]
+    answers[name] = [read_answer(o, template if template is not None else gguf_template, e.get("tools"), end_tokens)
+                     for o, e in zip(outs, examples, strict=True)]
     variants[name] = {"model": str(path), "seconds": round(time.time() - t0, 2), "runtime": "llama.cpp"}
     return {"status": "scored", "variant": name, "path": str(path), "quant": quant}
+
+
+def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str, max_new_tokens: int,
+                  temperature: float, n_ctx: int, seed: int, stall_s: float = 600.0) -> tuple[list[dict[str, Any]], str]:
+    """The GGUF's raw replies (special tokens kept) to each example's conversation without its last turn, from the
+    server's own worker in a child process (a native crash fails this column, not eval): the same rendering of
+    tools and reasoning as `finetune serve`. Returns (replies, the GGUF's chat template)."""
+    from serve.worker import Worker
+
+    worker = Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
+                     "threads": max(1, min(os.cpu_count() or 1, 16))})
+    info = worker.start()
+    outs: list[dict[str, Any]] = []
+    try:
+        for i, ex in enumerate(examples):
+            worker.send({"op": "generate", "id": str(i), "mode": "chat", "messages": ex["messages"][:-1],
+                         "tools": ex.get("tools"), "max_tokens": max_new_tokens, "temperature": temperature,
+                         "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
+            while True:
+                if not worker.conn.poll(stall_s):
+                    raise TimeoutError(f"no reply from the llama.cpp worker in {stall_s:.0f} s (example {i})")
+                kind, _, payload = worker.recv()
+                if kind == "error":
+                    raise RuntimeError(f"example {i}: {payload['message']}")
+                if kind == "done":
+                    reason = "length" if payload["finish_reason"] == "length" else "stop"
+                    outs.append({"text": payload["text"].strip(), "finish_reason": reason,
+                                 "tokens": payload["completion_tokens"]})
+                    break
+    finally:
+        worker.stop()
+    return outs, info.get("template") or ""
 
 
 # -------------------------------------------------------------------------------------------- verdict
@@ -445,7 +527,7 @@ def make_verdict(variants: dict[str, dict[str, Any]], scores: dict[str, list[dic
         boot = metric_lib.paired_bootstrap(a, b)
         verdict["improved"] = _improvement(key, boot, higher_is_better=True, base=sum(a) / len(a),
                                            finetuned=sum(b) / len(b))
-        if key == "exact_match":
+        if key in ("exact_match", "tool_call_match"):
             n = len(a)
             verdict["improved"]["wilson95"] = {
                 "base": metric_lib.wilson_interval(round(sum(a)), n),
@@ -488,7 +570,7 @@ def _improvement(metric: str, boot: dict[str, float], *, higher_is_better: bool,
     status = "improved" if better_low > 0 else "worse" if better_high < 0 else "no clear difference"
     words = {"improved": "Fine-tuning improved", "worse": "Fine-tuning made it worse:",
              "no clear difference": "No clear difference in"}[status]
-    label = {"exact_match": "exact match", "correct": "accuracy", "rougeL": "ROUGE-L", "chrf": "chrF (sentence)",
+    label = {"tool_call_match": "function-call exact match", "exact_match": "exact match", "correct": "accuracy", "rougeL": "ROUGE-L", "chrf": "chrF (sentence)",
              "bleu": "BLEU (sentence)", "loss": "held-out loss"}.get(metric, metric)
     summary = (f"{words} {label}: base {base:.3f} → fine-tuned {finetuned:.3f} (difference {boot['difference']:+.3f}, "
                f"95% CI {low:+.3f} to {high:+.3f}, n={boot['n']} paired examples).")

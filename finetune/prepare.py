@@ -67,7 +67,8 @@ def run(recipe, *, force: bool = False) -> dict[str, Any]:
         if cached is not None:
             cached["reused"] = True
             return cached
-    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_template=recipe.chat_template_path())
     with runs.StageRun(recipe, "prepare", inputs=inputs, upstream={}, aside=True) as stage:
         report = build(recipe, tokenizer, stage.work)
         stage.outputs = {
@@ -104,7 +105,7 @@ def fingerprint_inputs(recipe, tokenizer_dir: Path) -> dict[str, Any]:
                             "(relative paths are resolved against the recipe's folder)")
     # without a pinned revision the Hub data may have changed
     reusable = all(f.get("revision") is not None for f in files if "hub" in f)
-    tokenizer = tokenizer_fingerprint(tokenizer_dir)
+    tokenizer = tokenizer_fingerprint(tokenizer_dir, recipe.chat_template_path())
     return {"fingerprint": _input_key(recipe, files, tokenizer), "sources": files, "tokenizer": tokenizer,
             "tokenizer_dir": str(tokenizer_dir), "version": PREPARE_VERSION, "reusable": reusable}
 
@@ -123,11 +124,15 @@ def _source_fingerprints(recipe) -> list[dict[str, Any]]:
     return files
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path) -> dict[str, str]:
-    """The tokenizer's identity: sha256 of its files (vocabulary, special tokens, chat template)."""
+def tokenizer_fingerprint(tokenizer_dir: Path, chat_template: Path | None = None) -> dict[str, str]:
+    """The tokenizer's identity: sha256 of its files (vocabulary, special tokens, chat template), and of the
+    template file that replaces the model's own (model.chat_template)."""
     tok_files = sorted(p for p in Path(tokenizer_dir).iterdir()
                        if p.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")))
-    return {p.name: runs.file_fingerprint(p) for p in tok_files}
+    out = {p.name: runs.file_fingerprint(p) for p in tok_files}
+    if chat_template is not None:
+        out["model.chat_template"] = runs.file_fingerprint(chat_template) if chat_template.is_file() else "missing"
+    return out
 
 
 def _input_key(recipe, files: list[dict[str, Any]], tokenizer: dict[str, str]) -> str:
@@ -154,7 +159,7 @@ def stale_inputs(recipe, manifest: dict[str, Any]) -> str | None:
     if "tokenizer" in recorded or "fingerprint" in recorded:
         resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                                   trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
-        tokenizer = tokenizer_fingerprint(resolved.path)
+        tokenizer = tokenizer_fingerprint(resolved.path, recipe.chat_template_path())
         if "tokenizer" in recorded and recorded["tokenizer"] != tokenizer:
             return f"the tokenizer (model.id {recipe.model.id}) changed"
         if "fingerprint" in recorded and recorded["fingerprint"] != _input_key(recipe, files or [], tokenizer):

@@ -63,6 +63,11 @@ class ModelConfig(Section):
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gated: bool = Field(False, description="The Hub model is license-gated: accept its license and `hf auth login`.")
+    chat_template: str | None = Field(
+        None, description="A .jinja chat template (relative to the recipe) used instead of the model's own in prepare, "
+        "train, eval, export (it goes into the GGUF) and serve; e.g. a tool-calling template for a model whose own "
+        "template has no tool section. It must use the model's own turn tokens.",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -198,13 +203,16 @@ class TrainConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------- eval
-MetricName = Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "precision", "recall", "rouge", "bleu", "chrf"]
+MetricName = Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "precision", "recall", "rouge", "bleu", "chrf",
+                     "tool_call_match"]
 
 
 class EvalConfig(Section):
     metrics: list[MetricName] = Field(
         default_factory=lambda: ["loss", "perplexity", "exact_match", "rouge", "bleu"],
-        description="Metrics to compute on the test split.",
+        description="Metrics to compute on the test split. Text metrics compare the answer without its reasoning "
+        "block; tool_call_match: the called functions' names and JSON-equal arguments, on rows whose reference calls "
+        "tools.",
     )
     split: Literal["test", "validation"] = "test"
     max_examples: int | None = Field(200, ge=1, description="Score at most this many examples (None: all).")
@@ -371,6 +379,10 @@ class Recipe(Section):
         """A path from the recipe, relative to the recipe file's folder."""
         path = Path(p).expanduser()
         return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+    def chat_template_path(self) -> Path | None:
+        """model.chat_template resolved against the recipe's folder (None: the model's own template)."""
+        return self.resolve_path(self.model.chat_template) if self.model.chat_template else None
 
     def run_dir(self, stage: str | None = None) -> Path:
         root = Path(self.runs_dir).expanduser() / self.name

@@ -115,7 +115,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
 
     resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                               trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
-    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_template=recipe.chat_template_path())
 
     # ---- where to start: a fresh run, or the last complete checkpoint of an interrupted (or stopped) one.
     # Everything is written to the work folder, which replaces `out` only when the run succeeds.

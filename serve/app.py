@@ -17,8 +17,9 @@ enforced with a llama.cpp grammar), ``echo`` (completions), ``user`` (accepted, 
 ``top_k``, ``min_p``, ``repeat_penalty``, and ``tools`` with ``tool_choice`` auto or none: tools are rendered by the
 model's chat template, and the reply's ``tool_calls`` (OpenAI's shape, ``finish_reason`` "tool_calls") are read for
 the call syntaxes of ``finetune.data.toolcalls`` (Qwen2.5/3 Hermes, Qwen3.5 XML, Llama 3.1 JSON, Mistral); with
-tools, a streamed reply comes whole in one delta. Reasoning (``<think>``, ``[THINK]``) is returned as
-``reasoning_content`` apart from ``content``. Anything else (``logprobs``, ``n`` > 1, ``suffix``...) is refused
+tools, a streamed reply comes whole in one delta. Reasoning (``<think>``, ``[THINK]``, gpt-oss's analysis channel)
+is returned as ``reasoning_content`` apart from ``content``; streamed without tools, it comes as
+``reasoning_content`` deltas before the answer's ``content`` deltas, never as raw markers. Anything else (``logprobs``, ``n`` > 1, ``suffix``...) is refused
 with a 400 that names it, never silently ignored. ``model`` may be left out; any other name than the served one is
 a 404 ``model_not_found``.
 
@@ -616,6 +617,10 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
                 async for event in events:
                     if event[0] == "delta" and not whole:
                         yield sse(chunk(event[2], None))
+                    elif event[0] == "reasoning" and not whole:  # reasoning as it comes, apart from the answer
+                        piece = chunk(None, None)
+                        piece["choices"][0]["delta"] = {"reasoning_content": event[2]}
+                        yield sse(piece)
                     elif event[0] == "done":
                         done = event[2]
                         if on_done:

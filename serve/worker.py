@@ -174,7 +174,7 @@ class Generator:
         done: dict[str, Any] = {"finish_reason": finish_reason, "prompt_tokens": len(tokens),
                                 "completion_tokens": completion_tokens, "text": text}
         if chat:
-            done["message"] = self.reply_message(text, request.get("tools"))
+            done["message"] = self.reply_message(text, request.get("tools"), prompt=prompt)
             if done["message"].get("tool_calls") and finish_reason == "stop":
                 done["finish_reason"] = "tool_calls"
         emit(("done", rid, done))
@@ -229,12 +229,14 @@ class Generator:
             yield text[sent:len(text) - held], "length", len(generated)
             sent = len(text) - held
 
-    def reply_message(self, text: str, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def reply_message(self, text: str, tools: list[dict[str, Any]] | None, *, prompt: str = "") -> dict[str, Any]:
         """The answer as OpenAI's assistant message: reasoning apart from content, and tool calls (only when the
-        request offered tools and the template's call syntax is one finetune reads)."""
+        request offered tools and the template's call syntax is one finetune reads). ``prompt``: a generation
+        prompt that opened the reasoning block (Qwen3.5) makes the reply start inside it, closed or not."""
         # without tools offered, no call syntax is read, except gpt-oss's channels, which hold its answer
         syntax = tool_syntax(self.template)
-        reply = parse_reply(text, self.template if tools or syntax == "harmony" else "", tools=tools,
+        opened = ReplyStream(self.template, prompt).opened
+        reply = parse_reply(opened + text, self.template if tools or syntax == "harmony" else "", tools=tools,
                             end_tokens=(self.eos_text,) if self.eos_text else ())
         message: dict[str, Any] = {"role": "assistant", "content": reply.content}
         if reply.reasoning is not None:

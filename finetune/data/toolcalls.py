@@ -220,3 +220,62 @@ def _harmony(text: str) -> Reply:
     reply.content = "\n".join(a for a in answer if a)
     reply.reasoning = "\n".join(thoughts) if thoughts else None
     return reply
+
+
+_OPENINGS = ("<think>", "[THINK]")
+_MARKERS = ("<think>", "</think>", "[THINK]", "[/THINK]", "<|channel|>", "<|message|>", "<|end|>", "<|start|>",
+            "<|return|>", "<|call|>", "<|constrain|>")
+
+
+def reply_parts(text: str, template: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a reply without tool calls: gpt-oss's channels when its template is harmony's,
+    else the ``<think>``/``[THINK]`` block."""
+    if tool_syntax(template) == "harmony":
+        reply = _harmony(text)
+        return reply.reasoning, reply.content
+    return split_reasoning(text)
+
+
+class ReplyStream:
+    """A reply read while it streams: ``feed`` takes each new piece of text (special tokens kept) and returns the
+    new ("reasoning" | "content", text) pieces, so that a client sees reasoning apart from the answer as it comes,
+    never a marker. Text that may be the start of a marker (``<thi``, a harmony header without its
+    ``<|message|>``) waits for the next piece. ``prompt``: a generation prompt that opened the reasoning block
+    itself (Qwen3.5's ``<think>\\n``) makes the reply start inside it."""
+
+    def __init__(self, template: str, prompt: str = ""):
+        self.template = template
+        self.harmony = tool_syntax(template) == "harmony"
+        tail = prompt.rstrip()
+        self.opened = next((o for o in _OPENINGS if tail.endswith(o)), "")
+        self.text = ""
+        self.sent = {"reasoning": "", "content": ""}
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        self.text += piece
+        return self._emit(self._settled(self.text))
+
+    def finish(self) -> list[tuple[str, str]]:
+        return self._emit(self.text)
+
+    def _settled(self, text: str) -> str:
+        for marker in _MARKERS:  # a marker cut in two by the token stream
+            for k in range(len(marker) - 1, 0, -1):
+                if text.endswith(marker[:k]):
+                    text = text[:-k]
+                    break
+        if self.harmony:  # a header (channel, recipient) is only known once its <|message|> arrives
+            last = max(text.rfind("<|start|>"), text.rfind("<|channel|>"))
+            if last >= 0 and "<|message|>" not in text[last:]:
+                text = text[:last]
+        return text
+
+    def _emit(self, text: str) -> list[tuple[str, str]]:
+        reasoning, content = reply_parts(self.opened + text, self.template)
+        out = []
+        for part, now in (("reasoning", reasoning or ""), ("content", content)):
+            before = self.sent[part]
+            if len(now) > len(before) and now.startswith(before):
+                out.append((part, now[len(before):]))
+                self.sent[part] = now
+        return out

@@ -132,6 +132,82 @@ def score_generations(
     return corpus, per_example, sources
 
 
+# ------------------------------------------------------------------------------------------ tool calls
+def canonical_calls(calls: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Tool calls as {"name", "arguments"} with arguments parsed, from OpenAI's shape ({"function": {...}},
+    arguments as JSON text or an object) or the bare one. Arguments that are not a JSON object stay as text."""
+    import json
+
+    out = []
+    for call in calls or []:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        out.append({"name": function.get("name"), "arguments": arguments})
+    return out
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values: numbers by value (25 == 25.0), but a boolean is never a number, and key order and
+    formatting do not count."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def calls_match(predicted: Sequence[dict[str, Any]] | None, reference: Sequence[dict[str, Any]] | None) -> bool:
+    """The same calls (function name + JSON-equal arguments), in any order; no call on both sides matches too."""
+    left = canonical_calls(predicted)
+    unmatched = canonical_calls(reference)
+    if len(left) != len(unmatched):
+        return False
+    for call in left:
+        k = next((i for i, ref in enumerate(unmatched) if ref["name"] == call["name"]
+                  and json_equal(ref["arguments"], call["arguments"])), None)
+        if k is None:
+            return False
+        unmatched.pop(k)
+    return True
+
+
+def answer_text(content: str, calls: Sequence[dict[str, Any]] | None = None) -> str:
+    """What the text metrics compare: the answer without its reasoning, then one canonical JSON line per call
+    (sorted keys, integral floats as integers), so that exact match also covers the calls."""
+    import json
+
+    def tidy(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {k: tidy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [tidy(v) for v in value]
+        return value
+
+    lines = [json.dumps(tidy(c), sort_keys=True, ensure_ascii=False) for c in canonical_calls(calls)]
+    return "\n".join(p for p in [content.strip(), *lines] if p)
+
+
+def score_tool_calls(predicted: Sequence[Sequence[dict[str, Any]]], references: Sequence[Sequence[dict[str, Any]]]
+                     ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Function-call exact match per example (calls_match) and over all examples; ``tool_call_rows`` counts the
+    examples whose reference calls a tool (the others score 1 only when the model made no call either)."""
+    per_example = [{"tool_call_match": float(calls_match(p, r))} for p, r in zip(predicted, references, strict=True)]
+    corpus = {"tool_call_match": sum(r["tool_call_match"] for r in per_example) / len(per_example)
+              if per_example else 0.0, "tool_call_rows": float(sum(bool(r) for r in references))}
+    return corpus, per_example
+
+
 # ----------------------------------------------------------------------------------------- uncertainty
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion (sound at 0/n and n/n, unlike the normal approximation)."""
