@@ -48,6 +48,9 @@ class Example:
     ids: Any = None           # numpy int32 arrays
     labels: Any = None
     split: str = ""
+    rejected_ids: Any = None  # preference pairs: the rejected conversation
+    rejected_labels: Any = None
+    prompt_length: int = 0    # preference rows: tokens before the final reply (the shared prompt)
 
 
 def run(recipe, *, force: bool = False) -> dict[str, Any]:
@@ -217,6 +220,9 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
                 group = row.record.get(data.split.group_by)
                 if group is None:
                     counters["group_missing"] += 1
+            elif (prompt := clean.prompt_text(ex)) is not None:
+                # a prompt's pairs (or rated replies) stay in one split: no prompt is both trained and held out
+                group = "prompt:" + clean.exact_key(prompt)[:16]
             examples.append(Example(ex, row.origin, i, src.role, "" if group is None else f"g:{group}"))
             kept += 1
         sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
@@ -232,6 +238,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     examples, deduped = _dedupe(examples, data, dropped)
     clock.lap("dedupe")
 
+    _check_one_kind(examples, data)
     # 4. render + tokenize, length filter
     examples = _render_all(examples, tokenizer, data, dropped, counters)
     clock.lap("render_and_tokenize")
@@ -308,6 +315,10 @@ DROP_FIXES = {
     "leakage_near": "the training rows nearly repeat validation/test rows: add distinct examples "
                     "(or set data.split.leakage_check: false)",
     "leakage_group": "every group is in validation/test: check data.split.group_by",
+    "identical_pair": "give each pair a rejected reply that differs from its chosen one",
+    "pair_prompt_mismatch": "give chosen and rejected the same prompt (the same turns before the final reply)",
+    "no_shared_prompt": "add a prompt column, or make chosen/rejected message lists that start with the same turns",
+    "bad_label": "make the label column true (desirable) or false (undesirable)",
 }
 
 
@@ -476,16 +487,43 @@ def _assign(pool: list[Example], data, seed: int) -> list[str]:
     return assign_splits([e.group for e in pool], validation=data.split.validation, test=data.split.test, seed=seed)
 
 
+def _kind(example: dict[str, Any]) -> str:
+    return "pairs" if "rejected" in example else "rated" if "desirable" in example else "sft"
+
+
+def _check_one_kind(examples: list[Example], data) -> None:
+    """Every row of a run is an SFT row, a preference pair or a rated (KTO) row: the tokenized splits hold one."""
+    kinds: dict[str, int] = {}
+    for e in examples:
+        kinds.setdefault(_kind(e.example), e.source)
+    if len(kinds) > 1:
+        named = ", ".join(f"{k} (e.g. data.sources[{i}])" for k, i in kinds.items())
+        raise UserError(f"data.sources mix row kinds: {named}. One run trains on one kind: SFT rows "
+                        "(messages, prompt/completion...), preference pairs (prompt/chosen/rejected) or rated rows "
+                        "(prompt/completion/label). Split them into separate recipes.")
+
+
 def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Counter) -> list[Example]:
     import numpy as np
 
     from finetune.data.load import Dropped
     from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_text
 
-    def render(chunk: list[Example]) -> list[tuple[list[int], list[int]]]:
-        chats = [e for e in chunk if "messages" in e.example]
+    # Preference rows train (and compare) the final reply only: earlier assistant turns are prompt.
+    pref_on = "completion" if data.train_on == "completion" else "last_assistant"
+
+    def render(chunk: list[Example]) -> list[Any]:
+        prefs = [e for e in chunk if _kind(e.example) != "sft"]
+        chats = [e for e in chunk if "messages" in e.example and _kind(e.example) == "sft"]
         texts = [e for e in chunk if "text" in e.example]
-        got: dict[int, tuple[list[int], list[int]]] = {}
+        got: dict[int, Any] = {}
+        if prefs:
+            pairs = [e for e in prefs if "rejected" in e.example]
+            convs = [e.example["messages"] for e in prefs] + [e.example["rejected"] for e in pairs]
+            out = render_batch(tokenizer, convs, train_on=pref_on, reasoning=data.reasoning)
+            rejected = {id(e): r for e, r in zip(pairs, out[len(prefs):], strict=True)}
+            for e, r in zip(prefs, out[:len(prefs)], strict=True):
+                got[id(e)] = (*r, rejected.get(id(e)))
         if chats:
             for e, r in zip(chats, render_batch(tokenizer, [e.example["messages"] for e in chats],
                                                 train_on=data.train_on, reasoning=data.reasoning,
@@ -513,7 +551,18 @@ def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Cou
             if isinstance(r, Exception):
                 dropped.append(Dropped(e.origin, "template_error", str(r), _excerpt(e.example)))
                 continue
-            ids, labels = r
+            ids, labels = r[0], r[1]
+            rejected = r[2] if len(r) > 2 else None
+            if rejected is not None:
+                why = _pair_problem(ids, labels, *rejected, limit if data.clean.overlong == "drop" else None)
+                if why is not None:
+                    dropped.append(Dropped(e.origin, why[0], why[1], _excerpt(e.example)))
+                    continue
+                rej_ids, rej_labels = rejected[0][:limit], rejected[1][:limit]
+                e.rejected_ids = np.asarray(rej_ids, dtype=np.int32)
+                e.rejected_labels = np.asarray(rej_labels, dtype=np.int32)
+            if len(r) > 2:
+                e.prompt_length = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
             if len(ids) < low:
                 dropped.append(Dropped(e.origin, "too_short", f"{len(ids)} tokens < min_tokens {low}",
                                        _excerpt(e.example)))
@@ -531,6 +580,10 @@ def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Cou
                 dropped.append(Dropped(e.origin, "no_trained_tokens",
                                        "no token left to train on (truncation cut the whole reply)", _excerpt(e.example)))
                 continue
+            if e.rejected_labels is not None and not (e.rejected_labels != IGNORE_INDEX).any():
+                dropped.append(Dropped(e.origin, "no_trained_tokens", "truncation cut the whole rejected reply",
+                                       _excerpt(e.example)))
+                continue
             e.ids, e.labels = ids, labels
             kept.append(e)
     refused = [d for d in dropped if d.reason == "template_error"]
@@ -539,6 +592,22 @@ def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Cou
                         f"{refused[0].detail}. Some templates reject a system message or non-alternating turns; "
                         "adjust data.system_prompt or the data, or choose a model whose template fits.")
     return kept
+
+
+def _pair_problem(ids, labels, rej_ids, rej_labels, limit: int | None) -> tuple[str, str] | None:
+    """Why a rendered pair cannot be used: its two conversations must share the prompt's tokens, differ after it,
+    and (overlong: drop) fit."""
+    from finetune.data.render import IGNORE_INDEX
+
+    p = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    q = next((k for k, t in enumerate(rej_labels) if t != IGNORE_INDEX), len(rej_labels))
+    if p != q or list(ids[:p]) != list(rej_ids[:q]):
+        return "pair_prompt_mismatch", "the chosen and rejected conversations do not render the same prompt tokens"
+    if list(ids) == list(rej_ids):
+        return "identical_pair", "chosen and rejected render to the same tokens"
+    if limit is not None and len(rej_ids) > limit:
+        return "too_long", f"the rejected conversation has {len(rej_ids)} tokens > max_tokens {limit}"
+    return None
 
 
 def _remove_leakage(examples: list[Example], data, dropped, leakage: Counter) -> list[Example]:
@@ -598,11 +667,21 @@ def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], d
     from finetune.data.report import plot_lengths
 
     out.mkdir(parents=True, exist_ok=True)
-    features = datasets.Features({
+    columns = {
         "input_ids": datasets.Sequence(datasets.Value("int64")),
         "labels": datasets.Sequence(datasets.Value("int64")),
         "length": datasets.Value("int64"),
-    })
+    }
+    kind = next((_kind(e.example) for rows in final.values() for e in rows), "sft")
+    if kind != "sft":  # finetune/training/preference.py reads these
+        columns["prompt_length"] = datasets.Value("int64")
+    if kind == "pairs":
+        columns["rejected_input_ids"] = datasets.Sequence(datasets.Value("int64"))
+        columns["rejected_labels"] = datasets.Sequence(datasets.Value("int64"))
+    if kind == "rated":
+        columns["desirable"] = datasets.Value("int64")
+    report["row_kind"] = kind
+    features = datasets.Features(columns)
     lengths = {}
     # save_to_disk draws a progress bar per split: noise in our own summary. Restore the user's setting after.
     bars_were_off = datasets.are_progress_bars_disabled()
@@ -634,9 +713,16 @@ def _write_splits(out: Path, final: dict[str, list[Example]], report: dict[str, 
             (splits_dir / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             lengths[split] = [len(e.ids) for e in rows]
             # Arrow list arrays from one flat buffer: ~6x less CPU than converting row by row.
-            ds = datasets.Dataset.from_dict(
-                {"input_ids": _list_array([e.ids for e in rows]), "labels": _list_array([e.labels for e in rows]),
-                 "length": lengths[split]}, features=features)
+            table = {"input_ids": _list_array([e.ids for e in rows]), "labels": _list_array([e.labels for e in rows]),
+                     "length": lengths[split]}
+            if "prompt_length" in features:
+                table["prompt_length"] = [e.prompt_length for e in rows]
+            if "rejected_input_ids" in features:
+                table["rejected_input_ids"] = _list_array([e.rejected_ids for e in rows])
+                table["rejected_labels"] = _list_array([e.rejected_labels for e in rows])
+            if "desirable" in features:
+                table["desirable"] = [int(e.example["desirable"]) for e in rows]
+            ds = datasets.Dataset.from_dict(table, features=features)
             # an empty split still gets its one (empty) shard: without one, load_from_disk fails with an IndexError
             ds.save_to_disk(str(tok_dir / split), **({"num_shards": 1} if not rows else {}))
             report["tokens"][split] = length_stats(

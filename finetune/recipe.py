@@ -71,7 +71,7 @@ class ModelConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ data
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"]
 
 
 class SourceConfig(Section):

@@ -78,6 +78,15 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
     out: dict[str, Any] = {"messages": msgs}
     if example.get("tools"):
         out["tools"] = example["tools"]
+    if "rejected" in example:  # a preference pair: the rejected conversation is cleaned the same way
+        rejected, rej_changes = clean_example({"messages": example["rejected"]}, unicode=unicode, whitespace=whitespace,
+                                              require_assistant_last=True, system_prompt=system_prompt)
+        changed |= rej_changes["normalized"]
+        if rejected["messages"] == msgs:
+            raise RowError("identical_pair", "the chosen reply equals the rejected one: nothing to prefer")
+        out["rejected"] = rejected["messages"]
+    if "desirable" in example:
+        out["desirable"] = bool(example["desirable"])
     return out, {"normalized": changed, "system_prompt_added": added,
                  "roles_mapped": dict(example.get("roles_mapped", {}))}
 
@@ -86,7 +95,20 @@ def dedupe_text(example: dict[str, Any]) -> str:
     """The text two rows are compared on: every turn except the system prompt, with its role."""
     if "text" in example:
         return example["text"]
-    return "\x1e".join(f"{m['role']}\x1f{_turn_text(m)}" for m in example["messages"] if m["role"] != "system")
+    text = "\x1e".join(f"{m['role']}\x1f{_turn_text(m)}" for m in example["messages"] if m["role"] != "system")
+    if "rejected" in example:  # pairs with one prompt and one chosen reply but other rejected replies differ
+        text += "\x1d" + _turn_text(example["rejected"][-1])
+    if "desirable" in example:
+        text += "\x1d" + ("desirable" if example["desirable"] else "undesirable")
+    return text
+
+
+def prompt_text(example: dict[str, Any]) -> str | None:
+    """A preference row's prompt (every turn before the final reply), compared to keep a prompt's pairs in one
+    split; None for other rows."""
+    if "rejected" not in example and "desirable" not in example:
+        return None
+    return "\x1e".join(f"{m['role']}\x1f{_turn_text(m)}" for m in example["messages"][:-1] if m["role"] != "system")
 
 
 def _turn_text(message: dict[str, Any]) -> str:

@@ -1,7 +1,10 @@
 """Row formats: detect which one a source uses and turn each row into chat messages (or raw text).
 
 Supported: OpenAI-style ``messages`` (role/content; content may be a list of text parts), ShareGPT
-``conversations`` (from/value), Alpaca (instruction/input/output), prompt/completion, and raw ``text``.
+``conversations`` (from/value), Alpaca (instruction/input/output), prompt/completion, and raw ``text``; for
+preference tuning, pairs (``prompt``/``chosen``/``rejected``, strings or message lists; without ``prompt`` the
+message lists' shared beginning is the prompt, as in Hub datasets like UltraFeedback) and KTO's unpaired rows
+(``prompt``/``completion``/``label``, the label a boolean).
 A recipe can force the format and map its own column names onto a format's fields (``columns:``).
 Role names are normalised the same way in every format (case-insensitive, common aliases: human -> user,
 gpt/bot/model -> assistant, function/ipython -> tool), and each mapping is counted.
@@ -26,6 +29,8 @@ from finetune.errors import UserError
 
 # format -> (required fields, optional fields)
 FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "preference": (("chosen", "rejected"), ("prompt", "system")),
+    "kto": (("prompt", "completion", "label"), ("system",)),
     "messages": (("messages",), ("tools",)),
     "sharegpt": (("conversations",), ("system",)),
     "alpaca": (("instruction", "output"), ("input", "system")),
@@ -111,12 +116,15 @@ def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *,
 
     A `columns:` mapping narrows the choice to the formats that have the mapped fields; when none fits because
     a mapped column is in no row, the error names that column (not "cannot tell the row format")."""
+    records = list(records)
     keys = column_names(records)
     inverse = {theirs: field for field, theirs in columns.items()}
     present = {inverse.get(k, k) for k in keys}
-    order = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+    order = ("preference", "kto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
     fitting = [fmt for fmt in order if all(f in FIELDS[fmt][0] + FIELDS[fmt][1] for f in columns)]
     for fmt in fitting or order:
+        if fmt == "kto" and not _boolean_labels(records, columns.get("label", "label")):
+            continue  # prompt/completion with a non-boolean label column (a class): SFT rows
         if all(f in present for f in FIELDS[fmt][0]):
             return fmt
     absent = [(field, theirs) for field, theirs in columns.items() if theirs not in keys]
@@ -124,6 +132,26 @@ def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *,
         raise _absent_column(absent[0][1], absent[0][0], True, "auto", keys, source=source, where=where)
     raise UserError(f"{where}: {source}: cannot tell the row format. Columns found: {', '.join(keys) or '(none)'}. "
                     + suggest_mapping(keys))
+
+
+def _boolean_labels(records: list[dict[str, Any]], column: str) -> bool:
+    values = [r[column] for r in records if r.get(column) is not None]
+    return bool(values) and all(_label(v) is not None for v in values)
+
+
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "good": True, "bad": False, "yes": True,
+               "no": False, "desirable": True, "undesirable": False}
+
+
+def _label(value: Any) -> bool | None:
+    """KTO's label as a bool: booleans, 0/1, or true/false, yes/no, good/bad, desirable/undesirable."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return LABEL_WORDS.get(value.strip().lower())
+    return None
 
 
 def suggest_mapping(keys: list[str]) -> str:
@@ -156,6 +184,16 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
 
     if fmt == "text":
         return {"text": _text(get("text"), "text")}
+    if fmt == "preference":
+        return _with_mapped(_pair(get, columns, mapped), mapped)
+    if fmt == "kto":
+        label = _label(get("label"))
+        if label is None:
+            raise RowError("bad_label", f"field {columns.get('label', 'label')!r} is {get('label')!r}; KTO's label "
+                                        "is true (desirable) or false (undesirable)")
+        prompt = _prompt_turns(get("prompt"), columns.get("prompt", "prompt"), mapped)
+        completion = _reply_turns(get("completion"), columns.get("completion", "completion"), mapped)
+        return _with_mapped(_with_system({"messages": prompt + completion, "desirable": label}, get), mapped)
     if fmt == "messages":
         # A `messages` column may hold ShareGPT-style turns too (from/value): accept both.
         tools = _tools(get("tools", required=False), columns.get("tools", "tools"))
@@ -185,6 +223,54 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": system})
     return _with_mapped({"messages": msgs}, mapped)
+
+
+def _prompt_turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
+    return _turns(value, name, mapped) if isinstance(value, list) else [{"role": "user", "content": _text(value, name)}]
+
+
+def _reply_turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
+    if isinstance(value, list):
+        return _turns(value, name, mapped)
+    return [{"role": "assistant", "content": _text(value, name)}]
+
+
+def _with_system(example: dict[str, Any], get) -> dict[str, Any]:
+    system = get("system", required=False)
+    msgs = example["messages"]
+    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in msgs):
+        example["messages"] = [{"role": "system", "content": system}] + msgs
+        if "rejected" in example:
+            example["rejected"] = [{"role": "system", "content": system}] + example["rejected"]
+    return example
+
+
+def _pair(get, columns: dict[str, str], mapped: Counter[str]) -> dict[str, Any]:
+    """A preference pair as two whole conversations sharing their prompt: {"messages": prompt + chosen,
+    "rejected": prompt + rejected}."""
+    c_name, r_name = columns.get("chosen", "chosen"), columns.get("rejected", "rejected")
+    prompt_value = get("prompt", required=False)
+    chosen, rejected = get("chosen"), get("rejected")
+    if prompt_value is not None:
+        prompt = _prompt_turns(prompt_value, columns.get("prompt", "prompt"), mapped)
+    elif isinstance(chosen, list) and isinstance(rejected, list):
+        # Hub shape: whole conversations; the prompt is their shared beginning up to the last assistant turn
+        c_all, r_all = _turns(chosen, c_name, mapped), _turns(rejected, r_name, mapped)
+        n = 0
+        while n < min(len(c_all), len(r_all)) - 1 and c_all[n] == r_all[n]:
+            n += 1
+        while n > 0 and c_all[n - 1]["role"] == "assistant":
+            n -= 1
+        if n == 0 or any(m["role"] != "assistant" for m in c_all[n:] + r_all[n:]):
+            raise RowError("no_shared_prompt", f"{c_name!r} and {r_name!r} do not start with the same prompt "
+                                               "followed by assistant replies; add a 'prompt' column")
+        return {"messages": c_all, "rejected": r_all}
+    else:
+        raise RowError("missing_field", f"no 'prompt' field, and {c_name!r}/{r_name!r} are not message lists "
+                                        "that carry it; map the prompt column with columns: {prompt: <column>}")
+    example = {"messages": prompt + _reply_turns(chosen, c_name, mapped),
+               "rejected": prompt + _reply_turns(rejected, r_name, mapped)}
+    return _with_system(example, get)
 
 
 def _with_mapped(example: dict[str, Any], mapped: Counter[str]) -> dict[str, Any]:
