@@ -15,6 +15,13 @@ corrected replies may receive loss, so the export leaves out, and says why:
   ``data.train_on: assistant`` or ``all`` (those earlier replies would be trained on too); with ``last_assistant``
   or ``completion`` they are context only and the row is kept;
 - a row that ``prepare`` would drop (no user turn, an empty turn, a context that does not end with the user...).
+
+``--as preferences`` writes preference data instead: DPO/ORPO pairs ``{"prompt", "chosen", "rejected"}`` from
+corrections (the better answer chosen over the model's reply) to the output file, and KTO rows ``{"prompt",
+"completion", "label"}`` to ``<out>.kto.jsonl``: a reply rated Good is desirable, one rated Bad undesirable, and a
+correction gives both (its answer desirable, the replaced reply undesirable). A rejected or undesirable reply is
+only ever pushed down: prepare trains preference rows on the final reply alone, and SFT on rated rows takes the
+desirable ones only. Unfinished replies rated Good (cut or stopped) are left out; rated Bad, they are undesirable.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ LEFT_OUT = {
                           "train them too (export with --train-on last_assistant and set data.train_on: "
                           "last_assistant, or rate those replies)",
     "duplicate": "the same conversation and answer twice",
+    "unrated": "neither rated nor corrected",
+    "identical_pair": "corrected to the same answer (nothing to prefer)",
 }
 
 SCHEMA = """
@@ -252,6 +261,88 @@ def training_rows(feedback: list[dict[str, Any]], *, train_on: str = "assistant"
     return rows, stats
 
 
+def preference_rows(feedback: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                              dict[str, Any]]:
+    """(DPO pairs from corrections, KTO rows from ratings and corrections, stats); latest feedback per reply wins."""
+    from finetune.data.clean import clean_example
+    from finetune.data.formats import RowError
+
+    latest: dict[str, dict[str, Any]] = {}
+    for item in feedback:
+        latest[item["completion_id"] or f"row-{item['id']}"] = item
+    pairs: list[dict[str, Any]] = []
+    rated: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    stats: dict[str, Any] = {"pairs": 0, "desirable": 0, "undesirable": 0, "left_out": Counter()}
+
+    def usable(context: list[dict[str, str]], answer: str) -> str | None:
+        """prepare's reason to drop context + answer, or None."""
+        try:
+            clean_example({"messages": context + [{"role": "assistant", "content": answer}]}, unicode=True,
+                          whitespace=True, require_assistant_last=True, system_prompt=None)
+            if not context or context[-1]["role"] != "user":
+                raise RowError("context_not_ending_with_user", "the reply does not answer a user message")
+        except RowError as exc:
+            return exc.reason
+        return None
+
+    def add_rated(context, answer: str, good: bool) -> None:
+        key = json.dumps([context, answer, good], sort_keys=True, ensure_ascii=False)
+        if key in seen:
+            stats["left_out"]["duplicate"] += 1
+            return
+        seen.add(key)
+        rated.append({"prompt": context, "completion": [{"role": "assistant", "content": answer}], "label": good})
+        stats["desirable" if good else "undesirable"] += 1
+
+    for item in latest.values():
+        context, reply, correction = item["messages"], item["reply"], item["correction"]
+        if correction:
+            why = usable(context, correction) or usable(context, reply)
+            if why is None and " ".join(correction.split()) == " ".join(reply.split()):
+                why = "identical_pair"
+            if why is not None:
+                stats["left_out"][why] += 1
+                continue
+            pairs.append({"prompt": context, "chosen": [{"role": "assistant", "content": correction}],
+                          "rejected": [{"role": "assistant", "content": reply}]})
+            stats["pairs"] += 1
+            add_rated(context, correction, True)
+            add_rated(context, reply, False)
+            continue
+        if item["rating"] == "up" and item.get("finish_reason") in UNFINISHED:
+            stats["left_out"][UNFINISHED[item["finish_reason"]]] += 1
+            continue
+        if item["rating"] not in ("up", "down"):
+            stats["left_out"]["unrated"] += 1
+            continue
+        why = usable(context, reply)
+        if why is not None:
+            stats["left_out"][why] += 1
+            continue
+        add_rated(context, reply, item["rating"] == "up")
+    stats["left_out"] = dict(stats["left_out"])
+    return pairs, rated, stats
+
+
+def kto_path(out: Path) -> Path:
+    """Where --as preferences writes the KTO rows beside the pairs file: <out stem>.kto.jsonl."""
+    return out.with_name(out.stem + ".kto.jsonl")
+
+
+def export_preferences(store_folder: Path, out: Path) -> dict[str, Any]:
+    from finetune.runs import atomic_write_text
+
+    store = _open_store(store_folder)
+    try:
+        pairs, rated, stats = preference_rows(store.feedback())
+    finally:
+        store.close()
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs))
+    atomic_write_text(kto_path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rated))
+    return {"out": str(out), "kto_out": str(kto_path(out)), **stats}
+
+
 def _turn_key(context: list[dict[str, str]], reply: str) -> str:
     return json.dumps([context, reply], sort_keys=True, ensure_ascii=False)
 
@@ -297,16 +388,20 @@ def gguf_store_dir(gguf: Path) -> Path:
     return cache_root() / "feedback" / gguf.stem
 
 
-def export(store_folder: Path, out: Path, *, train_on: str = "assistant") -> dict[str, Any]:
-    from finetune.runs import atomic_write_text
-
+def _open_store(store_folder: Path) -> FeedbackStore:
     if not (Path(store_folder) / STORE_FILE).exists():
         raise UserError(
             f"no feedback store at {Path(store_folder) / STORE_FILE}. Feedback is recorded by `finetune serve` "
             "(web page thumbs up/down, POST /api/feedback) and `finetune chat` (/good, /bad, /better); "
             "give the recipe, the served .gguf, or the folder that holds feedback.sqlite3."
         )
-    store = FeedbackStore(store_folder)
+    return FeedbackStore(store_folder)
+
+
+def export(store_folder: Path, out: Path, *, train_on: str = "assistant") -> dict[str, Any]:
+    from finetune.runs import atomic_write_text
+
+    store = _open_store(store_folder)
     try:
         rows, stats = training_rows(store.feedback(), train_on=train_on)
     finally:
@@ -333,6 +428,10 @@ def command(argv: list[str]) -> int:
                      help="the data.train_on of the recipe that will train the file (default: the recipe's when a "
                      "recipe is given, else assistant). With assistant or all, conversations whose earlier model "
                      "replies are not approved are left out, since those replies would be trained on too")
+    exp.add_argument("--as", dest="kind", choices=("sft", "preferences"), default="sft",
+                     help="sft (default): approved and corrected replies as {messages} rows; preferences: DPO/ORPO "
+                     "pairs from corrections to -o, KTO rows from ratings and corrections to <out>.kto.jsonl "
+                     "(train them with train.objective dpo/orpo or kto)")
     ns, extra = p.parse_known_args(argv)  # overrides may come after -o
     bad = [a for a in extra if a.startswith("-") or "=" not in a]
     if bad:
@@ -361,6 +460,17 @@ def command(argv: list[str]) -> int:
     if out.suffix != ".jsonl":
         raise UserError(f"-o {out}: the export writes JSON Lines; name the file *.jsonl (e.g. -o {out.with_suffix('.jsonl')})"
                         " so that prepare reads it as such")
+    if ns.kind == "preferences":
+        if ns.train_on:
+            raise UserError("--train-on applies to --as sft; preference rows always train the final reply only")
+        res = export_preferences(folder, out)
+        left = sum(res["left_out"].values())
+        print(f"wrote {res['pairs']} pairs (corrections) to {res['out']} and {res['desirable'] + res['undesirable']} "
+              f"rated rows ({res['desirable']} desirable, {res['undesirable']} undesirable) to {res['kto_out']}")
+        print(f"left out {left}: {left_out_text(res['left_out'], 'last_assistant')}" if left else "left out nothing")
+        print(f"train on them: add `- path: {out.resolve()}` under data.sources and set train.objective: dpo (or "
+              f"orpo); or `- path: {Path(res['kto_out']).resolve()}` with train.objective: kto")
+        return 0
     train_on = ns.train_on or recipe_train_on or "assistant"
     result = export(folder, out, train_on=train_on)
     left = sum(result["left_out"].values())

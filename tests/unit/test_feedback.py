@@ -212,3 +212,69 @@ def test_export_round_trip_through_prepare_never_trains_a_bad_reply(tmp_path, cl
     assert "Red." in everything and "A spider has eight legs." in everything
     assert ("Paris is the capital" in everything) == (train_on == "last_assistant")
     assert (tmp_path / "store" / STORE_FILE).read_bytes() == before
+
+
+def test_preference_rows_pairs_from_corrections_and_kto_rows_from_ratings(tmp_path):
+    from finetune.feedback import preference_rows
+
+    store = FeedbackStore(tmp_path)
+    a = store.add_exchange(Q1, "4")
+    b = store.add_exchange(Q2, "Lyon")
+    c = store.add_exchange(Q3, "Go away.")
+    d = store.add_exchange(Q3, "Hel", finish_reason="length")
+    e = store.add_exchange(Q2, "Paris")
+    store.add_feedback(completion_id=a, rating="up")
+    store.add_feedback(completion_id=b, rating="down")
+    store.add_feedback(completion_id=b, correction="Paris.")
+    store.add_feedback(completion_id=c, rating="down")
+    store.add_feedback(completion_id=d, rating="up")          # cut at max_tokens: not desirable
+    store.add_feedback(completion_id=e, correction="Paris")   # the same answer: nothing to prefer
+    pairs, rated, stats = preference_rows(store.feedback())
+    store.close()
+    reply = [{"role": "assistant", "content": "Lyon"}]
+    assert pairs == [{"prompt": Q2, "chosen": [{"role": "assistant", "content": "Paris."}], "rejected": reply}]
+    labels = {(r["prompt"][-1]["content"], r["completion"][0]["content"]): r["label"] for r in rated}
+    assert labels == {("2+2?", "4"): True, ("Capital of France?", "Paris."): True,
+                      ("Capital of France?", "Lyon"): False, ("Say hi.", "Go away."): False}
+    assert stats == {"pairs": 1, "desirable": 2, "undesirable": 2,
+                     "left_out": {"cut_at_max_tokens": 1, "identical_pair": 1}}
+
+
+def test_export_as_preferences_round_trips_through_prepare(tmp_path, cli, tiny_model_dir):
+    """--as preferences -> prepare: the pairs file is read as pairs, the KTO file as rated rows; the rejected
+    and undesirable replies are never SFT targets."""
+    import datasets
+    import yaml
+    from transformers import AutoTokenizer
+
+    from finetune import prepare as prepare_mod
+    from finetune import recipe as recipe_mod
+    from finetune import train
+
+    store = FeedbackStore(tmp_path / "store")
+    store.add_feedback(messages=Q2, reply="Lyon", correction="Paris.")
+    store.add_feedback(messages=Q3, reply="Go away.", correction="Hello!")
+    store.add_feedback(messages=Q1, reply="4", rating="up")
+    store.close()
+    out = tmp_path / "prefs.jsonl"
+    code, stdout, _ = cli("feedback", "export", str(tmp_path / "store"), "-o", str(out), "--as", "preferences")
+    assert code == 0, stdout
+    assert "wrote 2 pairs" in stdout and "5 rated rows (3 desirable, 2 undesirable)" in stdout
+    assert (tmp_path / "prefs.kto.jsonl").exists()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, path, kind in (("pairs", out, "pairs"), ("kto", tmp_path / "prefs.kto.jsonl", "rated")):
+        recipe_path = tmp_path / f"{name}.yaml"
+        recipe_path.write_text(yaml.safe_dump({
+            "name": name, "runs_dir": str(tmp_path / "runs"), "model": {"id": str(tiny_model_dir)},
+            "data": {"sources": [{"path": str(path)}], "split": {"validation": 0, "test": 0}},
+            "train": {"max_steps": 1, "batch_size": 8}}))
+        recipe = recipe_mod.load(recipe_path)
+        report = prepare_mod.run(recipe)
+        assert report["row_kind"] == kind and not report["dropped"], report
+        ds = datasets.load_from_disk(str(recipe.run_dir("prepare") / "tokenized" / "train"))
+        keep = ds["desirable"] if kind == "rated" else [1] * len(ds)
+        sft_targets = " ".join(tok.decode([i for i, lab in zip(r["input_ids"], r["labels"], strict=True)
+                                           if lab != -100]) for r, good in zip(ds, keep, strict=True) if good)
+        assert "Lyon" not in sft_targets and "Go away" not in sft_targets and "Paris." in sft_targets
+        rows = train._load_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train")  # SFT's view
+        assert "Lyon" not in " ".join(tok.decode([t for t in lab if t != -100]) for _, lab in rows)
