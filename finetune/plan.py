@@ -162,6 +162,7 @@ class Settings:
     attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2 | auto
     packed: bool = False                  # padding-free rows with per-example SDPA (finetune train's default)
     logit_fraction: float = 1.0           # share of positions that get logits (packed: only trained positions)
+    objective: str = "sft"                # sft | dpo | kto | orpo (extra sequences and forward passes)
 
 
 @dataclass
@@ -304,6 +305,13 @@ def train_flops_per_token(dims: ModelDims, settings: Settings) -> float:
     if settings.gradient_checkpointing:
         passes += 1
     flops = forward * passes
+    if settings.objective != "sft":
+        # per token of an example: pairs train two sequences; DPO/KTO add reference (and KTO mismatched-pair)
+        # forward passes without gradients
+        from finetune.training.preference import forward_passes
+
+        fp = forward_passes(settings.objective, settings.method)
+        flops = fp["sequences"] * (flops + forward * fp["no_grad"])
     if settings.method == "qlora":
         flops *= QLORA_SLOWDOWN
     return flops
@@ -476,8 +484,11 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
         dtype = "bfloat16" if models.cpu_has_fast_bf16() else "float32"
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, False) if gradient_checkpointing is None \
         else gradient_checkpointing
+    # a micro-batch of pairs holds two sequences per row (chosen and rejected): twice the activations
+    sequences = 2 if t.objective in ("dpo", "orpo") else 1
     return Settings(method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
-                    batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
+                    batch_size=t.batch_size * sequences, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
+                    objective=t.objective,
                     gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, compute_dtype=compute,
                     device=device, attn_implementation=recipe.model.attn_implementation, packed=t.packing)
 

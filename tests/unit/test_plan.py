@@ -193,3 +193,24 @@ def test_estimate_against_measured_cpu_peak(repo_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])[0]
     assert abs(row["error"]) < 0.25, row
+
+
+def test_preference_objectives_count_their_extra_forward_passes():
+    """Per token of an example, with LoRA (forward F, training passes 2F): DPO trains two sequences and runs the
+    reference on both (2 * 3F), ORPO two sequences without a reference (2 * 2F), KTO one sequence plus reference and
+    the mismatched pair under policy and reference (2F + 3F)."""
+    d = dims(LLAMA8B)
+    sft = plan.train_flops_per_token(d, plan.Settings(method="lora", seq_len=512))
+    ratio = {obj: plan.train_flops_per_token(d, plan.Settings(method="lora", seq_len=512, objective=obj)) / sft
+             for obj in ("dpo", "orpo", "kto")}
+    assert ratio == pytest.approx({"dpo": 3.0, "orpo": 2.0, "kto": 2.5})
+
+
+def test_pairs_double_the_sequences_of_a_micro_batch(tmp_path):
+    from finetune import recipe as recipe_mod
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nmodel: {id: smollm2-135m-instruct}\ntrain: {batch_size: 4, objective: dpo}\n")
+    r = recipe_mod.load(path)
+    assert plan.settings_for(r, "cpu").batch_size == 8
+    assert plan.settings_for(recipe_mod.load(path, ["train.objective=kto"]), "cpu").batch_size == 4
