@@ -218,3 +218,21 @@ def test_worker_streams_reasoning_apart_and_stops_on_stop_strings():
                         "max_tokens": 12, "temperature": 0, "stop": [words[1]]}, events.append, lambda: False)
     assert events[-1][2]["finish_reason"] == "stop"
     assert events[-1][2]["text"] == done["text"][:done["text"].index(words[1])]
+
+
+def test_terminal_chat_worker_takes_the_recipes_reasoning_setting(tmp_path):
+    """`finetune chat RECIPE` renders as training did: its worker gets data.reasoning (here drop, not the default)."""
+    from finetune import recipe as recipe_mod
+    from finetune.chat import LocalBackend
+    from finetune.models import embedded_gguf_path
+    from serve.server import Target
+
+    r = recipe_mod.validate_dict({"name": "chatreasoning", "runs_dir": str(tmp_path), "data": {"reasoning": "drop"}},
+                                 base_dir=tmp_path)
+    backend = LocalBackend(Target(embedded_gguf_path(), "m", r.serve, tmp_path / "store", r, None))
+    try:
+        assert backend.worker.options["reasoning"] == "drop"
+        reply = "".join(backend.stream([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=4))
+        assert isinstance(reply, str) and backend.finish_reason in ("stop", "length")
+    finally:
+        backend.close()
