@@ -227,9 +227,11 @@ def stage_serve(recipe_path: Path, recipe) -> dict[str, Any]:
         r = client.chat.completions.create(model=name, max_tokens=64, temperature=0,
                                            messages=[{"role": "user", "content": QA[1][0]}])
     choice = r.choices[0]
+    reasoning = getattr(choice.message, "reasoning_content", None)  # thinking templates (Qwen3.5): apart from content
     ok = isinstance(choice.message.content, str) and choice.finish_reason == "stop"
-    out = {"ok": ok, "finish_reason": choice.finish_reason, "answer": choice.message.content,
-           "figure": f"{choice.finish_reason}: {(choice.message.content or '')[:24]!r}"}
+    out = {"ok": ok, "finish_reason": choice.finish_reason, "answer": choice.message.content, "reasoning": reasoning,
+           "figure": f"{choice.finish_reason}: {(choice.message.content or '')[:24]!r}"
+                     + (f" (reasoning {reasoning[:16]!r})" if reasoning else "")}
     if not ok:
         out["error"] = f"the served answer did not end by itself (finish_reason {choice.finish_reason!r})"
     return out
@@ -304,14 +306,50 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def escaped(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe inside a Markdown table cell
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    """The README's family table from one or more --json files (a family's latest run wins)."""
+    latest: dict[str, tuple[dict, dict]] = {}
+    for run in sorted(runs, key=lambda r: r["date"]):
+        for name, cells in run["families"].items():
+            latest[name] = (run, cells)
+    lines = ["| family | twin of | architecture | LoRA loss | F16 top-1 / KL | Q8_0 top-1 | adapter top-1 | end of turn "
+             "| served | Ollama | s | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in [n for n in twins.FAMILIES if n in latest]:
+        run, cells = latest[name]
+        f = twins.FAMILIES[name]
+        when = f"{run['date']}, `{run['command']}`"
+        if not all(c["ok"] for c in cells.values()):
+            bad = next(s for s in STAGES if not cells[s]["ok"])
+            error = escaped((cells[bad].get("error") or "").splitlines()[0][:160])
+            lines.append(f"| {name} | {f.title} | {f.arch} | **fails at {bad}**: {error} | | | | | | | | {when} |")
+            continue
+        ex, tr = cells["export"], cells["train"]
+        lines.append(
+            f"| {name} | {f.title} | {f.arch} | {tr['loss_first']:.2f} -> {tr['loss_last']:.2f} | "
+            f"{ex['f16_top1']:.3f} / {ex['f16_kl']:.0e} | {ex['q8_top1']:.3f} | {ex['adapter_top1']:.3f} | "
+            f"`{escaped(ex['end_of_turn'])}` seen | {cells['serve']['finish_reason']} | "
+            f"{'TEMPLATE + stop' if cells['ollama']['ok'] else 'no'} | {sum(c['seconds'] for c in cells.values()):.0f} "
+            f"| {when} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Take a tiny twin of each model family through prepare, train, export "
                                 "(parity), serve and Ollama; print a family x stage table; exit 1 on any failure.")
     p.add_argument("--families", help=f"comma-separated subset (default: all): {','.join(twins.FAMILIES)}")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--work", help="keep the runs in this folder (default: a temporary folder, removed)")
+    p.add_argument("--markdown", metavar="JSON", nargs="+",
+                   help="print the README's table from earlier --json files (latest run of each family) and exit")
     p.add_argument("--quiet", action="store_true", help="print only the stage lines and the table, not the stages' own output")
     ns = p.parse_args(argv)
+    if ns.markdown:
+        print(markdown([json.loads(Path(f).read_text()) for f in ns.markdown]))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -94,8 +94,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            {**_layers("linear_attention", "linear_attention", "linear_attention", "full_attention"),
             "tie_word_embeddings": True, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
             "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_conv_kernel_dim": 4,
-            "mtp_num_hidden_layers": 1,
-            "rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default"}},
+            "mtp_num_hidden_layers": 1, "head_dim": 32,
+            # M-RoPE sections in rotary pairs, scaled with the head (real: head_dim 256, sections [11, 11, 10]):
+            # llama.cpp asserts that they fit in the rotary dimensions.
+            "rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25, "rope_type": "default",
+                                "mrope_section": [2, 1, 1], "mrope_interleaved": True}},
            "bpe:qwen35", "Qwen3.5-4B", QWEN_SPECIAL,
            {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}, "<|im_end|>"),
     Family("smollm2", "SmolLM2 135M-1.7B Instruct", "LlamaForCausalLM",
