@@ -8,7 +8,7 @@ For each family:
    (all tokens, so it learns the template and to end its turns with the family's end-of-turn token): its
    predictions are then peaked where the chats are, so logit agreement means something, and it stops by itself.
 2. prepare: a recipe pointing model.id at the primed twin, over chats with a system prompt and several turns.
-3. train: LoRA for a few steps on chats whose answers differ from the primed ones (the loss must fall).
+3. train: LoRA for three epochs on chats whose answers differ from the primed ones (the epoch-mean loss must fall).
 4. export: merge, GGUF F16 + Q8_0 + the adapter GGUF, and export's own parity checks (tokenization exact, chat
    prompt exact, teacher-forced top-1 agreement over positions where HF's top two differ by a margin, KL,
    greedy chat ends at the family's end of turn). The matrix then runs the F16 GGUF greedily itself and records
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -52,7 +53,7 @@ LORA_ANSWERS = {"Name a colour.": "Green.", "A fruit?": "A pear.", "Say yes.": "
 PRIME_STEPS = 60
 PRIME_LR = 5e-3
 PRIME_KEEP = 24
-TRAIN_STEPS = 8
+TRAIN_STEPS = 9  # three epochs of the 24 training chats in batches of 8
 
 
 def conversations(answers: dict[str, str] | None = None) -> list[list[dict]]:
@@ -171,11 +172,20 @@ def stage_train(recipe) -> dict[str, Any]:
 
     train.run(recipe)
     log = [json.loads(x) for x in (recipe.run_dir("train") / "log.jsonl").read_text().splitlines() if x.strip()]
-    losses = [r["loss"] for r in log if r.get("loss") is not None]
-    first, last = losses[0], losses[-1]
-    ok = last < first
+    steps = [r for r in log if r.get("loss") is not None]
+    # One step's loss depends on which chats its batch drew (packed batches differ in size): compare the
+    # token-weighted mean loss of the first epoch with that of the last.
+    epochs: dict[int, list[tuple[float, int]]] = {}
+    seen = 0
+    for r in steps:
+        epochs.setdefault(math.ceil(r["epoch"] - 1e-9), []).append((r["loss"], r["tokens"] - seen))
+        seen = r["tokens"]
+    means = [sum(loss * n for loss, n in e) / max(1, sum(n for _, n in e)) for _, e in sorted(epochs.items())]
+    first, last = means[0], means[-1]
+    ok = len(means) > 1 and last < first
     return {"ok": ok, "figure": f"loss {first:.2f}->{last:.2f}", "loss_first": first, "loss_last": last,
-            **({} if ok else {"error": f"training loss did not fall ({first:.3f} -> {last:.3f})"})}
+            "epochs": len(means),
+            **({} if ok else {"error": f"the epoch-mean training loss did not fall ({first:.3f} -> {last:.3f})"})}
 
 
 def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
