@@ -522,27 +522,3 @@ def _relocated(value: Any, old: str, new: str) -> Any:
     if isinstance(value, str) and (value == old or value.startswith(old + "/")):
         return new + value[len(old):]
     return value
-
-
-def command(argv: list[str]) -> int:
-    from finetune.cli import load_recipe, recipe_parser
-
-    ns = recipe_parser("export", "Merge the trained adapter, convert to GGUF (F16 + quantizations), check parity, "
-                                 "write Ollama Modelfiles. Run after `finetune train`.").parse_args(argv)
-    recipe = load_recipe(ns)
-    result = run(recipe, recipe_path=ns.recipe)
-    print(f"\nexported to {recipe.run_dir('export')} in {result['seconds']['total']:.0f} s")
-    summary = result["parity_summary"] or {}
-    for qtype, path in result["gguf"].items():
-        s = summary.get(qtype) or {}
-        extra = (f"  top-1 {s['top1_agreement']:.3f} (>= {s['min_top1']:.2f}), KL {s['kl_mean']:.4f}, "
-                 f"ppl {s['ppl_gguf']:.2f} vs HF {s['ppl_reference']:.2f}") if s else ""
-        print(f"  {Path(path).name:<40} {result['sizes'][qtype] / 2**20:7.0f} MiB{extra}")
-    if result["adapter_gguf"]:
-        print(f"  {Path(result['adapter_gguf']).name:<40} (LoRA adapter; load over {Path(result['base_gguf']).name})")
-    if summary:
-        print(f"parity: tokenization exact: {summary['tokenization_exact']}, chat prompt exact: "
-              f"{summary['chat_prompt_exact']}  ({result['parity']})")
-    for w in result["warnings"]:
-        print(f"warning: {w}")
-    return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -164,7 +163,7 @@ def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, sta
         }
         runs.atomic_write_json(state_path, state)
         results[stage.name] = {"status": "ran", "seconds": round(seconds, 1), "reason": reason}
-        print(f"[{stage.name}] done in {_duration(seconds)}{_brief(result)}", flush=True)
+        print(f"[{stage.name}] done in {duration(seconds)}{_brief(result)}", flush=True)
     out: dict[str, Any] = {"stages": results, "seconds": round(time.time() - total, 1)}
     if answer:
         out["answer"] = sample_answer(recipe, recipe_path)
@@ -180,7 +179,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 90 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
@@ -228,48 +227,6 @@ def sample_answer(recipe: Recipe, recipe_path: str) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def command(argv: list[str]) -> int:
-    from finetune.cli import load_recipe, recipe_parser
-
-    p = recipe_parser("run", "Run prepare, train, export and eval in order; stages that are up to date are skipped.")
-    p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")
-    p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
-    p.add_argument("--no-answer", action="store_true", help="skip the final sample answer from the GGUF")
-    ns = p.parse_intermixed_args(argv)
-    recipe = load_recipe(ns)
-    # The commands printed at the end must find the same run: keep the overrides that say where it lives.
-    keep = [o for o in ns.overrides if o.split("=", 1)[0].split(".")[0] in ("runs_dir", "name", "serve")]
-    where = " ".join([ns.recipe, *keep])
-    print(f"run '{recipe.name}' -> {recipe.run_dir()}", flush=True)
-    result = run(recipe, recipe_path=ns.recipe, force=ns.force, start=ns.start, answer=not ns.no_answer)
-
-    print("\nstage      status       time")
-    for name, info in result["stages"].items():
-        print(f"  {name:<8} {info['status']:<12} {_duration(info['seconds']) if info['status'] == 'ran' else '-'}")
-    print(f"  total                  {_duration(result['seconds'])}")
-    scores = score_table(recipe.run_dir("eval") / "metrics.json")
-    if scores:
-        print(f"\nscores on the {scores[0]}:\n{scores[1]}")
-        print(f"  report: {recipe.run_dir('eval') / 'report.html'}")
-    sample = result.get("answer")
-    if sample:
-        print(f"\nthe fine-tuned model ({Path(sample['gguf']).name}, llama.cpp) on a test prompt:")
-        if sample.get("system"):
-            print(_indent("system", sample["system"]))
-        print(_indent("prompt", sample["prompt"]))
-        if sample["expected"] is not None:
-            print(_indent("expected", sample["expected"]))
-        print(_indent("answer", sample["answer"]))
-        if sample.get("finish_reason") == "length":
-            print(f"  (cut at eval.max_new_tokens={recipe.eval.max_new_tokens} tokens)")
-    # The model learned its task with the training data's system prompt: chat with the same one.
-    system = f" --system {shlex.quote(sample['system'])}" if sample and sample.get("system") else ""
-    print("\nchat with it:")
-    print(f"  finetune chat {where}{system}")
-    print(f"  finetune serve {where}    # web chat + OpenAI-compatible API at http://127.0.0.1:{recipe.serve.port}")
-    return 0
-
-
 def score_table(path: Path) -> tuple[str, str] | None:
     """(split description, 'metric  base -> fine-tuned' lines) from eval's metrics.json, if it is there."""
     if not path.exists():
@@ -286,7 +243,7 @@ def score_table(path: Path) -> tuple[str, str] | None:
     return f"{metrics.get('split', 'test')} split ({metrics.get('examples', '?')} examples)", "\n".join(lines)
 
 
-def _indent(label: str, text: str, limit: int = 600) -> str:
+def indent(label: str, text: str, limit: int = 600) -> str:
     text = text if len(text) <= limit else text[:limit] + " ..."
     lines = text.splitlines() or [""]
     return "\n".join([f"  {label + ':':<10}{lines[0]}"] + [f"  {'':<10}{line}" for line in lines[1:]])

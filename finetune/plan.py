@@ -648,27 +648,3 @@ def format_plan(plan: dict) -> str:
     lines.append(f"  time per 1k examples on a GPU: ~{when} ({t['label']}; {t['tokens_per_example']:.0f} tokens/example, "
                  f"{t['tokens_per_example_source']})")
     return "\n".join(lines)
-
-
-def command(argv: list[str]) -> int:
-    from finetune.cli import load_recipe, recipe_parser
-
-    p = recipe_parser("plan", "Estimate training memory and time for a recipe; say whether it fits and what to change.")
-    p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
-                   help="plan for a GPU with N GB (e.g. 8, 12, 16, 24) instead of the detected device")
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="the model's config.json (or a folder with it); default: from the model folder or the Hub")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    ns = p.parse_args(argv)
-    if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
-        raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
-    recipe = load_recipe(ns)
-    plan = run(recipe, gpu_gb=ns.gpu_gb, config_path=ns.config)
-    print(json.dumps(plan, indent=2) if ns.json else format_plan(plan))
-    return 0 if plan["results"][0]["fits"] else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    raise SystemExit(command(sys.argv[1:]))

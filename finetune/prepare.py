@@ -85,19 +85,6 @@ def run(recipe, *, force: bool = False) -> dict[str, Any]:
     return report
 
 
-def command(argv: list[str]) -> int:
-    from finetune.cli import load_recipe, recipe_parser
-    from finetune.data.report import print_summary
-
-    parser = recipe_parser("prepare", "Load, clean, split and tokenize the recipe's data into runs/<name>/prepare/.")
-    parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
-    ns = parser.parse_args(argv)
-    recipe = load_recipe(ns)
-    report = run(recipe, force=ns.force)
-    print_summary(report, recipe.run_dir("prepare"))
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------ caching
 def fingerprint_inputs(recipe, tokenizer_dir: Path) -> dict[str, Any]:
     """Everything prepare's output depends on. Unpinned Hub sources make the output not reusable."""

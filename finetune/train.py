@@ -1020,26 +1020,3 @@ class _Progress:
 
 
 # -------------------------------------------------------------------------------------------- command
-def command(argv: list[str]) -> int:
-    from finetune.cli import load_recipe, recipe_parser
-
-    p = recipe_parser("train", "Train the recipe's model on the prepared data (LoRA, DoRA, QLoRA or full). "
-                               "Several processes: `torchrun --nproc_per_node N -m finetune train RECIPE` or "
-                               "`accelerate launch -m finetune train RECIPE`.")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the last complete checkpoint (an interrupted run also resumes by itself "
-                        "when its settings are unchanged)")
-    ns = p.parse_args(argv)
-    recipe = load_recipe(ns)
-    summary = run(recipe, resume=ns.resume, recipe_path=ns.recipe)
-    if int(os.environ.get("RANK", "0")) == 0:
-        out = recipe.run_dir("train")
-        val = summary["final_val_loss"]
-        print(f"trained {summary['steps']} steps ({summary['stop_reason']}), {summary['tokens_seen']} tokens in "
-              f"{summary['seconds']:.0f} s ({summary['tokens_per_s']:.0f} tok/s), peak memory "
-              f"{summary['peak_memory_mb']:.0f} MB")
-        print(f"train loss {summary['final_train_loss']:.4f}" + (f", validation loss {val:.4f} "
-              f"(best {summary['best_val_loss']:.4f} at step {summary['best_step']})" if val is not None else ""))
-        print(f"wrote {out / ('model' if recipe.train.method == 'full' else 'adapter')}, {out / 'summary.json'}, "
-              f"TensorBoard: tensorboard --logdir {out / 'tb'}")
-    return 0

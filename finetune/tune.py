@@ -106,24 +106,6 @@ def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str
     return result
 
 
-def command(argv: list[str]) -> int:
-    from finetune.cli import load_recipe, recipe_parser
-
-    parser = recipe_parser("tune", "Search hyperparameters (tune.space) for the lowest validation loss; write "
-                           "runs/<name>/tune/results.csv and best.yaml. Running it again continues the study.")
-    parser.add_argument("--fresh", action="store_true", help="delete the stored study and its trials and start over")
-    ns = parser.parse_args(argv)
-    recipe = load_recipe(ns)
-    result = run(recipe, recipe_path=ns.recipe, fresh=ns.fresh)
-    print(results_table(result["trials"]))
-    params = ", ".join(f"{k}={v}" for k, v in result["best_params"].items())
-    print(f"\nbest: trial {result['best_trial']} (validation loss {result['best_value']:.4f}): {params}")
-    print(f"best recipe: {result['best_recipe']}")
-    print(f"next: finetune prepare {result['best_recipe']} && finetune train {result['best_recipe']} "
-          f"&& finetune eval {result['best_recipe']}")
-    return 0
-
-
 # ------------------------------------------------------------------------------------------ the search
 def check_space(recipe) -> None:
     """Every key in tune.space names an existing recipe value and every candidate value validates."""

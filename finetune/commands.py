@@ -1,0 +1,157 @@
+"""The stage commands: argument parsing and console output for each stage, kept out of the stage modules.
+
+A stage module (``finetune.prepare``, ``finetune.train``, ...) is a function ``run(recipe, ...)`` importable and
+callable from Python without argparse; each function here parses a command line, calls that ``run`` and prints what
+a user wants to see. ``finetune.cli`` maps command names to these functions and imports them only when they run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+from finetune.cli import load_recipe, recipe_parser
+from finetune.errors import UserError
+
+
+def prepare_command(argv: list[str]) -> int:
+    from finetune import prepare as stage
+    from finetune.data.report import print_summary
+
+    parser = recipe_parser("prepare", "Load, clean, split and tokenize the recipe's data into runs/<name>/prepare/.")
+    parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
+    ns = parser.parse_args(argv)
+    recipe = load_recipe(ns)
+    report = stage.run(recipe, force=ns.force)
+    print_summary(report, recipe.run_dir("prepare"))
+    return 0
+
+
+def train_command(argv: list[str]) -> int:
+    from finetune import train as stage
+
+    p = recipe_parser("train", "Train the recipe's model on the prepared data (LoRA, DoRA, QLoRA or full). "
+                               "Several processes: `torchrun --nproc_per_node N -m finetune train RECIPE` or "
+                               "`accelerate launch -m finetune train RECIPE`.")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint (an interrupted run also resumes by itself "
+                        "when its settings are unchanged)")
+    ns = p.parse_args(argv)
+    recipe = load_recipe(ns)
+    summary = stage.run(recipe, resume=ns.resume, recipe_path=ns.recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = recipe.run_dir("train")
+        val = summary["final_val_loss"]
+        print(f"trained {summary['steps']} steps ({summary['stop_reason']}), {summary['tokens_seen']} tokens in "
+              f"{summary['seconds']:.0f} s ({summary['tokens_per_s']:.0f} tok/s), peak memory "
+              f"{summary['peak_memory_mb']:.0f} MB")
+        print(f"train loss {summary['final_train_loss']:.4f}" + (f", validation loss {val:.4f} "
+              f"(best {summary['best_val_loss']:.4f} at step {summary['best_step']})" if val is not None else ""))
+        print(f"wrote {out / ('model' if recipe.train.method == 'full' else 'adapter')}, {out / 'summary.json'}, "
+              f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return 0
+
+
+def export_command(argv: list[str]) -> int:
+    from finetune import export as stage
+
+    ns = recipe_parser("export", "Merge the trained adapter, convert to GGUF (F16 + quantizations), check parity, "
+                                 "write Ollama Modelfiles. Run after `finetune train`.").parse_args(argv)
+    recipe = load_recipe(ns)
+    result = stage.run(recipe, recipe_path=ns.recipe)
+    print(f"\nexported to {recipe.run_dir('export')} in {result['seconds']['total']:.0f} s")
+    summary = result["parity_summary"] or {}
+    for qtype, path in result["gguf"].items():
+        s = summary.get(qtype) or {}
+        extra = (f"  top-1 {s['top1_agreement']:.3f} (>= {s['min_top1']:.2f}), KL {s['kl_mean']:.4f}, "
+                 f"ppl {s['ppl_gguf']:.2f} vs HF {s['ppl_reference']:.2f}") if s else ""
+        print(f"  {Path(path).name:<40} {result['sizes'][qtype] / 2**20:7.0f} MiB{extra}")
+    if result["adapter_gguf"]:
+        print(f"  {Path(result['adapter_gguf']).name:<40} (LoRA adapter; load over {Path(result['base_gguf']).name})")
+    if summary:
+        print(f"parity: tokenization exact: {summary['tokenization_exact']}, chat prompt exact: "
+              f"{summary['chat_prompt_exact']}  ({result['parity']})")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    return 0
+
+
+def tune_command(argv: list[str]) -> int:
+    from finetune import tune as stage
+
+    parser = recipe_parser("tune", "Search hyperparameters (tune.space) for the lowest validation loss; write "
+                           "runs/<name>/tune/results.csv and best.yaml. Running it again continues the study.")
+    parser.add_argument("--fresh", action="store_true", help="delete the stored study and its trials and start over")
+    ns = parser.parse_args(argv)
+    recipe = load_recipe(ns)
+    result = stage.run(recipe, recipe_path=ns.recipe, fresh=ns.fresh)
+    print(stage.results_table(result["trials"]))
+    params = ", ".join(f"{k}={v}" for k, v in result["best_params"].items())
+    print(f"\nbest: trial {result['best_trial']} (validation loss {result['best_value']:.4f}): {params}")
+    print(f"best recipe: {result['best_recipe']}")
+    print(f"next: finetune prepare {result['best_recipe']} && finetune train {result['best_recipe']} "
+          f"&& finetune eval {result['best_recipe']}")
+    return 0
+
+
+def plan_command(argv: list[str]) -> int:
+    from finetune import plan as stage
+
+    p = recipe_parser("plan", "Estimate training memory and time for a recipe; say whether it fits and what to change.")
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
+                   help="plan for a GPU with N GB (e.g. 8, 12, 16, 24) instead of the detected device")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="the model's config.json (or a folder with it); default: from the model folder or the Hub")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ns = p.parse_args(argv)
+    if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
+        raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
+    recipe = load_recipe(ns)
+    result = stage.run(recipe, gpu_gb=ns.gpu_gb, config_path=ns.config)
+    print(json.dumps(result, indent=2) if ns.json else stage.format_plan(result))
+    return 0 if result["results"][0]["fits"] else 1
+
+
+def run_command(argv: list[str]) -> int:
+    from finetune import pipeline as stage
+
+    p = recipe_parser("run", "Run prepare, train, export and eval in order; stages that are up to date are skipped.")
+    p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")
+    p.add_argument("--from", dest="start", choices=stage.STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
+    p.add_argument("--no-answer", action="store_true", help="skip the final sample answer from the GGUF")
+    ns = p.parse_intermixed_args(argv)
+    recipe = load_recipe(ns)
+    # The commands printed at the end must find the same run: keep the overrides that say where it lives.
+    keep = [o for o in ns.overrides if o.split("=", 1)[0].split(".")[0] in ("runs_dir", "name", "serve")]
+    where = " ".join([ns.recipe, *keep])
+    print(f"run '{recipe.name}' -> {recipe.run_dir()}", flush=True)
+    result = stage.run(recipe, recipe_path=ns.recipe, force=ns.force, start=ns.start, answer=not ns.no_answer)
+
+    print("\nstage      status       time")
+    for name, info in result["stages"].items():
+        print(f"  {name:<8} {info['status']:<12} {stage.duration(info['seconds']) if info['status'] == 'ran' else '-'}")
+    print(f"  total                  {stage.duration(result['seconds'])}")
+    scores = stage.score_table(recipe.run_dir("eval") / "metrics.json")
+    if scores:
+        print(f"\nscores on the {scores[0]}:\n{scores[1]}")
+        print(f"  report: {recipe.run_dir('eval') / 'report.html'}")
+    sample = result.get("answer")
+    if sample:
+        print(f"\nthe fine-tuned model ({Path(sample['gguf']).name}, llama.cpp) on a test prompt:")
+        if sample.get("system"):
+            print(stage.indent("system", sample["system"]))
+        print(stage.indent("prompt", sample["prompt"]))
+        if sample["expected"] is not None:
+            print(stage.indent("expected", sample["expected"]))
+        print(stage.indent("answer", sample["answer"]))
+        if sample.get("finish_reason") == "length":
+            print(f"  (cut at eval.max_new_tokens={recipe.eval.max_new_tokens} tokens)")
+    # The model learned its task with the training data's system prompt: chat with the same one.
+    system = f" --system {shlex.quote(sample['system'])}" if sample and sample.get("system") else ""
+    print("\nchat with it:")
+    print(f"  finetune chat {where}{system}")
+    print(f"  finetune serve {where}    # web chat + OpenAI-compatible API at http://127.0.0.1:{recipe.serve.port}")
+    return 0
+
