@@ -280,6 +280,8 @@ def _template(family: Family) -> str | None:
 def _tokenizer(family: Family, out: Path):
     from transformers import AddedToken, AutoTokenizer
 
+    from finetune.export import save_tokenizer
+
     kind, _, vocab = family.vocab.partition(":")
     if kind == "bpe":
         tok = AutoTokenizer.from_pretrained(llama_cpp_models(), gguf_file=f"ggml-vocab-{vocab}.gguf")
@@ -288,6 +290,12 @@ def _tokenizer(family: Family, out: Path):
 
         gguf = embedded_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    elif kind == "spm" and not family.renames:
+        # tokenizer.model for llama.cpp's converter; tokenizer.json from transformers' GGUF loader, which rebuilds
+        # the real one (Phi-3: all 47 of llama.cpp's test strings tokenize as the real tokenizer does; one made by
+        # converting tokenizer.model with transformers 5 got 10 wrong, on leading spaces).
+        _write_sentencepiece(family, llama_cpp_models() / f"ggml-vocab-{vocab}.gguf", out)
+        tok = AutoTokenizer.from_pretrained(llama_cpp_models(), gguf_file=f"ggml-vocab-{vocab}.gguf")
     elif kind == "spm":
         _write_sentencepiece(family, llama_cpp_models() / f"ggml-vocab-{vocab}.gguf", out)
         tok = _load_from(out, family)
@@ -311,7 +319,11 @@ def _tokenizer(family: Family, out: Path):
     template = _template(family)
     if template is not None:
         tok.chat_template = template
-    tok.save_pretrained(out)
+    # With added_tokens_decoder in tokenizer_config.json, as real checkpoints have it (transformers 5 does not write
+    # it; the converter reads it for tokens past tokenizer.model): export's own tokenizer saving does both.
+    save_tokenizer(tok, out, sources=[])
+    if kind == "spm" and not family.renames:
+        _legacy_sentencepiece_json(out, rstrip=[t for t in control if t != family.special.get("eos")])
     if family.tokenizer_class:
         cfg_file = out / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text())
@@ -326,6 +338,28 @@ def _load_from(folder: Path, family: Family):
     cfg = {"tokenizer_class": family.tokenizer_class, **{f"{k}_token": v for k, v in family.special.items()}}
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return AutoTokenizer.from_pretrained(folder)
+
+
+def _legacy_sentencepiece_json(out: Path, *, rstrip: list[str]) -> None:
+    """tokenizer.json as Llama 2 / Mistral v0.3 / Phi-3.5 ship it: "▁" prepended to every text segment by the
+    normalizer (also after a special token and before leading spaces: what SentencePiece's add_dummy_prefix does,
+    and llama.cpp), no Metaspace pre-tokenizer; Phi-3.5's chat tokens strip the whitespace after them (rstrip)."""
+    path = out / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    spec["pre_tokenizer"] = None
+    for token in spec["added_tokens"]:
+        if token["content"] in rstrip and not token["content"].startswith("["):  # Mistral's [INST] keep theirs
+            token["rstrip"] = True
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    cfg_file = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    for item in (cfg.get("added_tokens_decoder") or {}).values():
+        if item["content"] in rstrip and not item["content"].startswith("["):
+            item["rstrip"] = True
+    cfg["legacy"] = True
+    cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _read_vocab(gguf_file: Path) -> dict[str, Any]:
