@@ -347,6 +347,16 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Path, results: dict, seconds: float, families: str | None) -> None:
+    import platform
+
+    path.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds, 1), "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "command": "python scripts/family_matrix.py" + (f" --families {families}" if families else ""),
+        "families": results}, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Take a tiny twin of each model family through prepare, train, export "
                                 "(parity), serve and Ollama; print a family x stage table; exit 1 on any failure.")
@@ -381,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                     quiet.enter_context(contextlib.redirect_stdout(sink))
                     quiet.enter_context(contextlib.redirect_stderr(sink))
                 results[name] = run_family(name, work, log=lambda *a: print(*a, file=sys.__stdout__, flush=True))
+            if ns.json:  # after every family: an interrupted matrix keeps what it measured
+                write_json(Path(ns.json), results, time.time() - t0, ns.families)
     finally:
         if not ns.work:
             shutil.rmtree(root, ignore_errors=True)
@@ -391,13 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(names) - len(failed)} of {len(names)} families passed every stage in {seconds:.0f} s"
           + (f"; failing: {', '.join(failed)}" if failed else ""))
     if ns.json:
-        import platform
-
-        Path(ns.json).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds, 1), "cores": os.cpu_count(),
-            "machine": platform.machine(), "command": "python scripts/family_matrix.py" + (
-                f" --families {ns.families}" if ns.families else ""),
-            "families": results}, indent=2, default=str) + "\n")
+        write_json(Path(ns.json), results, seconds, ns.families)
     return 1 if failed else 0
 
 
