@@ -16,28 +16,41 @@ from finetune import runs
 # Metrics shown in the bar chart, all on a 0..1 scale (chrF is divided by 100 there).
 CHART_METRICS = ["exact_match", "accuracy", "f1", "precision", "recall", "rouge1", "rouge2", "rougeL", "bleu", "chrf"]
 TABLE_METRICS = CHART_METRICS + ["rougeLsum", "loss", "perplexity", "train_sample_loss",
-                                 "answers_cut_at_max_new_tokens", "generation_seconds"]
+                                 "answers_cut_at_max_new_tokens", "generation_seconds", "answer_words", "answer_lines",
+                                 "preference_accuracy", "preference_accuracy_per_token", "logp_margin",
+                                 "reward_accuracy", "reward_margin"]
 LOWER_IS_BETTER = {"loss", "perplexity", "train_sample_loss", "answers_cut_at_max_new_tokens", "generation_seconds"}
 LABELS = {"exact_match": "exact match", "answers_cut_at_max_new_tokens": "answers cut at max_new_tokens",
           "train_sample_loss": "loss on training examples", "generation_seconds": "generation seconds",
           "chrf": "chrF", "bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
-          "rougeLsum": "ROUGE-Lsum", "f1": "F1 (macro)", "precision": "precision (macro)", "recall": "recall (macro)"}
+          "rougeLsum": "ROUGE-Lsum", "f1": "F1 (macro)", "precision": "precision (macro)", "recall": "recall (macro)",
+          "answer_words": "answer length (words)", "answer_lines": "answer lines",
+          "preference_accuracy": "preference accuracy (chosen more likely)",
+          "preference_accuracy_per_token": "preference accuracy (per token)",
+          "logp_margin": "log-prob margin (chosen - rejected)", "reward_accuracy": "reward accuracy (vs base)",
+          "reward_margin": "reward margin (vs base)"}
 COLORS = {"base": "#9aa5b1", "finetuned": "#2f6fde"}
 GGUF_COLOR = "#e07b39"
 SAMPLE_SIZE = 12
 
 
 def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str, Any]],
-                 log_rows: list[dict[str, Any]], *, title: str) -> Path:
-    """Write loss_curves.png, metrics.png and report.html into out_dir; return the report's path."""
+                 log_rows: list[dict[str, Any]], *, title: str,
+                 preference_pairs: list[dict[str, Any]] | None = None) -> Path:
+    """Write loss_curves.png, metrics.png (preference.png for preference data) and report.html into out_dir;
+    return the report's path."""
     out_dir = Path(out_dir)
     loss_png = loss_curve_png(log_rows)
     metrics_png = metric_chart_png(result)
+    pref_png = preference_png(result, preference_pairs or [])
     if loss_png:
         _write_bytes(out_dir / "loss_curves.png", loss_png)
     if metrics_png:
         _write_bytes(out_dir / "metrics.png", metrics_png)
-    page = render_html(result, examples, title=title, loss_png=loss_png, metrics_png=metrics_png)
+    if pref_png:
+        _write_bytes(out_dir / "preference.png", pref_png)
+    page = render_html(result, examples, title=title, loss_png=loss_png, metrics_png=metrics_png,
+                       preference_png=pref_png)
     runs.atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
 
@@ -114,6 +127,50 @@ def metric_chart_png(result: dict[str, Any]) -> bytes | None:
     return _png(plt, fig)
 
 
+def preference_png(result: dict[str, Any], pairs: list[dict[str, Any]]) -> bytes | None:
+    """Two panels: how often each model prefers the chosen reply (summed and per-token log-probability, and the
+    fine-tuned model's reward accuracy against the base); the distribution of the reward margins per pair."""
+    pref = result.get("preference")
+    if not pref or not pref.get("pairs"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=144)
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(axis="y", color="#e6e9ee", linewidth=0.8)
+        ax.set_axisbelow(True)
+    keys = [("preference_accuracy", "chosen more likely\n(summed log-prob)"),
+            ("preference_accuracy_per_token", "chosen more likely\n(per token)"),
+            ("reward_accuracy", "reward accuracy\n(vs base)")]
+    names = list(pref["models"])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [pref["models"][name].get(k) for k, _ in keys]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
+        shown = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+        bars = left.bar([x for x, _ in shown], [v for _, v in shown], width=width * 0.92, color=_color(name),
+                        label=_variant_label(name))
+        for bar, (_, v) in zip(bars, shown, strict=True):
+            left.text(bar.get_x() + bar.get_width() / 2, v + 0.015, f"{v:.2f}", ha="center", fontsize=7)
+    left.set_xticks(range(len(keys)), [label for _, label in keys], fontsize=8)
+    left.set_ylim(0, 1.12)
+    left.set_ylabel(f"share of {pref['pairs']} held-out pairs")
+    left.legend(frameon=False, fontsize=8, loc="upper left", ncols=len(names))
+    margins = [p["reward_margin"] for p in pairs if p.get("reward_margin") is not None]
+    if margins:
+        right.hist(margins, bins=min(30, max(5, len(margins) // 2)), color=COLORS["finetuned"])
+        right.axvline(0, color="#3d4852", linewidth=1)
+        right.set_xlabel("reward margin, chosen - rejected (fine-tuned vs base)")
+        right.set_ylabel("pairs")
+    else:
+        right.set_axis_off()
+    return _png(plt, fig)
+
+
 def _scaled(key: str, value: Any) -> float:
     if value is None:
         return 0.0
@@ -164,7 +221,7 @@ code { background:#eef2f7; padding: 1px 5px; border-radius: 4px; font-size: 12.5
 
 
 def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title: str, loss_png: bytes | None,
-                metrics_png: bytes | None) -> str:
+                metrics_png: bytes | None, preference_png: bytes | None = None) -> str:
     e = html.escape
     verdict = result["verdict"]
     improved = verdict.get("improved", {})
@@ -187,6 +244,8 @@ def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title
     ]
     if "loss" in verdict and verdict["loss"] is not improved:
         parts.append(f"<li><span class='badge'>loss</span>{e(verdict['loss']['summary'])}</li>")
+    if "preference" in verdict and verdict["preference"] is not improved:
+        parts.append(f"<li><span class='badge'>preferences</span>{e(verdict['preference']['summary'])}</li>")
     if "gguf" in verdict:
         parts.append(f"<li><span class='badge'>GGUF</span>{e(verdict['gguf']['summary'])}</li>")
     elif result["gguf"]["status"] != "scored":
@@ -198,6 +257,14 @@ def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title
     parts.append(_image_card("Training and validation loss", loss_png, "No train log with losses was found."))
     parts.append(_image_card("Generation metrics by model", metrics_png, "No generation metric was asked for."))
     parts.append("</div>")
+    if result.get("preference"):
+        pref = result["preference"]
+        parts.append(_image_card(f"Preferences on {pref['pairs']} held-out pairs ({pref['kind']})", preference_png,
+                                 "No held-out pair to score."))
+        parts.append("<p class='note'>Each reply is scored by the summed log-probability of its tokens. The reward "
+                     f"is beta ({pref['beta']}) times the fine-tuned minus the base log-probability, as in DPO and "
+                     "KTO; the base is the reference, so its own rewards are 0. Every pair is in "
+                     "<code>preference.jsonl</code>.</p>")
 
     # metric table
     parts.append("<h2>Metrics</h2>" + metric_table(result))

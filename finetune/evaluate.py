@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune import eval_preference, runs
 from finetune import metrics as metric_lib
-from finetune import runs
 from finetune.errors import UserError
 
 GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf",
@@ -77,7 +77,8 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
         raise runs.NothingToDo(f"the {cfg.split} split is empty ({split_file} has no rows). To get one: set "
                                f"data.split.{cfg.split} (e.g. 0.1) or add a source with role: {cfg.split}, then run "
                                f"`finetune prepare {recipe_path}`; or score the other split: eval.split={other}.")
-    examples = [r for r in rows if _is_chat_example(r)][: cfg.max_examples]
+    # rated rows (KTO's shape): only a desirable reply is a reference answer
+    examples = [r for r in rows if _is_chat_example(r) and r.get("desirable") is not False][: cfg.max_examples]
     gen_names = [m for m in cfg.metrics if m in GENERATION_METRICS]
     want_loss = any(m in cfg.metrics for m in ("loss", "perplexity"))
     if gen_names and not examples:
@@ -87,6 +88,7 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
         )
     tok_split = _stage_path(prepared, ("tokenized", cfg.split), recipe.run_dir("prepare") / "tokenized" / cfg.split)
     tok_train = _stage_path(prepared, ("tokenized", "train"), recipe.run_dir("prepare") / "tokenized" / "train")
+    pref_rows = eval_preference.read_rows(tok_split, cfg.max_examples)  # None unless the split holds preferences
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     outputs = trained.get("outputs", {})
@@ -115,6 +117,7 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
         variants: dict[str, dict[str, Any]] = {}
         answers: dict[str, list[dict[str, Any]]] = {}
         per_example_loss: dict[str, list[float]] = {}
+        pref_logps: dict[str, list[tuple[float, int]]] = {}
 
         print(f"eval: {len(examples)} {cfg.split} examples, {device}, base model {base_path}")
         model = _load_causal_lm(base_path, recipe, device, method)
@@ -136,6 +139,9 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
                 answers[name] = [read_answer(o, template, ex.get("tools"), end_tokens)
                                  for o, ex in zip(raw, examples, strict=True)]
                 entry["generation_seconds"] = round(time.time() - t1, 2)
+            if pref_rows:
+                pref_logps[name] = eval_preference.sequence_logps(model, pref_rows["sequences"],
+                                                                  pad_id=tokenizer.pad_token_id, device=device)
             entry["seconds"] = round(time.time() - t0, 2)
             variants[name] = entry
             print(f"eval: {name} done in {entry['seconds']:.0f} s")
@@ -158,8 +164,20 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
             variants[name]["answers_cut_at_max_new_tokens"] = sum(o["finish_reason"] == "length" for o in outs)
             per_example_scores[name] = per_example
 
+        for name, outs in answers.items():
+            variants[name].update(eval_preference.answer_shape([o["text"] for o in outs]))
+        pref_result = None
+        if pref_rows:
+            pref_result = eval_preference.score(pref_rows, pref_logps, beta=recipe.train.preference.beta)
+            for name, values in pref_result["models"].items():
+                variants[name].update(values)
+
         log_rows = read_train_log(_stage_path(trained, ("log",), recipe.run_dir("train") / "log.jsonl"))
         verdict = make_verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status)
+        if pref_result and (pref_verdict := eval_preference.verdict(pref_result)):
+            verdict["preference"] = pref_verdict
+            if verdict["improved"]["status"] == "unknown":  # no generation metric or loss asked for
+                verdict["improved"], verdict["summary"] = pref_verdict, pref_verdict["summary"]
 
         result = {
             "run": recipe.name, "split": cfg.split, "examples": len(examples),
@@ -169,6 +187,8 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
             "models": variants, "metric_sources": sources, "gguf": gguf_status, "verdict": verdict,
             "rules": VERDICT_RULES,
         }
+        if pref_result:
+            result["preference"] = {k: v for k, v in pref_result.items() if k != "per_pair"}
         example_rows = []
         for i, ex in enumerate(examples):
             example_rows.append({
@@ -184,7 +204,11 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
         runs.atomic_write_json(out / "metrics.json", result)
         runs.atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                for r in example_rows))
-        eval_report.write_report(out, result, example_rows, log_rows, title=f"{recipe.name}: evaluation")
+        if pref_result:
+            runs.atomic_write_text(out / "preference.jsonl", "".join(json.dumps(r) + "\n"
+                                                                     for r in pref_result["per_pair"]))
+        eval_report.write_report(out, result, example_rows, log_rows, title=f"{recipe.name}: evaluation",
+                                 preference_pairs=pref_result["per_pair"] if pref_result else None)
         final = stage.dir
         stage.outputs.update({
             "metrics": str(final / "metrics.json"), "examples": str(final / "examples.jsonl"),
@@ -203,6 +227,8 @@ def command(argv: list[str]) -> int:
     result = run(recipe, recipe_path=ns.recipe)
     print(summary_table(result))
     print(f"\n{result['verdict']['summary']}")
+    if "preference" in result["verdict"] and result["verdict"]["preference"] is not result["verdict"]["improved"]:
+        print(result["verdict"]["preference"]["summary"])
     for key in ("overfitting", "underfitting"):
         print(f"{key}: {result['verdict'][key]['finding']}")
     if result["gguf"]["status"] != "scored":
@@ -222,7 +248,9 @@ def summary_table(result: dict[str, Any]) -> str:
 
 
 _TABLE_KEYS = ["tool_call_match", "exact_match", "accuracy", "precision", "recall", "f1", "rouge1", "rouge2", "rougeL", "rougeLsum",
-               "bleu", "chrf", "loss", "perplexity", "train_sample_loss", "answers_cut_at_max_new_tokens"]
+               "bleu", "chrf", "loss", "perplexity", "train_sample_loss", "answers_cut_at_max_new_tokens",
+               "answer_words", "answer_lines", "preference_accuracy", "preference_accuracy_per_token", "logp_margin",
+               "reward_accuracy", "reward_margin"]
 
 
 def _fmt(v: Any) -> str:
@@ -342,6 +370,8 @@ def _load_tokenized(path: Path, limit: int | None):
     from datasets import load_from_disk
 
     ds = load_from_disk(str(path))
+    if "desirable" in ds.column_names:  # rated rows (KTO's shape): the loss is on the desirable replies only
+        ds = ds.filter(lambda row: bool(row["desirable"]))
     return ds.select(range(min(len(ds), limit))) if limit else ds
 
 
