@@ -234,7 +234,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         log("export: parity checks (tokens, chat prompt, logits per type, greedy chat)")
         rows = heldout_rows or parity.FALLBACK_HELDOUT
         sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
-        conversations = _prompt_conversations(rows)
+        conversations = _renderable(tokenizer, _prompt_conversations(rows))
         greedy = conversations[:2]
         ref = out_dir / ".reference-logits.npy"
         try:
@@ -361,6 +361,22 @@ def _table_section(quant: dict, chart: Path | None) -> str:
     if chart is not None:
         lines.append(f"\n![size vs quality]({chart.name})")
     return "\n".join(lines) + "\n"
+
+
+def _renderable(tokenizer, conversations: list[list[dict]]) -> list[list[dict]]:
+    """The conversations as the chat template accepts them: a template that refuses system messages (Gemma 2 raises
+    "System role not supported") gets them without, instead of failing every check that renders them."""
+    out = []
+    for conv in conversations:
+        for candidate in (conv, [m for m in conv if m["role"] != "system"]):
+            try:
+                tokenizer.apply_chat_template(candidate, tokenize=False, add_generation_prompt=True)
+            except Exception:  # jinja2 TemplateError or the template's raise_exception (ValueError)
+                continue
+            if candidate not in out:
+                out.append(candidate)
+            break
+    return out
 
 
 def _prompt_conversations(rows: list[dict]) -> list[list[dict]]:

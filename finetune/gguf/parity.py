@@ -116,7 +116,10 @@ def heldout_sequences(tokenizer, rows: list[dict], *, max_sequences: int = 8, ma
     seqs: list[list[int]] = []
     for row in rows:
         if "messages" in row:
-            ids = hf_ids(tokenizer, row["messages"], add_generation_prompt=False)
+            try:
+                ids = hf_ids(tokenizer, row["messages"], add_generation_prompt=False)
+            except Exception:  # a template that refuses system messages (Gemma 2): the row without them
+                ids = hf_ids(tokenizer, [m for m in row["messages"] if m["role"] != "system"], add_generation_prompt=False)
         else:
             ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"]
         ids = ids[:max_tokens]

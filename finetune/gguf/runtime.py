@@ -364,6 +364,8 @@ def _op_many(req: dict) -> list[dict]:
             out.append({"result": result})
         except UserError as exc:
             out.append({"error": str(exc)})
+        except Exception as exc:  # one job's Python error (a template raising on a message) fails that job only
+            out.append({"error": f"{job['op']}: {type(exc).__name__}: {exc}"})
     return out
 
 
