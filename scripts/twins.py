@@ -195,7 +195,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             "position_embedding_type": "nope", "mamba_n_heads": 8, "mamba_n_groups": 1, "mamba_d_state": 16,
             "mamba_d_head": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 16,
             "embedding_multiplier": 12.0, "logits_scaling": 2.0, "residual_multiplier": 0.22,
-            "attention_multiplier": 0.0625},
+            "attention_multiplier": 0.0625, "pad_vocab_to": 8},
            "bpe:gpt-2", "ibm-granite-granite-4.0",
            {"bos": "<|end_of_text|>", "eos": "<|end_of_text|>", "pad": "<|pad|>"},
            {"do_sample": True, "temperature": 0.7, "top_p": 0.9}, "<|end_of_text|>",
@@ -254,8 +254,11 @@ def _model(family: Family, tokenizer, out: Path) -> None:
 
     cls = getattr(transformers, family.arch)
     settings = {**TINY, **family.config}
+    # Embedding rows padded past the tokenizer as the real checkpoint has them (Granite 4: 100352 rows; llama.cpp's
+    # Mamba-2 converter pads the vocabulary to a multiple of 8 and expects the embedding to match).
+    pad = settings.pop("pad_vocab_to", 1)
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in family.special.items() if k != "unk"}
-    config = cls.config_class(vocab_size=len(tokenizer), bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"),
+    config = cls.config_class(vocab_size=-(-len(tokenizer) // pad) * pad, bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"),
                               pad_token_id=ids.get("pad"), **settings)
     for key in ("mtp_num_hidden_layers",):  # declared by the real config.json, unknown to the config class
         if key in settings:
