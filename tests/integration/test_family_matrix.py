@@ -76,7 +76,7 @@ def _parity(merged: Path, gguf: Path, tmp_path: Path) -> dict:
     """export's parity checks of ``gguf`` against the merged checkpoint (no greedy chat: it is not what is planted)."""
     from transformers import AutoTokenizer
 
-    from finetune.export import _prompt_conversations
+    from finetune.export import _prompt_conversations, _renderable
     from finetune.gguf import parity
 
     tok = AutoTokenizer.from_pretrained(merged)
@@ -85,11 +85,7 @@ def _parity(merged: Path, gguf: Path, tmp_path: Path) -> dict:
     ref = tmp_path / "ref.npy"
     hf = parity.HFReference(merged, tok)
     hf.save_logits(seqs, ref)
-    convs = [c for c in _prompt_conversations(rows)]
-    try:
-        tok.apply_chat_template(convs[-1], tokenize=False)
-    except Exception:  # a template that refuses system messages (Gemma 2)
-        convs = [[m for m in c if m["role"] != "system"] for c in convs]
+    convs = _renderable(tok, _prompt_conversations(rows))  # as export renders them (Gemma 2: no system message)
     return parity.run_checks(model_dir=merged, ggufs={"F16": gguf}, tokenizer=tok, sequences=seqs,
                              conversations=convs, greedy_conversations=[], reference=ref, hf=hf, n_params=10**6,
                              min_top1_unquantized=0.99, unquantized="F16")
