@@ -107,7 +107,10 @@ def test_planted_template_mismatch_fails_parity(matrix, name, tmp_path):
     report = _parity(merged, bad, tmp_path)
     assert not report["ok"]
     assert any("chat template differs" in f for f in report["failed"]), report["failed"]
-    assert any(f.startswith("chat_prompt:") for f in report["failed"]), report["failed"]
+    # Where prompts end a previous turn (multi-turn), the prompt ids differ too (gpt-oss ends only a final answer
+    # with <|return|>, so there only the template comparison sees it).
+    if name != "gpt-oss":
+        assert any(f.startswith("chat_prompt:") for f in report["failed"]), report["failed"]
 
 
 @pytest.mark.parametrize("name", list(twins.FAMILIES))
