@@ -137,6 +137,17 @@ def save_tokenizer(tokenizer, out: Path, *, sources: list[Path]) -> None:
             shutil.copyfile(found, out / name)
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    # The converter picks a vocabulary reader by tokenizer_class (Phi-4-mini: GPT2Tokenizer -> BPE, else it looks
+    # for tokenizer.model); transformers 5 saves "TokenizersBackend" instead of the model's own class.
+    for source in sources:
+        original = Path(source) / "tokenizer_config.json"
+        if original.is_file():
+            cls = json.loads(original.read_text(encoding="utf-8")).get("tokenizer_class")
+            if cls and cls != "TokenizersBackend":
+                if config.get("tokenizer_class") != cls:
+                    config["tokenizer_class"] = cls
+                    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                break
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
     if added and "added_tokens_decoder" not in config:
         config["added_tokens_decoder"] = {
