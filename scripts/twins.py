@@ -270,6 +270,10 @@ def _model(family: Family, tokenizer, out: Path) -> None:
     torch.manual_seed(0)
     model = cls(config).to(torch.bfloat16)  # real checkpoints ship bf16
     model.save_pretrained(out, safe_serialization=True)
+    if "layer_types" in settings:  # as the real config.json spells them (transformers 5 renames Granite's on save)
+        saved = json.loads((out / "config.json").read_text())
+        saved["layer_types"] = settings["layer_types"]
+        (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     eot = tokenizer.convert_tokens_to_ids(family.end_of_turn)
     eos = list(dict.fromkeys([eot] + ([ids["eos"]] if ids.get("eos") is not None else [])))
     generation = {**family.generation, "bos_token_id": ids.get("bos"), "eos_token_id": eos,
