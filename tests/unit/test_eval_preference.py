@@ -138,3 +138,17 @@ def test_kto_rated_rows_pair_by_prompt_and_only_desirable_replies_are_references
     assert result["models"]["base"]["loss_tokens"] == sum(
         sum(1 for t in labels[1:] if t != -100) for labels, d in zip(test["labels"], test["desirable"], strict=True)
         if d)
+
+
+def test_a_saturating_preference_loss_is_not_underfitting():
+    """DPO's loss goes to ~0 within a few steps and keeps halving there: not "still falling" (the shipped DPO run's
+    log shape: 0.69 -> 0.002 -> 0.0000005), while a real fall at the end still is."""
+    def log(train, val):
+        rows = [{"step": i + 1, "loss": x, "val_loss": None} for i, x in enumerate(train)]
+        rows += [{"step": s, "loss": None, "val_loss": v} for s, v in val]
+        return rows
+
+    saturated = log([0.69, 0.59, 0.2, 0.01, 0.002, 0.001, 0.0004, 0.0001, 1e-5, 5e-7], [(5, 0.002), (10, 6e-7)])
+    assert ft_eval.underfitting(saturated)["flag"] is False
+    falling = log([0.69, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.26, 0.22, 0.18], [(5, 0.45), (10, 0.2)])
+    assert ft_eval.underfitting(falling)["flag"] is True
