@@ -134,11 +134,22 @@ def omp_wait_policy(threads: int | None = None) -> str:
     several times slower on an idle one (scripts/bench_export.py measures both). A policy set by the user wins."""
     cores = os.cpu_count() or 1
     threads = threads or min(cores, 16)
-    try:
-        load = os.getloadavg()[0]  # runnable processes, averaged over the last minute
-    except OSError:
-        return "PASSIVE"
+    load = runnable_now()
     return "ACTIVE" if load + threads <= cores + 0.5 else "PASSIVE"
+
+
+def runnable_now() -> float:
+    """Threads running or ready to run right now, other than the caller. Linux's /proc/loadavg says it at this
+    instant (its 4th field); the 1-minute load average would still count a training that just finished in this very
+    process and choose the slow policy on an idle machine."""
+    try:
+        running = open("/proc/loadavg").read().split()[3].split("/")[0]
+        return max(0.0, float(running) - 1)  # the reading thread itself is running
+    except (OSError, IndexError, ValueError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return float(os.cpu_count() or 1)
 
 
 def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | None = None) -> Any:
