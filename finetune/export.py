@@ -221,6 +221,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     if merged["eos_before"] != merged["end_of_turn"]:
         log(f"export: EOS set to the end-of-turn token {merged['end_of_turn']!r} (was {merged['eos_before']!r})")
 
+    tokenizer = load_chat_tokenizer(merged_dir)  # the exported model's, for calibration and the checks below
     ggufs: dict[str, Path] = {}
     t = time.time()
     log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
@@ -231,7 +232,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     if guided:
         t = time.time()
         imatrix_file = out_dir / f"{name}-imatrix.gguf"
-        imatrix_info = _importance_matrix(merged_dir, ggufs[outtype], imatrix_file, calibration, log)
+        imatrix_info = _importance_matrix(tokenizer, merged_dir, ggufs[outtype], imatrix_file, calibration, log)
         timings["imatrix"] = time.time() - t
     t = time.time()
     for q in quantizations:
@@ -252,7 +253,6 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
             base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16")
         timings["adapter"] = time.time() - t
 
-    tokenizer = load_chat_tokenizer(merged_dir)
     report: dict[str, Any] | None = None
     if parity_checks:
         t = time.time()
@@ -356,10 +356,10 @@ class TableSettings:
     tolerance: float = 0.02          # ... whose exact match is at most this far below the unquantized GGUF's
 
 
-def _importance_matrix(merged_dir: Path, f16: Path, out_file: Path, calibration: Calibration, log) -> dict:
+def _importance_matrix(tokenizer, merged_dir: Path, f16: Path, out_file: Path, calibration: Calibration,
+                       log) -> dict:
     from finetune.gguf import imatrix
 
-    tokenizer = load_chat_tokenizer(merged_dir)
     sequences = []
     for row in calibration.rows:
         if row.get("messages"):

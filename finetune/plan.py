@@ -416,7 +416,9 @@ def _hub_config(repo_id: str, revision: str | None, *, gated: bool) -> dict[str,
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    from finetune.models import hub_offline
+
+    offline = hub_offline()
     tail = "Or give the model's config.json with --config PATH."
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)

@@ -95,7 +95,12 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     pref_settings = preference.Settings(objective, t.preference.beta, t.preference.desirable_weight,
                                         t.preference.undesirable_weight)
     micro_per_step = t.grad_accum * world
-    packing, packing_off = _packing(recipe, main)
+    # ---- the model must resolve before anything is written (its architecture decides packing)
+    from finetune import models
+
+    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
+                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+    packing, packing_off = _packing(recipe, resolved.path, main)
     steps = batching.schedule(lengths, batch_size=t.batch_size,
                               batch_tokens=t.batch_tokens if packing else None,
                               micro_batches_per_step=micro_per_step, seed=recipe.seed, epochs=t.epochs,
@@ -110,11 +115,6 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         print(f"train: the validation split is empty ({why}): training runs without validation loss, so early "
               "stopping and best-step selection are off; the final step's weights are saved.", file=sys.stderr)
 
-    # ---- the model must resolve before anything is written
-    from finetune import models
-
-    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
     tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code,
                                       chat_template=recipe.chat_template_path())
 
@@ -560,19 +560,16 @@ def _validation_loss(model, rows, t, tokenizer, accelerator, autocast_dtype, pac
 
 
 # ------------------------------------------------------------------------------------------- model
-def _packing(recipe, main: bool) -> tuple[bool, str | None]:
-    """Whether batches are packed: the recipe's train.packing, unless the architecture cannot keep packed examples
-    apart (then padded batches, said once). Returns (packing, why it is off)."""
+def _packing(recipe, model_dir: Path, main: bool) -> tuple[bool, str | None]:
+    """Whether batches are packed: the recipe's train.packing, unless the architecture in ``model_dir`` cannot keep
+    packed examples apart (then padded batches, said once). Returns (packing, why it is off)."""
     if not recipe.train.packing:
         return False, None
     from transformers import AutoConfig
 
-    from finetune import models
     from finetune.training import attention
 
-    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
-    config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=recipe.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     why = attention.packing_obstacle(config)
     if why is None:
         return True, None

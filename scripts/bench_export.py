@@ -97,7 +97,8 @@ def eval_columns(export: Path, manifest: dict, quant: str, n: int) -> dict:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     t0 = time.perf_counter()
-    evaluate.generate(model, tok, prompts, device="cpu", max_new_tokens=max_new, temperature=0.0, batch_size=16)
+    evaluate.generate(model, tok, prompts, device="cpu", max_new_tokens=max_new, temperature=0.0, batch_size=16,
+                      seed=0)
     hf_s = time.perf_counter() - t0
     return {"prompts": len(rows), "gguf_column_s": round(gguf_s, 1), "transformers_column_s": round(hf_s, 1),
             "ratio": round(hf_s / gguf_s, 2)}

@@ -32,9 +32,9 @@ def local_path(name: str) -> Path:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
-        "HF_EVALUATE_OFFLINE", "0"
-    ).lower() in ("1", "true", "yes")
+    from finetune.models import hub_offline as hub_is_offline
+
+    return hub_is_offline() or os.environ.get("HF_EVALUATE_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def load(name: str, *, prefer_hub: bool = True) -> tuple[Any, str]:
