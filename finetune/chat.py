@@ -1,8 +1,9 @@
 """``finetune chat RECIPE|MODEL.gguf`` (or ``--url http://127.0.0.1:8765``): chat with the model in the terminal.
 
-Replies stream token by token. Without --url the GGUF runs in a child process (serve/worker.py: llama.cpp with the
-GGUF's own chat template; a native crash ends the reply with an error, not the chat); with --url it talks to a
-running ``finetune serve`` over its OpenAI-compatible API.
+Replies stream token by token. Without --url the GGUF runs in a child process (finetune/gguf/worker.py: llama.cpp
+with the GGUF's own chat template; a native crash ends the reply with an error, not the chat), and the server
+package is not needed; with --url it talks to a running ``finetune serve`` over its OpenAI-compatible API (the
+``openai`` client).
 
 Input: Enter sends; end a line with a backslash to continue on the next one, or type three quotes on a line of
 their own to start and end a block. Commands:
@@ -18,11 +19,10 @@ Ctrl-C stops a reply being generated; Ctrl-D (or /quit) leaves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,9 +38,9 @@ class LocalBackend:
     """The GGUF in a worker process; conversations and feedback go to the local store."""
 
     def __init__(self, target: Any):
-        from finetune.feedback import FeedbackStore
-        from serve.server import worker_options
-        from serve.worker import NoChatTemplate, Worker, WorkerCrashed
+        from finetune.feedback_store import FeedbackStore
+        from finetune.gguf.worker import NoChatTemplate, Worker, WorkerCrashed
+        from finetune.serve_target import worker_options
 
         self.target = target
         self.name = target.name
@@ -56,7 +56,7 @@ class LocalBackend:
     def stream(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int) -> Iterator[str]:
         import uuid
 
-        from serve.worker import WorkerCrashed
+        from finetune.gguf.worker import WorkerCrashed
 
         rid = uuid.uuid4().hex
         self.worker.send({"op": "generate", "id": rid, "mode": "chat", "messages": messages, "max_tokens": max_tokens,
@@ -103,65 +103,61 @@ class LocalBackend:
 
 
 class HttpBackend:
-    """A running `finetune serve` (or any OpenAI-compatible server) at --url."""
+    """A running `finetune serve` (or any OpenAI-compatible server) at --url, through the ``openai`` client."""
 
     def __init__(self, url: str, api_key: str | None):
+        import openai
+
         self.base = url.rstrip("/").removesuffix("/v1")
-        self.api_key = api_key
+        # The client insists on a key; a server started without one ignores the header.
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key=api_key or "no-key", timeout=600,
+                                    max_retries=0)
         self.last_id: str | None = None
         self.finish_reason: str | None = None
         # /v1/models needs the key: a wrong one is reported now, not at the first message.
-        self.name = self._get("/v1/models")["data"][0]["id"]
+        with self._errors():
+            self.name = self.client.models.list().data[0].id
 
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST" if data else "GET")
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The client's exceptions as one-line UserErrors: the URL and status, and the server's own message."""
+        import openai
+
         try:
-            return urllib.request.urlopen(req, timeout=600)
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read())["error"]["message"]
-            except Exception:
-                message = exc.reason
-            raise UserError(f"{self.base}{path}: HTTP {exc.code}: {message}") from None
-        except urllib.error.URLError as exc:
-            raise UserError(f"cannot reach {self.base} ({exc.reason}); is `finetune serve` running there?") from None
-
-    def _get(self, path: str) -> Any:
-        with self._request(path) as r:
-            return json.loads(r.read())
+            yield
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            message = body.get("message") or exc.response.reason_phrase
+            raise UserError(f"{exc.request.url}: HTTP {exc.status_code}: {message}") from None
+        except openai.APIConnectionError as exc:  # refused, unreachable, timed out
+            raise UserError(f"cannot reach {self.base} ({exc.__cause__ or exc}); is `finetune serve` running "
+                            "there?") from None
+        except openai.APIError as exc:  # an error event inside the stream
+            raise UserError(f"server error: {exc.message}") from None
 
     def stream(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int) -> Iterator[str]:
-        body = {"model": self.name, "messages": messages, "temperature": temperature, "max_tokens": max_tokens,
-                "stream": True, "source": "chat"}
         self.last_id = None
-        with self._request("/v1/chat/completions", body) as response:
-            for raw in response:  # SSE: one "data: {...}" line per chunk, blank lines between
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise UserError(f"server error: {chunk['error'].get('message')}")
-                self.last_id = chunk.get("id", self.last_id)
-                for choice in chunk.get("choices", []):
-                    if choice.get("finish_reason"):
-                        self.finish_reason = choice["finish_reason"]
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield text
+        with self._errors():
+            chunks = self.client.chat.completions.create(
+                model=self.name, messages=messages, temperature=temperature, max_tokens=max_tokens, stream=True,
+                extra_body={"source": "chat"})
+            with chunks:
+                for chunk in chunks:
+                    self.last_id = chunk.id or self.last_id
+                    for choice in chunk.choices:
+                        if choice.finish_reason:
+                            self.finish_reason = choice.finish_reason
+                        if choice.delta and choice.delta.content:
+                            yield choice.delta.content
 
     def feedback(self, messages: list[dict[str, str]], reply: str, **kw: Any) -> str:
         body = {"completion_id": self.last_id, "messages": messages, "reply": reply, "source": "chat", **kw}
-        with self._request("/api/feedback", body) as r:
-            json.loads(r.read())
+        with self._errors():  # finetune's own endpoint, beside the OpenAI API: same client, key and errors
+            self.client.post(self.base + "/api/feedback", cast_to=object, body=body)
         return f"{self.base} feedback store"
 
     def close(self) -> None:
-        pass
+        self.client.close()
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -287,15 +283,13 @@ def command(argv: list[str]) -> int:
     if ns.url:
         backend: Any = HttpBackend(ns.url, ns.api_key or os.environ.get("FINETUNE_API_KEY"))
     elif ns.target:
-        from serve.server import resolve_target
+        from finetune.serve_target import resolve_target
 
         backend = LocalBackend(resolve_target(ns.target, ns.overrides))
     else:
         raise UserError("give a recipe or a .gguf file to chat with, or --url of a running `finetune serve`")
     read_line = input
     if sys.stdin.isatty():
-        import contextlib
-
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
     else:  # piped input: no prompts echoed into the transcript, EOF ends the chat

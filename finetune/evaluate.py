@@ -519,7 +519,7 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
     """The GGUF's raw replies (special tokens kept) to each example's conversation without its last turn, from the
     server's own worker in a child process (a native crash fails this column, not eval): the same rendering of
     tools and reasoning as `finetune serve`. Returns (replies, the GGUF's chat template)."""
-    from serve.worker import Worker
+    from finetune.gguf.worker import Worker
 
     worker = Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
                      "threads": max(1, min(os.cpu_count() or 1, 16))})

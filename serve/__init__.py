@@ -3,6 +3,6 @@
     finetune serve RECIPE|MODEL.gguf      (serve/server.py: command line)
     serve/app.py                          HTTP endpoints (FastAPI)
     serve/pool.py                         admission (429), queueing, crash recovery
-    serve/worker.py                       the child process that owns llama_cpp.Llama
+    finetune/gguf/worker.py               the child process that owns llama_cpp.Llama (shared with chat, eval)
     serve/static/index.html               the web chat page (no external resources)
 """

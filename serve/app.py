@@ -52,7 +52,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from finetune.feedback import FeedbackStore
+from finetune.feedback_store import FeedbackStore
 from serve.pool import Busy, Pool, RequestFailed, Unavailable
 
 STATIC = Path(__file__).parent / "static"

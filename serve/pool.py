@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve.worker import Worker
+from finetune.gguf.worker import Worker
 
 log = logging.getLogger("finetune.serve")
 STALL_TIMEOUT_S = 300.0  # no token for this long: the worker is considered hung and is restarted

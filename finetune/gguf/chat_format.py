@@ -1,5 +1,5 @@
 """The one way a GGUF's chat prompt is built: used by parity and eval (``finetune.gguf.runtime``) and by the server
-and terminal chat (``serve.worker``), so the model is scored exactly as it is served.
+and terminal chat (``finetune.gguf.worker``), so the model is scored exactly as it is served.
 
 - The template is the GGUF's own ``tokenizer.chat_template`` (or one the user passes); without one there is no
   chat: llama-cpp-python would silently fall back to the llama-2 format.

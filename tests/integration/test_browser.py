@@ -52,7 +52,7 @@ def page(server):
 
 
 def test_chat_page_streams_and_stores_feedback(server, page):
-    from finetune.feedback import FeedbackStore
+    from finetune.feedback_store import FeedbackStore
 
     # The server has an API key: the page shows the key field; fill it in.
     page.get_by_test_id("api-key").wait_for(state="visible", timeout=15000)

@@ -172,7 +172,7 @@ def test_streamed_reasoning_comes_apart_from_the_answer(step):
 @pytest.fixture(scope="module")
 def generator():
     from finetune.models import embedded_gguf_path
-    from serve.worker import Generator
+    from finetune.gguf.worker import Generator
 
     return Generator(str(embedded_gguf_path()), n_ctx=512, threads=2)
 
@@ -198,7 +198,7 @@ def test_worker_streams_reasoning_apart_and_stops_on_stop_strings():
     """A generation prompt that opens a think block (as Qwen3.5's does): every streamed piece is reasoning, the
     final message has it as reasoning_content, and nothing of it leaks into content deltas."""
     from finetune.models import embedded_gguf_path
-    from serve.worker import Generator
+    from finetune.gguf.worker import Generator
 
     template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
@@ -225,7 +225,7 @@ def test_terminal_chat_worker_takes_the_recipes_reasoning_setting(tmp_path):
     from finetune import recipe as recipe_mod
     from finetune.chat import LocalBackend
     from finetune.models import embedded_gguf_path
-    from serve.server import Target
+    from finetune.serve_target import Target
 
     r = recipe_mod.validate_dict({"name": "chatreasoning", "runs_dir": str(tmp_path), "data": {"reasoning": "drop"}},
                                  base_dir=tmp_path)

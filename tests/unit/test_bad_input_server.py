@@ -178,7 +178,7 @@ def test_serve_missing_gguf_names_it(cli, tmp_path):
 
 @pytest.fixture
 def store(tmp_path) -> Path:
-    from finetune.feedback import FeedbackStore
+    from finetune.feedback_store import FeedbackStore
 
     s = FeedbackStore(tmp_path / "store")
     s.add_feedback(messages=HELLO, reply="Hello!", rating="up")
@@ -216,7 +216,7 @@ def test_export_and_stats_without_a_store_name_the_place(cli, tmp_path):
 
 
 def test_export_leaves_out_and_says_why(cli, store, tmp_path):
-    from finetune.feedback import FeedbackStore
+    from finetune.feedback_store import FeedbackStore
 
     s = FeedbackStore(store)
     s.add_feedback(messages=HELLO, reply="Hel", rating="up", finish_reason="stopped")

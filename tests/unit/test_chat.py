@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,7 +14,8 @@ import urllib.request
 import pytest
 
 from finetune.chat import HttpBackend, LocalBackend, chat_loop, read_message
-from finetune.feedback import FeedbackStore
+from finetune.errors import UserError
+from finetune.feedback_store import FeedbackStore
 
 
 def scripted(lines: list[str]):
@@ -42,7 +45,7 @@ def gguf():
 
 
 def test_local_chat_streams_saves_resets_and_rates(gguf, tmp_path):
-    from serve.server import resolve_target
+    from finetune.serve_target import resolve_target
 
     target = dataclasses.replace(resolve_target(str(gguf), ["serve.threads=1", "serve.n_ctx=512"]),
                                  store_dir=tmp_path / "store")
@@ -68,6 +71,27 @@ def test_local_chat_streams_saves_resets_and_rates(gguf, tmp_path):
     assert store.counts()["exchanges"] == 2 and len(fb) == 1
     assert fb[0]["rating"] == "up" and fb[0]["messages"] == messages[:4] and fb[0]["reply"] == messages[4]["content"]
     store.close()
+
+
+def test_terminal_chat_needs_no_server_package(gguf, tmp_path):
+    """`finetune chat MODEL.gguf` with `serve` unimportable: the worker, the target and the store are finetune's."""
+    script = "import sys; sys.modules['serve'] = None\nfrom finetune.cli import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "chat", str(gguf), "serve.threads=1", "serve.n_ctx=512", "--max-tokens", "3"],
+        input="Hi\n/good\n", capture_output=True, text=True, timeout=180,
+        env={**os.environ, "FINETUNE_CACHE": str(tmp_path)},  # a packaged GGUF's feedback goes to the cache
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "model> " in proc.stdout and "(stored in" in proc.stdout
+    assert (tmp_path / "feedback" / gguf.stem / "feedback.sqlite3").is_file()
+
+
+def test_chat_with_no_server_at_the_url_says_so():
+    with socket.socket() as sock:  # a port that was just free: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UserError, match=r"cannot reach http://127\.0\.0\.1:\d+ \(.*\); is `finetune serve` running"):
+        HttpBackend(f"http://127.0.0.1:{port}/v1", None)
 
 
 @pytest.fixture(scope="module")

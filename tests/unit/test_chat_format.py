@@ -1,4 +1,4 @@
-"""One GGUF chat renderer: eval/parity (finetune.gguf.runtime, a child process) and the server (serve.worker) build
+"""One GGUF chat renderer: eval/parity (finetune.gguf.runtime, a child process) and the server (finetune.gguf.worker) build
 byte-identical prompts, token ids and stop tokens from the same conversations."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def gguf():
 
 def test_eval_and_serve_render_the_same_prompt_and_stop_tokens(gguf):
     from finetune.gguf import runtime
-    from serve.worker import Generator
+    from finetune.gguf.worker import Generator
 
     info, rendered = (r["result"] for r in runtime.run_many(gguf, [("inspect", {}),
                                                                     ("render_chat", {"conversations": CONVERSATIONS})]))
@@ -39,7 +39,7 @@ def test_eval_and_serve_render_the_same_prompt_and_stop_tokens(gguf):
 def test_answers_match_between_eval_and_serve(gguf):
     """Greedy answers through both paths are the same text (the same prompt, the same stop tokens)."""
     from finetune.gguf import runtime
-    from serve.worker import Generator
+    from finetune.gguf.worker import Generator
 
     eval_side = runtime.chat(gguf, CONVERSATIONS[:1], max_tokens=24)[0]
     generator = Generator(str(gguf), n_ctx=512, threads=2)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from finetune.feedback import STORE_FILE, FeedbackStore, store_dir_for, training_rows
+from finetune.data.feedback import training_rows
+from finetune.feedback_store import STORE_FILE, FeedbackStore, store_dir_for
 
 Q1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 Q2 = [{"role": "user", "content": "Capital of France?"}]
@@ -215,7 +216,7 @@ def test_export_round_trip_through_prepare_never_trains_a_bad_reply(tmp_path, cl
 
 
 def test_preference_rows_pairs_from_corrections_and_kto_rows_from_ratings(tmp_path):
-    from finetune.feedback import preference_rows
+    from finetune.data.feedback import preference_rows
 
     store = FeedbackStore(tmp_path)
     a = store.add_exchange(Q1, "4")

@@ -262,7 +262,7 @@ def test_gguf_without_chat_template_is_refused_not_guessed(cli, gguf_without_tem
 
 
 def test_explicit_chat_template_file_is_used(gguf_without_template, tmp_path):
-    from serve.worker import Worker
+    from finetune.gguf.worker import Worker
 
     path, template = gguf_without_template
     worker = Worker({"gguf": str(path), "n_ctx": 256, "threads": 1, "chat_template": template})
@@ -330,7 +330,7 @@ def test_recipe_target_serves_the_exported_quant(tmp_path, gguf, repo_root):
     from finetune import recipe as recipe_mod
     from finetune.errors import UserError
     from finetune.runs import StageRun
-    from serve.server import resolve_target
+    from finetune.serve_target import resolve_target
 
     recipe_path = str(repo_root / "recipes" / "quickstart.yaml")
     overrides = [f"runs_dir={tmp_path}"]
@@ -564,7 +564,7 @@ def test_worker_returns_tool_calls_and_reasoning_in_openai_shape(gguf):
     """The worker with a ChatML tool template (Qwen2.5's, same turn tokens as the embedded model): a request with
     tools and a finished tool round renders, and a reply is read into OpenAI's assistant message."""
     from finetune.gguf import sdist
-    from serve.worker import Generator
+    from finetune.gguf.worker import Generator
 
     root = sdist.llama_cpp_dir(download=False)
     if root is None or not (root / "models" / "templates").is_dir():

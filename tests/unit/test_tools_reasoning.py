@@ -255,7 +255,7 @@ def test_answer_without_reasoning_trains_and_serves_the_same_turn_boundary(name)
     served = prompt_text(tok, conv, reasoning="answer_without")
     assert tok(served, add_special_tokens=False)["input_ids"] == ids[:a]
     assert served.rstrip().endswith("</think>")  # the switch is on: the prompt holds the closed, empty think block
-    # serve renders with the same variables (serve/worker.py passes template_kwargs to the GGUF's template)
+    # serve renders with the same variables (finetune/gguf/worker.py passes template_kwargs to the GGUF's template)
     assert template_kwargs(tok.chat_template, "answer_without") == {"enable_thinking": False}
     # and with reasoning left to the template, the served prompt opens no empty block
     assert not prompt_text(tok, conv, reasoning="auto").rstrip().endswith("</think>")

@@ -1,8 +1,9 @@
 """The llama.cpp worker: a child process that owns ``llama_cpp.Llama`` and generates text for one request at a time.
 
-Why a child process: llama.cpp is native code. A segfault, an abort or an out-of-memory kill inside it would take
-the whole server down if the model lived in the server process. Here it takes down one worker; the server answers
-that request with an error, starts a fresh worker and keeps serving.
+Used by ``finetune serve`` (serve/pool.py), ``finetune chat`` and eval's GGUF column. Why a child process: llama.cpp
+is native code. A segfault, an abort or an out-of-memory kill inside it would take the whole server (or chat, or
+eval) down if the model lived in that process. Here it takes down one worker; the server answers that request with
+an error, starts a fresh worker and keeps serving.
 
 The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llama objects cross the boundary):
 

@@ -1,0 +1,84 @@
+"""What ``finetune serve`` and ``finetune chat`` run: the GGUF of a recipe's export (or a .gguf file), its serve
+settings, where its conversations and feedback are stored, and the options of the llama.cpp worker that runs it.
+
+Shared by the server (serve/server.py) and the terminal chat, which needs no server package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import UserError
+from finetune.recipe import Recipe, ServeConfig
+
+
+@dataclass
+class Target:
+    gguf: Path
+    name: str                 # the model name the API reports
+    config: ServeConfig
+    store_dir: Path
+    recipe: Recipe | None     # None when serving a bare .gguf
+    recipe_path: str | None
+
+
+def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
+    """A recipe (its exported GGUF) or a .gguf file -> what to serve, with which settings, storing where."""
+    from finetune import recipe as recipe_mod
+    from finetune.feedback_store import gguf_store_dir
+    from finetune.runs import require_stage
+
+    path = Path(target)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: no such GGUF file")
+        # Only serve.* overrides make sense without a recipe; they go through the same validation.
+        bad = [o for o in overrides or [] if not o.startswith("serve.")]
+        if bad:
+            raise UserError(f"with a .gguf file only serve.* overrides apply (e.g. serve.n_ctx=4096), got: {bad}")
+        data = recipe_mod.apply_overrides({"name": "serve"}, overrides or [])
+        config = recipe_mod.validate_dict(data, source="overrides").serve
+        return Target(path.resolve(), path.stem, config, gguf_store_dir(path), None, None)
+    if path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"{target}: give a recipe (.yaml) or a model file (.gguf)")
+    recipe = recipe_mod.load(path, overrides)
+    manifest = require_stage(recipe, "export", str(path))
+    ggufs: dict[str, str] = (manifest.get("outputs") or {}).get("gguf") or {}
+    quant = recipe.serve.quant
+    if quant == "auto":  # the type export picked for export.fit_gb (export/quantization.json says why)
+        quant = (manifest.get("outputs") or {}).get("picked")
+        if not quant:
+            raise UserError(f"serve.quant: auto needs export.fit_gb, so that `finetune export {target}` picks a type "
+                            f"(none was picked for run '{recipe.name}'); set export.fit_gb or serve.quant to one of: "
+                            f"{', '.join(sorted(ggufs)) or 'none'}")
+    if quant not in ggufs:
+        have = ", ".join(sorted(ggufs)) or "none"
+        raise UserError(
+            f"serve.quant: the export of run '{recipe.name}' has no {quant} GGUF (it has: {have}). "
+            f"Set serve.quant to one of those (e.g. `finetune serve {target} serve.quant=F16`), or add {quant} "
+            "to export.quantizations and run `finetune export` again."
+        )
+    gguf = Path(ggufs[quant])
+    if not gguf.is_file():
+        raise UserError(f"{gguf} (listed in {recipe.run_dir('export')}/manifest.json) is missing; run "
+                        f"`finetune export {target}` again")
+    return Target(gguf.resolve(), f"{recipe.name}-{quant}", recipe.serve, recipe.run_dir("serve"), recipe, str(path))
+
+
+def worker_options(target: Target, *, threads: int | None = None) -> dict:
+    config = target.config
+    chat_template = None
+    if config.chat_template:
+        base = target.recipe.base_dir if target.recipe else Path.cwd()
+        template_path = Path(config.chat_template)
+        template_path = template_path if template_path.is_absolute() else base / template_path
+        if not template_path.is_file():
+            raise UserError(f"serve.chat_template: {template_path} not found")
+        chat_template = template_path.read_text(encoding="utf-8")
+    cores = os.cpu_count() or 1
+    return {"gguf": str(target.gguf), "n_ctx": config.n_ctx, "chat_template": chat_template,
+            "threads": threads or config.threads or max(1, cores // config.workers),
+            # trained and served the same way: the recipe's reasoning setting (a bare .gguf: the template's default)
+            "reasoning": target.recipe.data.reasoning if target.recipe else "auto"}
