@@ -279,3 +279,15 @@ def test_export_as_preferences_round_trips_through_prepare(tmp_path, cli, tiny_m
         assert "Lyon" not in sft_targets and "Go away" not in sft_targets and "Paris." in sft_targets
         rows = train._load_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train")  # SFT's view
         assert "Lyon" not in " ".join(tok.decode([t for t in lab if t != -100]) for _, lab in rows)
+
+
+def test_the_server_imports_the_store_alone():
+    """serve records feedback; the rows and the `finetune feedback` command are not loaded with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, serve.app, serve.server\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('finetune.feedback', 'finetune.data.feedback'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['finetune.feedback_store']"
