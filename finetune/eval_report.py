@@ -6,7 +6,6 @@ Plain functions over the eval stage's results (metrics.json content, example row
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 from typing import Any
@@ -186,110 +185,39 @@ def _variant_label(variant: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- html
-CSS = """
-:root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f5f7fa; --good:#1f9d55; --bad:#cc1f1a; --meh:#8a6d00; }
-* { box-sizing: border-box; }
-body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color:var(--ink);
-       background:var(--bg); }
-main { max-width: 1120px; margin: 0 auto; padding: 28px 24px 60px; }
-h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 32px 0 12px; }
-.sub { color: var(--muted); margin: 0 0 20px; }
-.card { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 18px 20px; }
-.verdict { border-left: 6px solid var(--meh); }
-.verdict.improved { border-left-color: var(--good); } .verdict.worse { border-left-color: var(--bad); }
-.verdict .headline { font-size: 19px; font-weight: 600; margin: 0 0 6px; }
-.badge { display:inline-block; padding: 1px 9px; border-radius: 99px; font-size: 12px; font-weight: 600; margin-right: 6px;
-         background:#eef2f7; color:var(--muted); vertical-align: 2px; }
-.badge.yes { background:#fdecea; color:var(--bad); } .badge.no { background:#e6f6ec; color:var(--good); }
-.findings { margin: 10px 0 0; padding: 0; list-style: none; } .findings li { margin: 6px 0; }
-.grid { display:grid; grid-template-columns: 1fr 1fr; gap: 16px; }
-@media (max-width: 900px) { .grid { grid-template-columns: 1fr; } }
-.grid img { width: 100%; height: auto; display:block; }
-table { border-collapse: collapse; width: 100%; background:#fff; }
-th, td { text-align: left; padding: 7px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
-th { font-size: 13px; color: var(--muted); font-weight: 600; background:#fafbfc; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } th.num { text-align: right; }
-td.best { font-weight: 700; }
-.examples td { font-size: 13px; } .examples pre { margin:0; white-space: pre-wrap; word-break: break-word;
-  font: 12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.ok { background: #f0faf3; } .miss { background: #fff6f5; }
-.score { color: var(--muted); font-size: 11.5px; margin-top: 4px; }
-.note { color: var(--muted); font-size: 13px; }
-details summary { cursor: pointer; color: var(--muted); font-size: 13px; }
-code { background:#eef2f7; padding: 1px 5px; border-radius: 4px; font-size: 12.5px; }
-"""
+TEMPLATE = "eval_report.html.jinja"  # beside this module; the page's markup and CSS
 
 
 def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title: str, loss_png: bytes | None,
                 metrics_png: bytes | None, preference_png: bytes | None = None) -> str:
-    e = html.escape
+    """report.html: the values below, laid out by the Jinja template (autoescaped, so no data becomes markup)."""
+    import jinja2
+
     verdict = result["verdict"]
     improved = verdict.get("improved", {})
     status = improved.get("status", "unknown")
     gen = result["generation"]
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body><main>",
-        f"<h1>{e(title)}</h1>",
-        f"<p class='sub'>{result['examples']} held-out examples from the <b>{e(result['split'])}</b> split, "
-        f"{'greedy' if gen['greedy'] else 'temperature ' + str(gen['temperature'])} decoding, at most "
-        f"{gen['max_new_tokens']} new tokens, the same prompts and settings for every model.</p>",
-        # verdict
-        f"<section class='card verdict {e(status.replace(' ', '-'))}'>",
-        f"<p class='headline'>{e(_headline(status))}</p><div>{e(verdict.get('summary', ''))}</div>",
-        "<ul class='findings'>",
-        _finding("overfitting", verdict.get("overfitting")),
-        _finding("underfitting", verdict.get("underfitting")),
-    ]
-    if "loss" in verdict and verdict["loss"] is not improved:
-        parts.append(f"<li><span class='badge'>loss</span>{e(verdict['loss']['summary'])}</li>")
-    if "preference" in verdict and verdict["preference"] is not improved:
-        parts.append(f"<li><span class='badge'>preferences</span>{e(verdict['preference']['summary'])}</li>")
-    if "gguf" in verdict:
-        parts.append(f"<li><span class='badge'>GGUF</span>{e(verdict['gguf']['summary'])}</li>")
-    elif result["gguf"]["status"] != "scored":
-        parts.append(f"<li><span class='badge'>GGUF</span>not scored: {e(result['gguf']['reason'])}</li>")
-    parts.append("</ul></section>")
-
-    # plots
-    parts.append("<h2>Curves and scores</h2><div class='grid'>")
-    parts.append(_image_card("Training and validation loss", loss_png, "No train log with losses was found."))
-    parts.append(_image_card("Generation metrics by model", metrics_png, "No generation metric was asked for."))
-    parts.append("</div>")
-    if result.get("preference"):
-        pref = result["preference"]
-        parts.append(_image_card(f"Preferences on {pref['pairs']} held-out pairs ({pref['kind']})", preference_png,
-                                 "No held-out pair to score."))
-        parts.append("<p class='note'>Each reply is scored by the summed log-probability of its tokens. The reward "
-                     f"is beta ({pref['beta']}) times the fine-tuned minus the base log-probability, as in DPO and "
-                     "KTO; the base is the reference, so its own rewards are 0. Every pair is in "
-                     "<code>preference.jsonl</code>.</p>")
-
-    # metric table
-    parts.append("<h2>Metrics</h2>" + metric_table(result))
-    wilson = improved.get("wilson95")
-    if wilson:
-        parts.append("<p class='note'>95% Wilson intervals of exact match: " + ", ".join(
-            f"{_variant_label(k)} {lo:.1%} to {hi:.1%}" for k, (lo, hi) in wilson.items()) + ".</p>")
-
-    # examples
-    parts.append("<h2>Side by side</h2>" + examples_table(result, examples))
-
-    # rules and provenance
-    parts.append("<h2>How to read this</h2><div class='card'><ul>")
-    for key, rule in result.get("rules", {}).items():
-        parts.append(f"<li><b>{e(key)}</b>: {e(rule)}</li>")
-    parts.append("</ul>")
-    sources = result.get("metric_sources", {})
-    if sources:
-        parts.append("<p class='note'>Metric implementations: " + "; ".join(
-            f"{e(k)} from <code>{e(v)}</code>" for k, v in sources.items()) + ".</p>")
-    models = result["models"]
-    parts.append("<p class='note'>Models: " + "; ".join(
-        f"{e(_variant_label(k))}: <code>{e(str(v.get('model')))}</code>" for k, v in models.items()) + ".</p>")
-    parts.append("</div></main></body></html>")
-    return "\n".join(parts)
+    pref = result.get("preference")
+    sample = pick_sample(examples) if examples and examples[0].get("answers") else []
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.get_template(TEMPLATE).render(
+        title=title, examples_count=result["examples"], split=result["split"],
+        decoding="greedy" if gen["greedy"] else f"temperature {gen['temperature']}",
+        max_new_tokens=gen["max_new_tokens"], status=status, headline=_headline(status),
+        summary=verdict.get("summary", ""), flags=_flags(verdict), notes=_notes(result, verdict, improved),
+        plots=[_plot("Training and validation loss", loss_png, "No train log with losses was found."),
+               _plot("Generation metrics by model", metrics_png, "No generation metric was asked for.")],
+        preference=pref and {"beta": pref["beta"], "plot": _plot(
+            f"Preferences on {pref['pairs']} held-out pairs ({pref['kind']})", preference_png,
+            "No held-out pair to score.")},
+        metric_columns=[_variant_label(n) for n in result["models"]], metric_rows=metric_rows(result),
+        wilson=[f"{_variant_label(k)} {lo:.1%} to {hi:.1%}" for k, (lo, hi) in (improved.get("wilson95") or {}).items()],
+        answer_columns=[_variant_label(n) for n in sample[0]["answers"]] if sample else [],
+        sample=[_example_row(x, list(sample[0]["answers"])) for x in sample], examples_total=len(examples),
+        rules=result.get("rules", {}), sources=result.get("metric_sources", {}),
+        models=[(_variant_label(k), str(v.get("model"))) for k, v in result["models"].items()],
+    )
 
 
 def _headline(status: str) -> str:
@@ -297,49 +225,54 @@ def _headline(status: str) -> str:
             "no clear difference": "No clear difference at this sample size"}.get(status, "Verdict unavailable")
 
 
-def _finding(name: str, item: dict[str, Any] | None) -> str:
-    if not item:
-        return ""
-    flag = item.get("flag")
-    badge = f"<span class='badge {'yes' if flag else 'no'}'>{html.escape(name)}: {'yes' if flag else 'no'}</span>"
-    text = item.get("finding", "").split(": ", 1)[-1]
-    return f"<li>{badge}{html.escape(text)}</li>"
+def _flags(verdict: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """(name, raised, finding) for the over- and underfitting checks that ran."""
+    return [(name, bool(item.get("flag")), item.get("finding", "").split(": ", 1)[-1])
+            for name in ("overfitting", "underfitting") if (item := verdict.get(name))]
 
 
-def _image_card(caption: str, png: bytes | None, missing: str) -> str:
-    if not png:
-        return f"<div class='card'><b>{html.escape(caption)}</b><p class='note'>{html.escape(missing)}</p></div>"
-    data = base64.b64encode(png).decode("ascii")
-    return (f"<div class='card'><b>{html.escape(caption)}</b>"
-            f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'></div>")
+def _notes(result: dict[str, Any], verdict: dict[str, Any], improved: dict[str, Any]) -> list[tuple[str, str]]:
+    """(badge, text) for the loss, preference and GGUF findings that are not the headline itself."""
+    notes = []
+    if "loss" in verdict and verdict["loss"] is not improved:
+        notes.append(("loss", verdict["loss"]["summary"]))
+    if "preference" in verdict and verdict["preference"] is not improved:
+        notes.append(("preferences", verdict["preference"]["summary"]))
+    if "gguf" in verdict:
+        notes.append(("GGUF", verdict["gguf"]["summary"]))
+    elif result["gguf"]["status"] != "scored":
+        notes.append(("GGUF", f"not scored: {result['gguf']['reason']}"))
+    return notes
 
 
-def metric_table(result: dict[str, Any]) -> str:
+def _plot(caption: str, png: bytes | None, missing: str) -> dict[str, str | None]:
+    return {"caption": caption, "data": base64.b64encode(png).decode("ascii") if png else None, "missing": missing}
+
+
+def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric any model has: its label and per model the shown value (None: not measured) and whether
+    it is the best of several."""
     models = result["models"]
     names = list(models)
-    keys = [k for k in TABLE_METRICS if any(models[n].get(k) is not None for n in names)]
-    head = "<tr><th>metric</th>" + "".join(f"<th class='num'>{html.escape(_variant_label(n))}</th>" for n in names)
-    rows = [head + "</tr>"]
-    for k in keys:
+    rows = []
+    for k in (k for k in TABLE_METRICS if any(models[n].get(k) is not None for n in names)):
         values = [models[n].get(k) for n in names]
         present = [v for v in values if isinstance(v, (int, float))]
         best = (min(present) if k in LOWER_IS_BETTER else max(present)) if len(present) > 1 else None
-        cells = []
-        for v in values:
-            cls = "num best" if best is not None and v == best and k != "generation_seconds" else "num"
-            cells.append(f"<td class='{cls}'>{_cell(k, v)}</td>")
-        rows.append(f"<tr><td>{html.escape(LABELS.get(k, k))}</td>{''.join(cells)}</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+        rows.append({"label": LABELS.get(k, k), "cells": [
+            {"text": _cell(k, v), "best": best is not None and v == best and k != "generation_seconds"}
+            for v in values]})
+    return rows
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: Any) -> str | None:
     if value is None:
-        return "&ndash;"
+        return None
     if key in ("exact_match", "accuracy"):
         return f"{value:.1%}"
     if isinstance(value, float):
         return f"{value:.2f}" if key in ("chrf", "perplexity", "generation_seconds") else f"{value:.3f}"
-    return html.escape(str(value))
+    return str(value)
 
 
 def pick_sample(examples: list[dict[str, Any]], k: int = SAMPLE_SIZE) -> list[dict[str, Any]]:
@@ -349,30 +282,18 @@ def pick_sample(examples: list[dict[str, Any]], k: int = SAMPLE_SIZE) -> list[di
     return (differ + same)[:k]
 
 
-def examples_table(result: dict[str, Any], examples: list[dict[str, Any]]) -> str:
-    if not examples or not examples[0].get("answers"):
-        return "<p class='note'>No generated answers (no generation metric was asked for).</p>"
-    names = list(examples[0]["answers"])
-    e = html.escape
-    head = "<tr><th style='width:22%'>prompt</th><th>reference</th>" + "".join(
-        f"<th>{e(_variant_label(n))}</th>" for n in names) + "</tr>"
-    rows = [head]
-    for x in pick_sample(examples):
-        user = next((m["content"] for m in reversed(x.get("messages", [])) if m.get("role") == "user"), x["prompt"])
-        cells = [f"<td><pre>{e(_clip(user))}</pre></td>", f"<td><pre>{e(_clip(x['reference']))}</pre></td>"]
-        for n in names:
-            scores = x["scores"].get(n, {})
-            match = scores.get("exact_match", scores.get("correct"))
-            cls = "" if match is None else ("ok" if match else "miss")
-            score_text = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-            cut = " (cut at max_new_tokens)" if x.get("finish_reason", {}).get(n) == "length" else ""
-            cells.append(f"<td class='{cls}'><pre>{e(_clip(x['answers'][n]))}</pre>"
-                         f"<div class='score'>{e(score_text + cut)}</div></td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    shown = min(len(examples), SAMPLE_SIZE)
-    note = (f"<p class='note'>{shown} of {len(examples)} examples, those where the models disagree first. "
-            "Every example is in <code>examples.jsonl</code>. Green: exact match; red: not.</p>")
-    return note + "<table class='examples'>" + "".join(rows) + "</table>"
+def _example_row(x: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """One row of the side-by-side table: the last user turn, the reference, and each model's answer with its
+    scores and whether it matched (the cell's colour)."""
+    user = next((m["content"] for m in reversed(x.get("messages", [])) if m.get("role") == "user"), x["prompt"])
+    answers = []
+    for n in names:
+        scores = x["scores"].get(n, {})
+        match = scores.get("exact_match", scores.get("correct"))
+        cut = " (cut at max_new_tokens)" if x.get("finish_reason", {}).get(n) == "length" else ""
+        answers.append({"text": _clip(x["answers"][n]), "match": "" if match is None else ("ok" if match else "miss"),
+                        "scores": ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + cut})
+    return {"prompt": _clip(user), "reference": _clip(x["reference"]), "answers": answers}
 
 
 def _clip(text: str, limit: int = 600) -> str:

@@ -64,6 +64,16 @@ def test_report_is_self_contained_and_escapes_text(tmp_path):
     assert "Fine-tuning helped" in page and "GGUF Q8_0" in page
 
 
+def test_model_answers_and_names_are_escaped(tmp_path):
+    result, examples, log = _result_and_examples()
+    examples[0]["answers"]["finetuned"] = "if a < b && c > 0: <script>alert(1)</script>"
+    result["models"]["finetuned"]["model"] = "/models/<ft>&co"
+    page = report.render_html(result, examples, title="x & <y>", loss_png=None, metrics_png=None)
+    assert "if a &lt; b &amp;&amp; c &gt; 0: &lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<code>/models/&lt;ft&gt;&amp;co</code>" in page and "<title>x &amp; &lt;y&gt;</title>" in page
+    assert "<script>" not in page and "a < b" not in page
+
+
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None,
                     reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium) to run "
                            "the browser check of report.html")
