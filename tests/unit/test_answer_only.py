@@ -171,8 +171,8 @@ def test_streamed_reasoning_comes_apart_from_the_answer(step):
 # ------------------------------------------------------------------------------------ the server's worker
 @pytest.fixture(scope="module")
 def generator():
-    from finetune.models import embedded_gguf_path
     from finetune.gguf.worker import Generator
+    from finetune.models import embedded_gguf_path
 
     return Generator(str(embedded_gguf_path()), n_ctx=512, threads=2)
 
@@ -197,8 +197,8 @@ def test_chat_replies_keep_special_tokens(generator):
 def test_worker_streams_reasoning_apart_and_stops_on_stop_strings():
     """A generation prompt that opens a think block (as Qwen3.5's does): every streamed piece is reasoning, the
     final message has it as reasoning_content, and nothing of it leaks into content deltas."""
-    from finetune.models import embedded_gguf_path
     from finetune.gguf.worker import Generator
+    from finetune.models import embedded_gguf_path
 
     template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
