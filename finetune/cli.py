@@ -22,7 +22,7 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
     "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
-    "eval": ("finetune.evaluate:command", "Score base vs fine-tuned (and the exported GGUF) on held-out data; write report.html."),
+    "eval": ("finetune.commands:eval_command", "Score base vs fine-tuned (and the exported GGUF) on held-out data; write report.html."),
     "tune": ("finetune.commands:tune_command", "Search hyperparameters (tune.space) for the lowest validation loss; write best.yaml."),
     "prepare": ("finetune.commands:prepare_command", "Load, clean, dedupe, split and tokenize the recipe's data (with a report)."),
     "train": ("finetune.commands:train_command", "Train LoRA/DoRA/QLoRA or full fine-tuning on the prepared data (--resume)."),

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 from pathlib import Path
+from typing import Any
 
 from finetune.cli import load_recipe, recipe_parser
 from finetune.errors import UserError
@@ -76,6 +77,52 @@ def export_command(argv: list[str]) -> int:
     for w in result["warnings"]:
         print(f"warning: {w}")
     return 0
+
+
+def eval_command(argv: list[str]) -> int:
+    from finetune import evaluate as stage
+
+    parser = recipe_parser("eval", "Score the base and the fine-tuned model (and the exported GGUF) on held-out "
+                           "examples; write metrics.json and report.html under runs/<name>/eval/.")
+    ns = parser.parse_args(argv)
+    recipe = load_recipe(ns)
+    result = stage.run(recipe, recipe_path=ns.recipe)
+    print(summary_table(result))
+    print(f"\n{result['verdict']['summary']}")
+    if "preference" in result["verdict"] and result["verdict"]["preference"] is not result["verdict"]["improved"]:
+        print(result["verdict"]["preference"]["summary"])
+    for key in ("overfitting", "underfitting"):
+        print(f"{key}: {result['verdict'][key]['finding']}")
+    if result["gguf"]["status"] != "scored":
+        print(f"gguf: {result['gguf']['reason']}")
+    print(f"\nreport: {recipe.run_dir('eval') / 'report.html'}")
+    return 0
+
+
+# The eval table's rows, in this order, when some model has them.
+EVAL_TABLE_KEYS = ["tool_call_match", "exact_match", "accuracy", "precision", "recall", "f1", "rouge1", "rouge2",
+                   "rougeL", "rougeLsum", "bleu", "chrf", "loss", "perplexity", "train_sample_loss",
+                   "answers_cut_at_max_new_tokens", "answer_words", "answer_lines", "preference_accuracy",
+                   "preference_accuracy_per_token", "logp_margin", "reward_accuracy", "reward_margin"]
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """eval's metrics.json as a console table: one row per metric, one column per model."""
+    names = list(result["models"])
+    keys = [k for k in EVAL_TABLE_KEYS if any(k in result["models"][n] for n in names)]
+    width = max(len("metric"), *(len(k) for k in keys)) + 2
+    lines = [f"{'metric':<{width}}" + "".join(f"{n:>14}" for n in names)]
+    for k in keys:
+        lines.append(f"{k:<{width}}" + "".join(f"{_fmt(result['models'][n].get(k)):>14}" for n in names))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
+    return str(v)
 
 
 def tune_command(argv: list[str]) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune import metrics as metric_lib
+from finetune.verdict import paired_bootstrap, wilson_interval
 
 Seq = tuple[list[int], list[int]]
 TOKENS_PER_BATCH = 2048  # bounds the logits of one forward pass (tokens x vocabulary floats)
@@ -137,7 +137,7 @@ def score(rows: dict[str, Any], logps: dict[str, list[tuple[float, int]]], *, be
         n = max(len(pairs), 1)
         correct = sum(c > r for c, r in zip(chosen, rejected, strict=True))
         reward = {"reward_accuracy": correct / n if pairs else None,
-                  "reward_accuracy_wilson95": list(metric_lib.wilson_interval(correct, len(pairs))) if pairs else None,
+                  "reward_accuracy_wilson95": list(wilson_interval(correct, len(pairs))) if pairs else None,
                   "reward_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / n if pairs else None,
                   "chosen_reward": sum(chosen) / n if pairs else None,
                   "rejected_reward": sum(rejected) / n if pairs else None}
@@ -157,7 +157,7 @@ def verdict(result: dict[str, Any], *, reference: str = "base", policy: str = "f
         return None
     a = [r["prefers_chosen"][reference] for r in rows]
     b = [r["prefers_chosen"][policy] for r in rows]
-    boot = metric_lib.paired_bootstrap(a, b)
+    boot = paired_bootstrap(a, b)
     low, high = boot["low"], boot["high"]
     status = "improved" if low > 0 else "worse" if high < 0 else "no clear difference"
     reward = result["reward"] or {}

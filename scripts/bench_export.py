@@ -13,7 +13,7 @@ spinning beside it (a user's machine running something else). Each runtime's bes
 of the two bests. transformers runs in float32 and, where the CPU computes bf16 fast, in bfloat16.
 
 With an export folder it also times what `finetune eval` does on the test split: the GGUF column (``runtime.chat``,
-one child process, prompts one after another) vs the transformers column (``evaluate.generate``, batched) on the
+one child process, prompts one after another) vs the transformers column (``eval_models.generate``, batched) on the
 same prompts.
 """
 
@@ -78,7 +78,8 @@ def eval_columns(export: Path, manifest: dict, quant: str, n: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import evaluate
+    from finetune import eval_models
+    from finetune.data.render import prompt_text
     from finetune.gguf import runtime
 
     split = Path(export).parent / "prepare" / "splits" / "test.jsonl"
@@ -88,7 +89,7 @@ def eval_columns(export: Path, manifest: dict, quant: str, n: int) -> dict:
         return {}
     merged = manifest["outputs"]["merged"]
     tok = AutoTokenizer.from_pretrained(merged)
-    prompts = [evaluate.render_prompt(tok, r["messages"][:-1]) for r in rows]
+    prompts = [prompt_text(tok, r["messages"][:-1]) for r in rows]
     max_new = 64
     t0 = time.perf_counter()
     runtime.chat(manifest["outputs"]["gguf"][quant], [r["messages"][:-1] for r in rows], max_tokens=max_new)
@@ -97,8 +98,8 @@ def eval_columns(export: Path, manifest: dict, quant: str, n: int) -> dict:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     t0 = time.perf_counter()
-    evaluate.generate(model, tok, prompts, device="cpu", max_new_tokens=max_new, temperature=0.0, batch_size=16,
-                      seed=0)
+    eval_models.generate(model, tok, prompts, device="cpu", max_new_tokens=max_new, temperature=0.0, batch_size=16,
+                         seed=0)
     hf_s = time.perf_counter() - t0
     return {"prompts": len(rows), "gguf_column_s": round(gguf_s, 1), "transformers_column_s": round(hf_s, 1),
             "ratio": round(hf_s / gguf_s, 2)}

@@ -9,10 +9,8 @@ ran is recorded next to the numbers. Plain functions, no recipe.
 
 from __future__ import annotations
 
-import math
 import os
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,40 +204,3 @@ def score_tool_calls(predicted: Sequence[Sequence[dict[str, Any]]], references: 
     corpus = {"tool_call_match": sum(r["tool_call_match"] for r in per_example) / len(per_example)
               if per_example else 0.0, "tool_call_rows": float(sum(bool(r) for r in references))}
     return corpus, per_example
-
-
-# ----------------------------------------------------------------------------------------- uncertainty
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (sound at 0/n and n/n, unlike the normal approximation)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_bootstrap(
-    a: Sequence[float], b: Sequence[float], *, resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
-    statistic: Callable[[Sequence[float]], float] | None = None,
-) -> dict[str, float]:
-    """Difference mean(b) - mean(a) on paired examples, with a percentile bootstrap interval.
-
-    Examples are resampled together for both models, so the interval reflects this sample size and the
-    pairing (the same prompts for both).
-    """
-    if len(a) != len(b):
-        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
-    n = len(a)
-    stat = statistic or (lambda xs: sum(xs) / len(xs))
-    if n == 0:
-        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    diffs = [y - x for x, y in zip(a, b, strict=True)]
-    rng = random.Random(seed)
-    samples = sorted(stat([diffs[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
-    tail = (1 - confidence) / 2
-    low = samples[int(math.floor(tail * (resamples - 1)))]
-    high = samples[int(math.ceil((1 - tail) * (resamples - 1)))]
-    return {"difference": float(stat(diffs)), "low": float(low), "high": float(high), "n": n,
-            "confidence": confidence, "resamples": resamples}

@@ -13,8 +13,9 @@ from eval_fixtures import make_recipe, write_prepared
 from test_templates import _llama_cpp_models
 from test_tools_reasoning import FAMILIES, TOOLS, family_tokenizer
 
+from finetune import eval_models, metrics
 from finetune import evaluate as ft_eval
-from finetune import metrics
+from finetune.data.render import prompt_text
 
 HARMONY_REPLY = ("<|channel|>analysis<|message|>The date is in the text.<|end|><|start|>assistant<|channel|>final"
                  "<|message|>1962-06-06")
@@ -59,8 +60,8 @@ def test_transformers_and_gguf_columns_score_the_same_answer_text(family, raw, a
     assert tok.decode(ids, skip_special_tokens=True) != answer  # what the old transformers column compared
     hf_text = tok.decode(ids, skip_special_tokens=False).strip()  # what generate() returns now
     template = tok.chat_template
-    hf = ft_eval.read_answer({"text": hf_text, "finish_reason": "stop"}, template)
-    gguf = ft_eval.read_answer({"text": raw, "finish_reason": "stop"}, template)
+    hf = eval_models.read_answer({"text": hf_text, "finish_reason": "stop"}, template)
+    gguf = eval_models.read_answer({"text": raw, "finish_reason": "stop"}, template)
     assert hf["text"] == gguf["text"] == answer
     assert hf["reasoning"] == gguf["reasoning"] == reasoning
     _, per_example, _ = metrics.score_generations(["exact_match"], [hf["text"], gguf["text"]], [answer, answer],
@@ -78,7 +79,7 @@ def test_gpt_oss_generation_does_not_stop_at_the_end_of_its_analysis():
     class Model:
         generation_config = Config()
 
-    assert tok.convert_tokens_to_ids("<|end|>") not in ft_eval._stop_ids(Model(), tok)
+    assert tok.convert_tokens_to_ids("<|end|>") not in eval_models.stop_ids_of(Model(), tok)
 
 
 def test_eval_renders_tools_and_scores_tool_calls(tmp_path, tiny_model_dir):
@@ -95,14 +96,14 @@ def test_eval_renders_tools_and_scores_tool_calls(tmp_path, tiny_model_dir):
     rows = [{"tools": TOOLS, "messages": [{"role": "user", "content": f"Weather in Oslo? {i}"},
                                           {"role": "assistant", "content": "", "tool_calls": [call]}]}
             for i in range(3)]
-    tok = ft_eval._load_tokenizer(tiny_model_dir, False, recipe.chat_template_path())
+    tok = eval_models.load_tokenizer(tiny_model_dir, False, recipe.chat_template_path())
     assert tok.chat_template == template
-    prompt = ft_eval.render_prompt(tok, rows[0]["messages"][:-1], tools=TOOLS)
+    prompt = prompt_text(tok, rows[0]["messages"][:-1], tools=TOOLS)
     assert '"name": "get_weather"' in prompt and prompt.endswith("<|im_start|>assistant\n")
     own = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert "get_weather" not in ft_eval.render_prompt(own, rows[0]["messages"][:-1])  # its own template has no tools
+    assert "get_weather" not in prompt_text(own, rows[0]["messages"][:-1])  # its own template has no tools
 
-    read = ft_eval.read_answer({"text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+    read = eval_models.read_answer({"text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
                                         '</tool_call>', "finish_reason": "stop"}, template, TOOLS)
     assert read["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Oslo"}}]
     assert read["text"] == metrics.answer_text("", [call])

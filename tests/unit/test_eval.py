@@ -8,8 +8,9 @@ import math
 import pytest
 from eval_fixtures import arithmetic_rows, make_recipe, write_prepared
 
+from finetune import eval_models, runs, verdict
 from finetune import evaluate as ft_eval
-from finetune import runs
+from finetune.data.render import prompt_text
 
 
 def _write_trained(recipe, model_dir, log_rows):
@@ -102,11 +103,11 @@ def test_batched_left_padded_generation_matches_one_at_a_time(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     # prompts of different lengths, so the batch really is padded
-    prompts = [ft_eval.render_prompt(tok, r["messages"][:-1]) for r in arithmetic_rows(3)]
-    prompts[1] = ft_eval.render_prompt(tok, [{"role": "user", "content": "A much longer question " * 6}])
+    prompts = [prompt_text(tok, r["messages"][:-1]) for r in arithmetic_rows(3)]
+    prompts[1] = prompt_text(tok, [{"role": "user", "content": "A much longer question " * 6}])
     kwargs = dict(device="cpu", max_new_tokens=8, temperature=0.0, seed=0)
-    batched = ft_eval.generate(model, tok, prompts, batch_size=3, **kwargs)
-    single = ft_eval.generate(model, tok, prompts, batch_size=1, **kwargs)
+    batched = eval_models.generate(model, tok, prompts, batch_size=3, **kwargs)
+    single = eval_models.generate(model, tok, prompts, batch_size=1, **kwargs)
     assert [b["text"] for b in batched] == [s["text"] for s in single]
     assert tok.padding_side == AutoTokenizer.from_pretrained(tiny_model_dir).padding_side  # restored
 
@@ -123,7 +124,7 @@ def test_dataset_loss_equals_the_models_own_loss(tiny_model_dir):
     rendered = [render_messages(tok, r["messages"]) for r in arithmetic_rows(3)]
     rendered[0] = render_messages(tok, [{"role": "user", "content": "longer " * 20}, {"role": "assistant", "content": "ok"}])
     ds = Dataset.from_dict({"input_ids": [i for i, _ in rendered], "labels": [lab for _, lab in rendered]})
-    ours = ft_eval.dataset_loss(model, ds, "cpu")
+    ours = eval_models.dataset_loss(model, ds, "cpu")
     nll, count = 0.0, 0
     for ids, labels in rendered:
         n = sum(1 for x in labels[1:] if x != -100)
@@ -138,34 +139,34 @@ def test_dataset_loss_equals_the_models_own_loss(tiny_model_dir):
 def test_overfitting_rule():
     # validation rises after step 4 while training loss keeps falling
     rows = _log([3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3, 0.2], val_losses=[1.9, 1.5, 1.8, 2.2])
-    assert ft_eval.overfitting(rows, {})["flag"] is True
+    assert verdict.overfitting(rows, {})["flag"] is True
     healthy = _log([3.0, 2.0, 1.5, 1.0, 0.9, 0.85, 0.8, 0.8], val_losses=[1.9, 1.5, 1.4, 1.4])
-    assert ft_eval.overfitting(healthy, {})["flag"] is False
+    assert verdict.overfitting(healthy, {})["flag"] is False
     # the generalisation-gap rule alone: held-out loss far above the loss on training examples
-    assert ft_eval.overfitting(healthy, {"loss": 1.5, "train_sample_loss": 0.5})["flag"] is True
-    assert ft_eval.overfitting(healthy, {"loss": 0.52, "train_sample_loss": 0.5})["flag"] is False
+    assert verdict.overfitting(healthy, {"loss": 1.5, "train_sample_loss": 0.5})["flag"] is True
+    assert verdict.overfitting(healthy, {"loss": 0.52, "train_sample_loss": 0.5})["flag"] is False
 
 
 def test_underfitting_rule():
     flat_high = _log([3.0, 2.9, 2.9, 2.8, 2.8, 2.8], val_losses=[2.9, 2.8, 2.8])
-    assert ft_eval.underfitting(flat_high)["flag"] is True  # still above 70% of the first loss
+    assert verdict.underfitting(flat_high)["flag"] is True  # still above 70% of the first loss
     still_falling = _log([3.0, 2.0, 1.6, 1.3, 1.0, 0.8, 0.6, 0.45, 0.3], val_every=3, val_losses=[1.7, 1.1, 0.5])
-    assert ft_eval.underfitting(still_falling)["flag"] is True
+    assert verdict.underfitting(still_falling)["flag"] is True
     converged = _log([3.0, 1.0, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4], val_every=3, val_losses=[0.6, 0.5, 0.5])
-    assert ft_eval.underfitting(converged)["flag"] is False
+    assert verdict.underfitting(converged)["flag"] is False
 
 
 def test_verdict_uses_the_bootstrap_interval():
     base = [{"exact_match": 0.0}] * 30
     better = [{"exact_match": 1.0}] * 25 + [{"exact_match": 0.0}] * 5
-    v = ft_eval.make_verdict({"base": {}, "finetuned": {}}, {"base": base, "finetuned": better}, {}, [],
+    v = verdict.make_verdict({"base": {}, "finetuned": {}}, {"base": base, "finetuned": better}, {}, [],
                              ["exact_match"], {"status": "absent"})
     assert v["improved"]["status"] == "improved" and v["improved"]["ci95"][0] > 0
     assert v["improved"]["difference"] == pytest.approx(25 / 30)
     lo, hi = v["improved"]["wilson95"]["finetuned"]
     assert lo < 25 / 30 < hi
     noisy = [{"exact_match": 1.0}] * 1 + [{"exact_match": 0.0}] * 29
-    v = ft_eval.make_verdict({"base": {}, "finetuned": {}}, {"base": base, "finetuned": noisy}, {}, [],
+    v = verdict.make_verdict({"base": {}, "finetuned": {}}, {"base": base, "finetuned": noisy}, {}, [],
                              ["exact_match"], {"status": "absent"})
     assert v["improved"]["status"] == "no clear difference"
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import eval_models, verdict
 from finetune import evaluate as ft_eval
 from finetune import recipe as recipe_mod
+from finetune.commands import summary_table
 
 WORDS = ["apple", "river", "stone", "cloud", "purple", "seven", "window", "garden", "silver", "tiger", "paper",
          "music", "orange", "candle", "forest", "winter"]
@@ -61,7 +63,7 @@ def _logps_by_loss(model, ds, ids_col: str, labels_col: str) -> list[float]:
     from datasets import Dataset
 
     rows = {"input_ids": ds[ids_col], "labels": ds[labels_col]}
-    loss = ft_eval.dataset_loss(model, Dataset.from_dict(rows), "cpu")
+    loss = eval_models.dataset_loss(model, Dataset.from_dict(rows), "cpu")
     counts = [sum(1 for t in labels[1:] if t != -100) for labels in ds[labels_col]]
     return [-m * n for m, n in zip(loss["per_example"], counts, strict=True)]
 
@@ -118,7 +120,7 @@ def test_dpo_eval_scores_held_out_pairs_for_base_and_tuned(tmp_path, tiny_model_
     assert result["models"]["finetuned"]["answer_words"] is not None
     assert (out / "preference.png").stat().st_size > 1000
     assert "Preferences on" in (out / "report.html").read_text()
-    assert "reward_accuracy" in ft_eval.summary_table(result)
+    assert "reward_accuracy" in summary_table(result)
 
 
 def test_kto_rated_rows_pair_by_prompt_and_only_desirable_replies_are_references(tmp_path, tiny_model_dir):
@@ -149,6 +151,6 @@ def test_a_saturating_preference_loss_is_not_underfitting():
         return rows
 
     saturated = log([0.69, 0.59, 0.2, 0.01, 0.002, 0.001, 0.0004, 0.0001, 1e-5, 5e-7], [(5, 0.002), (10, 6e-7)])
-    assert ft_eval.underfitting(saturated)["flag"] is False
+    assert verdict.underfitting(saturated)["flag"] is False
     falling = log([0.69, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.26, 0.22, 0.18], [(5, 0.45), (10, 0.2)])
-    assert ft_eval.underfitting(falling)["flag"] is True
+    assert verdict.underfitting(falling)["flag"] is True

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from finetune import eval_report as report
-from finetune import evaluate as ft_eval
+from finetune import verdict as ft_verdict
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -38,12 +38,12 @@ def _result_and_examples():
     models["base"].update(loss=2.41, perplexity=11.1)
     models["finetuned"].update(loss=0.35, perplexity=1.42, train_sample_loss=0.30)
     gguf = {"status": "scored", "variant": "gguf-Q8_0", "path": "/x.gguf", "quant": "Q8_0"}
-    verdict = ft_eval.make_verdict(models, per_example, {}, log, names, gguf)
+    verdict = ft_verdict.make_verdict(models, per_example, {}, log, names, gguf)
     result = {"run": "demo", "split": "test", "examples": 20,
               "generation": {"max_new_tokens": 96, "temperature": 0.0, "greedy": True, "batch_size": 16,
                              "padding": "left", "device": "cpu"},
               "models": models, "metric_sources": sources, "gguf": gguf, "verdict": verdict,
-              "rules": ft_eval.VERDICT_RULES}
+              "rules": ft_verdict.VERDICT_RULES}
     examples = [{"id": f"t{i}", "prompt": "...", "messages": [{"role": "user", "content": f"Ticket {i}: my router <b>"}],
                  "reference": refs[i], "answers": {n: a[i] for n, a in answers.items()},
                  "finish_reason": {n: "stop" for n in answers}, "scores": {n: per_example[n][i] for n in answers}}

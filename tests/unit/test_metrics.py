@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from finetune import metrics
+from finetune import metrics, verdict
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +107,17 @@ def test_score_generations_aggregates_match_per_example():
 
 
 def test_wilson_interval():
-    low, high = metrics.wilson_interval(0, 10)
+    low, high = verdict.wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)  # textbook value for 0/10
-    low, high = metrics.wilson_interval(5, 10)
+    low, high = verdict.wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
 
 
 def test_paired_bootstrap():
     a = [0.0] * 50
     b = [1.0] * 40 + [0.0] * 10
-    out = metrics.paired_bootstrap(a, b, resamples=500)
+    out = verdict.paired_bootstrap(a, b, resamples=500)
     assert out["difference"] == pytest.approx(0.8)
     assert 0.6 < out["low"] < 0.8 < out["high"] < 0.95
-    same = metrics.paired_bootstrap(b, b, resamples=200)
+    same = verdict.paired_bootstrap(b, b, resamples=200)
     assert same["difference"] == same["low"] == same["high"] == 0.0

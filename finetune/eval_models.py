@@ -1,0 +1,249 @@
+"""The models eval compares, and what it asks of them: loading, loss on a tokenized split, generation.
+
+Plain functions, no recipe. The transformers column: ``load_causal_lm`` (the base, on a 4-bit base for a QLoRA
+adapter as in training), ``attach_finetuned`` (the adapter over it, or the full model), ``dataset_loss`` (mean
+next-token loss on the trained tokens) and ``generate`` (batched, left padded, greedy at temperature 0). The GGUF
+column: ``gguf_generate`` through the server's own llama.cpp worker in a child process. ``read_answer`` reads
+every reply back the same way, whichever model wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune import metrics as metric_lib
+from finetune.errors import UserError
+
+LOSS_TOKENS_PER_BATCH = 4096  # logits are tokens x vocab floats: bound the memory of one forward pass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded for eval: as train loaded it (model.dtype, attention), on this device."""
+    device: str
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"
+    four_bit: bool = False  # a QLoRA adapter: evaluate it on the same 4-bit base it was trained on (CUDA only)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_tokenizer(path: Path, trust_remote_code: bool, chat_template: Path | None = None):
+    """The tokenizer the answers are rendered and read with (pad = eos when it has none; model.chat_template
+    replaces its template, as in prepare and train)."""
+    from transformers import AutoTokenizer
+
+    from finetune import models
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if chat_template is not None:  # model.chat_template, as prepare and train used it
+        tok.chat_template = models.read_chat_template(chat_template)
+    return tok
+
+
+
+def load_causal_lm(path: Path, options: LoadOptions):
+    """A causal LM from a local folder, in eval mode."""
+    from finetune import models
+
+    quantization = None
+    if options.four_bit and options.device == "cuda":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=models.torch_dtype(options.dtype, options.device)
+                                          if options.dtype != "auto" else torch.bfloat16)
+    resolved = models.ResolvedModel(Path(path), str(path), "local", None)
+    model = models.load_model(resolved, options.dtype, device=options.device,
+                              trust_remote_code=options.trust_remote_code,
+                              attn_implementation=options.attn_implementation, quantization_config=quantization)
+    model.eval()
+    return model
+
+
+def attach_finetuned(base_model, options: LoadOptions, adapter_dir: Path | None, full_dir: Path | None):
+    """The fine-tuned model: the adapter train wrote over ``base_model``, or (full fine-tuning) its model."""
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        if not adapter_dir.exists():
+            raise UserError(f"{adapter_dir}: the adapter train recorded is missing. Run `finetune train RECIPE` again.")
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    elif full_dir is not None:
+        if not full_dir.exists():
+            raise UserError(f"{full_dir}: the model train recorded is missing. Run `finetune train RECIPE` again.")
+        del base_model
+        model = load_causal_lm(full_dir, options)
+    else:
+        raise UserError("the train manifest names neither an adapter nor a model. Run `finetune train RECIPE` again.")
+    model.eval()
+    return model
+
+
+def load_tokenized(path: Path, limit: int | None):
+    """A tokenized split prepare wrote (its first ``limit`` rows), as the loss reads it."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path))
+    if "desirable" in ds.column_names:  # rated rows (KTO's shape): the loss is on the desirable replies only
+        ds = ds.filter(lambda row: bool(row["desirable"]))
+    return ds.select(range(min(len(ds), limit))) if limit else ds
+
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def dataset_loss(model, dataset, device: str) -> dict[str, Any]:
+    """Mean next-token loss over the labelled tokens (labels != -100), as in training; per-example means too."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = [(list(r["input_ids"]), list(r["labels"])) for r in dataset]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    nll = [0.0] * len(rows)
+    count = [0] * len(rows)
+    batch: list[int] = []
+
+    def flush(idx: list[int]) -> None:
+        width = max(len(rows[i][0]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            n = len(rows[i][0])
+            ids[j, :n] = torch.tensor(rows[i][0])
+            labels[j, :n] = torch.tensor(rows[i][1])
+            mask[j, :n] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        valid = shift_labels != -100
+        for j, i in enumerate(idx):
+            nll[i] = float(losses[j][valid[j]].sum())
+            count[i] = int(valid[j].sum())
+
+    for i in order:
+        if batch and (len(batch) + 1) * len(rows[i][0]) > LOSS_TOKENS_PER_BATCH:
+            flush(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        flush(batch)
+    total = sum(count)
+    loss = sum(nll) / total if total else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if total and loss < 50 else float("inf"), "tokens": total,
+            "per_example": [nll[i] / count[i] if count[i] else float("nan") for i in range(len(rows))]}
+
+
+
+# ------------------------------------------------------------------------------------------- generation
+def generate(model, tokenizer, prompts: list[str], *, device: str, max_new_tokens: int, temperature: float,
+             batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """Batched generation with left padding; greedy when temperature is 0. One {"text", "finish_reason"} each;
+    the text keeps special tokens (reasoning and tool-call markers: read_answer takes it apart)."""
+    import torch
+
+    torch.manual_seed(seed)
+    stop_ids = stop_ids_of(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    results: list[dict[str, Any] | None] = [None] * len(prompts)
+    # Longest prompts first: similar lengths share a batch (less padding) and memory trouble shows up at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id)
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                out = model.generate(input_ids=enc["input_ids"].to(device),
+                                     attention_mask=enc["attention_mask"].to(device), **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for j, i in enumerate(idx):
+                tokens = new[j]
+                stop_at = next((k for k, t in enumerate(tokens) if t in stop_ids), None)
+                kept = tokens if stop_at is None else tokens[:stop_at]
+                results[i] = {"text": tokenizer.decode(kept, skip_special_tokens=False).strip(),
+                              "finish_reason": "length" if stop_at is None else "stop", "tokens": len(kept)}
+    finally:
+        tokenizer.padding_side = old_side
+    return results  # type: ignore[return-value]
+
+
+
+def stop_ids_of(model, tokenizer) -> list[int]:
+    """The token ids that end a reply: the model's and the tokenizer's end-of-sequence ids and the end-of-turn
+    tokens of the families we know."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        for t in value if isinstance(value, list) else [value]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    harmony = "<|channel|>" in (getattr(tokenizer, "chat_template", None) or "")
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        if token == "<|end|>" and harmony:  # gpt-oss: <|end|> closes the analysis message, not the reply
+            continue
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if isinstance(tid, int) and tid not in ids:
+            ids.append(tid)
+    if not ids:
+        raise UserError("the tokenizer has no end-of-sequence token: generation could not stop")
+    return ids
+
+
+
+def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str, max_new_tokens: int,
+                  temperature: float, n_ctx: int, seed: int, stall_s: float = 600.0) -> tuple[list[dict[str, Any]], str]:
+    """The GGUF's raw replies (special tokens kept) to each example's conversation without its last turn, from the
+    server's own worker in a child process (a native crash fails this column, not eval): the same rendering of
+    tools and reasoning as `finetune serve`. Returns (replies, the GGUF's chat template)."""
+    from finetune.gguf.worker import Worker
+
+    worker = Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
+                     "threads": max(1, min(os.cpu_count() or 1, 16))})
+    info = worker.start()
+    outs: list[dict[str, Any]] = []
+    try:
+        for i, ex in enumerate(examples):
+            worker.send({"op": "generate", "id": str(i), "mode": "chat", "messages": ex["messages"][:-1],
+                         "tools": ex.get("tools"), "max_tokens": max_new_tokens, "temperature": temperature,
+                         "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
+            while True:
+                if not worker.conn.poll(stall_s):
+                    raise TimeoutError(f"no reply from the llama.cpp worker in {stall_s:.0f} s (example {i})")
+                kind, _, payload = worker.recv()
+                if kind == "error":
+                    raise RuntimeError(f"example {i}: {payload['message']}")
+                if kind == "done":
+                    reason = "length" if payload["finish_reason"] == "length" else "stop"
+                    outs.append({"text": payload["text"].strip(), "finish_reason": reason,
+                                 "tokens": payload["completion_tokens"]})
+                    break
+    finally:
+        worker.stop()
+    return outs, info.get("template") or ""
+
+
+def read_answer(output: dict[str, Any], template: str, tools: list[dict[str, Any]] | None = None,
+                end_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A generated reply (special tokens kept) read back as the chat template wrote it: ``text`` is what the text
+    metrics compare (the answer without reasoning, then the calls), ``tool_calls`` what tool_call_match compares."""
+    from finetune.data.toolcalls import parse_reply
+
+    reply = parse_reply(output["text"], template, tools=tools, end_tokens=end_tokens)
+    return {"text": metric_lib.answer_text(reply.content, reply.tool_calls), "raw": output["text"],
+            "reasoning": reply.reasoning, "tool_calls": reply.tool_calls, "unparsed_call": reply.unparsed,
+            "finish_reason": output["finish_reason"], "tokens": output.get("tokens")}
