@@ -16,41 +16,25 @@ Outputs are reused when the source files, the data section, the seed and the tok
 content: sha256, measured 1.6 s per GiB of data on a shared 2-core machine). The same fingerprint tells later stages when the prepared data
 is stale (``stale_inputs``). A new build is made beside the finished one and replaces it only when complete.
 Prepare never finishes with an empty training split: it stops and says where the rows went.
+The data algorithms are in finetune.data: cleaning and dedupe (clean), rendering and the length filter (encode),
+the split and the leakage check (split); this module runs them in order and writes what they produced.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune import runs
+from finetune.data.example import Example, row_kind
 from finetune.data.formats import RowError
 from finetune.errors import UserError
 
 # Bump when the output of prepare changes for the same inputs, so old caches are rebuilt.
 PREPARE_VERSION = 2
 SAMPLES_PER_REASON = 5
-RENDER_CHUNK = 512
-
-
-@dataclass
-class Example:
-    example: dict[str, Any]   # {"messages": [...]} or {"text": ...}, cleaned
-    origin: str
-    source: int
-    role: str                 # "all", "train", "validation", "test" (the source's role)
-    group: str
-    key: str = ""             # exact-duplicate key (sha1 of the compared text)
-    sig: Any = None           # MinHash signature
-    ids: Any = None           # numpy int32 arrays
-    labels: Any = None
-    split: str = ""
-    rejected_ids: Any = None  # preference pairs: the rejected conversation
-    rejected_labels: Any = None
-    prompt_length: int = 0    # preference rows: tokens before the final reply (the shared prompt)
 
 
 def run(recipe, *, force: bool = False) -> dict[str, Any]:
@@ -171,63 +155,32 @@ def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------------------------- the work
 def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     from finetune.data import clean
+    from finetune.data.encode import render_examples
     from finetune.data.load import Dropped
+    from finetune.data.split import remove_leakage
 
     data = recipe.data
     dropped: list[Dropped] = []
-    sources_report = []
-    examples: list[Example] = []
     counters: Counter[str] = Counter()
     roles_mapped: Counter[str] = Counter()
     clock = _Clock()
-    columns_seen: set[str] = set()
 
     # 1-2. read, convert, clean
-    for i, src in enumerate(data.sources):
-        loaded, fmt = read_source(recipe, i)
-        dropped += loaded.dropped
-        columns_seen.update(loaded.rows[0].record if loaded.rows else {})
-        kept = 0
-        for row in loaded.rows:
-            try:
-                ex = _convert(row.record, fmt, src, data)
-                ex, changes = clean.clean_example(
-                    ex, unicode=data.clean.normalize_unicode, whitespace=data.clean.strip_whitespace,
-                    require_assistant_last=data.clean.require_assistant_last, system_prompt=data.system_prompt)
-            except RowError as exc:
-                dropped.append(Dropped(row.origin, exc.reason, exc.detail, _excerpt(row.record)))
-                continue
-            counters["normalized"] += changes["normalized"]
-            counters["system_prompt_added"] += changes["system_prompt_added"]
-            roles_mapped.update(changes.get("roles_mapped") or {})
-            if fmt == "alpaca" and row.record.get(src.columns.get("input", "input")) is None:
-                counters["default_input"] += 1
-            group = None
-            if data.split.group_by:
-                group = row.record.get(data.split.group_by)
-                if group is None:
-                    counters["group_missing"] += 1
-            elif (prompt := clean.prompt_text(ex)) is not None:
-                # a prompt's pairs (or rated replies) stay in one split: no prompt is both trained and held out
-                group = "prompt:" + clean.exact_key(prompt)[:16]
-            examples.append(Example(ex, row.origin, i, src.role, "" if group is None else f"g:{group}"))
-            kept += 1
-        sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
-                               "rows_in": len(loaded.rows) + len(loaded.dropped), "kept_after_cleaning": kept})
-        del loaded  # the raw rows are no longer needed: free them before the next source
+    examples, sources_report = _read_and_clean(recipe, dropped, counters, roles_mapped)
     rows_in = sum(s["rows_in"] for s in sources_report)
-    if data.split.group_by and examples and counters["group_missing"] == len(examples):
-        raise UserError(f"data.split.group_by: no row has a column {data.split.group_by!r}; "
-                        f"columns found: {', '.join(sorted(columns_seen))}")
     clock.lap("read_and_clean")
 
     # 3. exact then near duplicates
-    examples, deduped = _dedupe(examples, data, dropped)
+    examples, deduped = clean.drop_duplicates(examples, exact=data.clean.dedupe, near=data.clean.near_dedupe,
+                                              near_threshold=data.clean.near_dedupe_threshold,
+                                              need_signatures=data.split.leakage_check, dropped=dropped)
     clock.lap("dedupe")
 
     _check_one_kind(examples, data)
     # 4. render + tokenize, length filter
-    examples = _render_all(examples, tokenizer, data, dropped, counters)
+    examples = render_examples(examples, tokenizer, train_on=data.train_on, reasoning=data.reasoning,
+                               max_tokens=data.clean.max_tokens, min_tokens=data.clean.min_tokens,
+                               overlong=data.clean.overlong, dropped=dropped, counters=counters)
     clock.lap("render_and_tokenize")
 
     # 5. split, leakage check, weights
@@ -239,18 +192,9 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
             e.split = e.role
     leakage = Counter()
     if data.split.leakage_check:
-        examples = _remove_leakage(examples, data, dropped, leakage)
-    final: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
-    weights = Counter()
-    for e in examples:
-        copies = 1
-        weight = data.sources[e.source].weight
-        if e.split == "train" and weight != 1:
-            from finetune.data.split import resample_by_weight
-
-            copies = resample_by_weight([e.key], weight, seed=recipe.seed)[0]
-            weights["train_rows_added" if copies > 1 else "train_rows_removed"] += abs(copies - 1)
-        final[e.split] += [e] * copies
+        examples = remove_leakage(examples, near_threshold=data.clean.near_dedupe_threshold, dropped=dropped,
+                                  leakage=leakage)
+    final, weights = _resample(examples, data, recipe.seed)
     clock.lap("split_and_leakage")
     if not final["train"]:
         raise UserError(_no_training_rows(recipe, rows_in, dropped, examples, pool, leakage, sources_report))
@@ -283,6 +227,71 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     clock.lap("write")
     runs.atomic_write_json(out / "report.json", report)
     return report
+
+
+def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped: Counter[str]
+                    ) -> tuple[list[Example], list[dict[str, Any]]]:
+    """Every source's rows as cleaned examples with their group, and a report line per source; unusable rows go
+    to ``dropped`` with their reason."""
+    from finetune.data import clean
+    from finetune.data.load import Dropped, excerpt
+
+    data = recipe.data
+    sources_report = []
+    examples: list[Example] = []
+    columns_seen: set[str] = set()
+    for i, src in enumerate(data.sources):
+        loaded, fmt = read_source(recipe, i)
+        dropped += loaded.dropped
+        columns_seen.update(loaded.rows[0].record if loaded.rows else {})
+        kept = 0
+        for row in loaded.rows:
+            try:
+                ex = _convert(row.record, fmt, src, data)
+                ex, changes = clean.clean_example(
+                    ex, unicode=data.clean.normalize_unicode, whitespace=data.clean.strip_whitespace,
+                    require_assistant_last=data.clean.require_assistant_last, system_prompt=data.system_prompt)
+            except RowError as exc:
+                dropped.append(Dropped(row.origin, exc.reason, exc.detail, excerpt(row.record)))
+                continue
+            counters["normalized"] += changes["normalized"]
+            counters["system_prompt_added"] += changes["system_prompt_added"]
+            roles_mapped.update(changes.get("roles_mapped") or {})
+            if fmt == "alpaca" and row.record.get(src.columns.get("input", "input")) is None:
+                counters["default_input"] += 1
+            group = None
+            if data.split.group_by:
+                group = row.record.get(data.split.group_by)
+                if group is None:
+                    counters["group_missing"] += 1
+            elif (prompt := clean.prompt_text(ex)) is not None:
+                # a prompt's pairs (or rated replies) stay in one split: no prompt is both trained and held out
+                group = "prompt:" + clean.exact_key(prompt)[:16]
+            examples.append(Example(ex, row.origin, i, src.role, "" if group is None else f"g:{group}"))
+            kept += 1
+        sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
+                               "rows_in": len(loaded.rows) + len(loaded.dropped), "kept_after_cleaning": kept})
+        del loaded  # the raw rows are no longer needed: free them before the next source
+    if data.split.group_by and examples and counters["group_missing"] == len(examples):
+        raise UserError(f"data.split.group_by: no row has a column {data.split.group_by!r}; "
+                        f"columns found: {', '.join(sorted(columns_seen))}")
+    return examples, sources_report
+
+
+def _resample(examples: list[Example], data, seed: int) -> tuple[dict[str, list[Example]], Counter[str]]:
+    """The rows of each split, train rows repeated or left out by their source's weight; the weights' counts."""
+    from finetune.data.split import resample_by_weight
+
+    final: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    weights: Counter[str] = Counter()
+    for e in examples:
+        copies = 1
+        weight = data.sources[e.source].weight
+        if e.split == "train" and weight != 1:
+            copies = resample_by_weight([e.key], weight, seed=seed)[0]
+            weights["train_rows_added" if copies > 1 else "train_rows_removed"] += abs(copies - 1)
+        final[e.split] += [e] * copies
+    return final, weights
 
 
 # What to change when most rows are dropped for a reason.
@@ -419,218 +428,22 @@ def _convert(record: dict[str, Any], fmt: str, src, data) -> dict[str, Any]:
     return formats.to_example(record, fmt, src.columns, default_input=data.default_input)
 
 
-def _dedupe(examples: list[Example], data, dropped) -> tuple[list[Example], Counter]:
-    """Drop exact, then near duplicates; give every example its key, group and MinHash signature.
-
-    Rows of explicit test/validation sources are seen first, so the copy that survives is the evaluation one.
-    """
-    from finetune.data import clean
-    from finetune.data.load import Dropped
-
-    priority = {"test": 0, "validation": 1, "all": 2, "train": 3}
-    examples.sort(key=lambda e: priority[e.role])  # stable: file order within a role
-    texts = [clean.dedupe_text(e.example) for e in examples]
-    for e, t in zip(examples, texts, strict=True):
-        e.key = clean.exact_key(t)
-        if not e.group:
-            e.group = f"r:{e.key}"  # without a group column, identical rows form a group: one split
-    deduped: Counter[str] = Counter({"exact": 0, "near": 0})
-    if data.clean.dedupe:
-        first: dict[str, str] = {}
-        keep = []
-        for e, t in zip(examples, texts, strict=True):
-            if e.key in first:
-                dropped.append(Dropped(e.origin, "exact_duplicate", f"same as {first[e.key]}", _excerpt(e.example)))
-                deduped["exact"] += 1
-                continue
-            first[e.key] = e.origin
-            keep.append((e, t))
-        examples, texts = [e for e, _ in keep], [t for _, t in keep]
-    if not (data.clean.near_dedupe or data.split.leakage_check):
-        return examples, deduped
-    index = clean.NearIndex(data.clean.near_dedupe_threshold)
-    for e, sig in zip(examples, index.signatures(texts), strict=True):
-        e.sig = sig  # the leakage check needs them even when near-dedupe is off
-    if not data.clean.near_dedupe:
-        return examples, deduped
-    kept: list[Example] = []
-    by_key: dict[str, Example] = {}
-    for e in examples:
-        hit = index.query(e.sig)
-        if hit is not None:
-            dropped.append(Dropped(e.origin, "near_duplicate", f"{hit[1]:.2f} similar to {by_key[hit[0]].origin}",
-                                   _excerpt(e.example)))
-            deduped["near"] += 1
-            continue
-        index.add(e.key, e.sig)
-        by_key[e.key] = e
-        kept.append(e)
-    return kept, deduped
-
-
 def _assign(pool: list[Example], data, seed: int) -> list[str]:
     from finetune.data.split import assign_splits
 
     return assign_splits([e.group for e in pool], validation=data.split.validation, test=data.split.test, seed=seed)
 
 
-def _kind(example: dict[str, Any]) -> str:
-    return "pairs" if "rejected" in example else "rated" if "desirable" in example else "sft"
-
-
 def _check_one_kind(examples: list[Example], data) -> None:
     """Every row of a run is an SFT row, a preference pair or a rated (KTO) row: the tokenized splits hold one."""
     kinds: dict[str, int] = {}
     for e in examples:
-        kinds.setdefault(_kind(e.example), e.source)
+        kinds.setdefault(row_kind(e.example), e.source)
     if len(kinds) > 1:
         named = ", ".join(f"{k} (e.g. data.sources[{i}])" for k, i in kinds.items())
         raise UserError(f"data.sources mix row kinds: {named}. One run trains on one kind: SFT rows "
                         "(messages, prompt/completion...), preference pairs (prompt/chosen/rejected) or rated rows "
                         "(prompt/completion/label). Split them into separate recipes.")
-
-
-def _render_all(examples: list[Example], tokenizer, data, dropped, counters: Counter) -> list[Example]:
-    import numpy as np
-
-    from finetune.data.load import Dropped
-    from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_text
-
-    # Preference rows train (and compare) the final reply only: earlier assistant turns are prompt.
-    pref_on = "completion" if data.train_on == "completion" else "last_assistant"
-
-    def render(chunk: list[Example]) -> list[Any]:
-        prefs = [e for e in chunk if _kind(e.example) != "sft"]
-        chats = [e for e in chunk if "messages" in e.example and _kind(e.example) == "sft"]
-        texts = [e for e in chunk if "text" in e.example]
-        got: dict[int, Any] = {}
-        if prefs:
-            pairs = [e for e in prefs if "rejected" in e.example]
-            convs = [e.example["messages"] for e in prefs] + [e.example["rejected"] for e in pairs]
-            out = render_batch(tokenizer, convs, train_on=pref_on, reasoning=data.reasoning)
-            rejected = {id(e): r for e, r in zip(pairs, out[len(prefs):], strict=True)}
-            for e, r in zip(prefs, out[:len(prefs)], strict=True):
-                got[id(e)] = (*r, rejected.get(id(e)))
-        if chats:
-            for e, r in zip(chats, render_batch(tokenizer, [e.example["messages"] for e in chats],
-                                                train_on=data.train_on, reasoning=data.reasoning,
-                                                tools=[e.example.get("tools") for e in chats]), strict=True):
-                got[id(e)] = r
-        if texts:
-            for e, r in zip(texts, render_text(tokenizer, [e.example["text"] for e in texts]), strict=True):
-                got[id(e)] = r
-        return [got[id(e)] for e in chunk]
-
-    kept = []
-    limit, low = data.clean.max_tokens, data.clean.min_tokens
-    for start in range(0, len(examples), RENDER_CHUNK):
-        chunk = examples[start: start + RENDER_CHUNK]
-        try:
-            results: list[Any] = render(chunk)
-        except RenderError:
-            results = []  # find the rows the template refuses, keep the rest
-            for e in chunk:
-                try:
-                    results.append(render([e])[0])
-                except RenderError as exc:
-                    results.append(exc)
-        for e, r in zip(chunk, results, strict=True):
-            if isinstance(r, Exception):
-                dropped.append(Dropped(e.origin, "template_error", str(r), _excerpt(e.example)))
-                continue
-            ids, labels = r[0], r[1]
-            rejected = r[2] if len(r) > 2 else None
-            if rejected is not None:
-                why = _pair_problem(ids, labels, *rejected, limit if data.clean.overlong == "drop" else None)
-                if why is not None:
-                    dropped.append(Dropped(e.origin, why[0], why[1], _excerpt(e.example)))
-                    continue
-                rej_ids, rej_labels = rejected[0][:limit], rejected[1][:limit]
-                e.rejected_ids = np.asarray(rej_ids, dtype=np.int32)
-                e.rejected_labels = np.asarray(rej_labels, dtype=np.int32)
-            if len(r) > 2:
-                e.prompt_length = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-            if len(ids) < low:
-                dropped.append(Dropped(e.origin, "too_short", f"{len(ids)} tokens < min_tokens {low}",
-                                       _excerpt(e.example)))
-                continue
-            if len(ids) > limit:
-                if data.clean.overlong == "drop":
-                    dropped.append(Dropped(e.origin, "too_long", f"{len(ids)} tokens > max_tokens {limit}",
-                                           _excerpt(e.example)))
-                    continue
-                ids, labels = ids[:limit], labels[:limit]
-                counters["truncated"] += 1
-            # int32 arrays: a tenth of the memory of Python int lists (100k rows: ~3 GB -> well under 1 GB)
-            ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
-            if not (labels != IGNORE_INDEX).any():
-                dropped.append(Dropped(e.origin, "no_trained_tokens",
-                                       "no token left to train on (truncation cut the whole reply)", _excerpt(e.example)))
-                continue
-            if e.rejected_labels is not None and not (e.rejected_labels != IGNORE_INDEX).any():
-                dropped.append(Dropped(e.origin, "no_trained_tokens", "truncation cut the whole rejected reply",
-                                       _excerpt(e.example)))
-                continue
-            e.ids, e.labels = ids, labels
-            kept.append(e)
-    refused = [d for d in dropped if d.reason == "template_error"]
-    if refused and not kept:  # the template refuses every row: one clear error beats a report of drops
-        raise UserError(f"the model's chat template refused all {len(refused)} rows, e.g. {refused[0].origin}: "
-                        f"{refused[0].detail}. Some templates reject a system message or non-alternating turns; "
-                        "adjust data.system_prompt or the data, or choose a model whose template fits.")
-    return kept
-
-
-def _pair_problem(ids, labels, rej_ids, rej_labels, limit: int | None) -> tuple[str, str] | None:
-    """Why a rendered pair cannot be used: its two conversations must share the prompt's tokens, differ after it,
-    and (overlong: drop) fit."""
-    from finetune.data.render import IGNORE_INDEX
-
-    p = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-    q = next((k for k, t in enumerate(rej_labels) if t != IGNORE_INDEX), len(rej_labels))
-    if p != q or list(ids[:p]) != list(rej_ids[:q]):
-        return "pair_prompt_mismatch", "the chosen and rejected conversations do not render the same prompt tokens"
-    if list(ids) == list(rej_ids):
-        return "identical_pair", "chosen and rejected render to the same tokens"
-    if limit is not None and len(rej_ids) > limit:
-        return "too_long", f"the rejected conversation has {len(rej_ids)} tokens > max_tokens {limit}"
-    return None
-
-
-def _remove_leakage(examples: list[Example], data, dropped, leakage: Counter) -> list[Example]:
-    """Drop train rows that equal, nearly equal, or share a group with a validation/test row."""
-    from finetune.data.clean import NearIndex
-    from finetune.data.load import Dropped
-
-    held = [e for e in examples if e.split != "train"]
-    if not held:
-        return examples
-    exact = {e.key: e for e in held}
-    groups = {e.group: e for e in held if e.group.startswith("g:")}
-    index = NearIndex(data.clean.near_dedupe_threshold)
-    by_key = {}
-    for e in held:
-        index.add(e.key, e.sig)
-        by_key[e.key] = e
-    kept = []
-    for e in examples:
-        if e.split == "train":
-            reason, other = None, None
-            if e.key in exact:
-                reason, other = "leakage_exact", exact[e.key]
-            elif e.group in groups:
-                reason, other = "leakage_group", groups[e.group]
-            else:
-                hit = index.query(e.sig)
-                if hit is not None:
-                    reason, other = "leakage_near", by_key[hit[0]]
-            if reason:
-                leakage[reason] += 1
-                dropped.append(Dropped(e.origin, reason, f"duplicates {other.split} row {other.origin}",
-                                       _excerpt(e.example)))
-                continue
-        kept.append(e)
-    return kept
 
 
 def _samples(dropped) -> dict[str, list[dict[str, str]]]:
@@ -640,12 +453,6 @@ def _samples(dropped) -> dict[str, list[dict[str, str]]]:
         if len(bucket) < SAMPLES_PER_REASON:
             bucket.append({"origin": d.origin, "detail": d.detail, "row": d.row})
     return dict(sorted(out.items()))
-
-
-def _excerpt(value: Any) -> str:
-    from finetune.data.load import excerpt
-
-    return excerpt(value)
 
 
 def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], data) -> None:
@@ -659,7 +466,7 @@ def _write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], d
         "labels": datasets.Sequence(datasets.Value("int64")),
         "length": datasets.Value("int64"),
     }
-    kind = next((_kind(e.example) for rows in final.values() for e in rows), "sft")
+    kind = next((row_kind(e.example) for rows in final.values() for e in rows), "sft")
     if kind != "sft":  # finetune/training/preference.py reads these
         columns["prompt_length"] = datasets.Value("int64")
     if kind == "pairs":

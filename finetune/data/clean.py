@@ -11,10 +11,13 @@ import hashlib
 import re
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from finetune.data.example import Example
 from finetune.data.formats import RowError
+from finetune.data.load import Dropped, excerpt
 
 # Control characters except tab and newline (NFKC does not remove them).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
@@ -217,3 +220,53 @@ def _fmix32(h):
     h *= np.uint32(0xC2B2AE35)
     h ^= h >> np.uint32(16)
     return h
+
+
+# ------------------------------------------------------------------------------------ prepare's rows
+def drop_duplicates(examples: list[Example], *, exact: bool, near: bool, near_threshold: float,
+                    need_signatures: bool, dropped: list[Dropped]) -> tuple[list[Example], Counter[str]]:
+    """Drop exact, then near duplicates; give every example its key, group and MinHash signature.
+
+    Rows of explicit test/validation sources are seen first, so the copy that survives is the evaluation one.
+    ``exact``/``near``: data.clean.dedupe / near_dedupe; ``need_signatures``: compute the MinHash signatures even
+    when near-dedupe is off (the leakage check compares them). Every dropped row is appended to ``dropped``.
+    """
+    priority = {"test": 0, "validation": 1, "all": 2, "train": 3}
+    examples.sort(key=lambda e: priority[e.role])  # stable: file order within a role
+    texts = [dedupe_text(e.example) for e in examples]
+    for e, t in zip(examples, texts, strict=True):
+        e.key = exact_key(t)
+        if not e.group:
+            e.group = f"r:{e.key}"  # without a group column, identical rows form a group: one split
+    deduped: Counter[str] = Counter({"exact": 0, "near": 0})
+    if exact:
+        first: dict[str, str] = {}
+        keep = []
+        for e, t in zip(examples, texts, strict=True):
+            if e.key in first:
+                dropped.append(Dropped(e.origin, "exact_duplicate", f"same as {first[e.key]}", excerpt(e.example)))
+                deduped["exact"] += 1
+                continue
+            first[e.key] = e.origin
+            keep.append((e, t))
+        examples, texts = [e for e, _ in keep], [t for _, t in keep]
+    if not (near or need_signatures):
+        return examples, deduped
+    index = NearIndex(near_threshold)
+    for e, sig in zip(examples, index.signatures(texts), strict=True):
+        e.sig = sig  # the leakage check needs them even when near-dedupe is off
+    if not near:
+        return examples, deduped
+    kept: list[Example] = []
+    by_key: dict[str, Example] = {}
+    for e in examples:
+        hit = index.query(e.sig)
+        if hit is not None:
+            dropped.append(Dropped(e.origin, "near_duplicate", f"{hit[1]:.2f} similar to {by_key[hit[0]].origin}",
+                                   excerpt(e.example)))
+            deduped["near"] += 1
+            continue
+        index.add(e.key, e.sig)
+        by_key[e.key] = e
+        kept.append(e)
+    return kept, deduped

@@ -11,7 +11,12 @@ the last group: training keeps at least one, and validation is served before tes
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Sequence
+
+from finetune.data.clean import NearIndex
+from finetune.data.example import Example
+from finetune.data.load import Dropped, excerpt
 
 SPLITS = ("train", "validation", "test")
 
@@ -50,3 +55,38 @@ def resample_by_weight(keys: Sequence[str], weight: float, *, seed: int) -> list
         u = int.from_bytes(hashlib.sha256(f"{seed}\x01{k}".encode()).digest()[:8], "big") / 2**64
         out.append(whole + (1 if u < frac else 0))
     return out
+
+
+def remove_leakage(examples: list[Example], *, near_threshold: float, dropped: list[Dropped],
+                   leakage: Counter[str]) -> list[Example]:
+    """Drop train rows that equal, nearly equal, or share a group with a validation/test row (each example has its
+    split, key, group and MinHash signature); count them by reason in ``leakage`` and append them to ``dropped``."""
+    held = [e for e in examples if e.split != "train"]
+    if not held:
+        return examples
+    exact = {e.key: e for e in held}
+    groups = {e.group: e for e in held if e.group.startswith("g:")}
+    index = NearIndex(near_threshold)
+    by_key = {}
+    for e in held:
+        index.add(e.key, e.sig)
+        by_key[e.key] = e
+    kept = []
+    for e in examples:
+        if e.split == "train":
+            reason, other = None, None
+            if e.key in exact:
+                reason, other = "leakage_exact", exact[e.key]
+            elif e.group in groups:
+                reason, other = "leakage_group", groups[e.group]
+            else:
+                hit = index.query(e.sig)
+                if hit is not None:
+                    reason, other = "leakage_near", by_key[hit[0]]
+            if reason:
+                leakage[reason] += 1
+                dropped.append(Dropped(e.origin, reason, f"duplicates {other.split} row {other.origin}",
+                                       excerpt(e.example)))
+                continue
+        kept.append(e)
+    return kept
