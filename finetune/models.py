@@ -8,10 +8,12 @@ once into the user's cache (``~/.cache/finetune/models``) and reused. Only safet
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import UserError
 
@@ -316,3 +318,60 @@ def load_model(resolved: ResolvedModel, dtype: str = "auto", *, device: str = "c
     if quantization_config is None and device != "cpu":
         model.to(device)
     return model
+
+
+def load_model_config(model_id: str, revision: str | None = None, *, base_dir: Path | None = None,
+                      config_path: str | Path | None = None, gated: bool = False) -> tuple[dict[str, Any], str]:
+    """The model's config.json as a dict and where it came from (``finetune plan``: no weights are downloaded):
+    an explicit file or folder, a local model folder, the embedded model, or the Hub (config.json only; honours
+    HF_HUB_OFFLINE)."""
+    if config_path is not None:
+        p = Path(config_path)
+        p = p / "config.json" if p.is_dir() else p
+        if not p.exists():
+            raise UserError(f"--config: {p} not found; give a config.json file or a model folder that has one")
+        return _read_json(p), str(p)
+    if model_id == EMBEDDED_MODEL:
+        resolved = resolve(model_id)
+        return _read_json(resolved.path / "config.json"), f"embedded {model_id}"
+    local = Path(model_id).expanduser()
+    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
+        local = base_dir / local
+    if local.suffix == ".gguf":
+        resolved = resolve(str(local))
+        return _read_json(resolved.path / "config.json"), str(local)
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise UserError(f"model.id: {local} has no config.json")
+        return _read_json(local / "config.json"), str(local / "config.json")
+    if model_id.count("/") != 1:
+        raise UserError(f"model.id: {model_id!r} is not a folder, a .gguf file or a Hub id (org/name)")
+    return _hub_config(model_id, revision, gated=gated), f"hub {model_id}" + (f"@{revision}" if revision else "")
+
+
+def _hub_config(repo_id: str, revision: str | None, *, gated: bool) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = hub_offline()
+    tail = "Or give the model's config.json with --config PATH."
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)
+    except GatedRepoError:
+        raise UserError(f"model.id: {repo_id} is license-gated: accept its license on https://huggingface.co/{repo_id} "
+                        f"and run `hf auth login` (or set HF_TOKEN). {tail}") from None
+    except RepositoryNotFoundError:
+        gate = " It is license-gated: accept its license and `hf auth login`." if gated else ""
+        raise UserError(f"model.id: no Hub model {repo_id!r} (or no access to it).{gate} {tail}") from None
+    except (LocalEntryNotFoundError, OSError) as exc:
+        where = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise UserError(f"model.id: {repo_id}'s config.json is not cached and {where}. {tail} "
+                        f"({type(exc).__name__})") from None
+    return _read_json(Path(path))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a readable config.json ({exc})") from None
