@@ -4,6 +4,9 @@ A checkpoint folder ``checkpoint-<step>/`` holds the trainable weights (``traina
 and scheduler state, every process's random number generator state, and ``state.json`` (step, counters, log
 history) written last. Only folders named ``checkpoint-<step>`` with a ``state.json`` count as complete; the
 temporary ``.checkpoint-<step>.tmp`` folders a killed run leaves behind are ignored and cleaned up.
+
+Also here: the run's ``TrainState`` (state.json), which checkpoint a run continues from (``to_resume``), and
+saving the adapter or model folder (``save_model_dir``).
 """
 
 from __future__ import annotations
@@ -13,12 +16,48 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import UserError
+
 STATE_FILE = "state.json"
 _NAME = re.compile(r"checkpoint-(\d+)")
+# Settings that can change between an interrupted run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = {"max_minutes", "eval_every", "save_every", "keep_checkpoints", "early_stopping_patience",
+                     "threads", "log_every"}
+
+
+@dataclass
+class TrainState:
+    """What a run has done so far: saved as each checkpoint's state.json, restored when it resumes."""
+
+    fingerprint: str                  # of the settings and data that decide what the run computes
+    micro_batches_per_step: int
+    step: int = 0                     # optimizer steps done
+    tokens: int = 0                   # input tokens seen
+    elapsed: float = 0.0              # wall-clock seconds, over every session of the run
+    train_seconds: float = 0.0        # seconds inside training steps
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0                # validations since the best one (early stopping)
+    last_val_loss: float | None = None
+    last_val_reward: dict[str, float] | None = None  # preference objectives: reward accuracy and margin
+    last_loss: float | None = None    # of the last step
+    window_loss: float | None = None  # of the steps in the last log line
+    history: list[dict[str, Any]] = field(default_factory=list)  # the log entries so far
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        """From a state.json; those of older versions lack the optional keys (window_loss, last_val_reward)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def complete(root: Path) -> list[tuple[int, Path]]:
@@ -88,3 +127,119 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------- resuming a run
+def resume_fingerprint(recipe, data_fp: dict[str, str], micro_per_step: int) -> str:
+    """What a checkpoint must match to be continued: every setting that changes the computation, and the data."""
+    from finetune import runs
+
+    train = recipe.train.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
+    return runs.fingerprint_json({"train": train, "model": recipe.model.model_dump(mode="json"), "seed": recipe.seed,
+                                  "data": data_fp, "micro_batches_per_step": micro_per_step})
+
+
+def to_resume(out: Path, work: Path, fingerprint: str, resume: bool) -> tuple[Path | None, Path | None]:
+    """(the checkpoint to continue from, as a path under ``work``; a finished folder to copy into ``work`` first).
+
+    The work folder holds an interrupted run. ``out`` is continued only with --resume when it finished (a run
+    stopped by max_minutes or early stopping), or when it never finished (written by an older finetune in place).
+    """
+    finished = (out / "manifest.json").exists()
+    folders = [work] + ([out] if resume or not finished else [])
+    for folder in folders:
+        found = latest(folder / "checkpoints")
+        if found is None:
+            continue
+        if read_state(found).get("fingerprint") != fingerprint:
+            if resume:
+                raise UserError(f"--resume: {found} was made with other settings (model, data, seed or train.* keys "
+                                f"other than {sorted(RESUMABLE_CHANGES)}). Restore them, or train without --resume "
+                                "to start over.")
+            print(f"train: not resuming {found}: the recipe or data changed since; starting over", file=sys.stderr)
+            continue
+        if folder == work:
+            return found, None
+        return work / "checkpoints" / found.name, out
+    if resume:
+        raise UserError(f"--resume: no complete checkpoint under {work / 'checkpoints'} or {out / 'checkpoints'}. "
+                        "Run `finetune train RECIPE` without --resume.")
+    return None, None
+
+
+# ------------------------------------------------------------------------------ the weights and their state
+def trainable_state(model) -> dict[str, Any]:
+    """A CPU copy of the trainable parameters (the adapter, or every weight under full fine-tuning)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict[str, Any]) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def save_training(root: Path, state: TrainState, model, optimizer, scheduler, best_weights, accelerator,
+                  keep: int) -> None:
+    """A checkpoint of the run under ``root`` (every process calls this; the main process writes)."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    rng = rng_state()
+    rng_all = [rng]
+    if accelerator.num_processes > 1:
+        rng_all = [None] * accelerator.num_processes
+        dist.all_gather_object(rng_all, rng)
+    if accelerator.is_main_process:
+        def write(folder: Path) -> None:
+            save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+            if best_weights is not None:
+                save_file(best_weights, str(folder / "best.safetensors"))
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            torch.save(rng_all, folder / "rng.pt")
+
+        save(root, state.step, write, state.to_json(), keep)
+    accelerator.wait_for_everyone()
+
+
+def load_training(path: Path, model, optimizer, scheduler, rank: int) -> tuple[TrainState, dict[str, Any] | None]:
+    """Restore the weights, optimizer, scheduler and this process's RNG from checkpoint ``path``; returns the
+    run's state and the best validation step's weights (adapters), if any."""
+    import torch
+    from safetensors.torch import load_file
+
+    load_trainable(model, load_file(str(path / "trainable.safetensors")))
+    best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_all = torch.load(path / "rng.pt", weights_only=False)
+    set_rng_state(rng_all[rank % len(rng_all)])
+    return TrainState.from_json(read_state(path)), best
+
+
+def save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | None = None) -> None:
+    """Save the adapter or model (atomically); ``step`` marks a snapshot taken during training."""
+    from finetune import runs
+    from finetune.training import attention
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    swap = attn == attention.NAME and hasattr(base, "set_attn_implementation")
+    if swap:  # our packed-batch attention is registered only inside training; saved configs name a standard one
+        try:
+            base.set_attn_implementation("sdpa")
+        except (ValueError, ImportError):  # an architecture without SDPA support (gpt-oss: attention sinks)
+            base.set_attn_implementation("eager")
+    try:
+        with runs.atomic_dir(final_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if step is not None:
+                (Path(tmp) / "finetune_step.json").write_text(json.dumps({"step": step}))
+    finally:
+        if swap:
+            base.set_attn_implementation(attn)

@@ -10,7 +10,7 @@ from train_fixtures import example_pairs, load_model, prepared, synthetic_rows, 
 
 from finetune import train
 from finetune.errors import UserError
-from finetune.training import attention, batching
+from finetune.training import attention, batching, steps
 
 # Loss of the first four steps on the tiny seeded model (fp32, batch 4, lr 1e-2, constant schedule, seed 42).
 # A change here means the training numerics changed: find out why before updating the numbers.
@@ -41,8 +41,8 @@ def test_packed_loss_equals_padded_loss_and_keeps_only_trained_logits(tiny_model
 
     examples = example_pairs(6, seed=5)
     with torch.no_grad():
-        padded = train.forward_loss_sum(load_model(tiny_model_dir, "sdpa"), batching.collate_padded(examples, pad_id=0))
-        packed = train.forward_loss_sum(load_model(tiny_model_dir, attention.register()),
+        padded = steps.forward_loss_sum(load_model(tiny_model_dir, "sdpa"), batching.collate_padded(examples, pad_id=0))
+        packed = steps.forward_loss_sum(load_model(tiny_model_dir, attention.register()),
                                         batching.collate_packed(examples))
     assert batching.count_targets(examples) > 0
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-4)
@@ -122,7 +122,7 @@ def test_outputs_follow_the_contract_and_loss_falls(tmp_path, tiny_model_dir):
     val = load_from_disk(str(recipe.run_dir("prepare") / "tokenized" / "validation"))
     examples = list(zip(val["input_ids"], val["labels"], strict=True))
     with torch.no_grad():
-        loss = float(train.forward_loss_sum(model, batching.collate_padded(examples, 0))) / batching.count_targets(examples)
+        loss = float(steps.forward_loss_sum(model, batching.collate_padded(examples, 0))) / batching.count_targets(examples)
     assert loss == pytest.approx(summary["best_val_loss"], rel=0.02)  # bf16 training base vs fp32 reload
 
 
@@ -170,7 +170,7 @@ def test_full_fine_tuning_keeps_the_best_validation_weights(tmp_path, tiny_model
     val = load_from_disk(str(recipe.run_dir("prepare") / "tokenized" / "validation"))
     examples = list(zip(val["input_ids"], val["labels"], strict=True))
     with torch.no_grad():
-        loss = float(train.forward_loss_sum(model.eval(), batching.collate_padded(examples, pad_id=0)))
+        loss = float(steps.forward_loss_sum(model.eval(), batching.collate_padded(examples, pad_id=0)))
     assert loss / batching.count_targets(examples) == pytest.approx(summary["best_val_loss"], rel=1e-3)
 
 

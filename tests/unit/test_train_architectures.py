@@ -147,12 +147,12 @@ def test_gpt_oss_adapter_saves_although_it_has_no_sdpa(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from finetune import train
+    from finetune.training import checkpoint
 
     model = get_peft_model(_model(_config("gpt-oss"), attention.register()),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir())
-    train._save_model_dir(model, tokenizer, tmp_path / "adapter", attention.NAME)
+    checkpoint.save_model_dir(model, tokenizer, tmp_path / "adapter", attention.NAME)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert model.get_base_model().config._attn_implementation == attention.NAME  # restored for training
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4

@@ -16,13 +16,13 @@ from train_fixtures import example_pairs, load_model, prepared, train_losses, va
 
 from finetune import train  # noqa: E402
 from finetune.errors import UserError  # noqa: E402
-from finetune.training import attention, batching  # noqa: E402
+from finetune.training import attention, batching, model_setup, steps  # noqa: E402
 
 
 def _cuda_model(model_dir, attn: str, dtype, liger: bool = False):
     model = load_model(model_dir, attn, dtype, device="cuda")
     if liger:
-        assert train._apply_liger(model) == "liger"  # the instance only (see the last test)
+        assert model_setup.apply_liger(model) == "liger"  # the instance only (see the last test)
     return model
 
 
@@ -52,8 +52,8 @@ def test_liger_kernels_keep_the_packed_loss(tiny_model_dir):
     examples = example_pairs(8, seed=5)
     batch = _on_cuda(batching.collate_packed(examples))
     with torch.no_grad():
-        plain = train.forward_loss_sum(_cuda_model(tiny_model_dir, attention.register(), torch.float32), batch)
-        fused = train.forward_loss_sum(_cuda_model(tiny_model_dir, attention.register(), torch.float32, liger=True),
+        plain = steps.forward_loss_sum(_cuda_model(tiny_model_dir, attention.register(), torch.float32), batch)
+        fused = steps.forward_loss_sum(_cuda_model(tiny_model_dir, attention.register(), torch.float32, liger=True),
                                        batch)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-3)
 
