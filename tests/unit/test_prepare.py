@@ -285,16 +285,6 @@ def test_cli_prints_the_summary_and_fails_cleanly(cli, make_recipe, tmp_path):
     assert code == 2 and "file not found" in err and "Traceback" not in err
 
 
-def test_quickstart_data_is_generated_deterministically(repo_root, tmp_path):
-    import subprocess
-    import sys
-
-    out = tmp_path / "q.jsonl"
-    subprocess.run([sys.executable, str(repo_root / "scripts" / "make_quickstart_data.py"), "--out", str(out)],
-                   check=True, capture_output=True)
-    assert out.read_bytes() == (repo_root / "recipes" / "data" / "quickstart.jsonl").read_bytes()
-
-
 def test_quickstart_recipe_prepares_with_visible_cleaning(repo_root, tmp_path, tiny_model_dir):
     r = recipe_mod.load(repo_root / "recipes" / "quickstart.yaml",
                         [f"runs_dir={tmp_path / 'runs'}", f"model.id={tiny_model_dir}"])

@@ -3,20 +3,11 @@ byte-identical prompts, token ids and stop tokens from the same conversations.""
 
 from __future__ import annotations
 
-import pytest
-
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
      {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And grass? 🌱 草"}],
 ]
-
-
-@pytest.fixture(scope="module")
-def gguf():
-    from finetune.models import embedded_gguf_path
-
-    return embedded_gguf_path()
 
 
 def test_eval_and_serve_render_the_same_prompt_and_stop_tokens(gguf):
