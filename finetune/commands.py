@@ -163,10 +163,11 @@ def plan_command(argv: list[str]) -> int:
 
 def run_command(argv: list[str]) -> int:
     from finetune import pipeline as stage
+    from finetune.freshness import STAGE_NAMES
 
     p = recipe_parser("run", "Run prepare, train, export and eval in order; stages that are up to date are skipped.")
     p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")
-    p.add_argument("--from", dest="start", choices=stage.STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
+    p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
     p.add_argument("--no-answer", action="store_true", help="skip the final sample answer from the GGUF")
     ns = p.parse_intermixed_args(argv)
     recipe = load_recipe(ns)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import eval_models, eval_preference, runs, verdict
+from finetune import artifacts, eval_models, eval_preference, runs, verdict
 from finetune import metrics as metric_lib
 from finetune.errors import UserError
 
@@ -37,24 +37,19 @@ GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "r
 
 
 # ------------------------------------------------------------------------------------------------ stage
-def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
-    """Score base, fine-tuned and (if exported) GGUF models; write metrics.json, examples.jsonl, report.html."""
+def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
+    """Score base, fine-tuned and (if exported) GGUF models; write metrics.json, examples.jsonl, report.html.
+    ``upstream``: the prepared data, trained model and export to score (default: this recipe's, fresh)."""
     import torch
 
-    from finetune import eval_report, pipeline
+    from finetune import eval_report
     from finetune.data.render import prompt_text
 
     cfg = recipe.eval
-    prepared = pipeline.require_fresh(recipe, "prepare", recipe_path)
-    trained = pipeline.require_fresh(recipe, "train", recipe_path)
-    exported = runs.read_manifest(recipe.run_dir("export"))
-    if exported is not None and cfg.gguf:
-        try:
-            pipeline.require_fresh(recipe, "export", recipe_path)
-        except UserError as exc:
-            raise UserError(f"{exc}; or score without the GGUF: eval.gguf=false") from None
+    upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "eval", recipe_path)
+    prepared, trained, exported = upstream.prepared, upstream.trained, upstream.exported
 
-    split_file = _stage_path(prepared, ("splits", cfg.split), recipe.run_dir("prepare") / "splits" / f"{cfg.split}.jsonl")
+    split_file = prepared.splits[cfg.split]
     rows = read_jsonl(split_file)
     if not rows:
         other = "validation" if cfg.split == "test" else "test"
@@ -70,16 +65,11 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
             f"{split_file}: no conversation ending in an assistant turn to score ({len(rows)} rows). Generation "
             f"metrics ({', '.join(gen_names)}) need chat rows; for raw text use eval.metrics: [loss, perplexity]."
         )
-    tok_split = _stage_path(prepared, ("tokenized", cfg.split), recipe.run_dir("prepare") / "tokenized" / cfg.split)
-    tok_train = _stage_path(prepared, ("tokenized", "train"), recipe.run_dir("prepare") / "tokenized" / "train")
+    tok_split, tok_train = prepared.tokenized[cfg.split], prepared.tokenized["train"]
     pref_rows = eval_preference.read_rows(tok_split, cfg.max_examples)  # None unless the split holds preferences
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    outputs = trained.get("outputs", {})
-    method = outputs.get("method") or recipe.train.method
-    adapter_dir = Path(outputs["adapter"]) if outputs.get("adapter") else None
-    full_dir = Path(outputs["model"]) if outputs.get("model") else None
-    base_path = Path(outputs.get("base_model") or _resolve_base(recipe).path)
+    method, adapter_dir, full_dir, base_path = trained.method, trained.adapter, trained.model, trained.base_model
     tokenizer = eval_models.load_tokenizer(adapter_dir or full_dir or base_path, recipe.model.trust_remote_code,
                                            recipe.chat_template_path())
     if examples and not getattr(tokenizer, "chat_template", None):
@@ -98,9 +88,9 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
 
     runs.make_dir(recipe.run_dir())
     with runs.StageRun(recipe, "eval", inputs={
-        "prepare": runs.fingerprint_json(prepared), "train": runs.fingerprint_json(trained),
-        "export": runs.fingerprint_json(exported) if exported else None, "split": str(split_file),
-    }, upstream={"prepare": prepared, "train": trained, "export": exported}, aside=True) as stage:
+        "prepare": prepared.manifest_id, "train": trained.manifest_id,
+        "export": exported.manifest_id if exported else None, "split": str(split_file),
+    }, upstream=upstream.ids(), aside=True) as stage:
         variants: dict[str, dict[str, Any]] = {}
         answers: dict[str, list[dict[str, Any]]] = {}
         per_example_loss: dict[str, list[float]] = {}
@@ -145,7 +135,7 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
             for name, values in pref_result["models"].items():
                 variants[name].update(values)
 
-        log_rows = read_train_log(_stage_path(trained, ("log",), recipe.run_dir("train") / "log.jsonl"))
+        log_rows = read_train_log(trained.log)
         found = verdict.make_verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status)
         if pref_result and (pref_verdict := eval_preference.verdict(pref_result)):
             found["preference"] = pref_verdict
@@ -173,10 +163,8 @@ def run(recipe, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
         eval_report.write_report(out, result, example_rows, log_rows, title=f"{recipe.name}: evaluation",
                                  preference_pairs=pref_result["per_pair"] if pref_result else None)
         final = stage.dir
-        stage.outputs.update({
-            "metrics": str(final / "metrics.json"), "examples": str(final / "examples.jsonl"),
-            "report": str(final / "report.html"), "variants": list(variants),
-        })
+        stage.record(artifacts.Evaluated(metrics=final / "metrics.json", examples=final / "examples.jsonl",
+                                         report=final / "report.html", variants=list(variants)))
     return result
 
 
@@ -239,20 +227,6 @@ def _is_chat_example(row: dict[str, Any]) -> bool:
     return bool(msgs) and len(msgs) >= 2 and msgs[-1].get("role") == "assistant"
 
 
-def _stage_path(manifest: dict[str, Any], keys: tuple[str, ...], default: Path) -> Path:
-    node: Any = manifest.get("outputs", {})
-    for k in keys:
-        node = node.get(k) if isinstance(node, dict) else None
-    return Path(node) if node else default
-
-
-def _resolve_base(recipe):
-    from finetune import models
-
-    return models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                          trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
-
-
 def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, *, template: str | None = None,
                  end_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
     """Let the exported GGUF answer the same prompts, rendered and read back as the server does (the rows' tools,
@@ -264,7 +238,7 @@ def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, 
     if exported is None:
         return {"status": "absent", "reason": "export has not run: run `finetune export RECIPE`, then eval again, to "
                 "score the GGUF"}
-    paths = exported.get("outputs", {}).get("gguf") or {}
+    paths = exported.gguf
     if quant not in paths:
         return {"status": "absent", "reason": f"the export has no {quant} GGUF (it has: {', '.join(paths) or 'none'}); "
                 "set eval.gguf_quant to one of those"}

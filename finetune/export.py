@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
+from finetune import artifacts, runs
 from finetune.errors import UserError
 
 GREEDY_MAX_TOKENS = 128  # the greedy-chat check: an answer that has not ended by then "did not stop"
@@ -465,68 +465,69 @@ def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: P
 
 # --------------------------------------------------------------------------------------------- stage
 
-def _heldout_rows(recipe, split: str = "test") -> list[dict] | None:
-    manifest = runs.read_manifest(recipe.run_dir("prepare"))
-    if not manifest:
+def _heldout_rows(prepared: artifacts.Prepared | None, split: str = "test") -> list[dict] | None:
+    """The rows of one of prepare's splits (None when prepare has not run or the split is empty)."""
+    path = prepared.splits.get(split) if prepared is not None else None
+    if path is None or not path.exists():
         return None
-    path = (manifest.get("outputs", {}).get("splits") or {}).get(split)
-    if not path or not Path(path).exists():
-        return None
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return rows or None
 
 
-def run(recipe, *, recipe_path: str = "RECIPE", log=print) -> dict[str, Any]:
-    """Export the trained model of this recipe's run to runs/<name>/export/.
+def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE",
+        log=print) -> dict[str, Any]:
+    """Export ``upstream.trained`` (default: this recipe's trained model, which must be fresh) to
+    runs/<name>/export/. Prepare's splits, when there, give the parity checks' held-out rows and the importance
+    matrix's calibration text.
 
     The new export is built in runs/<name>/.export.partial/ and replaces export/ only when every step and parity
     check passed: a failed export leaves the previous one as it was.
     """
-    from finetune import pipeline
-
-    train = pipeline.require_fresh(recipe, "train", recipe_path)
-    outputs = train.get("outputs", {})
-    adapter = Path(outputs["adapter"]) if outputs.get("adapter") else None
-    full = Path(outputs["model"]) if outputs.get("model") else None
-    base = Path(outputs["base_model"]) if outputs.get("base_model") else None
+    upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "export", recipe_path)
+    trained = upstream.trained
+    adapter, full, base = trained.adapter, trained.model, trained.base_model
     if adapter is None and full is None:
         raise UserError(f"{recipe.run_dir('train')}/manifest.json names neither an adapter nor a model; "
                         f"run `finetune train {recipe_path}` again")
-    if adapter is not None and base is None:
-        raise UserError(f"{recipe.run_dir('train')}/manifest.json has an adapter but no base_model")
     for p in (adapter, full, base):
         if p is not None and not p.exists():
             raise UserError(f"{p} (from the train manifest) is missing; run `finetune train {recipe_path}` again")
     cfg = recipe.export
-    heldout = _heldout_rows(recipe)
-    inputs = {"train_manifest": runs.fingerprint_json(train),
-              "weights": runs.file_fingerprint(adapter or full), "base_model": str(base) if base else None}
+    heldout = _heldout_rows(upstream.prepared)
+    inputs = {"train_manifest": trained.manifest_id,
+              "weights": runs.file_fingerprint(adapter or full), "base_model": str(base)}
     out = recipe.run_dir("export")
-    with runs.StageRun(recipe, "export", inputs=inputs, upstream={"train": train}, aside=True) as stage:
+    with runs.StageRun(recipe, "export", inputs=inputs, upstream=upstream.ids(), aside=True) as stage:
         result = export_model(
             name=recipe.name, out_dir=stage.work, base_dir=base, adapter_dir=adapter, model_dir=full,
             outtype=cfg.outtype, quantizations=list(cfg.quantizations), adapter_gguf=cfg.adapter_gguf,
             ollama=cfg.ollama, parity_checks=cfg.parity, min_top1_unquantized=cfg.min_top1_f16,
-            heldout_rows=heldout, default_quant=recipe.serve.quant, calibration=_calibration(recipe),
+            heldout_rows=heldout, default_quant=recipe.serve.quant,
             table=TableSettings(examples=cfg.table_examples, fit_gb=cfg.fit_gb, tolerance=cfg.metric_tolerance),
-            log=log,
+            log=log, calibration=_calibration(recipe, upstream.prepared),
         )
         result = _relocated(result, str(stage.work), str(out))  # the paths the files have once swapped in
-        stage.outputs = {"merged": result["merged"], "gguf": result["gguf"], "adapter_gguf": result["adapter_gguf"],
-                         "base_gguf": result["base_gguf"], "parity": result["parity"],
-                         "quantization": result["quantization"], "imatrix": result["imatrix"],
-                         "picked": result["picked"]}
+        stage.record(artifacts.Exported(
+            merged=Path(result["merged"]), gguf={q: Path(p) for q, p in result["gguf"].items()},
+            adapter_gguf=_path(result["adapter_gguf"]), base_gguf=_path(result["base_gguf"]),
+            parity=_path(result["parity"]), quantization=_path(result["quantization"]),
+            imatrix=_path(result["imatrix"]), picked=result["picked"],
+        ))
         stage.extra["summary"] = {"sizes": result["sizes"], "parity": result["parity_summary"],
                                   "warnings": result["warnings"], "seconds": result["seconds"]}
     return result
 
 
-def _calibration(recipe) -> Calibration | None:
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _calibration(recipe, prepared: artifacts.Prepared | None) -> Calibration | None:
     """The training split (and export.imatrix_files) as calibration text, or None when export.imatrix is off."""
     cfg = recipe.export
     if not cfg.imatrix or all(q.upper() in IMATRIX_FREE for q in cfg.quantizations):
         return None
-    rows, sources = list(_heldout_rows(recipe, "train") or []), []
+    rows, sources = list(_heldout_rows(prepared, "train") or []), []
     if rows:
         sources.append(f"{recipe.name} training split ({len(rows)} rows)")
     for name in cfg.imatrix_files:

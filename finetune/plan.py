@@ -59,15 +59,13 @@ def prepared_stats(recipe) -> dict[str, float] | None:
     """From prepare's tokenized train split (when it has run): mean tokens per example and the 95th percentile
     of the share of an example's positions that are trained (finetune train computes logits only there). None when
 prepare has not run or its output is stale for this recipe."""
-    from finetune import pipeline
+    from finetune import artifacts
 
-    tokenized = recipe.run_dir("prepare") / "tokenized" / "train"
-    if not ((recipe.run_dir("prepare") / "manifest.json").exists() and tokenized.exists()):
-        return None
-    try:
-        if pipeline.why_stale(recipe, pipeline.BY_NAME["prepare"]) is not None:
-            return None  # prepared from other data or settings: its lengths say nothing about this recipe
+    try:  # prepared from other data or settings (stale): its lengths say nothing about this recipe
+        tokenized = artifacts.load(recipe, artifacts.Prepared).tokenized["train"]
     except UserError:
+        return None
+    if not tokenized.exists():
         return None
     try:
         from datasets import load_from_disk

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
+from finetune import artifacts, runs
 from finetune.data.example import Example, row_kind
 from finetune.data.formats import RowError
 from finetune.errors import UserError
@@ -37,8 +37,10 @@ PREPARE_VERSION = 2
 SAMPLES_PER_REASON = 5
 
 
-def run(recipe, *, force: bool = False) -> dict[str, Any]:
-    """Prepare the recipe's data; returns the report (also written to runs/<name>/prepare/report.json)."""
+def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE",
+        force: bool = False) -> dict[str, Any]:
+    """Prepare the recipe's data; returns the report (also written to runs/<name>/prepare/report.json). Prepare reads
+    no earlier stage (``upstream`` is empty)."""
     from finetune import models
 
     data = recipe.data
@@ -58,13 +60,11 @@ def run(recipe, *, force: bool = False) -> dict[str, Any]:
                                       chat_template=recipe.chat_template_path())
     with runs.StageRun(recipe, "prepare", inputs=inputs, upstream={}, aside=True) as stage:
         report = build(recipe, tokenizer, stage.work)
-        stage.outputs = {
-            "splits": {s: str(out / "splits" / f"{s}.jsonl") for s in ("train", "validation", "test")},
-            "tokenized": {s: str(out / "tokenized" / s) for s in ("train", "validation", "test")},
-            "rows": dict(report["splits"]),
-            "report": str(out / "report.json"),
-            "lengths_png": str(out / "lengths.png"),
-        }
+        stage.record(artifacts.Prepared(
+            splits={s: out / "splits" / f"{s}.jsonl" for s in artifacts.SPLITS},
+            tokenized={s: out / "tokenized" / s for s in artifacts.SPLITS},
+            rows=dict(report["splits"]), report=out / "report.json", lengths_png=out / "lengths.png",
+        ))
     report["reused"] = False
     return report
 
@@ -145,11 +145,14 @@ def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
     manifest = runs.read_manifest(out)
     if not manifest or manifest.get("inputs", {}).get("fingerprint") != fingerprint:
         return None
-    outputs = manifest.get("outputs", {})
-    paths = [*outputs.get("splits", {}).values(), *outputs.get("tokenized", {}).values(), outputs.get("report", "")]
-    if not paths or not all(p and Path(p).exists() for p in paths):
+    try:
+        prepared = artifacts.from_outputs(artifacts.Prepared, manifest.get("outputs") or {}, out.parent)
+    except UserError:  # written by an older finetune: prepare again
         return None
-    return json.loads(Path(outputs["report"]).read_text())
+    paths = [*prepared.splits.values(), *prepared.tokenized.values(), prepared.report]
+    if not all(p.exists() for p in paths):
+        return None
+    return json.loads(prepared.report.read_text())
 
 
 # ----------------------------------------------------------------------------------------------- the work

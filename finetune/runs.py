@@ -196,11 +196,13 @@ class StageRun:
     step; on failure ``run.dir`` is left exactly as it was. ``keep_partial`` keeps the work folder after a failure
     (train resumes from the checkpoints in it). Without ``aside`` the stage writes into ``run.dir`` itself
     (``run.work`` is ``run.dir``), whose manifest is removed first so a half-written folder never looks finished.
-    ``upstream``: the manifests the stage read, recorded so that a later run of those stages makes this one stale.
+    ``upstream``: {stage: manifest id} of the records the stage read (``artifacts.Upstream.ids()``), recorded so
+    that a later run of those stages makes this one stale. ``record(artifact)`` sets the outputs from the stage's
+    typed record (``finetune.artifacts``).
     """
 
     def __init__(self, recipe: Any, stage: str, inputs: dict[str, Any] | None = None, *,
-                 upstream: dict[str, dict[str, Any] | None] | None = None, aside: bool = False,
+                 upstream: dict[str, str | None] | None = None, aside: bool = False,
                  keep_partial: bool = False, folder: Path | None = None):
         self.recipe = recipe
         self.stage = stage
@@ -210,7 +212,7 @@ class StageRun:
         self.work = self.dir.with_name(f".{self.dir.name}.partial") if aside else self.dir
         self.inputs: dict[str, Any] = dict(inputs or {})
         if upstream is not None:
-            self.inputs["upstream"] = {name: manifest_id(m) for name, m in upstream.items()}
+            self.inputs["upstream"] = dict(upstream)
         self.outputs: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
         self.started = time.time()
@@ -234,6 +236,12 @@ class StageRun:
                 replace_dir(self.work, self.dir)
         elif self.aside and not self.keep_partial:
             shutil.rmtree(self.work, ignore_errors=True)
+
+    def record(self, artifact: Any) -> None:
+        """The stage's outputs: its ``finetune.artifacts`` record, paths relative to the run folder."""
+        from finetune import artifacts
+
+        self.outputs = artifacts.to_outputs(artifact, self.recipe.run_dir())
 
     def manifest(self) -> dict[str, Any]:
         return {

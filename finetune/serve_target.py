@@ -26,9 +26,9 @@ class Target:
 
 def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     """A recipe (its exported GGUF) or a .gguf file -> what to serve, with which settings, storing where."""
+    from finetune import artifacts
     from finetune import recipe as recipe_mod
     from finetune.feedback_store import gguf_store_dir
-    from finetune.runs import require_stage
 
     path = Path(target)
     if path.suffix == ".gguf":
@@ -44,11 +44,11 @@ def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"{target}: give a recipe (.yaml) or a model file (.gguf)")
     recipe = recipe_mod.load(path, overrides)
-    manifest = require_stage(recipe, "export", str(path))
-    ggufs: dict[str, str] = (manifest.get("outputs") or {}).get("gguf") or {}
+    exported = artifacts.load(recipe, artifacts.Exported, str(path), fresh=False)  # a stale export still serves
+    ggufs = exported.gguf
     quant = recipe.serve.quant
     if quant == "auto":  # the type export picked for export.fit_gb (export/quantization.json says why)
-        quant = (manifest.get("outputs") or {}).get("picked")
+        quant = exported.picked
         if not quant:
             raise UserError(f"serve.quant: auto needs export.fit_gb, so that `finetune export {target}` picks a type "
                             f"(none was picked for run '{recipe.name}'); set export.fit_gb or serve.quant to one of: "
@@ -60,7 +60,7 @@ def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
             f"Set serve.quant to one of those (e.g. `finetune serve {target} serve.quant=F16`), or add {quant} "
             "to export.quantizations and run `finetune export` again."
         )
-    gguf = Path(ggufs[quant])
+    gguf = ggufs[quant]
     if not gguf.is_file():
         raise UserError(f"{gguf} (listed in {recipe.run_dir('export')}/manifest.json) is missing; run "
                         f"`finetune export {target}` again")

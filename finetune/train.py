@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
+from finetune import artifacts, runs
 from finetune.errors import UserError
 from finetune.training import batching, console, model_setup, preference, steps
 from finetune.training import checkpoint as ckpt
@@ -49,9 +49,11 @@ from finetune.training.model_setup import ADAPTER_METHODS
 BEST_FULL_DIR = "best-model"  # full fine-tuning: the best validation step's weights, until the run ends
 
 
-def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] | None = None,
-        out_dir: str | Path | None = None, recipe_path: str = "RECIPE") -> dict[str, Any]:
-    """Train; returns the summary. ``on_eval(step, val_loss)`` returning True stops training (tune's pruning).
+def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = False,
+        on_eval: Callable[[int, float], bool] | None = None, out_dir: str | Path | None = None,
+        recipe_path: str = "RECIPE") -> dict[str, Any]:
+    """Train on ``upstream.prepared`` (default: this recipe's prepared data, which must be fresh); returns the
+    summary. ``on_eval(step, val_loss)`` returning True stops training (tune's pruning).
 
     An interrupted run (checkpoints but no manifest) is resumed automatically when its settings match;
     ``resume=True`` insists on resuming (also a finished run that stopped early) and says why it cannot.
@@ -76,10 +78,8 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
         torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
 
     # ---- data: tokenized by prepare; nothing is tokenized here
-    from finetune import pipeline
-
-    prepare = pipeline.require_fresh(recipe, "prepare", recipe_path)
-    tokenized = _tokenized_paths(recipe, prepare)
+    upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "train", recipe_path)
+    tokenized = _tokenized_paths(upstream.prepared)
     train_rows, val_rows, lengths = _load_splits(tokenized, t.objective)
     micro_per_step = t.grad_accum * accelerator.num_processes
     # ---- the model must resolve before anything is written (its architecture decides packing)
@@ -102,9 +102,9 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
     # ---- where to start: a fresh run, or the last complete checkpoint of an interrupted (or stopped) one.
     # Everything is written to the work folder, which replaces `out` only when the run succeeds.
     stage = runs.StageRun(recipe, "train", inputs={
-        "prepare_manifest": runs.fingerprint_json(prepare.get("outputs", {})), "tokenized": data_fp,
+        "prepare_manifest": upstream.prepared.manifest_id, "tokenized": data_fp,
         "base_model": {"id": recipe.model.id, "path": str(resolved.path), "revision": resolved.revision},
-    }, upstream={"prepare": prepare}, aside=True, keep_partial=True, folder=out)
+    }, upstream=upstream.ids(), aside=True, keep_partial=True, folder=out)
     start_ckpt = _prepare_work_folder(out, stage.work, fingerprint, resume, accelerator)
     with stage if main else nullcontext():  # a failure keeps the work folder (its checkpoints) for resuming
         accelerator.wait_for_everyone()
@@ -124,7 +124,7 @@ def run(recipe, *, resume: bool = False, on_eval: Callable[[int, float], bool] |
             if main:
                 _write_outputs(tr, summary, best_full)
         if main:
-            stage.outputs = _stage_outputs(out, t.method, resolved.path)
+            stage.record(_trained(out, t.method, Path(resolved.path)))
             stage.extra["summary"] = summary
     accelerator.wait_for_everyone()
     return summary
@@ -435,11 +435,11 @@ def _write_outputs(tr: _Training, summary: dict[str, Any], best_full: Path | Non
     runs.atomic_write_json(tr.work / "summary.json", summary)
 
 
-def _stage_outputs(out: Path, method: str, base_model: Path) -> dict[str, Any]:
-    final = str(out / _final_name(method))
-    return {"adapter": final if method != "full" else None, "model": final if method == "full" else None,
-            "method": method, "base_model": str(base_model), "log": str(out / "log.jsonl"),
-            "summary": str(out / "summary.json"), "tensorboard": str(out / "tb")}
+def _trained(out: Path, method: str, base_model: Path) -> artifacts.Trained:
+    final = out / _final_name(method)
+    return artifacts.Trained(method=method, adapter=final if method != "full" else None,
+                             model=final if method == "full" else None, base_model=base_model,
+                             log=out / "log.jsonl", summary=out / "summary.json", tensorboard=out / "tb")
 
 
 # -------------------------------------------------------------------------------------------- checks
@@ -472,17 +472,11 @@ def _check_distributed(accelerator) -> None:
 
 
 # -------------------------------------------------------------------------------------------- data
-def _tokenized_paths(recipe, prepare_manifest: dict[str, Any]) -> dict[str, Path]:
-    listed = (prepare_manifest.get("outputs") or {}).get("tokenized") or {}
-    paths: dict[str, Path] = {}
-    for split in ("train", "validation"):
-        p = Path(listed[split]) if listed.get(split) else recipe.run_dir("prepare") / "tokenized" / split
-        if not p.is_absolute() and not p.exists():
-            p = recipe.run_dir("prepare") / "tokenized" / split
-        if p.exists():
-            paths[split] = p
+def _tokenized_paths(prepared: artifacts.Prepared) -> dict[str, Path]:
+    """The tokenized train and validation splits prepare wrote (an empty validation split has no folder)."""
+    paths = {split: p for split, p in prepared.tokenized.items() if split in ("train", "validation") and p.exists()}
     if "train" not in paths:
-        raise UserError(f"no tokenized training split under {recipe.run_dir('prepare') / 'tokenized'}; "
+        raise UserError(f"{prepared.tokenized.get('train')}: the tokenized training split is missing; "
                         "run `finetune prepare RECIPE` again.")
     return paths
 

@@ -24,23 +24,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
-from finetune import runs
 from finetune.errors import UserError
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 EVALS_PER_TRIAL = 4  # validations per trial when the recipe's eval_every is too sparse for the trial budget
 
 
-def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str, Any]:
-    """Run (or continue) the study; write the results table and best.yaml. Returns the results."""
+def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE",
+        fresh: bool = False) -> dict[str, Any]:
+    """Run (or continue) the study on ``upstream.prepared`` (default: this recipe's prepared data, fresh); write the
+    results table and best.yaml. Returns the results."""
     import optuna
-
-    from finetune import pipeline
 
     cfg = recipe.tune
     check_space(recipe)
-    prepared = pipeline.require_fresh(recipe, "prepare", recipe_path)
+    upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "tune", recipe_path)
     out = runs.make_dir(recipe.run_dir("tune"))
     db = out / "study.db"
     if fresh:
@@ -80,7 +80,7 @@ def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str
     print(f"tune: {cfg.sampler} search over {', '.join(cfg.space)}; {remaining} trial(s) to run "
           f"({_count_finished(study)} done), {cfg.trial_max_steps or 'full'} steps each")
     if remaining:
-        study.optimize(lambda t: objective(t, recipe, out), n_trials=remaining,
+        study.optimize(lambda t: objective(t, recipe, upstream, out), n_trials=remaining,
                        timeout=cfg.timeout_minutes * 60 if cfg.timeout_minutes else None,
                        catch=_out_of_memory_errors(), gc_after_trial=True)
     rows = results_rows(study)
@@ -90,8 +90,8 @@ def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str
         raise UserError(f"no trial finished ({states}): every trial was pruned or failed. "
                         "Widen tune.space, raise tune.trial_max_steps, or set tune.prune: false.")
     # The study itself is resumable state; the results below are replaced only now that it has ended.
-    with runs.StageRun(recipe, "tune", inputs={"prepare": runs.fingerprint_json(prepared)},
-                       upstream={"prepare": prepared}) as stage:
+    with runs.StageRun(recipe, "tune", inputs={"prepare": upstream.prepared.manifest_id},
+                       upstream=upstream.ids()) as stage:
         runs.atomic_write_json(out / "results.json", rows)
         runs.atomic_write_text(out / "results.csv", results_csv(rows))
         best = study.best_trial
@@ -100,9 +100,9 @@ def run(recipe, *, recipe_path: str = "RECIPE", fresh: bool = False) -> dict[str
         result = {"study": recipe.name, "storage": storage, "trials": rows, "best_trial": best.number,
                   "best_value": best.value, "best_params": best.params, "best_recipe": str(best_path),
                   "seconds": round(time.time() - started, 1)}
-        stage.outputs.update({"results_csv": str(out / "results.csv"), "results_json": str(out / "results.json"),
-                              "best_recipe": str(best_path), "study": str(db), "best_trial": best.number,
-                              "best_value": best.value, "best_params": best.params})
+        stage.record(artifacts.Tuned(results_csv=out / "results.csv", results_json=out / "results.json",
+                                     best_recipe=Path(best_path), study=db, best_trial=best.number,
+                                     best_value=best.value, best_params=best.params))
     return result
 
 
@@ -181,7 +181,7 @@ def trial_overrides(recipe, params: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def objective(trial, recipe, out: Path) -> float:
+def objective(trial, recipe, upstream: artifacts.Upstream, out: Path) -> float:
     import optuna
 
     from finetune import train
@@ -203,7 +203,7 @@ def objective(trial, recipe, out: Path) -> float:
 
     started = time.time()
     print(f"tune: trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-    summary = train.run(trial_recipe, on_eval=on_eval, out_dir=trial_dir)
+    summary = train.run(trial_recipe, upstream, on_eval=on_eval, out_dir=trial_dir)
     shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)  # only for resuming a trial; the adapter stays
     trial.set_user_attr("seconds", round(time.time() - started, 1))
     for key in ("steps", "best_step", "best_val_loss", "final_train_loss", "final_val_loss", "tokens_seen"):
@@ -247,7 +247,7 @@ def _fail_interrupted(study) -> None:
 
     for t in study.trials:
         if t.state == TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL)
 
 
 # -------------------------------------------------------------------------------------------- results

@@ -73,26 +73,26 @@ def bench_hf(model_dir: str, prompt_ids: list[int], tokens: int, suppress: list[
     return {"seconds": round(total - prefill, 3), "tokens_per_s": round((tokens - 1) / (total - prefill), 2)}
 
 
-def eval_columns(export: Path, manifest: dict, quant: str, n: int) -> dict:
+def eval_columns(export: Path, exported, quant: str, n: int) -> dict:
     """The eval stage's two generation columns on the same test prompts, as `finetune eval` runs them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import eval_models
+    from finetune import artifacts, eval_models
     from finetune.data.render import prompt_text
     from finetune.gguf import runtime
 
-    split = Path(export).parent / "prepare" / "splits" / "test.jsonl"
+    split = artifacts.from_folder(artifacts.Prepared, Path(export).parent / "prepare").splits["test"]
     rows = [json.loads(x) for x in split.read_text().splitlines() if x.strip()][:n] if split.exists() else []
     rows = [r for r in rows if r.get("messages") and r["messages"][-1]["role"] == "assistant"]
     if not rows:
         return {}
-    merged = manifest["outputs"]["merged"]
+    merged = exported.merged
     tok = AutoTokenizer.from_pretrained(merged)
     prompts = [prompt_text(tok, r["messages"][:-1]) for r in rows]
     max_new = 64
     t0 = time.perf_counter()
-    runtime.chat(manifest["outputs"]["gguf"][quant], [r["messages"][:-1] for r in rows], max_tokens=max_new)
+    runtime.chat(exported.gguf[quant], [r["messages"][:-1] for r in rows], max_tokens=max_new)
     gguf_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     if tok.pad_token_id is None:
@@ -149,22 +149,20 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from finetune import models
+    from finetune import artifacts, models
 
-    manifest = None
+    exported = None
     if ns.gguf:
         if not ns.model:
             sys.exit("--gguf needs --model (the Hugging Face folder it was made from)")
         gguf, merged = ns.gguf, ns.model
     else:
         export = Path(ns.export)
-        if not (export / "manifest.json").exists():
-            sys.exit(f"{export}/manifest.json not found: run `finetune export RECIPE` first, or pass --gguf/--model")
-        manifest = json.loads((export / "manifest.json").read_text())
-        gguf = manifest["outputs"]["gguf"].get(ns.quant)
+        exported = artifacts.from_folder(artifacts.Exported, export)
+        gguf = exported.gguf.get(ns.quant)
         if gguf is None:
-            sys.exit(f"the export has no {ns.quant} GGUF (it has {', '.join(manifest['outputs']['gguf'])})")
-        merged = manifest["outputs"]["merged"]
+            sys.exit(f"the export has no {ns.quant} GGUF (it has {', '.join(exported.gguf)})")
+        merged = exported.merged
     tok = AutoTokenizer.from_pretrained(merged)
     prompt_ids = list(tok.apply_chat_template(PROMPT, tokenize=True, add_generation_prompt=True,
                                               return_dict=True)["input_ids"])
@@ -202,8 +200,8 @@ def main() -> int:
               f"(OMP_WAIT_POLICY={best['llama.cpp']['policy']}), best transformers "
               f"{best['transformers']['tokens_per_s']:.1f} tok/s ({best['transformers']['arm']}, "
               f"OMP_WAIT_POLICY={best['transformers']['policy']}): ratio {ratio:.2f}")
-    if manifest is not None:
-        cols = eval_columns(Path(ns.export), manifest, ns.quant, ns.eval_prompts)
+    if exported is not None:
+        cols = eval_columns(Path(ns.export), exported, ns.quant, ns.eval_prompts)
         if cols:
             print(f"eval columns on {cols['prompts']} test prompts: GGUF {cols['gguf_column_s']} s, transformers "
                   f"(batched) {cols['transformers_column_s']} s: GGUF column speed ratio {cols['ratio']:.2f} "

@@ -152,8 +152,8 @@ def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
 def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] | None = None) -> dict:
     from datasets import Dataset
 
+    from finetune import artifacts, runs, train
     from finetune import recipe as recipe_mod
-    from finetune import runs, train
 
     recipe = recipe_mod.validate_dict(recipe_mod.apply_overrides({
         "name": "bench", "runs_dir": str(work / "runs"), "seed": 42, "model": {"id": model_path},
@@ -163,8 +163,10 @@ def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] |
     }, overrides or []), base_dir=REPO)
     tokenized = recipe.run_dir("prepare") / "tokenized" / "train"
     Dataset.from_dict({k: data[k] for k in ("input_ids", "labels", "length")}).save_to_disk(str(tokenized))
+    folder = recipe.run_dir("prepare")
     with runs.StageRun(recipe, "prepare") as stage:
-        stage.outputs = {"tokenized": {"train": str(tokenized)}}
+        stage.record(artifacts.Prepared(splits={}, tokenized={"train": tokenized}, rows={"train": len(data["length"])},
+                                        report=folder / "report.json", lengths_png=folder / "lengths.png"))
     summary = train.run(recipe)
     log = [json.loads(x) for x in (recipe.run_dir("train") / "log.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in log if x["loss"] is not None]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
-from finetune import runs
 
 
 def arithmetic_rows(n: int, offset: int = 0) -> list[dict]:
@@ -45,7 +45,7 @@ def write_prepared(recipe, model_dir: Path, splits: dict[str, list[dict]]) -> di
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     with runs.StageRun(recipe, "prepare") as stage:
-        outputs = {"splits": {}, "tokenized": {}, "rows": {}}
+        outputs: dict[str, dict] = {"splits": {}, "tokenized": {}, "rows": {}}
         for split, rows in splits.items():
             path = stage.dir / "splits" / f"{split}.jsonl"
             runs.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -53,10 +53,11 @@ def write_prepared(recipe, model_dir: Path, splits: dict[str, list[dict]]) -> di
             ds = Dataset.from_dict({"input_ids": [ids for ids, _ in rendered], "labels": [lab for _, lab in rendered],
                                     "length": [len(ids) for ids, _ in rendered]})
             ds.save_to_disk(str(stage.dir / "tokenized" / split))
-            outputs["splits"][split] = str(path)
-            outputs["tokenized"][split] = str(stage.dir / "tokenized" / split)
+            outputs["splits"][split] = path
+            outputs["tokenized"][split] = stage.dir / "tokenized" / split
             outputs["rows"][split] = len(rows)
-        stage.outputs.update(outputs)
+        stage.record(artifacts.Prepared(**outputs, report=stage.dir / "report.json",
+                                        lengths_png=stage.dir / "lengths.png"))
     return runs.read_manifest(recipe.run_dir("prepare"))
 
 

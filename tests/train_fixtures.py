@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
+from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
-from finetune import runs
 
 
 def synthetic_rows(n: int, seed: int, *, min_len: int = 6, max_len: int = 40) -> dict[str, list]:
@@ -64,9 +64,11 @@ def prepared(tmp: Path, model_dir: Path, name: str = "t", *, n_train: int = 48, 
     for split, n, s in (("train", n_train, data_seed), ("validation", n_val, data_seed + 1)):
         if n:
             Dataset.from_dict(synthetic_rows(n, s)).save_to_disk(str(tokenized / split))
-            paths[split] = str(tokenized / split)
+            paths[split] = tokenized / split
+    folder = recipe.run_dir("prepare")
     with runs.StageRun(recipe, "prepare") as stage:
-        stage.outputs = {"tokenized": paths, "rows": {"train": n_train, "validation": n_val}}
+        stage.record(artifacts.Prepared(splits={}, tokenized=paths, rows={"train": n_train, "validation": n_val},
+                                        report=folder / "report.json", lengths_png=folder / "lengths.png"))
     return recipe
 
 

@@ -3,9 +3,16 @@ llama.cpp in a child process (finetune.gguf.runtime). The eval stage on a tiny m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from eval_fixtures import arithmetic_rows, make_recipe
 
+from finetune import artifacts
 from finetune import evaluate as ft_eval
+
+
+def exported(gguf: dict[str, Path]) -> artifacts.Exported:
+    return artifacts.Exported(merged=Path("merged"), gguf=gguf)
 
 
 def test_gguf_column_answers_the_same_prompts_through_llama_cpp(tmp_path, tiny_model_dir):
@@ -16,7 +23,7 @@ def test_gguf_column_answers_the_same_prompts_through_llama_cpp(tmp_path, tiny_m
     gguf = models.embedded_gguf_path()
     examples = arithmetic_rows(3)
     answers, variants = {}, {}
-    status = ft_eval._gguf_column(recipe, {"outputs": {"gguf": {"Q4_1": str(gguf)}}}, examples, answers, variants,
+    status = ft_eval._gguf_column(recipe, exported({"Q4_1": gguf}), examples, answers, variants,
                                   ["exact_match"], recipe.eval)
     assert status["status"] == "scored" and status["variant"] == "gguf-Q4_1"
     outs = answers["gguf-Q4_1"]
@@ -24,6 +31,6 @@ def test_gguf_column_answers_the_same_prompts_through_llama_cpp(tmp_path, tiny_m
     assert any(o["text"] for o in outs)
     assert variants["gguf-Q4_1"]["runtime"] == "llama.cpp"
 
-    missing = ft_eval._gguf_column(recipe, {"outputs": {"gguf": {"Q8_0": str(gguf)}}}, examples, {}, {},
+    missing = ft_eval._gguf_column(recipe, exported({"Q8_0": gguf}), examples, {}, {},
                                    ["exact_match"], recipe.eval)
     assert missing["status"] == "absent" and "has no Q4_1 GGUF (it has: Q8_0)" in missing["reason"]

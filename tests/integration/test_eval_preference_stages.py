@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import eval_models
+from finetune import artifacts, eval_models
 from finetune import evaluate as ft_eval
 from finetune import recipe as recipe_mod
 from finetune.commands import summary_table
@@ -72,12 +72,12 @@ def _models(recipe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    manifest = json.loads((recipe.run_dir("train") / "manifest.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(manifest["outputs"]["base_model"]).float().eval()
+    trained = artifacts.load(recipe, artifacts.Trained)
+    base = AutoModelForCausalLM.from_pretrained(trained.base_model).float().eval()
     base_logps = lambda ds, a, b: _logps_by_loss(base, ds, a, b)  # noqa: E731
     ref = {"base": base_logps}
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest["outputs"]["base_model"]).float(),
-                                      manifest["outputs"]["adapter"]).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained.base_model).float(),
+                                      trained.adapter).eval()
     ref["finetuned"] = lambda ds, a, b: _logps_by_loss(tuned, ds, a, b)
     return ref
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune import artifacts
+
 SYSTEM = {"role": "system", "content": "Be brief."}  # short: the template's default system prompt is long
 CONVERSATIONS = [
     [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
@@ -79,13 +81,15 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
         test.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"id": str(i), "messages": c, "origin": f"t.jsonl:{i}"} for i, c in enumerate([LORA_CHANGE, *CONVERSATIONS])]
         test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        stage.outputs = {"splits": {"test": str(test)}}
+        stage.record(artifacts.Prepared(splits={"test": test}, tokenized={}, rows={"test": len(rows)},
+                                        report=stage.dir / "report.json", lengths_png=stage.dir / "lengths.png"))
     with runs.StageRun(recipe, "train") as stage:
         adapter = stage.dir / "adapter"
         peft_model.save_pretrained(adapter)
         tok.save_pretrained(adapter)
-        stage.outputs = {"adapter": str(adapter), "model": None, "method": "lora", "base_model": str(base_dir),
-                         "log": None}
+        stage.record(artifacts.Trained(method="lora", adapter=adapter, model=None, base_model=base_dir,
+                                       log=stage.dir / "log.jsonl", summary=stage.dir / "summary.json",
+                                       tensorboard=stage.dir / "tb"))
     return recipe
 
 
@@ -100,12 +104,12 @@ def exported(tiny_run):
 def test_export_writes_the_contracted_outputs(exported):
     recipe, result = exported
     out = recipe.run_dir("export")
-    manifest = json.loads((out / "manifest.json").read_text())["outputs"]
-    assert set(manifest["gguf"]) == {"F16", "Q8_0"}
-    for path in [*manifest["gguf"].values(), manifest["adapter_gguf"], manifest["parity"]]:
-        assert Path(path).is_file() and Path(path).parent == out
-    assert Path(manifest["gguf"]["Q8_0"]).stat().st_size < Path(manifest["gguf"]["F16"]).stat().st_size
-    merged = Path(manifest["merged"])
+    exported = artifacts.load(recipe, artifacts.Exported)
+    assert set(exported.gguf) == {"F16", "Q8_0"}
+    for path in [*exported.gguf.values(), exported.adapter_gguf, exported.parity]:
+        assert path.is_file() and path.parent == out
+    assert exported.gguf["Q8_0"].stat().st_size < exported.gguf["F16"].stat().st_size
+    merged = exported.merged
     assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
     gen = json.loads((merged / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2] or gen["eos_token_id"] == 2  # <|im_end|>, the end-of-turn token
@@ -113,14 +117,14 @@ def test_export_writes_the_contracted_outputs(exported):
 
     assert AutoTokenizer.from_pretrained(merged).chat_template  # the chat template travels with the checkpoint
     # the quantization table: one row per type, answered on the held-out prompts, with parity's figures
-    table = json.loads(Path(manifest["quantization"]).read_text())
+    table = json.loads(exported.quantization.read_text())
     rows = {r["type"]: r for r in table["rows"]}
     assert set(rows) == {"F16", "Q8_0"}
     assert rows["F16"]["examples"] == 5 and 0 <= rows["F16"]["exact_match"] <= 1
-    assert rows["Q8_0"]["top1_agreement"] == json.loads(Path(manifest["parity"]).read_text())["types"]["Q8_0"][
+    assert rows["Q8_0"]["top1_agreement"] == json.loads(exported.parity.read_text())["types"]["Q8_0"][
         "logits"]["top1_agreement"]
     assert rows["Q8_0"]["decode_tokens_per_s"] > 0 and rows["Q8_0"]["bytes"] < rows["F16"]["bytes"]
-    assert manifest["imatrix"] is None  # nothing below 8 bits was asked for
+    assert exported.imatrix is None  # nothing below 8 bits was asked for
     assert "## Which file to use" in (out / "README.md").read_text()
 
 
@@ -214,7 +218,7 @@ def test_export_fails_clearly_on_a_template_whose_turns_never_end(tiny_run, tmp_
     from finetune import export
     from finetune.errors import UserError
 
-    adapter = Path(json.loads((tiny_run.run_dir("train") / "manifest.json").read_text())["outputs"]["adapter"])
+    adapter = artifacts.from_folder(artifacts.Trained, tiny_run.run_dir("train")).adapter
     broken = tmp_path / "adapter"
     shutil.copytree(adapter, broken)
     tok = AutoTokenizer.from_pretrained(broken)
@@ -232,7 +236,7 @@ def test_export_refuses_a_tokenizer_without_chat_template(tiny_run, tmp_path):
     from finetune import export
     from finetune.errors import UserError
 
-    adapter = Path(json.loads((tiny_run.run_dir("train") / "manifest.json").read_text())["outputs"]["adapter"])
+    adapter = artifacts.from_folder(artifacts.Trained, tiny_run.run_dir("train")).adapter
     bare = tmp_path / "adapter"
     shutil.copytree(adapter, bare)
     (bare / "chat_template.jinja").unlink(missing_ok=True)

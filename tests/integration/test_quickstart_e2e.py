@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune import artifacts
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,21 +41,22 @@ def manifest(run_dir: Path, stage: str) -> dict:
 
 def test_prepare_outputs(run):
     run_dir, _, _ = run
-    out = manifest(run_dir, "prepare")["outputs"]
+    manifest(run_dir, "prepare")
+    out = artifacts.from_folder(artifacts.Prepared, run_dir / "prepare")
     for split in ("train", "validation", "test"):
-        rows = [json.loads(line) for line in Path(out["splits"][split]).read_text().splitlines()]
-        assert rows and len(rows) == out["rows"][split]
+        rows = [json.loads(line) for line in out.splits[split].read_text().splitlines()]
+        assert rows and len(rows) == out.rows[split]
         assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
-        assert Path(out["tokenized"][split]).is_dir()
-    assert out["rows"]["train"] > out["rows"]["test"] > 0
+        assert out.tokenized[split].is_dir()
+    assert out.rows["train"] > out.rows["test"] > 0
 
 
 def test_train_outputs(run):
     run_dir, _, _ = run
-    data = manifest(run_dir, "train")
-    out = data["outputs"]
-    assert out["method"] == "lora" and out["model"] is None
-    adapter = Path(out["adapter"])
+    manifest(run_dir, "train")
+    out = artifacts.from_folder(artifacts.Trained, run_dir / "train")
+    assert out.method == "lora" and out.model is None
+    adapter = out.adapter
     assert (adapter / "adapter_config.json").exists()
     assert any(adapter.glob("adapter_model.safetensors"))
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
@@ -81,15 +84,16 @@ def test_eval_outputs(run):
 
 def test_export_outputs(run):
     run_dir, _, _ = run
-    out = manifest(run_dir, "export")["outputs"]
-    ggufs = {q: Path(p) for q, p in out["gguf"].items()}
+    manifest(run_dir, "export")
+    out = artifacts.from_folder(artifacts.Exported, run_dir / "export")
+    ggufs = out.gguf
     assert {"F16", "Q8_0", "Q4_K_M"} <= set(ggufs)
     for path in ggufs.values():
         assert path.exists() and path.read_bytes()[:4] == b"GGUF"
     assert ggufs["Q4_K_M"].stat().st_size < ggufs["Q8_0"].stat().st_size < ggufs["F16"].stat().st_size
-    parity = json.loads(Path(out["parity"]).read_text())
+    parity = json.loads(out.parity.read_text())
     assert parity, "parity.json is empty"
-    assert Path(out["merged"], "config.json").exists()
+    assert (out.merged / "config.json").exists()
     # Q4_K_M was quantized with an importance matrix from the training split, in llama.cpp's imatrix format
     assert Path(out["imatrix"]).read_bytes()[:4] == b"GGUF"
     table = json.loads(Path(out["quantization"]).read_text())

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune import artifacts
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +38,7 @@ def _tools() -> list[dict]:
 def test_the_gguf_carries_the_tool_template_and_eval_scores_calls(run):
     run_dir, _ = run
     template = (REPO / "recipes" / "templates" / "qwen2.5-tools.jinja").read_text(encoding="utf-8")
-    adapter = Path(json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["adapter"])
+    adapter = artifacts.from_folder(artifacts.Trained, run_dir / "train").adapter
     assert (adapter / "chat_template.jinja").read_text(encoding="utf-8") == template
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["gguf"]["status"] == "scored", metrics["gguf"]

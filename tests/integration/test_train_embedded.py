@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from finetune import artifacts
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -28,6 +30,5 @@ def test_quickstart_loss_falls_and_validation_is_recorded(tmp_path, repo_root, e
     assert vals[1] < vals[0], vals
     assert summary["base_dtype"] in ("bfloat16", "float32") and summary["trainable_dtype"] == "float32"
     assert summary["attn_implementation"] == "finetune_varlen" and summary["tokens_per_s"] > 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["outputs"]["base_model"] == str(embedded_model.path)
+    assert artifacts.from_folder(artifacts.Trained, out).base_model == embedded_model.path
     assert (out / "adapter" / "adapter_model.safetensors").exists()

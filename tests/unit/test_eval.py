@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from eval_fixtures import arithmetic_rows, make_recipe, write_prepared
 
-from finetune import eval_models, runs, verdict
+from finetune import artifacts, eval_models, runs, verdict
 from finetune import evaluate as ft_eval
 from finetune.data.render import prompt_text
 
@@ -28,8 +29,9 @@ def _write_trained(recipe, model_dir, log_rows):
         peft_model.save_pretrained(adapter)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter)
         runs.atomic_write_text(stage.dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log_rows))
-        stage.outputs.update({"adapter": str(adapter), "model": None, "method": "lora", "base_model": str(model_dir),
-                              "log": str(stage.dir / "log.jsonl")})
+        stage.record(artifacts.Trained(method="lora", adapter=adapter, model=None, base_model=Path(model_dir),
+                                       log=stage.dir / "log.jsonl", summary=stage.dir / "summary.json",
+                                       tensorboard=stage.dir / "tb"))
 
 
 def _log(train_losses, val_every=2, val_losses=None):
@@ -84,8 +86,7 @@ def test_eval_writes_metrics_examples_report_and_manifest(evaluated):
     assert page.count("data:image/png;base64,") == 2  # loss curves and the metric chart, embedded
     assert "export has not run" in page
     assert (out / "loss_curves.png").stat().st_size > 1000
-    manifest = runs.read_manifest(out)
-    assert manifest["outputs"]["variants"] == ["base", "finetuned"]
+    assert artifacts.from_folder(artifacts.Evaluated, out).variants == ["base", "finetuned"]
 
 
 def test_exact_match_in_metrics_equals_examples(evaluated):

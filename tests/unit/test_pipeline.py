@@ -11,28 +11,40 @@ import time
 
 import pytest
 
-from finetune import pipeline, recipe
+from finetune import freshness, pipeline, recipe
 from finetune.errors import UserError
 
 STAGE_MODULE = textwrap.dedent('''
-    import json
-    from finetune import runs
+    import dataclasses, typing
+    from pathlib import Path
+    from finetune import artifacts, runs
 
-    UPSTREAM = {upstream!r}
-
-    def run(recipe):
+    def run(recipe, upstream=None, recipe_path="RECIPE"):
+        upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "{name}", recipe_path)
         out = recipe.run_dir("{name}")
         inputs = {{}}
         if "{name}" == "prepare":
             from finetune import models, prepare
             inputs = prepare.fingerprint_inputs(recipe, models.resolve(recipe.model.id).path)
-        upstream = {{up: runs.read_manifest(recipe.run_dir(up)) for up in UPSTREAM}}
-        with runs.StageRun(recipe, "{name}", inputs=inputs, upstream=upstream, aside=True) as stage:
+        with runs.StageRun(recipe, "{name}", inputs=inputs, upstream=upstream.ids(), aside=True) as stage:
             count = out / "count.txt"
             n = int(count.read_text()) + 1 if count.exists() else 1
             (stage.work / "count.txt").write_text(str(n))
-            stage.outputs = {{"count": n}}
+            stage.record(record(artifacts.RECORDS["{name}"], count))
         return {{"count": n}}
+
+    def record(cls, path):
+        """A record of the stage's real type whose every path is the count file."""
+        hints = typing.get_type_hints(cls)
+        values = {{}}
+        for f in dataclasses.fields(cls):
+            if f.name == "manifest_id":
+                continue
+            hint = hints[f.name]
+            values[f.name] = ({{s: path for s in artifacts.SPLITS}} if hint == dict[str, Path] else path
+                              if hint in (Path, Path | None) else {{}} if "dict" in str(hint)
+                              else [] if "list" in str(hint) else 0 if hint in (int, float) else "x")
+        return cls(**values)
 ''')
 
 
@@ -102,10 +114,10 @@ def test_a_swapped_data_file_with_an_older_mtime_is_noticed_by_content(toy):
     data.write_text(data.read_text().replace('"yo"', '"ok"'))
     os.utime(data, (before.st_atime - 86400, before.st_mtime - 86400))
     assert data.stat().st_size == before.st_size and data.stat().st_mtime < before.st_mtime
-    assert pipeline.why_stale(load(), pipeline.BY_NAME["prepare"]) == f"the content of data file {data} changed"
+    assert freshness.why_stale(load(), freshness.BY_NAME["prepare"]) == f"the content of data file {data} changed"
     with pytest.raises(UserError, match=r"prepared data is stale because the content of data file .*data\.jsonl "
                                         r"changed: run `finetune prepare R"):
-        pipeline.require_fresh(load(), "train", "R")
+        freshness.require_fresh(load(), "train", "R")
     assert go() == {"prepare": "ran", "train": "ran", "export": "ran", "eval": "ran"}
 
 
@@ -116,12 +128,12 @@ def test_a_data_override_makes_prepared_data_stale_for_every_later_stage(toy):
     for stage in ("train", "export", "eval"):
         with pytest.raises(UserError, match=r"prepared data is stale because data\.clean\.max_tokens, "
                                             r"data\.system_prompt changed: run `finetune prepare"):
-            pipeline.require_fresh(changed, stage)
-    pipeline.require_fresh(load(), "eval")  # the recipe as it was: everything is fresh
+            freshness.require_fresh(changed, stage)
+    freshness.require_fresh(load(), "eval")  # the recipe as it was: everything is fresh
     # a model change that keeps the tokenizer does not touch prepared data, but makes the trained model stale
     with pytest.raises(UserError, match=r"the trained model is stale because model\.dtype changed: run `finetune "
                                         r"train"):
-        pipeline.require_fresh(load("model.dtype=float32"), "export")
+        freshness.require_fresh(load("model.dtype=float32"), "export")
 
 
 def test_a_stage_rerun_by_hand_makes_downstream_stale(toy):
@@ -145,9 +157,9 @@ def test_force_and_from(toy):
 
 
 def test_changed_keys_names_the_dotted_keys():
-    assert pipeline.changed_keys({"lr": 1, "lora": {"r": 8, "alpha": 16}}, {"lr": 1, "lora": {"r": 16, "alpha": 16}},
+    assert freshness.changed_keys({"lr": 1, "lora": {"r": 8, "alpha": 16}}, {"lr": 1, "lora": {"r": 16, "alpha": 16}},
                                  "train") == ["train.lora.r"]
-    assert pipeline.changed_keys(1, 1, "seed") == []
+    assert freshness.changed_keys(1, 1, "seed") == []
 
 
 def test_run_command_is_registered(cli):

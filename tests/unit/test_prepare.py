@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import artifacts
 from finetune import recipe as recipe_mod
 from finetune.errors import UserError
 
@@ -247,12 +248,12 @@ def test_outputs_follow_the_contract_and_are_reused_until_inputs_change(make_rec
     first = prepare(r)
     assert first["reused"] is False
     out = r.run_dir("prepare")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["outputs"]["rows"] == first["splits"]
+    prepared = artifacts.load(r, artifacts.Prepared)
+    assert prepared.rows == first["splits"]
     for split in ("train", "validation", "test"):
-        ds = datasets.load_from_disk(manifest["outputs"]["tokenized"][split])
+        ds = datasets.load_from_disk(prepared.tokenized[split])
         assert ds.column_names == ["input_ids", "labels", "length"] and len(ds) == first["splits"][split]
-        rows = [json.loads(line) for line in Path(manifest["outputs"]["splits"][split]).read_text().splitlines()]
+        rows = [json.loads(line) for line in prepared.splits[split].read_text().splitlines()]
         assert all(set(row) == {"id", "messages", "origin"} for row in rows)
     assert (out / "lengths.png").stat().st_size > 1000
     assert prepare(r)["reused"] is True

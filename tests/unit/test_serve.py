@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from finetune import artifacts
+
 
 def test_non_loopback_host_needs_an_api_key(cli, gguf, monkeypatch):
     monkeypatch.delenv("FINETUNE_API_KEY", raising=False)
@@ -26,7 +28,7 @@ def test_recipe_target_serves_the_exported_quant(tmp_path, gguf, repo_root):
     exported = tmp_path / "quickstart-Q4_K_M.gguf"
     exported.symlink_to(gguf)
     with StageRun(r, "export") as stage:
-        stage.outputs = {"gguf": {"Q4_K_M": str(exported)}}
+        stage.record(artifacts.Exported(merged=tmp_path / "merged", gguf={"Q4_K_M": exported}))
     with pytest.raises(UserError, match=r"no Q8_0 GGUF \(it has: Q4_K_M\)"):
         resolve_target(recipe_path, overrides)
     target = resolve_target(recipe_path, overrides + ["serve.quant=Q4_K_M"])

@@ -8,7 +8,7 @@ import math
 import pytest
 from train_fixtures import example_pairs, load_model, prepared, synthetic_rows, train_losses, val_losses
 
-from finetune import train
+from finetune import artifacts, train
 from finetune.errors import UserError
 from finetune.training import attention, batching, steps
 
@@ -97,8 +97,10 @@ def test_outputs_follow_the_contract_and_loss_falls(tmp_path, tiny_model_dir):
     assert summary["tokens_seen"] == 3 * sum(synthetic_rows(48, 0)["length"])
     assert summary["peak_memory_mb"] > 100
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["outputs"]["adapter"] == str(out / "adapter") and manifest["outputs"]["model"] is None
-    assert manifest["outputs"]["method"] == "lora" and manifest["outputs"]["log"] == str(out / "log.jsonl")
+    assert manifest["outputs"]["adapter"] == "train/adapter"  # relative to the run folder
+    trained = artifacts.load(recipe, artifacts.Trained)
+    assert trained.adapter == out / "adapter" and trained.model is None
+    assert trained.method == "lora" and trained.log == out / "log.jsonl"
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "adapter" / "tokenizer.json").exists()
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-12", "checkpoint-16"]
     assert any((out / "tb").iterdir())
@@ -182,8 +184,8 @@ def test_full_fine_tuning_saves_a_plain_model(tmp_path, tiny_model_dir):
     recipe = prepared(tmp_path, tiny_model_dir, method="full", max_steps=3, lr=1e-3, save_every=100, eval_every=3)
     summary = train.run(recipe)
     out = recipe.run_dir("train")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["outputs"]["model"] == str(out / "model") and manifest["outputs"]["adapter"] is None
+    trained = artifacts.load(recipe, artifacts.Trained)
+    assert trained.model == out / "model" and trained.adapter is None
     assert summary["trainable_dtype"] == "float32"  # fp32 master weights for full fine-tuning
     assert attention.NAME not in (out / "model" / "config.json").read_text()
     model = AutoModelForCausalLM.from_pretrained(out / "model")

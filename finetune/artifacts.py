@@ -1,0 +1,207 @@
+"""What each stage hands to the next: one typed, frozen record per stage, kept in the ``outputs`` of its manifest.
+
+A stage builds its record and writes it with ``StageRun.record(...)``; a later stage (or ``plan``, ``serve``, the
+pipeline's sample answer) reads it with ``load(recipe, Trained, recipe_path)``, which refuses a stage that has not
+finished or whose outputs are stale (``finetune.freshness``) and returns the record with absolute paths. Paths are
+stored relative to the run folder (``runs/<name>/``), so a run folder can be moved; a path outside it (the base model
+in the cache) is stored as it is. Nothing else reads a manifest's outputs: a missing key is an error that says which
+stage to run again, never a guessed default path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+from finetune import runs
+from finetune.errors import UserError
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Artifact:
+    """Common to every record: which stage wrote it and which manifest it came from."""
+
+    STAGE: ClassVar[str] = ""
+    manifest_id: str = field(default="", compare=False)  # runs.manifest_id of the manifest read (set by load)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared(Artifact):
+    STAGE: ClassVar[str] = "prepare"
+    splits: dict[str, Path]     # split -> rows as JSON lines (what eval scores)
+    tokenized: dict[str, Path]  # split -> datasets folder of token arrays
+    rows: dict[str, int]
+    report: Path
+    lengths_png: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trained(Artifact):
+    STAGE: ClassVar[str] = "train"
+    method: str
+    adapter: Path | None = None    # LoRA/DoRA/QLoRA: the adapter folder
+    model: Path | None = None      # full fine-tuning: the model folder
+    base_model: Path      # the checkpoint the run started from
+    log: Path
+    summary: Path
+    tensorboard: Path
+
+    @property
+    def weights(self) -> Path:
+        """The folder with what training produced (adapter or full model)."""
+        return self.adapter if self.adapter is not None else self.model  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exported(Artifact):
+    STAGE: ClassVar[str] = "export"
+    merged: Path
+    gguf: dict[str, Path]       # type (F16, Q8_0, ...) -> file
+    adapter_gguf: Path | None = None
+    base_gguf: Path | None = None
+    parity: Path | None = None
+    quantization: Path | None = None
+    imatrix: Path | None = None
+    picked: str | None = None      # the type export.fit_gb chose (serve.quant: auto)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluated(Artifact):
+    STAGE: ClassVar[str] = "eval"
+    metrics: Path
+    examples: Path
+    report: Path
+    variants: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tuned(Artifact):
+    STAGE: ClassVar[str] = "tune"
+    results_csv: Path
+    results_json: Path
+    best_recipe: Path
+    study: Path
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upstream:
+    """The records a stage reads, loaded by ``for_stage`` (the pipeline and each command use the same)."""
+
+    prepared: Prepared | None = None
+    trained: Trained | None = None
+    exported: Exported | None = None  # eval: None when export has not run (stale allowed when eval.gguf is off)
+
+    def ids(self) -> dict[str, str]:
+        """{stage: manifest_id} of what was read: recorded by the reading stage so a rerun upstream makes it stale."""
+        return {a.STAGE: a.manifest_id for a in (self.prepared, self.trained, self.exported) if a is not None}
+
+
+A = TypeVar("A", bound=Artifact)
+RECORDS: dict[str, type[Artifact]] = {c.STAGE: c for c in (Prepared, Trained, Exported, Evaluated, Tuned)}
+
+
+# ------------------------------------------------------------------------------------------ to and from JSON
+def to_outputs(record: Artifact, run_folder: Path) -> dict[str, Any]:
+    """The record as the manifest's ``outputs``: paths relative to the run folder where they are inside it."""
+    root = Path(run_folder).resolve()
+    return {f.name: _encode(getattr(record, f.name), root) for f in dataclasses.fields(record)
+            if f.name != "manifest_id"}
+
+
+def from_outputs(cls: type[A], outputs: dict[str, Any], run_folder: Path, *, manifest_id: str = "",
+                 where: str = "") -> A:
+    """The record from a manifest's ``outputs`` (paths made absolute). A missing key is a UserError naming
+    ``where`` (the manifest) and the stage to run again."""
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "manifest_id":
+            continue
+        if f.name not in outputs:
+            raise UserError(f"{where}: the {cls.STAGE} outputs lack '{f.name}' (written by an older finetune?); "
+                            f"run `finetune {cls.STAGE} RECIPE` again")
+        values[f.name] = _decode(outputs[f.name], hints[f.name], Path(run_folder))
+    return cls(manifest_id=manifest_id, **values)
+
+
+def _encode(value: Any, root: Path) -> Any:
+    if isinstance(value, Path):
+        absolute = value if value.is_absolute() else value.resolve()
+        return str(absolute.relative_to(root)) if absolute.is_relative_to(root) else str(value)
+    if isinstance(value, dict):
+        return {k: _encode(v, root) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any, hint: Any, root: Path) -> Any:
+    if value is None:
+        return None
+    if hint == dict[str, Path]:
+        return {k: root / v for k, v in value.items()}
+    if hint in (Path, Path | None):
+        return root / value  # an absolute path (outside the run folder, or an older manifest) stays as it is
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def load(recipe: Any, cls: type[A], recipe_path: str = "RECIPE", *, fresh: bool = True) -> A:
+    """The finished record of ``cls.STAGE`` for this recipe's run. ``fresh``: its outputs must still match the
+    recipe and their inputs (``freshness.require_fresh``: "prepared data is stale because ... run ...")."""
+    from finetune import freshness
+
+    manifest = (freshness.require_fresh(recipe, cls.STAGE, recipe_path) if fresh
+                else runs.require_stage(recipe, cls.STAGE, recipe_path))
+    return from_outputs(cls, manifest.get("outputs") or {}, recipe.run_dir(), manifest_id=runs.manifest_id(manifest),
+                        where=f"{recipe.run_dir(cls.STAGE)}/manifest.json")
+
+
+def load_if_finished(recipe: Any, cls: type[A]) -> A | None:
+    """The record when the stage has finished (fresh or not), else None: for readers that can do without it."""
+    if runs.read_manifest(recipe.run_dir(cls.STAGE)) is None:
+        return None
+    return load(recipe, cls, fresh=False)
+
+
+def from_folder(cls: type[A], stage_dir: Path) -> A:
+    """The record in a finished stage folder given by path (scripts that take ``runs/<name>/export``)."""
+    stage_dir = Path(stage_dir)
+    manifest = runs.read_manifest(stage_dir)
+    if manifest is None:
+        raise UserError(f"{stage_dir}/manifest.json not found: run `finetune {cls.STAGE} RECIPE` first")
+    return from_outputs(cls, manifest.get("outputs") or {}, stage_dir.parent, manifest_id=runs.manifest_id(manifest),
+                        where=f"{stage_dir}/manifest.json")
+
+
+def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:
+    """What ``stage`` reads, each fresh: train <- prepare; export <- train (and prepare's splits when there);
+    eval <- prepare, train and (when it has run) export; tune <- prepare."""
+    if stage in ("prepare", "plan"):
+        return Upstream()
+    if stage == "tune":
+        return Upstream(prepared=load(recipe, Prepared, recipe_path))
+    if stage == "train":
+        return Upstream(prepared=load(recipe, Prepared, recipe_path))
+    if stage == "export":  # prepare's splits (not its freshness) serve the parity checks and the calibration text
+        return Upstream(trained=load(recipe, Trained, recipe_path), prepared=load_if_finished(recipe, Prepared))
+    if stage == "eval":
+        prepared, trained = load(recipe, Prepared, recipe_path), load(recipe, Trained, recipe_path)
+        exported = None
+        if runs.read_manifest(recipe.run_dir("export")) is not None:
+            try:  # recorded even when eval.gguf is off, so that a later export makes eval stale as before
+                exported = load(recipe, Exported, recipe_path, fresh=recipe.eval.gguf)
+            except UserError as exc:
+                raise UserError(f"{exc}; or score without the GGUF: eval.gguf=false") from None
+        return Upstream(prepared=prepared, trained=trained, exported=exported)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def existing(paths: dict[str, Path]) -> dict[str, Path]:
+    """The entries whose files exist (a split prepare left empty has no tokenized folder)."""
+    return {k: p for k, p in paths.items() if p.exists()}

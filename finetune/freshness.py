@@ -1,0 +1,103 @@
+"""When a stage's finished outputs are still current: the stage table and the staleness rules.
+
+A stage is up to date when its manifest exists, the recipe sections it reads are the same as when it ran (the
+manifest records the resolved recipe), what it was built from has not changed since - for prepare, the content
+of the local data files and the tokenizer (sha256, never modification times); for the others, the manifests of
+the stages upstream of it, recorded in its own manifest when it ran - and the same holds for those upstream
+stages. Every reader of a stage's outputs goes through ``require_fresh`` (via ``finetune.artifacts.load``), so a
+stage run by hand refuses stale inputs instead of using them, with the command that rebuilds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from finetune import runs
+from finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str          # folder under runs/<name>/ and the CLI command
+    module: str        # the module whose run(recipe, upstream) does the work
+    sections: tuple[str, ...]   # recipe keys whose change makes the stage stale
+    upstream: tuple[str, ...]   # stages whose outputs it reads
+
+
+STAGES = (
+    # prepare depends on the model only through its tokenizer, whose files it fingerprints (prepare.stale_inputs)
+    Stage("prepare", "finetune.prepare", ("data", "seed"), ()),
+    Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
+    Stage("export", "finetune.export", ("model", "export"), ("train",)),
+    Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train", "export")),
+)
+STAGE_NAMES = [s.name for s in STAGES]
+BY_NAME = {s.name: s for s in STAGES} | {"tune": Stage("tune", "finetune.tune", ("tune",), ("prepare",))}
+OUTPUT_NAMES = {"prepare": "prepared data", "train": "the trained model", "export": "the exported GGUF"}
+changed_keys = runs.changed_keys
+
+
+# ------------------------------------------------------------------------------------------ staleness
+def _section(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _time(text: str | None) -> float | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp() if text else None
+    except ValueError:
+        return None
+
+
+def why_stale(recipe: Recipe, stage: Stage) -> str | None:
+    """None when the stage's finished outputs still match the recipe and what they were built from, else why
+    not ("data.system_prompt changed", "data file x.jsonl changed", "prepare ran since", ...). Upstream stages
+    are not checked here (``require_fresh`` and ``run`` walk the chain)."""
+    manifest = runs.read_manifest(recipe.run_dir(stage.name))
+    if manifest is None:
+        return "not run yet"
+    current = recipe.to_dict()
+    diff = [key for dotted in stage.sections
+            for key in changed_keys(_section(manifest.get("recipe") or {}, dotted), _section(current, dotted), dotted)]
+    if diff:
+        return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") + " changed"
+    if stage.name == "prepare":
+        from finetune import prepare
+
+        reason = prepare.stale_inputs(recipe, manifest)
+        if reason:
+            return reason
+    recorded = (manifest.get("inputs") or {}).get("upstream")
+    for up in stage.upstream:
+        now = runs.read_manifest(recipe.run_dir(up))
+        if recorded is None:
+            # Written without an upstream record (by an older finetune, or by hand): go by finishing order.
+            started, finished = _time(manifest.get("started")), _time((now or {}).get("finished"))
+            if now is not None and (started is None or finished is None or finished > started):
+                return f"{up} ran since"
+        elif recorded.get(up) != runs.manifest_id(now):
+            return f"{up} ran since" if now is not None else f"the {up} outputs it used are gone"
+    return None
+
+
+def require_fresh(recipe: Recipe, name: str, recipe_path: str = "RECIPE") -> dict[str, Any]:
+    """The manifest of a finished stage whose outputs still match the recipe and their inputs, as do the stages
+    before it. Otherwise a UserError: "prepared data is stale because X changed: run `finetune prepare R`"."""
+    manifest = runs.require_stage(recipe, name, recipe_path)
+    for up in BY_NAME[name].upstream:
+        if (recipe.run_dir(up) / "manifest.json").exists():
+            require_fresh(recipe, up, recipe_path)
+    reason = why_stale(recipe, BY_NAME[name])
+    if reason is not None:
+        raise UserError(f"{OUTPUT_NAMES.get(name, name + ' outputs')} is stale because {reason}: run "
+                        f"`finetune {name} {recipe_path}`" + (" (or `finetune run`, which rebuilds what is stale)"
+                                                              if name in STAGE_NAMES else ""))
+    return manifest
