@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import artifacts, runs, train
 from finetune import recipe as recipe_mod
-from finetune import runs, train
 from finetune.training import attention, preference
 
 pytest.importorskip("trl", reason="TRL is the reference implementation these tests compare with (pip install trl)")
@@ -244,9 +244,11 @@ def prepared_preferences(tmp: Path, model_dir: Path, *, unpaired: bool = False, 
     paths = {}
     for split, n, s in (("train", n_train, 0), ("validation", n_val, 1)):
         Dataset.from_dict(_pref_rows(n, s, unpaired=unpaired)).save_to_disk(str(tokenized / split))
-        paths[split] = str(tokenized / split)
+        paths[split] = tokenized / split
+    folder = recipe.run_dir("prepare")
     with runs.StageRun(recipe, "prepare") as stage:
-        stage.outputs = {"tokenized": paths, "rows": {"train": n_train, "validation": n_val}}
+        stage.record(artifacts.Prepared(splits={}, tokenized=paths, rows={"train": n_train, "validation": n_val},
+                                        report=folder / "report.json", lengths_png=folder / "lengths.png"))
     return recipe
 
 
