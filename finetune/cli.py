@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -120,7 +121,39 @@ def check_inputs(r) -> list[str]:
     model_problem = _model_path_problem(r.model.id, r.base_dir)
     if model_problem:
         problems.append(model_problem)
+    elif r.export.adapter_gguf:
+        problems += _adapter_gguf_problems(r)
     return problems
+
+
+def _adapter_gguf_problems(r) -> list[str]:
+    """export.adapter_gguf for a model whose LoRA adapter llama.cpp cannot write, when its config.json is at hand
+    without the network (a local folder, or the Hub cache)."""
+    from finetune.errors import UserError
+    from finetune.gguf import convert
+    from finetune.models import EMBEDDED_MODEL
+
+    if r.model.id == EMBEDDED_MODEL:
+        return []
+    candidate = Path(r.model.id).expanduser()
+    folder = next((p for p in ([candidate] if candidate.is_absolute() else [r.base_dir / candidate, candidate])
+                   if (p / "config.json").is_file()), None)
+    if folder is not None:
+        config_file: Path | None = folder / "config.json"
+    elif r.model.id.count("/") == 1 and not candidate.suffix:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(r.model.id, "config.json", revision=r.model.revision)
+        config_file = Path(cached) if isinstance(cached, str) else None
+    else:
+        config_file = None
+    if config_file is None:
+        return []
+    try:
+        convert.check_adapter_gguf(json.loads(config_file.read_text()), method=r.train.method, download=False)
+    except UserError as exc:
+        return [str(exc)]
+    return []
 
 
 def _model_path_problem(model_id: str, base_dir: Path) -> str | None:

@@ -68,7 +68,9 @@ def metadata_folder(model_id: str, revision: str | None = None, *, base_dir: Pat
 
 
 def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None = None,
-            trust_remote_code: bool = False) -> Report:
+            trust_remote_code: bool = False, adapter_gguf: bool = False) -> Report:
+    """The findings for a model. ``adapter_gguf``: a recipe asks for the LoRA adapter GGUF (refused where llama.cpp
+    cannot write one; without a recipe that is a finding, not a refusal)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -155,12 +157,20 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
                           "would be the only output")
         else:
             report.add("export", "llama.cpp converter", f"{arch}: yes")
+            adapter_problem = convert.adapter_gguf_problem(arch, download=False)
+            if adapter_problem and adapter_gguf:
+                report.refuse("export", "LoRA adapter GGUF", f"{adapter_problem}; set export.adapter_gguf: false "
+                              "and use the merged GGUFs")
+            elif adapter_problem:
+                report.add("export", "LoRA adapter GGUF", f"no: {adapter_problem}; export.adapter_gguf must be "
+                           "false (the merged GGUFs carry the fine-tune)")
     if any(int(c.get(k) or 0) > 0 for c in (raw, raw.get("text_config") or {})
            for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
         report.add("export", "multi-token prediction", "declared in config.json; transformers does not load those "
                    "layers, so the GGUF is converted without them (--no-mtp)")
+    adapter = "" if src is not None and convert.adapter_gguf_problem(arch, download=False) else "LoRA adapter GGUF, "
     report.add("export", "outputs", "merged checkpoint, F16 GGUF + quantized types (importance matrix from your "
-               "data below 8 bits), LoRA adapter GGUF, Ollama Modelfile, parity report")
+               f"data below 8 bits), {adapter}Ollama Modelfile, parity report")
     return report
 
 
@@ -195,13 +205,15 @@ def command(argv: list[str]) -> int:
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     ns = p.parse_args(argv)
     model_id, revision, base_dir, remote = ns.model, ns.revision, Path.cwd(), ns.trust_remote_code
+    adapter_gguf = False
     if ns.model.endswith((".yaml", ".yml")):
         from finetune import recipe
 
         r = recipe.load(ns.model)
         model_id, revision, base_dir = r.model.id, revision or r.model.revision, r.base_dir
         remote = remote or r.model.trust_remote_code
-    report = examine(model_id, revision, base_dir=base_dir, trust_remote_code=remote)
+        adapter_gguf = r.export.adapter_gguf and r.train.method in ("lora", "qlora")
+    report = examine(model_id, revision, base_dir=base_dir, trust_remote_code=remote, adapter_gguf=adapter_gguf)
     if ns.json:
         print(json.dumps({"model": report.model, "path": str(report.path),
                           "findings": [dict(zip(("stage", "check", "finding"), r, strict=True)) for r in report.rows],

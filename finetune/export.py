@@ -204,6 +204,8 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     # Fail before the slow parts: architecture unknown to the converter, no chat template, too little disk.
     source = adapter_dir or model_dir or base_dir
     convert.check_architecture(base_dir if adapter_dir else (model_dir or base_dir))
+    if adapter_dir is not None and adapter_gguf and not _is_dora(adapter_dir):
+        convert.check_adapter_gguf(json.loads((Path(base_dir) / "config.json").read_text()))
     load_chat_tokenizer(source)
     weights = base_dir if adapter_dir else (model_dir or base_dir)
     weight_bytes = sum(p.stat().st_size for p in Path(weights).glob("*.safetensors"))
@@ -225,7 +227,9 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     ggufs: dict[str, Path] = {}
     t = time.time()
     log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
-    ggufs[outtype] = convert.convert_model(merged_dir, out_dir / f"{name}-{outtype}.gguf", outtype)
+    # general.name: the base model's (llama.cpp's tokenizer reads model quirks from it), not "Merged"
+    base_name = convert.model_name(base_dir or model_dir)
+    ggufs[outtype] = convert.convert_model(merged_dir, out_dir / f"{name}-{outtype}.gguf", outtype, model_name=base_name)
     timings["convert"] = time.time() - t
     imatrix_file, imatrix_info = None, None
     guided = [q for q in quantizations if q not in IMATRIX_FREE] if calibration is not None else []
@@ -244,13 +248,12 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     adapter_file = base_file = None
     if adapter_dir is not None and adapter_gguf:
         t = time.time()
-        if (Path(adapter_dir) / "adapter_config.json").exists() and json.loads(
-                (Path(adapter_dir) / "adapter_config.json").read_text()).get("use_dora"):
+        if _is_dora(adapter_dir):
             log("export: DoRA adapters have no llama.cpp GGUF adapter format; use the merged GGUFs")
         else:
             log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
             adapter_file = convert.convert_lora(adapter_dir, base_dir, out_dir / f"{name}-adapter-F16.gguf", "F16")
-            base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16")
+            base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16", model_name=base_name)
         timings["adapter"] = time.time() - t
 
     report: dict[str, Any] | None = None
@@ -354,6 +357,12 @@ class TableSettings:
     examples: int = 24               # held-out prompts each type answers for the exact-match column
     fit_gb: float | None = None      # pick the smallest type within this file size ...
     tolerance: float = 0.02          # ... whose exact match is at most this far below the unquantized GGUF's
+
+
+def _is_dora(adapter_dir: Path) -> bool:
+    """DoRA adapters have no llama.cpp GGUF adapter format: export writes the merged GGUFs only."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    return config.exists() and bool(json.loads(config.read_text()).get("use_dora"))
 
 
 def _importance_matrix(tokenizer, merged_dir: Path, f16: Path, out_file: Path, calibration: Calibration,

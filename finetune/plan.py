@@ -94,6 +94,10 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
     """Plan a recipe for the named card (gpu_gb), else the detected device, plus the card the recipe names."""
     config, source = load_model_config(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                                        config_path=config_path, gated=recipe.model.gated)
+    if recipe.export.adapter_gguf:  # a model whose adapter llama.cpp cannot write is refused before training
+        from finetune.gguf import convert
+
+        convert.check_adapter_gguf(config, method=recipe.train.method, download=False)
     dims = ModelDims.from_config(config)
     targets: list[tuple[str, str, int]] = []  # (label, device, budget bytes)
     if gpu_gb is not None:

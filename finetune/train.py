@@ -87,6 +87,11 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
 
     resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                               trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+    if recipe.export.adapter_gguf:  # refused now, not at export after the training
+        from finetune.gguf import convert
+
+        convert.check_adapter_gguf(json.loads((resolved.path / "config.json").read_text()), method=t.method,
+                                   download=False)
     packing, packing_off = model_setup.packing(resolved.path, t.packing, main=main,
                                                trust_remote_code=recipe.model.trust_remote_code)
     plan = batching.schedule(lengths, batch_size=t.batch_size, batch_tokens=t.batch_tokens if packing else None,

@@ -71,6 +71,70 @@ def check_architecture(model_dir: Path) -> str:
     return archs[0]
 
 
+def adapter_gguf_problem(architecture: str, *, download: bool = True) -> str | None:
+    """Why llama.cpp's LoRA converter cannot write a GGUF adapter for this architecture; None when it can.
+
+    ``convert_lora_to_gguf.py`` subclasses the architecture's converter class and overrides how tensors are read
+    and what is written. A class that hands writing to an inner model object (llama.cpp's ``Mistral3Model`` does,
+    ``self.impl.write()``, for Ministral 3 and Mistral Small 3.x) bypasses those overrides: the "adapter" file is
+    the whole base model, and llama.cpp crashes loading it as an adapter. Read from the converter source, so the
+    refusal goes away when llama.cpp's converter changes. With download=False (checks before training), an
+    uncached converter source answers None: export checks again when it has fetched the source.
+    """
+    try:
+        src = sdist.llama_cpp_dir(download=download)
+    except UserError:  # llama-cpp-python is not installed: export says so
+        return None
+    module = _text_model_map(str(src)).get(architecture) if src is not None else None
+    if module is None:
+        return None
+    cls = _registered_class(src / "conversion" / f"{module}.py", architecture)
+    if cls is None:
+        return None
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "write" and any(
+                isinstance(n, ast.Attribute) and n.attr == "write" and isinstance(n.value, ast.Attribute)
+                and isinstance(n.value.value, ast.Name) and n.value.value.id == "self" for n in ast.walk(node)):
+            return (f"llama.cpp's converter cannot write a LoRA adapter GGUF for {architecture}: its converter class "
+                    f"{cls.name} hands writing to an inner model, so convert_lora_to_gguf.py would write the whole "
+                    "base model instead of the adapter (and llama.cpp crashes loading that as an adapter)")
+    return None
+
+
+def _registered_class(module_file: Path, architecture: str) -> ast.ClassDef | None:
+    """The class of a converter module registered for ``architecture`` (``@ModelBase.register("Arch", ...)``)."""
+    if not module_file.exists():
+        return None
+    for node in ast.walk(ast.parse(module_file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef) and any(
+                isinstance(d, ast.Call) and getattr(d.func, "attr", None) == "register"
+                and any(isinstance(a, ast.Constant) and a.value == architecture for a in d.args)
+                for d in node.decorator_list):
+            return node
+    return None
+
+
+def check_adapter_gguf(config: dict, *, method: str = "lora", download: bool = True) -> None:
+    """Refuse ``export.adapter_gguf`` up front (validate, plan, train, export) for a model (its config.json as a
+    dict) whose LoRA adapter llama.cpp cannot write."""
+    if method not in ("lora", "qlora"):  # DoRA has no GGUF adapter format (export skips it); full has no adapter
+        return
+    archs = config.get("architectures") or []
+    problem = adapter_gguf_problem(archs[0], download=download) if archs else None
+    if problem:
+        raise UserError(f"export.adapter_gguf: {problem}. Set export.adapter_gguf: false; the merged GGUFs "
+                        "(F16 and the quantized types) carry the fine-tune and serve as usual.")
+
+
+def model_name(model_dir: Path) -> str:
+    """The name a checkpoint folder's model goes by: the folder's name, or the repository's name for a Hub cache
+    snapshot (``.../models--org--Name/snapshots/<commit>``)."""
+    folder = Path(model_dir).resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name
+
+
 def estimate_bytes(n_params: int, qtype: str) -> int:
     return int(n_params * BITS_PER_WEIGHT.get(qtype.upper(), 16.0) / 8)
 
@@ -115,13 +179,20 @@ def _tensor_names(model_dir: Path) -> list[str]:
     return names
 
 
-def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16") -> Path:
-    """Run convert_hf_to_gguf.py on a checkpoint folder; writes out_file atomically."""
+def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16", *, model_name: str | None = None) -> Path:
+    """Run convert_hf_to_gguf.py on a checkpoint folder; writes out_file atomically.
+
+    ``model_name`` becomes ``general.name`` (default: the converter's guess from the folder name, "Merged" for
+    export's merged/ folder). llama.cpp keys model-specific tokenizer settings on that name: Phi-3's chat tokens
+    strip the whitespace after them only when the name says "phi-3"/"phi3", as the Hugging Face tokenizer does.
+    """
     check_architecture(model_dir)
     # absolute paths: the converter runs with llama.cpp's tree as its working directory
     model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()
     tmp = out_file.with_name(f".{out_file.name}.tmp")
     extra = ["--no-mtp"] if missing_mtp_layers(model_dir) else []
+    if model_name:
+        extra += ["--model-name", model_name]
     _run_converter("convert_hf_to_gguf.py",
                    [str(model_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), *extra],
                    what=f"converting {model_dir} to GGUF")
@@ -138,8 +209,22 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str
                    ["--base", str(base_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), str(adapter_dir)],
                    what=f"converting the LoRA adapter {adapter_dir} to GGUF",
                    no_mtp=missing_mtp_layers(base_dir))
+    kind = _gguf_type(tmp)
+    if kind != "adapter":  # llama.cpp would crash loading it as an adapter: never leave such a file behind
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"converting the LoRA adapter {adapter_dir} to GGUF wrote a GGUF of type {kind!r}, not a "
+                        "LoRA adapter: llama.cpp's converter does not support adapters of this architecture. Set "
+                        "export.adapter_gguf: false and use the merged GGUFs.")
     os.replace(tmp, out_file)
     return out_file
+
+
+def _gguf_type(path: Path) -> str | None:
+    """A GGUF's ``general.type`` ("model", "adapter", ...), read with gguf-py (metadata only, memory-mapped)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.type")
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 # convert_lora_to_gguf.py has no --no-mtp flag; this sets the class attribute that convert_hf_to_gguf.py's --no-mtp

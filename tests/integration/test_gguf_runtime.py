@@ -67,3 +67,50 @@ def test_convert_accepts_relative_paths(tiny_model_dir, tmp_path, monkeypatch):
     out = convert.convert_model(Path("model"), Path("out") / "tiny-F16.gguf")
     assert (tmp_path / "out" / "tiny-F16.gguf").stat().st_size > 0
     assert out.is_absolute()
+
+
+def test_general_name_is_the_base_models_so_llama_cpp_applies_its_tokenizer_quirks(tiny_model_dir, tmp_path):
+    """llama.cpp gives Phi-3's chat tokens their rstrip (as the HF tokenizer has it) only when general.name says
+    phi-3: export names the GGUF after the base model, never after its merged/ folder ("Merged")."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    from finetune.gguf import convert
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    out = convert.convert_model(merged, tmp_path / "tiny-F16.gguf", model_name="Phi-3.5-mini-instruct")
+    field = GGUFReader(str(out)).fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == "Phi-3.5-mini-instruct"
+    snapshot = tmp_path / "hub" / "models--microsoft--Phi-3.5-mini-instruct" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert convert.model_name(snapshot) == "Phi-3.5-mini-instruct"
+    assert convert.model_name(merged) == "merged"
+
+
+def test_a_lora_conversion_that_writes_no_adapter_is_refused_not_loaded(tokenizer_dir, tmp_path):
+    """Ministral 3: llama.cpp's LoRA converter writes the base model instead of the adapter (its converter class
+    delegates writing); loading that as an adapter crashes llama.cpp. The conversion fails with a clear error and
+    leaves no file behind, and the architecture is known up front as one without adapter GGUFs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, Ministral3Config, Ministral3ForCausalLM
+
+    from finetune.gguf import convert
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Ministral3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              architectures=["Ministral3ForCausalLM"])
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    Ministral3ForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    model = get_peft_model(Ministral3ForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UserError, match="not a LoRA adapter"):
+        convert.convert_lora(tmp_path / "adapter", base, tmp_path / "adapter-F16.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+    assert "hands writing to an inner model" in convert.adapter_gguf_problem("Ministral3ForCausalLM")
+    assert convert.adapter_gguf_problem("LlamaForCausalLM") is None

@@ -71,3 +71,37 @@ def test_a_model_that_cannot_go_all_the_way_is_refused(cli, tmp_path, tokenizer_
     code, out, _ = cli("doctor", str(folder))
     assert code == 2
     assert "REFUSED" in out and words in out
+
+
+def test_adapter_gguf_is_refused_before_training_where_llama_cpp_cannot_write_one(cli, tmp_path, tokenizer_dir):
+    """llama.cpp's LoRA converter writes the whole base model as the "adapter" of Ministral 3 (its converter class
+    delegates writing to an inner model), and llama.cpp crashes loading it: validate, plan and doctor refuse
+    export.adapter_gguf for it, with the merged GGUF as the alternative; without the adapter GGUF it is fine."""
+    import yaml
+    from transformers import Ministral3Config
+
+    folder = _folder(tmp_path, tokenizer_dir, Ministral3Config(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, architectures=["Ministral3ForCausalLM"]))
+    code, out, _ = cli("doctor", str(folder), "--json")
+    findings = {f["check"]: f["finding"] for f in json.loads(out)["findings"]}
+    assert code == 0, out  # the model itself goes all the way: merged GGUFs
+    assert findings["LoRA adapter GGUF"].startswith("no: llama.cpp's converter cannot write a LoRA adapter GGUF")
+    assert "LoRA adapter GGUF" not in findings["outputs"]
+
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": "Hello"}]}) + "\n")
+
+    def recipe(name: str, **sections) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "model": {"id": str(folder)},
+                                        "data": {"sources": [{"path": "chats.jsonl"}]}, **sections}))
+        return str(path)
+
+    asks = recipe("asks")  # export.adapter_gguf defaults to true
+    for command in ("validate", "plan", "doctor"):
+        code, out, err = cli(command, asks)
+        assert code == 2, (command, out, err)
+        assert "export.adapter_gguf" in out + err and "merged GGUF" in out + err, (command, out, err)
+    code, out, err = cli("validate", recipe("off", export={"adapter_gguf": False}), recipe("full", train={"method": "full"}))
+    assert code == 0, out + err
