@@ -82,33 +82,76 @@ def without_system(chats: list[list[dict]]) -> list[list[dict]]:
 
 
 # ------------------------------------------------------------------------------------------------ prime
+class SubsetHead:
+    """The output layer restricted to the token ids the matrix's chats use (a torch module built lazily, so
+    importing this script stays light). Priming is a stand-in for pretraining: the twin only has to predict
+    those chats, and a full softmax over a 128k-262k vocabulary was nearly the whole cost of a priming step
+    (Gemma 3/4: ~14 minutes). Logit soft-capping and scaling still apply: the models call it as their lm_head."""
+
+    def __new__(cls, head, ids):
+        import torch
+
+        class _Head(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.head, self.ids = head, ids
+
+            def forward(self, hidden):
+                bias = None if self.head.bias is None else self.head.bias[self.ids]
+                return torch.nn.functional.linear(hidden, self.head.weight[self.ids], bias)
+
+        return _Head()
+
+
+def priming_token_ids(tok, system_ok: bool) -> list[int]:
+    """Every token id of the chats the matrix renders (priming, LoRA data, the served question), and the
+    tokenizer's special tokens: the vocabulary the primed twin learns to predict."""
+    ids = set(tok.all_special_ids)
+    for answers in (None, LORA_ANSWERS):
+        chats = conversations(answers)
+        for chat in chats if system_ok else without_system(chats):
+            ids.update(tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    return sorted(ids)
+
+
+def prime_key() -> str:
+    """The primed twin's folder depends on how it was primed (a change re-primes every twin)."""
+    import hashlib
+
+    return hashlib.sha256(repr((PRIME_STEPS, PRIME_LR, PRIME_KEEP, "subset-head")).encode()).hexdigest()[:8]
+
+
 def prime(name: str, twin: Path, log=print) -> dict[str, Any]:
-    """Fit the twin on the chats (cached next to it); returns {"path", "loss_first", "loss_last"}."""
+    """Fit the twin on the chats (cached next to it); returns {"path", "loss_first", "loss_last", ...}."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune import runs
 
-    out = twin.parent / f"{twin.name}-primed"
+    out = twin.parent / f"{twin.name}-primed-{prime_key()}"
     done = out / "primed.json"
     if done.exists():
         return {"path": out, **json.loads(done.read_text())}
     tok = AutoTokenizer.from_pretrained(twin)
-    chats = conversations()
-    if not supports_system(tok):
-        chats = without_system(chats)
+    system_ok = supports_system(tok)
+    chats = conversations() if system_ok else without_system(conversations())
     rows = [tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in chats]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     # Rows padded on the left, so every row ends with its last answer and end of turn, and only the last KEEP
-    # positions get logits: a twin's vocabulary (128k-262k) makes full logits the whole cost of a step.
+    # positions get logits, over the chats' own tokens only (SubsetHead).
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    targets = ids[:, -PRIME_KEEP + 1:]
+    vocab = torch.tensor(priming_token_ids(tok, system_ok))
+    index = torch.full((int(vocab.max()) + 1,), -1, dtype=torch.long)
+    index[vocab] = torch.arange(len(vocab))
+    targets = index[ids[:, -PRIME_KEEP + 1:]]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32)
     model.config.use_cache = False
+    full_head = model.lm_head
+    model.lm_head = SubsetHead(full_head, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=PRIME_LR)
     losses = []
     model.train()
@@ -122,8 +165,9 @@ def prime(name: str, twin: Path, log=print) -> dict[str, Any]:
         opt.zero_grad()
         losses.append(loss.item())
     torch.set_num_threads(threads)
+    model.lm_head = full_head
     model.config.use_cache = True
-    figures = {"loss_first": losses[0], "loss_last": losses[-1], "steps": PRIME_STEPS}
+    figures = {"loss_first": losses[0], "loss_last": losses[-1], "steps": PRIME_STEPS, "vocab_trained": len(vocab)}
     with runs.atomic_dir(out) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         for f in twin.iterdir():  # tokenizer files, chat template, the Hub-like generation config
@@ -134,6 +178,13 @@ def prime(name: str, twin: Path, log=print) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+def adapter_refusal(family: twins.Family) -> str | None:
+    """Why the toolkit refuses export.adapter_gguf for this family (llama.cpp cannot write its adapter), or None."""
+    from finetune.gguf import convert
+
+    return convert.adapter_gguf_problem(family.arch)
+
+
 def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Path:
     import yaml
 
@@ -150,7 +201,8 @@ def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Pat
         "train": {"method": "lora", "lora": {"r": 8, "alpha": 16}, "lr": 3e-3, "max_steps": TRAIN_STEPS,
                   "batch_size": 8, "warmup_ratio": 0.0, "scheduler": "constant", "eval_every": TRAIN_STEPS,
                   "save_every": TRAIN_STEPS, "log_every": 1, "threads": max(1, min(os.cpu_count() or 1, 2))},
-        "export": {"quantizations": ["Q8_0"]},
+        # the adapter GGUF where llama.cpp can write one: elsewhere validate/train refuse it (checked in the cell)
+        "export": {"quantizations": ["Q8_0"], "adapter_gguf": adapter_refusal(twins.FAMILIES[name]) is None},
         "serve": {"quant": "F16", "n_ctx": 512, "max_tokens": 64, "threads": 1},
     }
     path = work / f"{name}.yaml"
@@ -200,6 +252,8 @@ def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
     prompt = [{"role": "user", "content": QA[1][0]}]
     answer = runtime.chat(result["gguf"]["F16"], [prompt], max_tokens=export.GREEDY_MAX_TOKENS)[0]
     problems = []
+    if adapter_refusal(family) is None and not result.get("adapter_gguf"):
+        problems.append("no adapter GGUF was written")
     if eot != family.end_of_turn:
         problems.append(f"end of turn is {eot!r}, the family's is {family.end_of_turn!r}")
     if answer["finish_reason"] != "stop":
@@ -209,7 +263,7 @@ def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
            "answer": answer["text"], "f16_top1": top1, "f16_kl": f16["kl_mean"],
            "f16_judged_over": f16.get("judged_over"), "f16_top1_all": f16["top1_agreement"],
            "q8_top1": q8.get("judged_top1", q8["top1_agreement"]), "q8_kl": q8["kl_mean"],
-           "adapter_top1": (report.get("adapter") or {}).get("top1_agreement"),
+           "adapter_top1": (report.get("adapter") or {}).get("top1_agreement"), "adapter_refused": adapter_refusal(family),
            "tokenization": report["tokenization"].get("ok"), "chat_prompt": report["chat_prompt"].get("ok"),
            "greedy_stopped": report["greedy_chat"].get("gguf_stopped"),
            "figure": f"F16 top1 {top1:.3f} KL {f16['kl_mean']:.1e}, Q8 {out_q(q8)}, stop {eot} "
@@ -340,11 +394,17 @@ def markdown(runs: list[dict[str, Any]]) -> str:
         ex, tr = cells["export"], cells["train"]
         lines.append(
             f"| {name} | {f.title} | {f.arch} | {tr['loss_first']:.2f} -> {tr['loss_last']:.2f} | "
-            f"{ex['f16_top1']:.3f} / {ex['f16_kl']:.0e} | {ex['q8_top1']:.3f} | {ex['adapter_top1']:.3f} | "
+            f"{ex['f16_top1']:.3f} / {ex['f16_kl']:.0e} | {ex['q8_top1']:.3f} | {adapter_cell(ex)} | "
             f"`{escaped(ex['end_of_turn'])}` seen | {cells['serve']['finish_reason']} | "
             f"{'TEMPLATE + stop' if cells['ollama']['ok'] else 'no'} | {sum(c['seconds'] for c in cells.values()):.0f} "
             f"| {when} |")
     return "\n".join(lines)
+
+
+def adapter_cell(export_cell: dict) -> str:
+    if export_cell.get("adapter_top1") is not None:
+        return f"{export_cell['adapter_top1']:.3f}"
+    return "refused: llama.cpp cannot write it" if export_cell.get("adapter_refused") else "none"
 
 
 def write_json(path: Path, results: dict, seconds: float, families: str | None) -> None:
