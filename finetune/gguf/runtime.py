@@ -173,19 +173,29 @@ def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | Non
         except subprocess.TimeoutExpired:
             raise RuntimeCrash(f"llama.cpp {op} on {gguf_path.name} did not finish within {timeout:.0f} s") from None
         if proc.returncode != 0 or not res.exists():
-            tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
-            if proc.returncode < 0:
-                name = signal.Signals(-proc.returncode).name
-                raise RuntimeCrash(
-                    f"llama.cpp crashed ({name}) during {op} on {gguf_path}. A native crash on quantized models is "
-                    f"often a CPU-specific build problem: reinstall llama-cpp-python with scripts/install_llama_cpp.py. "
-                    f"Last log lines:\n{tail}"
-                )
-            raise RuntimeCrash(f"llama.cpp {op} on {gguf_path} failed (exit {proc.returncode}):\n{tail}")
+            raise RuntimeCrash(_crash_message(op, gguf_path, proc.returncode, proc.stderr, payload))
         result = json.loads(res.read_text())
     if "error" in result:
         raise UserError(result["error"])
     return result["result"]
+
+
+def _crash_message(op: str, gguf_path: Path, returncode: int, stderr: str, payload: dict) -> str:
+    """One line: what died doing what, the likely cause and the fix, and llama.cpp's last log line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    last = f" Last log line: {lines[-1][:200]}" if lines else ""
+    lora = payload.get("lora_path") or next((j.get("lora_path") for j in payload.get("jobs", []) if j.get("lora_path")),
+                                            None)
+    if returncode >= 0:
+        return f"llama.cpp {op} on {gguf_path} failed (exit {returncode}).{last}"
+    name = signal.Signals(-returncode).name
+    if lora:
+        advice = (f"llama.cpp could not load the adapter {Path(lora).name} over it: set export.adapter_gguf: false "
+                  "and use the merged GGUFs")
+    else:
+        advice = ("a native crash on quantized models is often a CPU-specific build problem: reinstall "
+                  "llama-cpp-python with scripts/install_llama_cpp.py")
+    return f"llama.cpp crashed ({name}) during {op} on {gguf_path}: {advice}.{last}"
 
 
 # ------------------------------------------------------------------------------------------ the child

@@ -54,6 +54,17 @@ def test_runtime_reports_a_broken_file_as_an_error_not_a_crash(tmp_path):
         runtime.inspect(tmp_path / "missing.gguf")
 
 
+def test_an_adapter_llama_cpp_cannot_load_is_a_one_line_error_not_a_dead_process(gguf):
+    """llama-cpp-python segfaults when llama.cpp refuses an adapter (here a model GGUF, what llama.cpp's converter
+    writes as Ministral 3's "adapter"): the caller gets one line naming the adapter and the way out."""
+    from finetune.gguf import runtime
+
+    with pytest.raises(runtime.RuntimeCrash) as caught:
+        runtime.chat(gguf, [[{"role": "user", "content": "Hi"}]], lora_path=gguf, max_tokens=2)
+    message = str(caught.value)
+    assert "\n" not in message and "could not load the adapter" in message and "adapter_gguf: false" in message
+
+
 def test_convert_accepts_relative_paths(tiny_model_dir, tmp_path, monkeypatch):
     """The converter runs inside llama.cpp's tree: relative paths from the user's folder must still work
     (runs_dir defaults to the relative 'runs')."""
