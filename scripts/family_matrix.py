@@ -203,7 +203,8 @@ def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Pat
                   "save_every": TRAIN_STEPS, "log_every": 1, "threads": max(1, min(os.cpu_count() or 1, 2))},
         # the adapter GGUF where llama.cpp can write one: elsewhere validate/train refuse it (checked in the cell)
         "export": {"quantizations": ["Q8_0"], "adapter_gguf": adapter_refusal(twins.FAMILIES[name]) is None},
-        "serve": {"quant": "F16", "n_ctx": 512, "max_tokens": 64, "threads": 1},
+        # n_ctx: room for the longest default system prompt (Mistral Small 3.2: ~500 tokens) plus the answer
+        "serve": {"quant": "F16", "n_ctx": 2048, "max_tokens": 64, "threads": 1},
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
