@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.cli import load_recipe, recipe_parser
+from finetune.console import duration, mib, number, table
 from finetune.errors import UserError
 
 
@@ -46,10 +47,10 @@ def train_command(argv: list[str]) -> int:
         out = recipe.run_dir("train")
         val = summary["final_val_loss"]
         print(f"trained {summary['steps']} steps ({summary['stop_reason']}), {summary['tokens_seen']} tokens in "
-              f"{summary['seconds']:.0f} s ({summary['tokens_per_s']:.0f} tok/s), peak memory "
+              f"{duration(summary['seconds'])} ({summary['tokens_per_s']:.0f} tok/s), peak memory "
               f"{summary['peak_memory_mb']:.0f} MB")
-        print(f"train loss {summary['final_train_loss']:.4f}" + (f", validation loss {val:.4f} "
-              f"(best {summary['best_val_loss']:.4f} at step {summary['best_step']})" if val is not None else ""))
+        print(f"train loss {number(summary['final_train_loss'])}" + (f", validation loss {number(val)} "
+              f"(best {number(summary['best_val_loss'])} at step {summary['best_step']})" if val is not None else ""))
         print(f"wrote {out / ('model' if recipe.train.method == 'full' else 'adapter')}, {out / 'summary.json'}, "
               f"TensorBoard: tensorboard --logdir {out / 'tb'}")
     return 0
@@ -62,13 +63,9 @@ def export_command(argv: list[str]) -> int:
                                  "write Ollama Modelfiles. Run after `finetune train`.").parse_args(argv)
     recipe = load_recipe(ns)
     result = stage.run(recipe, recipe_path=ns.recipe)
-    print(f"\nexported to {recipe.run_dir('export')} in {result['seconds']['total']:.0f} s")
+    print(f"\nexported to {recipe.run_dir('export')} in {duration(result['seconds']['total'])}")
     summary = result["parity_summary"] or {}
-    for qtype, path in result["gguf"].items():
-        s = summary.get(qtype) or {}
-        extra = (f"  top-1 {s['top1_agreement']:.3f} (>= {s['min_top1']:.2f}), KL {s['kl_mean']:.4f}, "
-                 f"ppl {s['ppl_gguf']:.2f} vs HF {s['ppl_reference']:.2f}") if s else ""
-        print(f"  {Path(path).name:<40} {result['sizes'][qtype] / 2**20:7.0f} MiB{extra}")
+    print(gguf_table(result["gguf"], result["sizes"], summary))
     if result["adapter_gguf"]:
         print(f"  {Path(result['adapter_gguf']).name:<40} (LoRA adapter; load over {Path(result['base_gguf']).name})")
     if summary:
@@ -77,6 +74,19 @@ def export_command(argv: list[str]) -> int:
     for w in result["warnings"]:
         print(f"warning: {w}")
     return 0
+
+
+def gguf_table(ggufs: dict[str, str], sizes: dict[str, int], parity: dict[str, Any]) -> str:
+    """The exported files with their size and, when parity was checked, how close each is to the HF model."""
+    columns = ["file", "size"]
+    if parity:
+        columns += ["top-1", "min top-1", "KL", "ppl", "HF ppl"]
+    rows = []
+    for qtype, path in ggufs.items():
+        s = parity.get(qtype) or {}
+        checks = [s.get(k) for k in ("top1_agreement", "min_top1", "kl_mean", "ppl_gguf", "ppl_reference")]
+        rows.append([Path(path).name, mib(sizes[qtype]), *(checks if parity else [])])
+    return table(columns, rows, right=["size"], indent=2)
 
 
 def eval_command(argv: list[str]) -> int:
@@ -110,19 +120,7 @@ def summary_table(result: dict[str, Any]) -> str:
     """eval's metrics.json as a console table: one row per metric, one column per model."""
     names = list(result["models"])
     keys = [k for k in EVAL_TABLE_KEYS if any(k in result["models"][n] for n in names)]
-    width = max(len("metric"), *(len(k) for k in keys)) + 2
-    lines = [f"{'metric':<{width}}" + "".join(f"{n:>14}" for n in names)]
-    for k in keys:
-        lines.append(f"{k:<{width}}" + "".join(f"{_fmt(result['models'][n].get(k)):>14}" for n in names))
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
-    return str(v)
+    return table(["metric", *names], [[k, *(result["models"][n].get(k) for n in names)] for k in keys])
 
 
 def tune_command(argv: list[str]) -> int:
@@ -136,7 +134,7 @@ def tune_command(argv: list[str]) -> int:
     result = stage.run(recipe, recipe_path=ns.recipe, fresh=ns.fresh)
     print(stage.results_table(result["trials"]))
     params = ", ".join(f"{k}={v}" for k, v in result["best_params"].items())
-    print(f"\nbest: trial {result['best_trial']} (validation loss {result['best_value']:.4f}): {params}")
+    print(f"\nbest: trial {result['best_trial']} (validation loss {number(result['best_value'])}): {params}")
     print(f"best recipe: {result['best_recipe']}")
     print(f"next: finetune prepare {result['best_recipe']} && finetune train {result['best_recipe']} "
           f"&& finetune eval {result['best_recipe']}")
@@ -177,10 +175,10 @@ def run_command(argv: list[str]) -> int:
     print(f"run '{recipe.name}' -> {recipe.run_dir()}", flush=True)
     result = stage.run(recipe, recipe_path=ns.recipe, force=ns.force, start=ns.start, answer=not ns.no_answer)
 
-    print("\nstage      status       time")
-    for name, info in result["stages"].items():
-        print(f"  {name:<8} {info['status']:<12} {stage.duration(info['seconds']) if info['status'] == 'ran' else '-'}")
-    print(f"  total                  {stage.duration(result['seconds'])}")
+    rows = [[name, info["status"], duration(info["seconds"]) if info["status"] == "ran" else None]
+            for name, info in result["stages"].items()]
+    print("\n" + table(["stage", "status", "time"], [*rows, ["total", "", duration(result["seconds"])]],
+                       right=["time"], indent=2))
     scores = stage.score_table(recipe.run_dir("eval") / "metrics.json")
     if scores:
         print(f"\nscores on the {scores[0]}:\n{scores[1]}")

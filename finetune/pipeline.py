@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import artifacts, runs
+from finetune.console import duration, number, table
 from finetune.errors import UserError
 from finetune.freshness import STAGES, Stage, why_stale
 from finetune.recipe import Recipe
@@ -81,16 +82,8 @@ def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, sta
 
 
 def _brief(result: dict[str, Any]) -> str:
-    scalars = [f"{k}={_fmt(v)}" for k, v in result.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
+    scalars = [f"{k}={number(v)}" for k, v in result.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
     return (": " + ", ".join(scalars[:6])) if scalars else ""
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 90 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 # --------------------------------------------------------------------------------------------- answer
@@ -139,7 +132,7 @@ def sample_answer(recipe: Recipe, recipe_path: str) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def score_table(path: Path) -> tuple[str, str] | None:
-    """(split description, 'metric  base -> fine-tuned' lines) from eval's metrics.json, if it is there."""
+    """(split description, a 'metric  base  fine-tuned' table) from eval's metrics.json, if it is there."""
     if not path.exists():
         return None
     try:
@@ -149,9 +142,8 @@ def score_table(path: Path) -> tuple[str, str] | None:
         return None
     names = [k for k, v in tuned.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and isinstance(base.get(k), (int, float)) and not k.endswith(("seconds", "tokens"))]
-    lines = [f"  {'metric':<16}{'base':>10}  {'fine-tuned':>10}"]
-    lines += [f"  {k:<16}{_fmt(float(base[k])):>10}  {_fmt(float(tuned[k])):>10}" for k in names]
-    return f"{metrics.get('split', 'test')} split ({metrics.get('examples', '?')} examples)", "\n".join(lines)
+    scores = table(["metric", "base", "fine-tuned"], [[k, float(base[k]), float(tuned[k])] for k in names], indent=2)
+    return f"{metrics.get('split', 'test')} split ({metrics.get('examples', '?')} examples)", scores
 
 
 def indent(label: str, text: str, limit: int = 600) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from finetune.console import count, duration, gib, table
 from finetune.errors import UserError
 from finetune.models import load_model_config
 from finetune.training.memory import (  # noqa: F401  (plan.X names kept for scripts and tests)
@@ -159,17 +160,21 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+def memory_table(e: dict, budget: int, fitting: bool) -> str:
+    """Where the memory goes (an estimate's parts) and the total against the usable budget."""
+    rows = []
+    for key in ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "framework"):
+        note = f"({count(e['trainable_params'])} trainable params)" if key == "adapter" and e["trainable_params"] else ""
+        rows.append([key, gib(e[key]), note])
+    verdict = "fits" if fitting else "DOES NOT FIT"
+    spare = f" ({gib(budget - e['total'])} spare)" if fitting else ""
+    rows.append(["total", gib(e["total"]), f"of {gib(budget)} usable -> {verdict}{spare}"])
+    return table(["part", "memory", "note"], rows, right=["memory"], indent=4, header=False)
 
 
 def format_plan(plan: dict) -> str:
     d = plan["results"][0]["settings"]
-    lines = [f"plan for {plan['recipe']}: {plan['model']} ({_count(plan['total_params'])} params; config from "
+    lines = [f"plan for {plan['recipe']}: {plan['model']} ({count(plan['total_params'])} params; config from "
              f"{plan['config_source']})"]
     method = d["method"] + ("" if d["method"] == "full" else f" r={d['lora_r']} on {d['target_modules']}")
     where = "the longest prepared example" if plan.get("prepared") else "data.clean.max_tokens"
@@ -180,25 +185,19 @@ def format_plan(plan: dict) -> str:
         lines.append("")
         lines.append(f"  on {r['target']}  [{s['device']}, weights {s['weight_dtype'] if s['method'] != 'qlora' else 'nf4'}, "
                      f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}]")
-        for key in ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "framework"):
-            extra = f"  ({_count(e['trainable_params'])} trainable params)" if key == "adapter" and e["trainable_params"] else ""
-            lines.append(f"    {key:<12} {_gib(e[key]):>11}{extra}")
-        verdict = "fits" if r["fits"] else "DOES NOT FIT"
-        spare = r["budget"] - e["total"]
-        lines.append(f"    {'total':<12} {_gib(e['total']):>11}  of {_gib(r['budget'])} usable -> {verdict}"
-                     + (f" ({_gib(spare)} spare)" if r["fits"] else ""))
+        lines.append(memory_table(e, r["budget"], r["fits"]))
         for note in e["notes"]:
             lines.append(f"    note: {note}")
         if r["suggestions"]:
             lines.append("    to make it fit, in order of least quality cost (each on top of the previous):")
             for i, sug in enumerate(r["suggestions"], 1):
-                lines.append(f"      {i}. {sug['change']}: {' '.join(sug['overrides'])} -> {_gib(sug['total'])}"
+                lines.append(f"      {i}. {sug['change']}: {' '.join(sug['overrides'])} -> {gib(sug['total'])}"
                              + ("  FITS" if sug["fits"] else ""))
             if not r["suggestions"][-1]["fits"]:
                 lines.append("      still too big: pick a smaller model (see recipes/models/) or a larger card")
     t = plan["time_estimate"]
     secs = t["seconds_per_1k_examples"]
-    when = f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
+    when = duration(secs)
     lines.append("")
     lines.append(f"  time per 1k examples on a GPU: ~{when} ({t['label']}; {t['tokens_per_example']:.0f} tokens/example, "
                  f"{t['tokens_per_example_source']})")

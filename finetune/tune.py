@@ -26,6 +26,7 @@ from typing import Any
 
 from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
+from finetune.console import table
 from finetune.errors import UserError
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -283,19 +284,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         columns += [k for k in row if k not in columns]
     ordered = sorted(rows, key=lambda r: (r["validation_loss"] is None, r["validation_loss"] or 0.0))
-    cells = [[_cell(r.get(c)) for c in columns] for r in ordered]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return table(columns, [[r.get(c) for c in columns] for r in ordered])
 
 
 def write_best_recipe(recipe, params: dict[str, Any], path: Path, *, trial: int, value: float, n_trials: int) -> Path:
