@@ -13,11 +13,11 @@ with the reason and what to do, exit code 2 - never at export after hours of tra
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.console import count, table
 from finetune.errors import UserError
 
 # Files enough to answer every question here: config, tokenizer and template. Never the weights.
@@ -103,10 +103,10 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     if experts and per_token:
         expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}.")
         active = total - expert_params + expert_params * per_token // experts
-        report.add("model", "parameters", f"{total / 1e9:.2f} B total, {active / 1e9:.2f} B active per token "
+        report.add("model", "parameters", f"{count(total)} total, {count(active)} active per token "
                    f"({per_token} of {experts} experts)")
     else:
-        report.add("model", "parameters", f"{total / 1e9:.2f} B")
+        report.add("model", "parameters", count(total))
 
     # train: what LoRA can reach, packing
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -181,19 +181,10 @@ def _installed_llama() -> bool:
 
 
 def format_report(report: Report) -> str:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{report.model}  ({report.path})", show_lines=False)
-    for col in ("stage", "check", "finding"):
-        table.add_column(col, overflow="fold")
-    for row in report.rows:
-        table.add_row(*row)
-    console = Console(record=True, width=120, file=io.StringIO())
-    console.print(table)
+    findings = table(["stage", "check", "finding"], report.rows, title=f"{report.model}  ({report.path})", width=120)
     verdict = ("supported through every stage" if not report.refusals else
                "REFUSED: " + "; ".join(report.refusals))
-    return console.export_text() + verdict + "\n"
+    return f"{findings}\n{verdict}\n"
 
 
 def command(argv: list[str]) -> int:

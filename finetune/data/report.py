@@ -51,46 +51,40 @@ def plot_lengths(lengths: dict[str, Sequence[int]], path: Path, *, max_tokens: i
 
 def print_summary(report: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if report.get("reused"):
-        console.print(f"[green]prepare: inputs unchanged, reusing[/green] {out_dir}")
-    rows = Table(title="prepare: rows", show_header=True, header_style="bold")
-    rows.add_column("step")
-    rows.add_column("rows", justify="right")
-    rows.add_column("detail")
-    for src in report["sources"]:
-        rows.add_row(f"read {src['name']}", str(src["rows_in"]), f"format {src['format']}")
-    rows.add_row("rows in", str(report["rows_in"]), "")
-    for reason, n in report["dropped"].items():
-        origins = ", ".join(s["origin"] for s in report["samples"].get(reason, [])[:3])
-        rows.add_row(f"  dropped: {reason}", f"-{n}", origins)
-    if report["truncated"]:
-        rows.add_row("  truncated to max_tokens", str(report["truncated"]), "kept, cut at the right")
-    if report["filled"]["system_prompt"]:
-        rows.add_row("  system prompt added", str(report["filled"]["system_prompt"]), "from data.system_prompt")
-    if report["filled"].get("default_input"):
-        rows.add_row("  input filled", str(report["filled"]["default_input"]), "from data.default_input")
-    if report["normalized"]:
-        rows.add_row("  text normalised", str(report["normalized"]), "unicode / whitespace")
-    if report.get("roles_mapped"):
-        rows.add_row("  roles mapped", str(sum(report["roles_mapped"].values())),
-                     ", ".join(f"{k} {v}" for k, v in report["roles_mapped"].items()))
-    for split in ("train", "validation", "test"):
-        rows.add_row(f"{split}", str(report["splits"][split]), "")
-    console.print(rows)
-
-    lengths = Table(title="tokens per example", show_header=True, header_style="bold")
-    for col in ("split", "rows", "min", "p50", "p90", "p99", "max", "tokens", "trained"):
-        lengths.add_column(col, justify="right" if col != "split" else "left")
-    for split, s in report["tokens"].items():
-        if s["rows"]:
-            lengths.add_row(split, str(s["rows"]), str(s["min"]), str(s["p50"]), str(s["p90"]), str(s["p99"]),
-                            str(s["max"]), str(s["tokens"]), str(s["trained_tokens"]))
-    console.print(lengths)
     from rich.text import Text
 
+    from finetune.console import table
+
+    console = Console(highlight=False)
+    if report.get("reused"):
+        console.print(Text("prepare: inputs unchanged, reusing ", style="green") + Text(str(out_dir)))
+    print(table(["step", "rows", "detail"], row_steps(report), title="prepare: rows"))
+    print()
+    columns = ["split", "rows", "min", "p50", "p90", "p99", "max", "tokens", "trained"]
+    keys = ["rows", "min", "p50", "p90", "p99", "max", "tokens", "trained_tokens"]
+    print(table(columns, [[split, *(s[k] for k in keys)] for split, s in report["tokens"].items() if s["rows"]],
+                title="tokens per example"))
+    print()
     for note in report.get("notes", []):
         console.print(Text("note: ", style="yellow") + Text(note))
-    console.print(f"outputs: {out_dir}  (report.json, lengths.png, splits/, tokenized/)")
+    print(f"outputs: {out_dir}  (report.json, lengths.png, splits/, tokenized/)")
+
+
+def row_steps(report: dict[str, Any]) -> list[list[Any]]:
+    """What happened to the rows, step by step: [step, rows, detail]."""
+    rows: list[list[Any]] = [[f"read {src['name']}", src["rows_in"], f"format {src['format']}"]
+                             for src in report["sources"]]
+    rows.append(["rows in", report["rows_in"], ""])
+    for reason, n in report["dropped"].items():
+        origins = ", ".join(s["origin"] for s in report["samples"].get(reason, [])[:3])
+        rows.append([f"  dropped: {reason}", -n, origins])
+    changed = [("truncated to max_tokens", report["truncated"], "kept, cut at the right"),
+               ("system prompt added", report["filled"]["system_prompt"], "from data.system_prompt"),
+               ("input filled", report["filled"].get("default_input"), "from data.default_input"),
+               ("text normalised", report["normalized"], "unicode / whitespace")]
+    rows += [[f"  {label}", n, detail] for label, n, detail in changed if n]
+    if report.get("roles_mapped"):
+        rows.append(["  roles mapped", sum(report["roles_mapped"].values()),
+                     ", ".join(f"{k} {v}" for k, v in report["roles_mapped"].items())])
+    rows += [[split, report["splits"][split], ""] for split in ("train", "validation", "test")]
+    return rows
