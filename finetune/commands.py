@@ -67,7 +67,7 @@ def export_command(argv: list[str]) -> int:
     summary = result["parity_summary"] or {}
     print(gguf_table(result["gguf"], result["sizes"], summary))
     if result["adapter_gguf"]:
-        print(f"  {Path(result['adapter_gguf']).name:<40} (LoRA adapter; load over {Path(result['base_gguf']).name})")
+        print(f"  {Path(result['adapter_gguf']).name}  (LoRA adapter; load over {Path(result['base_gguf']).name})")
     if summary:
         print(f"parity: tokenization exact: {summary['tokenization_exact']}, chat prompt exact: "
               f"{summary['chat_prompt_exact']}  ({result['parity']})")

@@ -30,6 +30,7 @@ from typing import Any
 
 from finetune import artifacts, eval_models, eval_preference, runs, verdict
 from finetune import metrics as metric_lib
+from finetune.console import duration
 from finetune.errors import UserError
 
 GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf",
@@ -122,7 +123,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
                                                                   pad_id=tokenizer.pad_token_id, device=device)
             entry["seconds"] = round(time.time() - t0, 2)
             variants[name] = entry
-            print(f"eval: {name} done in {entry['seconds']:.0f} s")
+            print(f"eval: {name} done in {duration(entry['seconds'])}")
         del model
 
         gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg,

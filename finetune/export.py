@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import artifacts, runs
+from finetune.console import mib
 from finetune.errors import UserError
 
 GREEDY_MAX_TOKENS = 128  # the greedy-chat check: an answer that has not ended by then "did not stop"
@@ -454,7 +455,7 @@ def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: P
     lines = [f"# {name}: exported model", "", "| file | type | size | top-1 vs HF |", "|---|---|---|---|"]
     for q, p in ggufs.items():
         top1 = report["types"][q]["logits"].get("top1_agreement") if report else None
-        lines.append(f"| `{p.name}` | {q} | {sizes[q] / 2**20:.0f} MiB | {f'{top1:.3f}' if top1 is not None else '-'} |")
+        lines.append(f"| `{p.name}` | {q} | {mib(sizes[q])} | {f'{top1:.3f}' if top1 is not None else '-'} |")
     lines += ["", "`merged/` is the same model as a Hugging Face checkpoint (safetensors, tokenizer, chat template).",
               "`parity.json` holds the checks that compared each GGUF with it.", "",
               "## llama-cpp-python", "", "```python", "from llama_cpp import Llama",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finetune.console import mib
 from finetune.gguf import runtime
 
 UNQUANTIZED = ("F32", "F16", "BF16")
@@ -84,7 +85,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         em = f"{r['exact_match']:.2f} (n={r['examples']})" if r.get("exact_match") is not None else "-"
-        lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['bytes'] / 2**20:.0f} MiB | "
+        lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {mib(r['bytes'])} | "
                      f"{f(r.get('top1_agreement'), '.3f')} | {f(r.get('kl_mean'), '.4f')} | "
                      f"{f(r.get('ppl_gguf'), '.2f')} | {em} | {f(r.get('decode_tokens_per_s'), '.0f')} |")
     return "\n".join(lines) + "\n"
