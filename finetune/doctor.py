@@ -72,8 +72,9 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     """The findings for a model. ``adapter_gguf``: a recipe asks for the LoRA adapter GGUF (refused where llama.cpp
     cannot write one; without a recipe that is a finding, not a refusal)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from finetune import models
     from finetune.gguf import convert, parity, sdist
     from finetune.training import attention
 
@@ -125,7 +126,7 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
 
     # tokenizer and template
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = models.load_tokenizer(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         report.refuse("prepare", "tokenizer", f"the tokenizer does not load ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:160]})")

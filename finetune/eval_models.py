@@ -32,22 +32,6 @@ class LoadOptions:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_tokenizer(path: Path, trust_remote_code: bool, chat_template: Path | None = None):
-    """The tokenizer the answers are rendered and read with (pad = eos when it has none; model.chat_template
-    replaces its template, as in prepare and train)."""
-    from transformers import AutoTokenizer
-
-    from finetune import models
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if chat_template is not None:  # model.chat_template, as prepare and train used it
-        tok.chat_template = models.read_chat_template(chat_template)
-    return tok
-
-
-
 def load_causal_lm(path: Path, options: LoadOptions):
     """A causal LM from a local folder, in eval mode."""
     from finetune import models

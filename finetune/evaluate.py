@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, eval_models, eval_preference, runs, verdict
+from finetune import artifacts, eval_models, eval_preference, models, runs, verdict
 from finetune import metrics as metric_lib
 from finetune.console import duration
 from finetune.errors import UserError
@@ -71,8 +71,10 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method, adapter_dir, full_dir, base_path = trained.method, trained.adapter, trained.model, trained.base_model
-    tokenizer = eval_models.load_tokenizer(adapter_dir or full_dir or base_path, recipe.model.trust_remote_code,
-                                           recipe.chat_template_path())
+    # the tokenizer the answers are rendered and read with, model.chat_template as prepare and train used it
+    tokenizer = models.load_tokenizer(adapter_dir or full_dir or base_path,
+                                      trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_template=recipe.chat_template_path())
     if examples and not getattr(tokenizer, "chat_template", None):
         raise UserError("the model's tokenizer has no chat template; eval renders prompts with it (as training does)")
     prompts = [prompt_text(tokenizer, ex["messages"][:-1], tools=ex.get("tools"), reasoning=recipe.data.reasoning)

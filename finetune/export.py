@@ -40,9 +40,9 @@ def _checkpoint_dtype(model_dir: Path):
 
 def load_chat_tokenizer(source: Path):
     """The tokenizer training saved, which must carry a chat template (a GGUF without one chats in the wrong format)."""
-    from transformers import AutoTokenizer
+    from finetune import models
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = models.load_tokenizer(source, pad_with_eos=False)
     if not tokenizer.chat_template:
         raise UserError(
             f"{source}: the tokenizer has no chat template, so the GGUF would have none and llama.cpp/Ollama would "

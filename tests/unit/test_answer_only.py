@@ -14,7 +14,7 @@ from eval_fixtures import make_recipe, write_prepared
 from test_templates import _llama_cpp_models
 from test_tools_reasoning import FAMILIES, TOOLS, family_tokenizer
 
-from finetune import eval_models, metrics
+from finetune import eval_models, metrics, models
 from finetune import evaluate as ft_eval
 from finetune.data.render import prompt_text
 
@@ -97,7 +97,7 @@ def test_eval_renders_tools_and_scores_tool_calls(tmp_path, tiny_model_dir):
     rows = [{"tools": TOOLS, "messages": [{"role": "user", "content": f"Weather in Oslo? {i}"},
                                           {"role": "assistant", "content": "", "tool_calls": [call]}]}
             for i in range(3)]
-    tok = eval_models.load_tokenizer(tiny_model_dir, False, recipe.chat_template_path())
+    tok = models.load_tokenizer(tiny_model_dir, chat_template=recipe.chat_template_path())
     assert tok.chat_template == template
     prompt = prompt_text(tok, rows[0]["messages"][:-1], tools=TOOLS)
     assert '"name": "get_weather"' in prompt and prompt.endswith("<|im_start|>assistant\n")

@@ -20,7 +20,7 @@ def test_embedded_default_answers_offline_and_second_load_is_cached(embedded_mod
     assert again.path == embedded_model.path
     assert resolve_s < 1.0, f"cached resolve took {resolve_s:.2f}s"
     assert (again.path / "model.safetensors").exists()
-    tok = models.load_tokenizer(again)
+    tok = models.load_tokenizer(again.path)
     model = models.load_model(again, "float32")
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
