@@ -36,14 +36,7 @@ def load_causal_lm(path: Path, options: LoadOptions):
     """A causal LM from a local folder, in eval mode."""
     from finetune import models
 
-    quantization = None
-    if options.four_bit and options.device == "cuda":
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=models.torch_dtype(options.dtype, options.device)
-                                          if options.dtype != "auto" else torch.bfloat16)
+    quantization = models.four_bit_config(options.dtype) if options.four_bit and options.device == "cuda" else None
     resolved = models.ResolvedModel(Path(path), str(path), "local", None)
     model = models.load_model(resolved, options.dtype, device=options.device,
                               trust_remote_code=options.trust_remote_code,

@@ -259,15 +259,39 @@ def _end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
+def dtype_name(name: str, device: str = "cpu", *, fast_bf16: bool | None = None) -> str:
+    """model.dtype on a device, the one "auto" rule: bfloat16 where it is fast and supported (a CUDA GPU with bf16,
+    a CPU with AMX/AVX512-BF16), float16 on older GPUs, else float32. ``fast_bf16`` says whether the device computes
+    in bf16 (default: ask this machine; ``finetune plan`` passes it for a device it is not running on)."""
+    if name != "auto":
+        return name
+    cuda = device.startswith("cuda")
+    if fast_bf16 is None:
+        if cuda:
+            import torch
+
+            fast_bf16 = torch.cuda.is_bf16_supported()
+        else:
+            fast_bf16 = cpu_has_fast_bf16()
+    if cuda:
+        return "bfloat16" if fast_bf16 else "float16"
+    return "bfloat16" if fast_bf16 else "float32"
+
+
 def torch_dtype(name: str, device: str = "cpu"):
-    """'auto' -> bf16 where it is fast and supported (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32."""
+    """model.dtype on a device as a torch dtype (``dtype_name``'s rule for "auto")."""
     import torch
 
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return getattr(torch, dtype_name(name, device))
+
+
+def four_bit_config(dtype: str):
+    """The 4-bit base of QLoRA (NF4, double quantization, CUDA only): train loads it and eval evaluates a QLoRA
+    adapter on the same base, so both take it from here."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(dtype, "cuda"))
 
 
 def cpu_has_fast_bf16() -> bool:

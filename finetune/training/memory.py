@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from finetune import models
 from finetune.errors import UserError
 
 GiB = 1024**3
@@ -387,10 +388,8 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
     elif t.method == "full":
         # finetune train keeps fp32 master weights for full fine-tuning; on a GPU the maths runs under bf16 autocast
         dtype, compute = "float32", ("bfloat16" if device == "cuda" else None)
-    elif device == "cuda":
-        dtype = "bfloat16"  # fp16 on pre-Ampere cards: same size
-    else:
-        dtype = "bfloat16" if cpu_fast_bf16 else "float32"
+    else:  # fp16 on pre-Ampere cards has bf16's size: the estimate takes bf16 for any GPU
+        dtype = models.dtype_name("auto", device, fast_bf16=device == "cuda" or cpu_fast_bf16)
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, False) if gradient_checkpointing is None \
         else gradient_checkpointing
     # a micro-batch of pairs holds two sequences per row (chosen and rejected): twice the activations

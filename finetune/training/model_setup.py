@@ -108,12 +108,7 @@ def _attention(requested: str, device_type: str, packing: bool) -> str:
 def _load_base(recipe, resolved, dtype: str, attn: str, *, device: str):
     from finetune import models
 
-    quant = None
-    if recipe.train.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=models.torch_dtype(dtype, "cuda"))
+    quant = models.four_bit_config(dtype) if recipe.train.method == "qlora" else None
     return models.load_model(resolved, dtype, device=device, trust_remote_code=recipe.model.trust_remote_code,
                              attn_implementation=attn, quantization_config=quant)
 
