@@ -10,11 +10,11 @@ every reply back the same way, whichever model wrote it.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune import hardware
 from finetune import metrics as metric_lib
 from finetune.errors import UserError
 
@@ -190,7 +190,7 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
     from finetune.gguf.worker import Worker
 
     worker = Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
-                     "threads": max(1, min(os.cpu_count() or 1, 16))})
+                     "threads": hardware.threads(cap=hardware.LLAMA_CPP_MAX_THREADS)})
     info = worker.start()
     outs: list[dict[str, Any]] = []
     try:

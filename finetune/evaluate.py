@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, eval_models, eval_preference, models, runs, verdict
+from finetune import artifacts, eval_models, eval_preference, hardware, models, runs, verdict
 from finetune import metrics as metric_lib
 from finetune.console import duration
 from finetune.errors import UserError
@@ -41,7 +41,6 @@ GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "r
 def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
     """Score base, fine-tuned and (if exported) GGUF models; write metrics.json, examples.jsonl, report.html.
     ``upstream``: the prepared data, trained model and export to score (default: this recipe's, fresh)."""
-    import torch
 
     from finetune import eval_report
     from finetune.data.render import prompt_text
@@ -69,7 +68,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     tok_split, tok_train = prepared.tokenized[cfg.split], prepared.tokenized["train"]
     pref_rows = eval_preference.read_rows(tok_split, cfg.max_examples)  # None unless the split holds preferences
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device()
     method, adapter_dir, full_dir, base_path = trained.method, trained.adapter, trained.model, trained.base_model
     # the tokenizer the answers are rendered and read with, model.chat_template as prepare and train used it
     tokenizer = models.load_tokenizer(adapter_dir or full_dir or base_path,

@@ -6,10 +6,10 @@ Shared by the server (serve/server.py) and the terminal chat, which needs no ser
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import hardware
 from finetune.errors import UserError
 from finetune.recipe import Recipe, ServeConfig
 
@@ -77,8 +77,7 @@ def worker_options(target: Target, *, threads: int | None = None) -> dict:
         if not template_path.is_file():
             raise UserError(f"serve.chat_template: {template_path} not found")
         chat_template = template_path.read_text(encoding="utf-8")
-    cores = os.cpu_count() or 1
     return {"gguf": str(target.gguf), "n_ctx": config.n_ctx, "chat_template": chat_template,
-            "threads": threads or config.threads or max(1, cores // config.workers),
+            "threads": hardware.threads(threads or config.threads, sharing=config.workers),
             # trained and served the same way: the recipe's reasoning setting (a bare .gguf: the template's default)
             "reasoning": target.recipe.data.reasoning if target.recipe else "auto"}

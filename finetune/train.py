@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, runs
+from finetune import artifacts, hardware, runs
 from finetune.errors import UserError
 from finetune.training import batching, console, model_setup, preference, steps
 from finetune.training import checkpoint as ckpt
@@ -67,11 +67,11 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     out = Path(out_dir) if out_dir is not None else recipe.run_dir("train")
     # Without CUDA, train on the CPU (accelerate only sets up multi-process gloo training when told cpu=True).
     # Precision is finetune's (model.dtype, autocast), not an accelerate config's mixed_precision.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    accelerator = Accelerator(cpu=hardware.device() == "cpu", mixed_precision="no")
     _check_distributed(accelerator)
     main = accelerator.is_main_process
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(t.threads or max(1, _cores() // local_procs))
+    torch.set_num_threads(hardware.threads(t.threads, sharing=local_procs))
     device_type = accelerator.device.type
     check_settings(recipe, device_type)
     if device_type == "cuda":
@@ -548,9 +548,3 @@ def _dtype_name(params) -> str | None:
     p = next(iter(params), None)
     return None if p is None else str(p.dtype).removeprefix("torch.")
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import hardware
 from finetune.errors import UserError
 
 
@@ -51,7 +52,7 @@ def collect(model_dir: Path, sequences: list[list[int]], *, chunk: int = 512, ma
     if len(stream) < 2:
         raise UserError("export.imatrix: the calibration data has no tokens; check data.sources or export.imatrix_files")
     # bf16 where the device computes it fast; the squares are summed in fp32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = hardware.device()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype("auto", device)).to(device)
     model.config.use_cache = False
     model.eval()

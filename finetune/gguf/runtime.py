@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune import hardware
 from finetune.errors import UserError
 
 # llama_ftype ids (llama.h) for the types llama_model_quantize can write.
@@ -132,8 +133,8 @@ def omp_wait_policy(threads: int | None = None) -> str:
     each of its threads, sleep at once (PASSIVE) when it is busy. Neither is free: spinning threads that wait for a
     core held by another process made decoding several times slower on a busy machine, and sleeping threads made it
     several times slower on an idle one (scripts/bench_export.py measures both). A policy set by the user wins."""
-    cores = os.cpu_count() or 1
-    threads = threads or min(cores, 16)
+    cores = os.cpu_count() or 1  # the whole machine's, as the run-queue length it is compared with
+    threads = hardware.threads(threads, cap=hardware.LLAMA_CPP_MAX_THREADS)
     load = runnable_now()
     return "ACTIVE" if load + threads <= cores + 0.5 else "PASSIVE"
 
@@ -203,7 +204,7 @@ def _load(path: str, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: 
           lora_path: str | None = None, seed: int = 0, threads: int | None = None):
     import llama_cpp
 
-    threads = threads or max(1, min(os.cpu_count() or 1, 16))
+    threads = hardware.threads(threads, cap=hardware.LLAMA_CPP_MAX_THREADS)
     return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
                            vocab_only=vocab_only, lora_path=lora_path, seed=seed, n_threads=threads,
                            n_threads_batch=threads, verbose=False)
@@ -339,7 +340,7 @@ def _op_quantize(req: dict) -> dict:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = req["ftype"]
-    params.nthread = req["threads"] or max(1, os.cpu_count() or 1)
+    params.nthread = hardware.threads(req["threads"])
     keep_alive = []
     if req.get("imatrix"):
         params.imatrix, keep_alive = _imatrix_param(req["imatrix"])
