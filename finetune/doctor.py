@@ -75,7 +75,7 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from finetune import models
-    from finetune.gguf import convert, parity, sdist
+    from finetune.gguf import convert, sdist
     from finetune.training import attention
 
     path = metadata_folder(model_id, revision, base_dir=base_dir)
@@ -138,7 +138,7 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     else:
         report.add("prepare", "chat template", f"yes ({len(tok.chat_template)} characters)")
         try:
-            eot = parity.end_of_turn_tokens(tok)
+            eot = models.end_of_turn_ids(tok)
             report.add("serve", "end of turn", ", ".join(repr(tok.convert_ids_to_tokens(i)) for i in eot) +
                        " (becomes the exported EOS, so llama.cpp and Ollama stop there)")
         except UserError as exc:

@@ -161,21 +161,10 @@ def generate(model, tokenizer, prompts: list[str], *, device: str, max_new_token
 
 
 def stop_ids_of(model, tokenizer) -> list[int]:
-    """The token ids that end a reply: the model's and the tokenizer's end-of-sequence ids and the end-of-turn
-    tokens of the families we know."""
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        for t in value if isinstance(value, list) else [value]:
-            if isinstance(t, int) and t not in ids:
-                ids.append(t)
-    harmony = "<|channel|>" in (getattr(tokenizer, "chat_template", None) or "")
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        if token == "<|end|>" and harmony:  # gpt-oss: <|end|> closes the analysis message, not the reply
-            continue
-        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if isinstance(tid, int) and tid not in ids:
-            ids.append(tid)
+    """The token ids that end a reply of ``model`` (models.stop_ids with the model's configured EOS ids)."""
+    from finetune import models
+
+    ids = models.stop_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     if not ids:
         raise UserError("the tokenizer has no end-of-sequence token: generation could not stop")
     return ids

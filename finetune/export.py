@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, runs
+from finetune import artifacts, models, runs
 from finetune.console import mib
 from finetune.errors import UserError
 
@@ -40,8 +40,6 @@ def _checkpoint_dtype(model_dir: Path):
 
 def load_chat_tokenizer(source: Path):
     """The tokenizer training saved, which must carry a chat template (a GGUF without one chats in the wrong format)."""
-    from finetune import models
-
     tokenizer = models.load_tokenizer(source, pad_with_eos=False)
     if not tokenizer.chat_template:
         raise UserError(
@@ -57,10 +55,9 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.gguf import parity
 
     tokenizer = load_chat_tokenizer(adapter_dir or model_dir or base_dir)
-    eot = parity.end_of_turn_tokens(tokenizer)  # a clear error for a template whose turns never end
+    eot = models.end_of_turn_ids(tokenizer)  # a clear error for a template whose turns never end
     weights_dir = base_dir if adapter_dir else (model_dir or base_dir)
     save_dtype = _checkpoint_dtype(weights_dir)
     # Merge in float32: W + s*B@A in bf16 would round the small LoRA update away.
@@ -310,7 +307,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     warnings: list[str] = []
     if ollama:
         info = runtime.inspect(ggufs[outtype])
-        stop = [tokenizer.convert_ids_to_tokens(i) for i in parity.end_of_turn_tokens(tokenizer)]
+        stop = [tokenizer.convert_ids_to_tokens(i) for i in models.end_of_turn_ids(tokenizer)]
         num_ctx = min(info["n_ctx_train"] or 4096, 32768)  # the model's context; capped: Ollama allocates it all
         system = parity.default_system_prompt(tokenizer)
         default = default_quant if default_quant in ggufs else (quantizations[0] if quantizations else outtype)

@@ -237,7 +237,7 @@ def gguf_to_checkpoint(gguf: Path, name: str | None = None, key: str | None = No
                         f"unexpected {unexpected[:5]})")
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    eos_ids = _end_of_turn_ids(tokenizer)
+    eos_ids = stop_ids(tokenizer)
     plain.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids or tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -248,14 +248,45 @@ def gguf_to_checkpoint(gguf: Path, name: str | None = None, key: str | None = No
     return target
 
 
-def _end_of_turn_ids(tokenizer) -> list[int]:
-    ids = []
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", tokenizer.eos_token):
-        if tok is None:
-            continue
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn in the chat template (rendered, not guessed from names).
+
+    Raises UserError when the template ends a turn with text that is not one special token: a model cannot
+    stop on it and llama.cpp would generate until max_tokens.
+    """
+    marker = "XYZZY-finetune-probe"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    at = text.rfind(marker)
+    if at < 0:
+        raise UserError("the chat template drops assistant messages; it cannot be used for a chat model")
+    tail = text[at + len(marker):]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not ids or ids[0] not in special:
+        shown = repr(tail[:40]) if tail else "nothing"
+        raise UserError(
+            f"the chat template ends an assistant turn with {shown}, not with a special end-of-turn token; "
+            "generation in llama.cpp/Ollama would never stop. Use a chat template whose assistant turns end with "
+            "the tokenizer's end-of-turn token (e.g. <|im_end|>, <|eot_id|>) and train with it."
+        )
+    return [ids[0]]
+
+
+def stop_ids(tokenizer, configured_eos: int | list[int] | None = None) -> list[int]:
+    """The token ids that end a reply in transformers: the chat template's end of turn (``end_of_turn_ids``, when
+    the template ends turns with one), then the model's configured end-of-sequence ids and the tokenizer's EOS.
+    llama.cpp reads its own end-of-generation ids from the GGUF (finetune.gguf.chat_format)."""
+    ids: list[int] = []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            ids += end_of_turn_ids(tokenizer)
+        except UserError:
+            pass  # a template whose turns end in plain text: the end-of-sequence ids are all there is to stop on
+    for value in (configured_eos, tokenizer.eos_token_id):
+        for t in value if isinstance(value, list) else [value]:
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
     return ids
 
 

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from finetune import models
 from finetune.errors import UserError
 from finetune.gguf import runtime
 
@@ -63,31 +64,6 @@ def top1_threshold(qtype: str, n_params: int, min_top1_unquantized: float) -> fl
 
 
 # ------------------------------------------------------------------------------------------- HF side
-def end_of_turn_tokens(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn in the chat template (rendered, not guessed from names).
-
-    Raises UserError when the template ends a turn with text that is not one special token: a model cannot
-    stop on it and llama.cpp would generate until max_tokens.
-    """
-    marker = "XYZZY-finetune-probe"
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    at = text.rfind(marker)
-    if at < 0:
-        raise UserError("the chat template drops assistant messages; it cannot be used for a chat model")
-    tail = text[at + len(marker):]
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    if not ids or ids[0] not in special:
-        shown = repr(tail[:40]) if tail else "nothing"
-        raise UserError(
-            f"the chat template ends an assistant turn with {shown}, not with a special end-of-turn token; "
-            "generation in llama.cpp/Ollama would never stop. Use a chat template whose assistant turns end with "
-            "the tokenizer's end-of-turn token (e.g. <|im_end|>, <|eot_id|>) and train with it."
-        )
-    return [ids[0]]
-
-
 def default_system_prompt(tokenizer) -> str | None:
     """The system text the chat template inserts when a conversation has no system message (None if it inserts none)."""
     probe = "PROBE-system-text"
@@ -378,7 +354,7 @@ def run_checks(*, model_dir: Path, ggufs: dict[str, Path], tokenizer, sequences:
         res = [{"error": f"llama.cpp failed on {base.name}: {exc}"}] * 6
     eot: list[int] = []
     try:
-        eot = end_of_turn_tokens(tokenizer)
+        eot = models.end_of_turn_ids(tokenizer)
     except UserError as exc:
         report["end_of_turn"] = {"check": "end_of_turn", "ok": False, "error": str(exc)}
     else:
