@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune import hardware
 from finetune import metrics as metric_lib
+from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 
 LOSS_TOKENS_PER_BATCH = 4096  # logits are tokens x vocab floats: bound the memory of one forward pass
@@ -90,7 +91,7 @@ def dataset_loss(model, dataset, device: str) -> dict[str, Any]:
     def flush(idx: list[int]) -> None:
         width = max(len(rows[i][0]) for i in idx)
         ids = torch.zeros((len(idx), width), dtype=torch.long)
-        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for j, i in enumerate(idx):
             n = len(rows[i][0])
@@ -100,8 +101,8 @@ def dataset_loss(model, dataset, device: str) -> dict[str, Any]:
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
-        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-        valid = shift_labels != -100
+        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = shift_labels != IGNORE_INDEX
         for j, i in enumerate(idx):
             nll[i] = float(losses[j][valid[j]].sum())
             count[i] = int(valid[j].sum())

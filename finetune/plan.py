@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from finetune.console import count, duration, gib, table
+from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 from finetune.models import load_model_config
 from finetune.training.memory import (  # noqa: F401  (plan.X names kept for scripts and tests)
@@ -73,7 +74,7 @@ prepare has not run or its output is stale for this recipe."""
 
         ds = load_from_disk(str(tokenized))
         lengths = list(ds["length"])
-        fractions = sorted(sum(1 for x in labels if x != -100) / max(1, len(labels)) for labels in ds["labels"])
+        fractions = sorted(sum(1 for x in labels if x != IGNORE_INDEX) / max(1, len(labels)) for labels in ds["labels"])
     except Exception:  # an unreadable prepare output only costs us the measured numbers
         return None
     if not lengths:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import artifacts, hardware, runs
+from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 from finetune.training import batching, console, model_setup, preference, steps
 from finetune.training import checkpoint as ckpt
@@ -519,7 +520,7 @@ def _load_splits(tokenized: dict[str, Path], objective: str) -> tuple[list, list
         return train_rows, val_rows, [r.length for r in train_rows]
     train_rows = _load_rows(tokenized["train"], "train")
     val_rows = _load_rows(tokenized["validation"], "validation") if tokenized.get("validation") else []
-    if not any(any(x != -100 for x in labels[1:]) for _, labels in train_rows):
+    if not any(any(x != IGNORE_INDEX for x in labels[1:]) for _, labels in train_rows):
         raise UserError(f"{tokenized['train']}: no example has a trained token (every label is -100). "
                         "Check data.train_on and that conversations end with an assistant turn, then rerun "
                         "prepare.")

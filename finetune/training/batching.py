@@ -12,6 +12,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from finetune.data.render import IGNORE_INDEX
+
 # Length grouping sorts within windows of this many batches: batches hold similar lengths (little padding,
 # even packed lengths) while the order across the epoch stays random.
 GROUP_WINDOW_BATCHES = 50
@@ -105,7 +107,7 @@ def eval_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | Non
 def collate_packed(examples: list[tuple[list[int], list[int]]]):
     """Padding-free batch: all examples in one row, ``position_ids`` restarting at 0 for each one.
 
-    The first label of every example is -100 so that no token learns to predict across an example boundary.
+    The first label of every example is IGNORE_INDEX so that no token learns to predict across an example boundary.
     ``cu_seq_lens`` are the example boundaries, the keyword the attention functions read for packed rows.
     """
     import torch
@@ -116,7 +118,7 @@ def collate_packed(examples: list[tuple[list[int], list[int]]]):
     bounds = [0]
     for input_ids, example_labels in examples:
         ids += input_ids
-        labels += [-100] + list(example_labels[1:])
+        labels += [IGNORE_INDEX] + list(example_labels[1:])
         positions += range(len(input_ids))
         bounds.append(len(ids))
     cu = torch.tensor(bounds, dtype=torch.int32)
@@ -135,11 +137,11 @@ def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
     width = max(len(ids) for ids, _ in examples)
     ids = [list(i) + [pad_id] * (width - len(i)) for i, _ in examples]
-    labels = [list(lab) + [-100] * (width - len(lab)) for _, lab in examples]
+    labels = [list(lab) + [IGNORE_INDEX] * (width - len(lab)) for _, lab in examples]
     mask = [[1] * len(i) + [0] * (width - len(i)) for i, _ in examples]
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
 def count_targets(examples: list[tuple[list[int], list[int]]]) -> int:
     """Tokens that carry loss once labels are shifted (the first label of an example never does)."""
-    return sum(sum(1 for t in labels[1:] if t != -100) for _, labels in examples)
+    return sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for _, labels in examples)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 
 OBJECTIVES = ("sft", "dpo", "kto", "orpo")
@@ -137,7 +138,7 @@ def sequence_logps(model, sequences: Sequence[Seq], *, packing: bool, pad_id: in
         owner = torch.tensor([k for k, (ids, _) in enumerate(seqs) for _ in ids], device=device)[1:]
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         targets = batch.pop("labels")[0, 1:]
-        keep = (targets != -100).nonzero().flatten()
+        keep = (targets != IGNORE_INDEX).nonzero().flatten()
         out = model(**batch, logits_to_keep=keep, use_cache=False)
         logits = out.logits[0].float()
         token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
@@ -148,7 +149,7 @@ def sequence_logps(model, sequences: Sequence[Seq], *, packing: bool, pad_id: in
         labels = batch.pop("labels")[:, 1:]
         out = model(**batch, use_cache=False)
         logits = out.logits[:, :-1].float()
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         safe = labels.masked_fill(~mask, 0)
         all_logps = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
         rows = torch.arange(n, device=device).unsqueeze(1).expand_as(labels)
@@ -164,7 +165,7 @@ def kl_sequence(row: Row, other: Row) -> Seq:
     ids, labels = row.sequences[0]
     o_ids, o_labels = other.sequences[0]
     p, q = row.prompt_length, other.prompt_length
-    return list(ids[:p]) + list(o_ids[q:]), [-100] * p + list(o_labels[q:])
+    return list(ids[:p]) + list(o_ids[q:]), [IGNORE_INDEX] * p + list(o_labels[q:])
 
 
 def kl_partner(index: int, n_rows: int) -> int:
@@ -190,7 +191,7 @@ def units(rows: Sequence[Row]) -> int:
 
 
 def chosen_targets(rows: Sequence[Row]) -> int:
-    return sum(sum(1 for t in labels[1:] if t != -100) for r in rows for _, labels in r.sequences[:1])
+    return sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for r in rows for _, labels in r.sequences[:1])
 
 
 def batch_loss(forward: Callable[[Sequence[Seq]], tuple[Any, Any]],
@@ -335,4 +336,4 @@ def load_rows(path: Path, split: str, objective: str) -> list[Row]:
 
 
 def _trained(seq: Seq) -> bool:
-    return any(t != -100 for t in seq[1][1:])
+    return any(t != IGNORE_INDEX for t in seq[1][1:])

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from finetune.data.render import IGNORE_INDEX
 from finetune.training import batching, preference
 
 
@@ -136,7 +137,7 @@ def forward_loss_sum(model, batch: dict[str, Any]):
     labels = batch.pop("labels")
     if "position_ids" in batch:  # packed: a single row
         targets = labels[0, 1:]
-        keep = (targets != -100).nonzero().flatten()
+        keep = (targets != IGNORE_INDEX).nonzero().flatten()
         if keep.numel() == 0:
             # still run the whole graph (data-parallel processes expect gradients for every parameter)
             out = model(**batch, logits_to_keep=torch.zeros(1, dtype=torch.long, device=labels.device),
@@ -146,7 +147,7 @@ def forward_loss_sum(model, batch: dict[str, Any]):
         return F.cross_entropy(out.logits[0].float(), targets[keep], reduction="sum")
     out = model(**batch, use_cache=False)
     logits = out.logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
