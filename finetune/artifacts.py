@@ -28,6 +28,10 @@ class Artifact:
     STAGE: ClassVar[str] = ""
     manifest_id: str = field(default="", compare=False)  # runs.manifest_id of the manifest read (set by load)
 
+    def to_outputs(self, run_folder: Path) -> dict[str, Any]:
+        """The record as a manifest's ``outputs`` (``StageRun.record`` writes it): see ``to_outputs``."""
+        return to_outputs(self, run_folder)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Prepared(Artifact):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from finetune import runs
+from finetune import prepare_inputs, runs
 from finetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class Stage:
 
 
 STAGES = (
-    # prepare depends on the model only through its tokenizer, whose files it fingerprints (prepare.stale_inputs)
+    # prepare depends on the model only through its tokenizer, whose files it fingerprints (prepare_inputs.stale_inputs)
     Stage("prepare", "finetune.prepare", ("data", "seed"), ()),
     Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
     Stage("export", "finetune.export", ("model", "export"), ("train",)),
@@ -70,9 +70,7 @@ def why_stale(recipe: Recipe, stage: Stage) -> str | None:
     if diff:
         return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") + " changed"
     if stage.name == "prepare":
-        from finetune import prepare
-
-        reason = prepare.stale_inputs(recipe, manifest)
+        reason = prepare_inputs.stale_inputs(recipe, manifest)
         if reason:
             return reason
     recorded = (manifest.get("inputs") or {}).get("upstream")

@@ -14,7 +14,7 @@ Steps, in order (each one counted in report.json, every dropped row with its rea
 
 Outputs are reused when the source files, the data section, the seed and the tokenizer are unchanged (by
 content: sha256, measured 1.6 s per GiB of data on a shared 2-core machine). The same fingerprint tells later stages when the prepared data
-is stale (``stale_inputs``). A new build is made beside the finished one and replaces it only when complete.
+is stale (``finetune.prepare_inputs``). A new build is made beside the finished one and replaces it only when complete.
 Prepare never finishes with an empty training split: it stops and says where the rows went.
 The data algorithms are in finetune.data: cleaning and dedupe (clean), rendering and the length filter (encode),
 the split and the leakage check (split); this module runs them in order and writes what they produced.
@@ -31,9 +31,8 @@ from finetune import artifacts, runs
 from finetune.data.example import Example, row_kind
 from finetune.data.formats import RowError
 from finetune.errors import UserError
+from finetune.prepare_inputs import fingerprint_inputs
 
-# Bump when the output of prepare changes for the same inputs, so old caches are rebuilt.
-PREPARE_VERSION = 2
 SAMPLES_PER_REASON = 5
 
 
@@ -69,76 +68,6 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
 
 
 # ------------------------------------------------------------------------------------------------ caching
-def fingerprint_inputs(recipe, tokenizer_dir: Path) -> dict[str, Any]:
-    """Everything prepare's output depends on. Unpinned Hub sources make the output not reusable."""
-    files = _source_fingerprints(recipe)
-    for i, f in enumerate(files):
-        if f.get("sha256") == "missing":
-            raise UserError(f"data.sources[{i}].path: file not found: {f['path']} "
-                            "(relative paths are resolved against the recipe's folder)")
-    # without a pinned revision the Hub data may have changed
-    reusable = all(f.get("revision") is not None for f in files if "hub" in f)
-    tokenizer = tokenizer_fingerprint(tokenizer_dir, recipe.chat_template_path())
-    return {"fingerprint": _input_key(recipe, files, tokenizer), "sources": files, "tokenizer": tokenizer,
-            "tokenizer_dir": str(tokenizer_dir), "version": PREPARE_VERSION, "reusable": reusable}
-
-
-def _source_fingerprints(recipe) -> list[dict[str, Any]]:
-    files: list[dict[str, Any]] = []
-    for src in recipe.data.sources:
-        if src.path is not None:
-            path = recipe.resolve_path(src.path)
-            if path.is_dir():
-                raise UserError(f"data.sources: {path} is a folder; name a data file in it (.jsonl, .json, .csv, "
-                                ".parquet, .txt)")
-            files.append({"path": str(path), "sha256": runs.file_fingerprint(path) if path.is_file() else "missing"})
-        else:
-            files.append({"hub": src.hub, "config": src.config, "split": src.split, "revision": src.revision})
-    return files
-
-
-def tokenizer_fingerprint(tokenizer_dir: Path, chat_template: Path | None = None) -> dict[str, str]:
-    """The tokenizer's identity: sha256 of its files (vocabulary, special tokens, chat template), and of the
-    template file that replaces the model's own (model.chat_template)."""
-    tok_files = sorted(p for p in Path(tokenizer_dir).iterdir()
-                       if p.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")))
-    out = {p.name: runs.file_fingerprint(p) for p in tok_files}
-    if chat_template is not None:
-        out["model.chat_template"] = runs.file_fingerprint(chat_template) if chat_template.is_file() else "missing"
-    return out
-
-
-def _input_key(recipe, files: list[dict[str, Any]], tokenizer: dict[str, str]) -> str:
-    return runs.fingerprint_json({"version": PREPARE_VERSION, "data": recipe.data.model_dump(mode="json"),
-                                  "seed": recipe.seed, "sources": files, "tokenizer": tokenizer})
-
-
-def stale_inputs(recipe, manifest: dict[str, Any]) -> str | None:
-    """Why prepare's finished outputs no longer match the data files or the tokenizer, by content; None if they
-    do. (The recipe's data section and seed are compared by the caller.) Every call hashes the local data files:
-    runs.file_fingerprint took 1.6 s for a 1 GiB file here (2 shared cores), and there is no modification-time shortcut
-    that a copied or restored file could fool."""
-    from finetune import models
-
-    recorded = manifest.get("inputs") or {}
-    files = None
-    if "sources" in recorded or "fingerprint" in recorded:
-        files = _source_fingerprints(recipe)
-        for old, now in zip(recorded.get("sources") or [], files, strict=False):
-            if "path" in now and now["sha256"] == "missing":
-                return f"data file {now['path']} is missing"
-            if "path" in now and old.get("sha256") != now["sha256"]:
-                return f"the content of data file {now['path']} changed"
-    if "tokenizer" in recorded or "fingerprint" in recorded:
-        resolved = models.resolve_model(recipe.model, recipe.base_dir)
-        tokenizer = tokenizer_fingerprint(resolved.path, recipe.chat_template_path())
-        if "tokenizer" in recorded and recorded["tokenizer"] != tokenizer:
-            return f"the tokenizer (model.id {recipe.model.id}) changed"
-        if "fingerprint" in recorded and recorded["fingerprint"] != _input_key(recipe, files or [], tokenizer):
-            return "the inputs changed (data files, tokenizer or finetune's prepare version)"
-    return None
-
-
 def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
     manifest = runs.read_manifest(out)
     if not manifest or manifest.get("inputs", {}).get("fingerprint") != fingerprint:

@@ -239,9 +239,7 @@ class StageRun:
 
     def record(self, artifact: Any) -> None:
         """The stage's outputs: its ``finetune.artifacts`` record, paths relative to the run folder."""
-        from finetune import artifacts
-
-        self.outputs = artifacts.to_outputs(artifact, self.recipe.run_dir())
+        self.outputs = artifact.to_outputs(self.recipe.run_dir())
 
     def manifest(self) -> dict[str, Any]:
         return {

@@ -24,8 +24,8 @@ STAGE_MODULE = textwrap.dedent('''
         out = recipe.run_dir("{name}")
         inputs = {{}}
         if "{name}" == "prepare":
-            from finetune import models, prepare
-            inputs = prepare.fingerprint_inputs(recipe, models.resolve(recipe.model.id).path)
+            from finetune import models, prepare_inputs
+            inputs = prepare_inputs.fingerprint_inputs(recipe, models.resolve(recipe.model.id).path)
         with runs.StageRun(recipe, "{name}", inputs=inputs, upstream=upstream.ids(), aside=True) as stage:
             count = out / "count.txt"
             n = int(count.read_text()) + 1 if count.exists() else 1
