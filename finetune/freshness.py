@@ -12,13 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finetune import prepare_inputs, runs
 from finetune.errors import UserError
-
-if TYPE_CHECKING:
-    from finetune.recipe import Recipe
+from finetune.recipe import Recipe, get_key
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,6 @@ changed_keys = runs.changed_keys
 
 
 # ------------------------------------------------------------------------------------------ staleness
-def _section(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
 def _time(text: str | None) -> float | None:
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp() if text else None
@@ -66,7 +57,7 @@ def why_stale(recipe: Recipe, stage: Stage) -> str | None:
         return "not run yet"
     current = recipe.to_dict()
     diff = [key for dotted in stage.sections
-            for key in changed_keys(_section(manifest.get("recipe") or {}, dotted), _section(current, dotted), dotted)]
+            for key in changed_keys(get_key(manifest.get("recipe") or {}, dotted), get_key(current, dotted), dotted)]
     if diff:
         return ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") + " changed"
     if stage.name == "prepare":

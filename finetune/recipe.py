@@ -599,6 +599,30 @@ def _wants_text(parts: list[str]) -> bool:
     return str in kinds and not kinds & {int, float, bool}
 
 
+def get_key(data: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a raw recipe (``train.lora.r``), or None where a part is missing."""
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key in a raw recipe, as an override ``dotted=value`` would."""
+    _set_key(data, dotted.split("."), value, f"{dotted}={value}")
+
+
+def flat_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf of a raw recipe (an empty section is a leaf)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _set_key(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
     """Set a dotted key in the raw recipe; a number names a list item (the next number adds one)."""
     node: Any = data

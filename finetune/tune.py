@@ -114,7 +114,7 @@ def check_space(recipe) -> None:
     if not cfg.space:
         raise UserError("tune.space is empty: list the recipe keys to search, e.g.\n  tune:\n    space:\n"
                         "      train.lr: {low: 1.0e-4, high: 1.0e-3, log: true}\n      train.lora.r: {values: [8, 16]}")
-    flat = _flatten(recipe.to_dict())
+    flat = recipe_mod.flat_keys(recipe.to_dict())
     problems = []
     for key, space in cfg.space.items():
         if key not in flat:
@@ -187,7 +187,7 @@ def objective(trial, recipe, upstream: artifacts.Upstream, out: Path) -> float:
 
     from finetune import train
 
-    flat = _flatten(recipe.to_dict())
+    flat = recipe_mod.flat_keys(recipe.to_dict())
     params = {key: suggest(trial, key, space, flat[key]) for key, space in recipe.tune.space.items()}
     overrides = trial_overrides(recipe, params)
     trial_recipe = recipe_mod.with_overrides(recipe, overrides)
@@ -294,11 +294,7 @@ def write_best_recipe(recipe, params: dict[str, Any], path: Path, *, trial: int,
     data = recipe.model_dump(mode="json", exclude_unset=True)
     data["name"] = f"{recipe.name}-tuned"
     for key, value_ in params.items():
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value_
+        recipe_mod.set_key(data, key, value_)
     _rebase_paths(data, recipe, path.parent)
     changed = ", ".join(f"{k}={v}" for k, v in params.items())
     header = (f"# Best of {n_trials} trial(s) of `finetune tune` on run '{recipe.name}': trial {trial}, "
@@ -326,17 +322,6 @@ def _rebase_paths(data: dict[str, Any], recipe, new_dir: Path) -> None:
     template = (data.get("serve") or {}).get("chat_template")
     if template:
         data["serve"]["chat_template"] = rebase(template)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
 
 
 def _fingerprint_without_tune(recipe) -> str:

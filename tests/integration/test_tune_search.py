@@ -42,7 +42,7 @@ def _check_outputs(recipe, result, n_trials):
     assert best.name == f"{recipe.name}-tuned"
     assert best.data.sources[0].path and best.resolve_path(best.data.sources[0].path) == \
         recipe.resolve_path("data/rows.jsonl")
-    flat = tune._flatten(best.to_dict())
+    flat = recipe_mod.flat_keys(best.to_dict())
     for key, value in result["best_params"].items():
         assert flat[key] == pytest.approx(value)
         assert str(value) == best_row[key] or float(best_row[key]) == pytest.approx(value)

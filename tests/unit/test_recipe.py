@@ -153,3 +153,16 @@ def test_a_tune_range_over_an_optional_integer_key_stays_integer(tmp_path):
     space = r.tune.space["train.max_steps"]
     assert (space.low, space.high) == (10, 40) and isinstance(space.low, int)
     assert recipe.with_overrides(r, {"train.max_steps": space.low}).train.max_steps == 10
+
+
+def test_dotted_keys_one_getter_setter_and_flattener():
+    from finetune.recipe import flat_keys, get_key, set_key
+
+    data = {"train": {"lr": 1e-4, "lora": {"r": 8}}, "data": {"sources": [{"path": "a.jsonl"}]}, "eval": {}}
+    set_key(data, "train.lora.r", 16)
+    set_key(data, "data.sources.0.weight", 2.0)
+    set_key(data, "tune.space", {})
+    assert get_key(data, "train.lora.r") == 16 and get_key(data, "train.missing.key") is None
+    assert data["data"]["sources"][0] == {"path": "a.jsonl", "weight": 2.0}
+    assert flat_keys(data) == {"train.lr": 1e-4, "train.lora.r": 16, "data.sources": [{"path": "a.jsonl", "weight": 2.0}],
+                               "eval": {}, "tune.space": {}}
