@@ -65,24 +65,26 @@ def attach_finetuned(base_model, options: LoadOptions, adapter_dir: Path | None,
     return model
 
 
-def load_tokenized(path: Path, limit: int | None):
-    """A tokenized split prepare wrote (its first ``limit`` rows), as the loss reads it."""
-    from datasets import load_from_disk
+def load_tokenized(path: Path, limit: int | None) -> list[tuple[Any, Any]]:
+    """(input ids, labels) of a tokenized split prepare wrote (its first ``limit`` rows), as the loss reads them:
+    views into the split's buffers (finetune.data.tokenized)."""
+    from finetune.data import tokenized
 
-    ds = load_from_disk(str(path))
+    ds = tokenized.load(path)
+    rows = tokenized.rows(ds)
     if "desirable" in ds.column_names:  # rated rows (KTO's shape): the loss is on the desirable replies only
-        ds = ds.filter(lambda row: bool(row["desirable"]))
-    return ds.select(range(min(len(ds), limit))) if limit else ds
+        rows = [r for r, good in zip(rows, ds["desirable"], strict=True) if good]
+    return rows[:limit] if limit else rows
 
 
 
 # ------------------------------------------------------------------------------------------------- loss
-def dataset_loss(model, dataset, device: str) -> dict[str, Any]:
-    """Mean next-token loss over the labelled tokens (labels != -100), as in training; per-example means too."""
+def dataset_loss(model, rows: list[tuple[Any, Any]], device: str) -> dict[str, Any]:
+    """Mean next-token loss over the labelled tokens (labels != -100) of (input ids, labels) rows, as in training;
+    per-example means too."""
     import torch
     import torch.nn.functional as F
 
-    rows = [(list(r["input_ids"]), list(r["labels"])) for r in dataset]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     nll = [0.0] * len(rows)
     count = [0] * len(rows)
@@ -95,8 +97,8 @@ def dataset_loss(model, dataset, device: str) -> dict[str, Any]:
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for j, i in enumerate(idx):
             n = len(rows[i][0])
-            ids[j, :n] = torch.tensor(rows[i][0])
-            labels[j, :n] = torch.tensor(rows[i][1])
+            ids[j, :n] = torch.as_tensor(rows[i][0])
+            labels[j, :n] = torch.as_tensor(rows[i][1])
             mask[j, :n] = 1
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from finetune import artifacts, hardware, runs
-from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 from finetune.training import batching, console, model_setup, preference, steps
 from finetune.training import checkpoint as ckpt
@@ -486,15 +485,16 @@ def _tokenized_paths(prepared: artifacts.Prepared) -> dict[str, Path]:
     return paths
 
 
-def _load_rows(path: Path, split: str) -> list[tuple[list[int], list[int]]]:
-    from datasets import load_from_disk
+def _load_rows(path: Path, split: str) -> list[tuple[Any, Any]]:
+    """(input ids, labels) of each example: numpy views into the split's buffers (finetune.data.tokenized)."""
+    from finetune.data import tokenized
 
-    ds = load_from_disk(str(path))
+    ds = tokenized.load(path)
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
         raise UserError(f"{path}: the tokenized {split} split lacks columns {sorted(missing)} "
                         f"(has {ds.column_names}); rerun `finetune prepare RECIPE`.")
-    rows = [(list(i), list(lab)) for i, lab in zip(ds["input_ids"], ds["labels"], strict=True)]
+    rows = list(zip(tokenized.column_arrays(ds, "input_ids"), tokenized.column_arrays(ds, "labels"), strict=True))
     bad = next((n for n, (i, lab) in enumerate(rows) if len(i) != len(lab)), None)
     if bad is not None:
         raise UserError(f"{path}: row {bad} has {len(rows[bad][0])} input_ids but {len(rows[bad][1])} labels; "
@@ -520,7 +520,9 @@ def _load_splits(tokenized: dict[str, Path], objective: str) -> tuple[list, list
         return train_rows, val_rows, [r.length for r in train_rows]
     train_rows = _load_rows(tokenized["train"], "train")
     val_rows = _load_rows(tokenized["validation"], "validation") if tokenized.get("validation") else []
-    if not any(any(x != IGNORE_INDEX for x in labels[1:]) for _, labels in train_rows):
+    from finetune.data.tokenized import has_target
+
+    if not any(has_target(labels) for _, labels in train_rows):
         raise UserError(f"{tokenized['train']}: no example has a trained token (every label is -100). "
                         "Check data.train_on and that conversations end with an assistant turn, then rerun "
                         "prepare.")

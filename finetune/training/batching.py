@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
+from finetune.data import tokenized
 from finetune.data.render import IGNORE_INDEX
 
 # Length grouping sorts within windows of this many batches: batches hold similar lengths (little padding,
@@ -104,44 +106,47 @@ def eval_batches(lengths: list[int], *, batch_size: int, batch_tokens: int | Non
     return _cut(order, lengths, batch_size, batch_tokens)
 
 
-def collate_packed(examples: list[tuple[list[int], list[int]]]):
+def collate_packed(examples: list[tuple[Any, Any]]):
     """Padding-free batch: all examples in one row, ``position_ids`` restarting at 0 for each one.
 
     The first label of every example is IGNORE_INDEX so that no token learns to predict across an example boundary.
     ``cu_seq_lens`` are the example boundaries, the keyword the attention functions read for packed rows.
+    Examples are (ids, labels) as lists or numpy arrays; the tensors are int64 either way.
     """
+    import numpy as np
     import torch
 
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    bounds = [0]
-    for input_ids, example_labels in examples:
-        ids += input_ids
-        labels += [IGNORE_INDEX] + list(example_labels[1:])
-        positions += range(len(input_ids))
-        bounds.append(len(ids))
+    ids = np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in examples])
+    labels = np.concatenate([np.asarray(lab, dtype=np.int64) for _, lab in examples])
+    lengths = [len(i) for i, _ in examples]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    labels[bounds[:-1]] = IGNORE_INDEX
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
     cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=False))
+    longest = max(lengths)
     return {
-        "input_ids": torch.tensor([ids]),
-        "position_ids": torch.tensor([positions]),
-        "labels": torch.tensor([labels]),
+        "input_ids": torch.from_numpy(ids)[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "labels": torch.from_numpy(labels)[None],
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
     }
 
 
-def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int):
+def collate_padded(examples: list[tuple[Any, Any]], pad_id: int):
     """Right-padded batch with an attention mask; padding gets label -100."""
+    import numpy as np
     import torch
 
     width = max(len(ids) for ids, _ in examples)
-    ids = [list(i) + [pad_id] * (width - len(i)) for i, _ in examples]
-    labels = [list(lab) + [IGNORE_INDEX] * (width - len(lab)) for _, lab in examples]
-    mask = [[1] * len(i) + [0] * (width - len(i)) for i, _ in examples]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(examples), width), dtype=np.int64)
+    for row, (i, lab) in enumerate(examples):
+        ids[row, :len(i)], labels[row, :len(lab)], mask[row, :len(i)] = i, lab, 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(labels)}
 
 
-def count_targets(examples: list[tuple[list[int], list[int]]]) -> int:
+def count_targets(examples: list[tuple[Any, Any]]) -> int:
     """Tokens that carry loss once labels are shifted (the first label of an example never does)."""
-    return sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for _, labels in examples)
+    return sum(tokenized.count_targets(labels) for _, labels in examples)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data import tokenized
 from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 
@@ -191,7 +192,7 @@ def units(rows: Sequence[Row]) -> int:
 
 
 def chosen_targets(rows: Sequence[Row]) -> int:
-    return sum(sum(1 for t in labels[1:] if t != IGNORE_INDEX) for r in rows for _, labels in r.sequences[:1])
+    return sum(tokenized.count_targets(labels) for r in rows for _, labels in r.sequences[:1])
 
 
 def batch_loss(forward: Callable[[Sequence[Seq]], tuple[Any, Any]],
@@ -300,9 +301,7 @@ def has_preference_columns(columns: Sequence[str]) -> str | None:
 def load_rows(path: Path, split: str, objective: str) -> list[Row]:
     """Preference rows of a tokenized split, shaped for the objective (KTO takes pairs as one desirable and one
     undesirable row, as TRL's unpairing does)."""
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(path))
+    ds = tokenized.load(path)
     kind = has_preference_columns(ds.column_names)
     if kind is None or (objective in PAIRED and kind != "pairs"):
         need = ("pairs (prompt/chosen/rejected)" if objective in PAIRED
@@ -313,11 +312,11 @@ def load_rows(path: Path, split: str, objective: str) -> list[Row]:
                         "prepare, or set train.objective=" + ("kto" if kind == "unpaired" else "sft") + ".")
     prompt = ds[PROMPT_COLUMN] if PROMPT_COLUMN in ds.column_names else [0] * len(ds)
     rows: list[Row] = []
-    chosen = list(zip(ds["input_ids"], ds["labels"], strict=True))
+    chosen = list(zip(tokenized.column_arrays(ds, "input_ids"), tokenized.column_arrays(ds, "labels"), strict=True))
     if kind == "pairs":
-        rejected = list(zip(ds["rejected_input_ids"], ds["rejected_labels"], strict=True))
+        rejected = list(zip(tokenized.column_arrays(ds, "rejected_input_ids"),
+                            tokenized.column_arrays(ds, "rejected_labels"), strict=True))
         for (c, r, p) in zip(chosen, rejected, prompt, strict=True):
-            c, r = (list(c[0]), list(c[1])), (list(r[0]), list(r[1]))
             if not (_trained(c) and _trained(r)):
                 continue
             if objective == "kto":
@@ -326,7 +325,6 @@ def load_rows(path: Path, split: str, objective: str) -> list[Row]:
                 rows.append(Row((c, r), p))
     else:
         for (c, p, d) in zip(chosen, prompt, ds[LABEL_COLUMN], strict=True):
-            c = (list(c[0]), list(c[1]))
             if _trained(c):
                 rows.append(Row((c,), p, bool(d)))
     if split == "train" and not rows:
@@ -336,4 +334,4 @@ def load_rows(path: Path, split: str, objective: str) -> list[Row]:
 
 
 def _trained(seq: Seq) -> bool:
-    return any(t != IGNORE_INDEX for t in seq[1][1:])
+    return tokenized.has_target(seq[1])

@@ -60,10 +60,8 @@ def _run(tmp_path: Path, model_dir: Path, rows: list[dict], **train):
 
 def _logps_by_loss(model, ds, ids_col: str, labels_col: str) -> list[float]:
     """Summed log-probabilities of the trained tokens from eval's cross-entropy (mean per token x tokens)."""
-    from datasets import Dataset
-
-    rows = {"input_ids": ds[ids_col], "labels": ds[labels_col]}
-    loss = eval_models.dataset_loss(model, Dataset.from_dict(rows), "cpu")
+    rows = list(zip(ds[ids_col], ds[labels_col], strict=True))
+    loss = eval_models.dataset_loss(model, rows, "cpu")
     counts = [sum(1 for t in labels[1:] if t != -100) for labels in ds[labels_col]]
     return [-m * n for m, n in zip(loss["per_example"], counts, strict=True)]
 

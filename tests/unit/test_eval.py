@@ -118,6 +118,7 @@ def test_dataset_loss_equals_the_models_own_loss(tiny_model_dir):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.data import tokenized
     from finetune.data.render import render_messages
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -125,7 +126,7 @@ def test_dataset_loss_equals_the_models_own_loss(tiny_model_dir):
     rendered = [render_messages(tok, r["messages"]) for r in arithmetic_rows(3)]
     rendered[0] = render_messages(tok, [{"role": "user", "content": "longer " * 20}, {"role": "assistant", "content": "ok"}])
     ds = Dataset.from_dict({"input_ids": [i for i, _ in rendered], "labels": [lab for _, lab in rendered]})
-    ours = eval_models.dataset_loss(model, ds, "cpu")
+    ours = eval_models.dataset_loss(model, tokenized.rows(ds), "cpu")  # as eval reads prepare's arrays
     nll, count = 0.0, 0
     for ids, labels in rendered:
         n = sum(1 for x in labels[1:] if x != -100)

@@ -288,7 +288,7 @@ def test_kto_takes_pairs_as_a_desirable_and_an_undesirable_row(tmp_path, tiny_mo
                                   batch_size=4, log_every=1, eval_every=100, save_every=100)
     rows = preference.load_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train", "kto")
     assert len(rows) == 16 and [r.desirable for r in rows[:4]] == [True, False, True, False]
-    assert rows[0].sequences[0][0][:rows[0].prompt_length] == rows[1].sequences[0][0][:rows[1].prompt_length]
+    assert list(rows[0].sequences[0][0][:rows[0].prompt_length]) == list(rows[1].sequences[0][0][:rows[1].prompt_length])
     summary = train.run(recipe)
     assert summary["steps"] == 2 and summary["objective"] == "kto"
 
