@@ -27,7 +27,8 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/integration
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
