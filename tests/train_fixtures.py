@@ -65,11 +65,16 @@ def prepared(tmp: Path, model_dir: Path, name: str = "t", *, n_train: int = 48, 
         if n:
             Dataset.from_dict(synthetic_rows(n, s)).save_to_disk(str(tokenized / split))
             paths[split] = tokenized / split
+    record_prepared(recipe, paths, {"train": n_train, "validation": n_val})
+    return recipe
+
+
+def record_prepared(recipe, tokenized: dict[str, Path], rows: dict[str, int]) -> None:
+    """Finish the prepare stage of ``recipe`` over tokenized splits written by hand (its typed record)."""
     folder = recipe.run_dir("prepare")
     with runs.StageRun(recipe, "prepare") as stage:
-        stage.record(artifacts.Prepared(splits={}, tokenized=paths, rows={"train": n_train, "validation": n_val},
-                                        report=folder / "report.json", lengths_png=folder / "lengths.png"))
-    return recipe
+        stage.record(artifacts.Prepared(splits={}, tokenized=tokenized, rows=rows, report=folder / "report.json",
+                                        lengths_png=folder / "lengths.png"))
 
 
 def train_losses(log_path: Path) -> list[tuple[int, float]]:

@@ -13,22 +13,10 @@ import sys
 import urllib.request
 
 import pytest
+from chat_fixtures import scripted
 
 from finetune.chat import HttpBackend, LocalBackend, chat_loop
 from finetune.feedback_store import FeedbackStore
-
-
-def scripted(lines: list[str]):
-    """read_line for chat_loop: returns the lines in order, then end of input."""
-    it = iter(lines)
-
-    def read_line(prompt: str) -> str:
-        try:
-            return next(it)
-        except StopIteration:
-            raise EOFError from None
-
-    return read_line
 
 
 def test_local_chat_streams_saves_resets_and_rates(gguf, tmp_path):

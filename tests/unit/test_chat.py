@@ -6,22 +6,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+from chat_fixtures import scripted
 
 from finetune.chat import HttpBackend, read_message
 from finetune.errors import UserError
-
-
-def scripted(lines: list[str]):
-    """read_line for chat_loop: returns the lines in order, then end of input."""
-    it = iter(lines)
-
-    def read_line(prompt: str) -> str:
-        try:
-            return next(it)
-        except StopIteration:
-            raise EOFError from None
-
-    return read_line
 
 
 def test_read_message_multiline_forms():

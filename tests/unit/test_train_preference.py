@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_fixtures import record_prepared
 
-from finetune import artifacts, runs, train
 from finetune import recipe as recipe_mod
+from finetune import train
 from finetune.training import attention, preference
 
 pytest.importorskip("trl", reason="TRL is the reference implementation these tests compare with (pip install trl)")
@@ -245,10 +246,7 @@ def prepared_preferences(tmp: Path, model_dir: Path, *, unpaired: bool = False, 
     for split, n, s in (("train", n_train, 0), ("validation", n_val, 1)):
         Dataset.from_dict(_pref_rows(n, s, unpaired=unpaired)).save_to_disk(str(tokenized / split))
         paths[split] = tokenized / split
-    folder = recipe.run_dir("prepare")
-    with runs.StageRun(recipe, "prepare") as stage:
-        stage.record(artifacts.Prepared(splits={}, tokenized=paths, rows={"train": n_train, "validation": n_val},
-                                        report=folder / "report.json", lengths_png=folder / "lengths.png"))
+    record_prepared(recipe, paths, {"train": n_train, "validation": n_val})
     return recipe
 
 
