@@ -42,7 +42,6 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     """Score base, fine-tuned and (if exported) GGUF models; write metrics.json, examples.jsonl, report.html.
     ``upstream``: the prepared data, trained model and export to score (default: this recipe's, fresh)."""
 
-    from finetune import eval_report
     from finetune.data.render import prompt_text
 
     cfg = recipe.eval
@@ -50,21 +49,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     prepared, trained, exported = upstream.prepared, upstream.trained, upstream.exported
 
     split_file = prepared.splits[cfg.split]
-    rows = read_jsonl(split_file)
-    if not rows:
-        other = "validation" if cfg.split == "test" else "test"
-        raise runs.NothingToDo(f"the {cfg.split} split is empty ({split_file} has no rows). To get one: set "
-                               f"data.split.{cfg.split} (e.g. 0.1) or add a source with role: {cfg.split}, then run "
-                               f"`finetune prepare {recipe_path}`; or score the other split: eval.split={other}.")
-    # rated rows (KTO's shape): only a desirable reply is a reference answer
-    examples = [r for r in rows if _is_chat_example(r) and r.get("desirable") is not False][: cfg.max_examples]
-    gen_names = [m for m in cfg.metrics if m in GENERATION_METRICS]
+    examples, gen_names = _examples(split_file, cfg, recipe_path)
     want_loss = any(m in cfg.metrics for m in ("loss", "perplexity"))
-    if gen_names and not examples:
-        raise UserError(
-            f"{split_file}: no conversation ending in an assistant turn to score ({len(rows)} rows). Generation "
-            f"metrics ({', '.join(gen_names)}) need chat rows; for raw text use eval.metrics: [loss, perplexity]."
-        )
     tok_split, tok_train = prepared.tokenized[cfg.split], prepared.tokenized["train"]
     pref_rows = eval_preference.read_rows(tok_split, cfg.max_examples)  # None unless the split holds preferences
 
@@ -93,39 +79,13 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         "prepare": prepared.manifest_id, "train": trained.manifest_id,
         "export": exported.manifest_id if exported else None, "split": str(split_file),
     }, upstream=upstream.ids(), aside=True) as stage:
-        variants: dict[str, dict[str, Any]] = {}
-        answers: dict[str, list[dict[str, Any]]] = {}
-        per_example_loss: dict[str, list[float]] = {}
-        pref_logps: dict[str, list[tuple[float, int]]] = {}
-
         print(f"eval: {len(examples)} {cfg.split} examples, {device}, base model {base_path}")
-        model = eval_models.load_causal_lm(base_path, load)
-        for name in ("base", "finetuned"):
-            if name == "finetuned":
-                model = eval_models.attach_finetuned(model, load, adapter_dir, full_dir)
-            t0 = time.time()
-            entry: dict[str, Any] = {"model": str(base_path) if name == "base" else str(adapter_dir or full_dir)}
-            if want_loss and tok_split.exists():
-                loss = eval_models.dataset_loss(model, eval_models.load_tokenized(tok_split, cfg.max_examples), device)
-                entry.update(loss=loss["loss"], perplexity=loss["perplexity"], loss_tokens=loss["tokens"])
-                per_example_loss[name] = loss["per_example"]
-                if name == "finetuned" and tok_train.exists():
-                    train_loss = eval_models.dataset_loss(model, eval_models.load_tokenized(tok_train, cfg.max_examples),
-                                                          device)
-                    entry.update(train_sample_loss=train_loss["loss"], train_sample_perplexity=train_loss["perplexity"])
-            if gen_names:
-                t1 = time.time()
-                raw = eval_models.generate(model, tokenizer, prompts, device=device, **gen_kwargs)
-                answers[name] = [eval_models.read_answer(o, template, ex.get("tools"), end_tokens)
-                                 for o, ex in zip(raw, examples, strict=True)]
-                entry["generation_seconds"] = round(time.time() - t1, 2)
-            if pref_rows:
-                pref_logps[name] = eval_preference.sequence_logps(model, pref_rows["sequences"],
-                                                                  pad_id=tokenizer.pad_token_id, device=device)
-            entry["seconds"] = round(time.time() - t0, 2)
-            variants[name] = entry
-            print(f"eval: {name} done in {duration(entry['seconds'])}")
-        del model
+        columns = _transformers_columns(
+            load, base_path, adapter_dir, full_dir, tokenizer, prompts, examples, device=device,
+            loss_splits=(tok_split, tok_train) if want_loss else None, max_examples=cfg.max_examples,
+            generate=gen_kwargs if gen_names else None, template=template, end_tokens=end_tokens,
+            pref_sequences=pref_rows["sequences"] if pref_rows else None)
+        variants, answers, per_example_loss, pref_logps = columns
 
         gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg,
                                    template=template, end_tokens=end_tokens)
@@ -155,19 +115,88 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         if pref_result:
             result["preference"] = {k: v for k, v in pref_result.items() if k != "per_pair"}
         example_rows = _example_rows(examples, prompts, references, answers, per_example_scores)
-        out = stage.work  # swapped into runs/<name>/eval/ when the stage succeeds
-        runs.atomic_write_json(out / "metrics.json", result)
-        runs.atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                               for r in example_rows))
-        if pref_result:
-            runs.atomic_write_text(out / "preference.jsonl", "".join(json.dumps(r) + "\n"
-                                                                     for r in pref_result["per_pair"]))
-        eval_report.write_report(out, result, example_rows, log_rows, title=f"{recipe.name}: evaluation",
-                                 preference_pairs=pref_result["per_pair"] if pref_result else None)
+        _write_outputs(stage.work, result, example_rows, log_rows, pref_result, title=f"{recipe.name}: evaluation")
         final = stage.dir
         stage.record(artifacts.Evaluated(metrics=final / "metrics.json", examples=final / "examples.jsonl",
                                          report=final / "report.html", variants=list(variants)))
     return result
+
+
+def _examples(split_file: Path, cfg: Any, recipe_path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The chat examples of the split eval scores (at most eval.max_examples) and the generation metrics asked for;
+    refuses an empty split (NothingToDo) and generation metrics without chat rows."""
+    rows = read_jsonl(split_file)
+    if not rows:
+        other = "validation" if cfg.split == "test" else "test"
+        raise runs.NothingToDo(f"the {cfg.split} split is empty ({split_file} has no rows). To get one: set "
+                               f"data.split.{cfg.split} (e.g. 0.1) or add a source with role: {cfg.split}, then run "
+                               f"`finetune prepare {recipe_path}`; or score the other split: eval.split={other}.")
+    # rated rows (KTO's shape): only a desirable reply is a reference answer
+    examples = [r for r in rows if _is_chat_example(r) and r.get("desirable") is not False][: cfg.max_examples]
+    gen_names = [m for m in cfg.metrics if m in GENERATION_METRICS]
+    if gen_names and not examples:
+        raise UserError(
+            f"{split_file}: no conversation ending in an assistant turn to score ({len(rows)} rows). Generation "
+            f"metrics ({', '.join(gen_names)}) need chat rows; for raw text use eval.metrics: [loss, perplexity]."
+        )
+    return examples, gen_names
+
+
+def _transformers_columns(load: Any, base_path: Path, adapter_dir: Path | None, full_dir: Path | None, tokenizer: Any,
+                          prompts: list[str], examples: list[dict[str, Any]], *, device: str,
+                          loss_splits: tuple[Path, Path] | None, max_examples: int | None,
+                          generate: dict[str, Any] | None, template: str, end_tokens: tuple[str, ...],
+                          pref_sequences: list[Any] | None) -> tuple[dict, dict, dict, dict]:
+    """The base model, then the fine-tuned one (the adapter attached to the same loaded base): held-out loss (and the
+    fine-tuned model's loss on a training sample), answers to the prompts, preference log-probabilities.
+    Returns (variants, answers, per-example loss, preference log-probabilities), each by model name."""
+    variants: dict[str, dict[str, Any]] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}
+    per_example_loss: dict[str, list[float]] = {}
+    pref_logps: dict[str, list[tuple[float, int]]] = {}
+    model = eval_models.load_causal_lm(base_path, load)
+    for name in ("base", "finetuned"):
+        if name == "finetuned":
+            model = eval_models.attach_finetuned(model, load, adapter_dir, full_dir)
+        t0 = time.time()
+        entry: dict[str, Any] = {"model": str(base_path) if name == "base" else str(adapter_dir or full_dir)}
+        if loss_splits is not None and loss_splits[0].exists():
+            tok_split, tok_train = loss_splits
+            loss = eval_models.dataset_loss(model, eval_models.load_tokenized(tok_split, max_examples), device)
+            entry.update(loss=loss["loss"], perplexity=loss["perplexity"], loss_tokens=loss["tokens"])
+            per_example_loss[name] = loss["per_example"]
+            if name == "finetuned" and tok_train.exists():
+                train_loss = eval_models.dataset_loss(model, eval_models.load_tokenized(tok_train, max_examples), device)
+                entry.update(train_sample_loss=train_loss["loss"], train_sample_perplexity=train_loss["perplexity"])
+        if generate is not None:
+            t1 = time.time()
+            raw = eval_models.generate(model, tokenizer, prompts, device=device, **generate)
+            answers[name] = [eval_models.read_answer(o, template, ex.get("tools"), end_tokens)
+                             for o, ex in zip(raw, examples, strict=True)]
+            entry["generation_seconds"] = round(time.time() - t1, 2)
+        if pref_sequences:
+            pref_logps[name] = eval_preference.sequence_logps(model, pref_sequences, pad_id=tokenizer.pad_token_id,
+                                                              device=device)
+        entry["seconds"] = round(time.time() - t0, 2)
+        variants[name] = entry
+        print(f"eval: {name} done in {duration(entry['seconds'])}")
+    del model
+    return variants, answers, per_example_loss, pref_logps
+
+
+def _write_outputs(out: Path, result: dict[str, Any], example_rows: list[dict[str, Any]],
+                   log_rows: list[dict[str, Any]], pref_result: dict[str, Any] | None, *, title: str) -> None:
+    """metrics.json, examples.jsonl, preference.jsonl (preference data), report.html and its charts, into ``out``
+    (the stage's work folder, swapped into runs/<name>/eval/ when the stage succeeds)."""
+    from finetune import eval_report
+
+    runs.atomic_write_json(out / "metrics.json", result)
+    runs.atomic_write_text(out / "examples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                           for r in example_rows))
+    if pref_result:
+        runs.atomic_write_text(out / "preference.jsonl", "".join(json.dumps(r) + "\n" for r in pref_result["per_pair"]))
+    eval_report.write_report(out, result, example_rows, log_rows, title=title,
+                             preference_pairs=pref_result["per_pair"] if pref_result else None)
 
 
 def _score_answers(answers: dict[str, list[dict[str, Any]]], references: list[str],
