@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 SYSTEM = "Be brief."
 FACTS = [("Capital of France?", "Paris."), ("What is 2+2?", "4"), ("Name a colour.", "Blue."),
          ("Capital of Italy?", "Rome."), ("Largest planet?", "Jupiter."), ("Opposite of hot?", "Cold.")]
@@ -50,11 +48,8 @@ SECOND = {"method": "lora", "lr": 1e-3, "max_steps": 2, "batch_size": 16, "warmu
 START_LOSS = {"dpo": math.log(2), "kto": 0.5}
 
 
-def finetune(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"finetune {' '.join(args)}:\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"{' '.join(proc.args[2:])}:\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -84,7 +79,7 @@ def trained_loss(run_dir: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def first_round(tiny_model_dir, tmp_path_factory):
+def first_round(tiny_model_dir, tmp_path_factory, finetune):
     # FINETUNE_E2E_RUNS_DIR reuses a folder (stages already up to date are skipped, the checks still run)
     folder = Path(os.environ.get("FINETUNE_E2E_RUNS_DIR") or tmp_path_factory.mktemp("feedback-loop"))
     base = folder / "base"
@@ -94,12 +89,12 @@ def first_round(tiny_model_dir, tmp_path_factory):
                           {"role": "assistant", "content": a}]} for q, a in FACTS]
     (folder / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     recipe = write_recipe(folder, "first", base, ["facts.jsonl"], **FIRST)
-    print(finetune("run", str(recipe), "--no-answer", cwd=folder).stdout)
+    ok(finetune("run", str(recipe), "--no-answer", timeout=900))
     return folder, recipe
 
 
 @pytest.fixture(scope="module")
-def feedback(first_round):
+def feedback(first_round, finetune):
     """Chat with the served first-round GGUF and give feedback on every answer; then export it both ways."""
     openai = pytest.importorskip("openai")
     from serve.launch import ServerProcess
@@ -120,17 +115,17 @@ def feedback(first_round):
         with urllib.request.urlopen(server.url + "/api/feedback", timeout=10) as r:
             counts = json.loads(r.read())
     sft, pairs = folder / "feedback.jsonl", folder / "pairs.jsonl"
-    finetune("feedback", "export", str(recipe), "-o", str(sft), cwd=folder)
-    finetune("feedback", "export", str(recipe), "-o", str(pairs), "--as", "preferences", cwd=folder)
+    ok(finetune("feedback", "export", str(recipe), "-o", str(sft), timeout=300))
+    ok(finetune("feedback", "export", str(recipe), "-o", str(pairs), "--as", "preferences", timeout=300))
     return folder, recipe, replies, counts, sft, pairs, folder / "pairs.kto.jsonl"
 
 
-def second_round(folder: Path, name: str, sources: list[str], objective: str) -> tuple[Path, dict]:
+def second_round(finetune, folder: Path, name: str, sources: list[str], objective: str) -> tuple[Path, dict]:
     """Prepare and train a second round from the first round's model; returns the run folder and prepare's report."""
     model = folder / "runs" / "first" / "train" / "model"
     recipe = write_recipe(folder, name, model, sources, {**SECOND, "objective": objective})
-    finetune("prepare", str(recipe), cwd=folder)
-    finetune("train", str(recipe), cwd=folder)
+    ok(finetune("prepare", str(recipe), timeout=600))
+    ok(finetune("train", str(recipe), timeout=600))
     run_dir = folder / "runs" / name
     return run_dir, json.loads((run_dir / "prepare" / "report.json").read_text())
 
@@ -171,9 +166,9 @@ def test_chat_feedback_is_stored_and_exported(feedback):
     assert undesirable == sorted((q, replies[q][0]) for q, rating, c in FEEDBACK if c or rating == "down")
 
 
-def test_second_round_sft_trains_on_the_feedback_rows(feedback):
+def test_second_round_sft_trains_on_the_feedback_rows(feedback, finetune):
     folder, _, _, _, sft, _, _ = feedback
-    run_dir, report = second_round(folder, "again-sft", ["facts.jsonl", sft.name], "sft")
+    run_dir, report = second_round(finetune, folder, "again-sft", ["facts.jsonl", sft.name], "sft")
     exported = len(read_jsonl(sft))
     assert [(s["name"], s["rows_in"]) for s in report["sources"]] == [("facts.jsonl", 6), (sft.name, exported)]
     # the approved answers repeat the first round's data word for word: dedupe keeps one of each
@@ -183,10 +178,10 @@ def test_second_round_sft_trains_on_the_feedback_rows(feedback):
 
 
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_second_round_preference_training_on_the_feedback(feedback, objective):
+def test_second_round_preference_training_on_the_feedback(feedback, finetune, objective):
     folder, _, _, _, _, pairs, kto = feedback
     data = pairs if objective == "dpo" else kto
-    run_dir, report = second_round(folder, f"again-{objective}", [data.name], objective)
+    run_dir, report = second_round(finetune, folder, f"again-{objective}", [data.name], objective)
     rows = len(read_jsonl(data))
     assert [(s["name"], s["rows_in"]) for s in report["sources"]] == [(data.name, rows)]
     assert report["dropped_total"] == 0 and report["splits"]["train"] == rows
