@@ -3,8 +3,9 @@ that feedback as training data and train again. For real, through the CLI, on a 
 
 1. `finetune run` trains the tiny random Llama of tests/conftest.py (full fine-tuning, until it answers a handful
    of questions and stops) and exports it to GGUF;
-2. `finetune serve` serves that GGUF; the `openai` client asks it questions, and each answer gets feedback through
-   POST /api/feedback by its completion id: thumbs up, thumbs down, or a better answer;
+2. `finetune serve` serves that GGUF; the `openai` client asks it questions (every other one streamed, as the web
+   page asks), and each answer gets feedback through POST /api/feedback by its completion id: thumbs up, thumbs
+   down, or a better answer;
 3. `finetune feedback export` writes the SFT rows (approved and corrected replies) and, with `--as preferences`,
    the DPO pairs (corrections) and the KTO rows (ratings);
 4. round two trains on them: SFT with the feedback file added to the recipe's sources, DPO and KTO with the
@@ -105,12 +106,19 @@ def feedback(first_round, finetune):
     replies = {}
     with ServerProcess(recipe, ["serve.threads=1"]) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        for question, rating, correction in FEEDBACK:
-            r = client.chat.completions.create(model="first-Q8_0", max_tokens=24, temperature=0, messages=[
-                {"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
-            choice = r.choices[0]
-            replies[question] = (choice.message.content, choice.finish_reason)
-            body = {"completion_id": r.id, "rating": rating, "correction": correction}
+        for i, (question, rating, correction) in enumerate(FEEDBACK):
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            ask = dict(model="first-Q8_0", max_tokens=24, temperature=0, messages=messages)
+            if i % 2:  # as the web page asks: streamed, rated by the id of its chunks
+                chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+                cid = chunks[0].id
+                replies[question] = ("".join(c.choices[0].delta.content or "" for c in chunks),
+                                     chunks[-1].choices[0].finish_reason)
+            else:
+                r = client.chat.completions.create(**ask)
+                cid = r.id
+                replies[question] = (r.choices[0].message.content, r.choices[0].finish_reason)
+            body = {"completion_id": cid, "rating": rating, "correction": correction}
             assert post(server.url + "/api/feedback", body)["stored"] is True
         with urllib.request.urlopen(server.url + "/api/feedback", timeout=10) as r:
             counts = json.loads(r.read())
