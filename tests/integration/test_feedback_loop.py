@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import artifacts
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SYSTEM = "Be brief."
@@ -130,7 +132,7 @@ def feedback(first_round, finetune):
 
 def second_round(finetune, folder: Path, name: str, sources: list[str], objective: str) -> tuple[Path, dict]:
     """Prepare and train a second round from the first round's model; returns the run folder and prepare's report."""
-    model = folder / "runs" / "first" / "train" / "model"
+    model = artifacts.from_folder(artifacts.Trained, folder / "runs" / "first" / "train").model
     recipe = write_recipe(folder, name, model, sources, {**SECOND, "objective": objective})
     ok(finetune("prepare", str(recipe), timeout=600))
     ok(finetune("train", str(recipe), timeout=600))
@@ -148,7 +150,7 @@ def assert_trained(run_dir: Path, objective: str) -> None:
     assert losses[1] < losses[0], losses  # the same rows, one step later
     manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
     assert manifest["recipe"]["train"]["objective"] == objective
-    assert (Path(manifest["outputs"]["adapter"]) / "adapter_config.json").exists()
+    assert (artifacts.from_folder(artifacts.Trained, run_dir / "train").adapter / "adapter_config.json").exists()
 
 
 def test_chat_feedback_is_stored_and_exported(feedback):
