@@ -95,14 +95,14 @@ def test_export_outputs(run):
     assert parity, "parity.json is empty"
     assert (out.merged / "config.json").exists()
     # Q4_K_M was quantized with an importance matrix from the training split, in llama.cpp's imatrix format
-    assert Path(out["imatrix"]).read_bytes()[:4] == b"GGUF"
-    table = json.loads(Path(out["quantization"]).read_text())
+    assert out.imatrix.read_bytes()[:4] == b"GGUF"
+    table = json.loads(out.quantization.read_text())
     rows = {r["type"]: r for r in table["rows"]}
     assert rows["Q4_K_M"]["imatrix"] and not rows["Q8_0"]["imatrix"]
     assert all(r["exact_match"] is not None and r["top1_agreement"] is not None for r in rows.values())
     # export.fit_gb: 0.2 picks a type that fits in 0.2 GB, and the Modelfile serves it
-    assert out["picked"] in ("Q8_0", "Q4_K_M") and rows[out["picked"]]["bytes"] <= 0.2e9
-    assert f"quickstart-{out['picked']}.gguf" in (run_dir / "export" / "Modelfile").read_text()
+    assert out.picked in ("Q8_0", "Q4_K_M") and rows[out.picked]["bytes"] <= 0.2e9
+    assert f"quickstart-{out.picked}.gguf" in (run_dir / "export" / "Modelfile").read_text()
 
 
 def test_run_ends_with_an_answer_and_the_chat_command(run):
