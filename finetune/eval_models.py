@@ -82,6 +82,7 @@ def load_tokenized(path: Path, limit: int | None) -> list[tuple[Any, Any]]:
 def dataset_loss(model, rows: list[tuple[Any, Any]], device: str) -> dict[str, Any]:
     """Mean next-token loss over the labelled tokens (labels != -100) of (input ids, labels) rows, as in training;
     per-example means too."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -97,8 +98,9 @@ def dataset_loss(model, rows: list[tuple[Any, Any]], device: str) -> dict[str, A
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for j, i in enumerate(idx):
             n = len(rows[i][0])
-            ids[j, :n] = torch.as_tensor(rows[i][0])
-            labels[j, :n] = torch.as_tensor(rows[i][1])
+            # a writable int64 copy: the rows are read-only views of the memory-mapped split
+            ids[j, :n] = torch.from_numpy(np.array(rows[i][0], dtype=np.int64))
+            labels[j, :n] = torch.from_numpy(np.array(rows[i][1], dtype=np.int64))
             mask[j, :n] = 1
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
