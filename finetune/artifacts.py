@@ -155,22 +155,27 @@ def _decode(value: Any, hint: Any, root: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def load(recipe: Any, cls: type[A], recipe_path: str = "RECIPE", *, fresh: bool = True) -> A:
+def load(recipe: Any, cls: type[A], recipe_path: str = "RECIPE", *, fresh: bool = True,
+         checked: set[str] | None = None) -> A:
     """The finished record of ``cls.STAGE`` for this recipe's run. ``fresh``: its outputs must still match the
-    recipe and their inputs (``freshness.require_fresh``: "prepared data is stale because ... run ...")."""
+    recipe and their inputs (``freshness.require_fresh``: "prepared data is stale because ... run ...");
+    ``checked`` holds the stages already found fresh by the same reader, which are not checked again."""
     from finetune import freshness
 
-    manifest = (freshness.require_fresh(recipe, cls.STAGE, recipe_path) if fresh
+    manifest = (freshness.require_fresh(recipe, cls.STAGE, recipe_path, checked=checked) if fresh
                 else runs.require_stage(recipe, cls.STAGE, recipe_path))
-    return from_outputs(cls, manifest.get("outputs") or {}, recipe.run_dir(), manifest_id=runs.manifest_id(manifest),
-                        where=f"{recipe.run_dir(cls.STAGE)}/manifest.json")
+    return _record(recipe, cls, manifest)
 
 
 def load_if_finished(recipe: Any, cls: type[A]) -> A | None:
     """The record when the stage has finished (fresh or not), else None: for readers that can do without it."""
-    if runs.read_manifest(recipe.run_dir(cls.STAGE)) is None:
-        return None
-    return load(recipe, cls, fresh=False)
+    manifest = runs.read_manifest(recipe.run_dir(cls.STAGE))
+    return None if manifest is None else _record(recipe, cls, manifest)
+
+
+def _record(recipe: Any, cls: type[A], manifest: dict[str, Any]) -> A:
+    return from_outputs(cls, manifest.get("outputs") or {}, recipe.run_dir(), manifest_id=runs.manifest_id(manifest),
+                        where=f"{recipe.run_dir(cls.STAGE)}/manifest.json")
 
 
 def from_folder(cls: type[A], stage_dir: Path) -> A:
@@ -185,21 +190,21 @@ def from_folder(cls: type[A], stage_dir: Path) -> A:
 
 def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:
     """What ``stage`` reads, each fresh: train <- prepare; export <- train (and prepare's splits when there);
-    eval <- prepare, train and (when it has run) export; tune <- prepare."""
+    eval <- prepare, train and (when it has run) export. Each upstream stage's freshness is checked once."""
+    checked: set[str] = set()
     if stage in ("prepare", "plan"):
         return Upstream()
-    if stage == "tune":
-        return Upstream(prepared=load(recipe, Prepared, recipe_path))
-    if stage == "train":
+    if stage in ("tune", "train"):
         return Upstream(prepared=load(recipe, Prepared, recipe_path))
     if stage == "export":  # prepare's splits (not its freshness) serve the parity checks and the calibration text
         return Upstream(trained=load(recipe, Trained, recipe_path), prepared=load_if_finished(recipe, Prepared))
     if stage == "eval":
-        prepared, trained = load(recipe, Prepared, recipe_path), load(recipe, Trained, recipe_path)
+        prepared = load(recipe, Prepared, recipe_path, checked=checked)
+        trained = load(recipe, Trained, recipe_path, checked=checked)
         exported = None
         if runs.read_manifest(recipe.run_dir("export")) is not None:
             try:  # recorded even when eval.gguf is off, so that a later export makes eval stale as before
-                exported = load(recipe, Exported, recipe_path, fresh=recipe.eval.gguf)
+                exported = load(recipe, Exported, recipe_path, fresh=recipe.eval.gguf, checked=checked)
             except UserError as exc:
                 raise UserError(f"{exc}; or score without the GGUF: eval.gguf=false") from None
         return Upstream(prepared=prepared, trained=trained, exported=exported)

@@ -77,16 +77,23 @@ def why_stale(recipe: Recipe, stage: Stage) -> str | None:
     return None
 
 
-def require_fresh(recipe: Recipe, name: str, recipe_path: str = "RECIPE") -> dict[str, Any]:
+def require_fresh(recipe: Recipe, name: str, recipe_path: str = "RECIPE", *,
+                  checked: set[str] | None = None) -> dict[str, Any]:
     """The manifest of a finished stage whose outputs still match the recipe and their inputs, as do the stages
-    before it. Otherwise a UserError: "prepared data is stale because X changed: run `finetune prepare R`"."""
+    before it. Otherwise a UserError: "prepared data is stale because X changed: run `finetune prepare R`".
+    ``checked``: stages a reader already found fresh (skipped; this one is added once fresh), so that reading
+    prepare, train and export checks prepare's data fingerprints once, not three times."""
+    checked = set() if checked is None else checked
     manifest = runs.require_stage(recipe, name, recipe_path)
+    if name in checked:
+        return manifest
     for up in BY_NAME[name].upstream:
-        if (recipe.run_dir(up) / "manifest.json").exists():
-            require_fresh(recipe, up, recipe_path)
+        if up not in checked and (recipe.run_dir(up) / "manifest.json").exists():
+            require_fresh(recipe, up, recipe_path, checked=checked)
     reason = why_stale(recipe, BY_NAME[name])
     if reason is not None:
         raise UserError(f"{OUTPUT_NAMES.get(name, name + ' outputs')} is stale because {reason}: run "
                         f"`finetune {name} {recipe_path}`" + (" (or `finetune run`, which rebuilds what is stale)"
                                                               if name in STAGE_NAMES else ""))
+    checked.add(name)
     return manifest

@@ -494,7 +494,7 @@ def _load_rows(path: Path, split: str) -> list[tuple[Any, Any]]:
     if missing:
         raise UserError(f"{path}: the tokenized {split} split lacks columns {sorted(missing)} "
                         f"(has {ds.column_names}); rerun `finetune prepare RECIPE`.")
-    rows = list(zip(tokenized.column_arrays(ds, "input_ids"), tokenized.column_arrays(ds, "labels"), strict=True))
+    rows = tokenized.rows(ds)
     bad = next((n for n, (i, lab) in enumerate(rows) if len(i) != len(lab)), None)
     if bad is not None:
         raise UserError(f"{path}: row {bad} has {len(rows[bad][0])} input_ids but {len(rows[bad][1])} labels; "

@@ -20,9 +20,10 @@ def column_arrays(ds: Any, name: str) -> list[Any]:
     return [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
 
 
-def rows(ds: Any) -> list[tuple[Any, Any]]:
-    """(input ids, labels) of every example, as views (see ``column_arrays``)."""
-    return list(zip(column_arrays(ds, "input_ids"), column_arrays(ds, "labels"), strict=True))
+def rows(ds: Any, prefix: str = "") -> list[tuple[Any, Any]]:
+    """(input ids, labels) of every example, as views (see ``column_arrays``); ``prefix`` picks another pair of
+    columns (``rejected_``: a preference pair's rejected side)."""
+    return list(zip(column_arrays(ds, f"{prefix}input_ids"), column_arrays(ds, f"{prefix}labels"), strict=True))
 
 
 def load(path: Path) -> Any:

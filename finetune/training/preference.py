@@ -312,10 +312,9 @@ def load_rows(path: Path, split: str, objective: str) -> list[Row]:
                         "prepare, or set train.objective=" + ("kto" if kind == "unpaired" else "sft") + ".")
     prompt = ds[PROMPT_COLUMN] if PROMPT_COLUMN in ds.column_names else [0] * len(ds)
     rows: list[Row] = []
-    chosen = list(zip(tokenized.column_arrays(ds, "input_ids"), tokenized.column_arrays(ds, "labels"), strict=True))
+    chosen = tokenized.rows(ds)
     if kind == "pairs":
-        rejected = list(zip(tokenized.column_arrays(ds, "rejected_input_ids"),
-                            tokenized.column_arrays(ds, "rejected_labels"), strict=True))
+        rejected = tokenized.rows(ds, prefix="rejected_")
         for (c, r, p) in zip(chosen, rejected, prompt, strict=True):
             if not (_trained(c) and _trained(r)):
                 continue

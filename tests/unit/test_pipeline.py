@@ -136,6 +136,23 @@ def test_a_data_override_makes_prepared_data_stale_for_every_later_stage(toy):
         freshness.require_fresh(load("model.dtype=float32"), "export")
 
 
+def test_reading_eval_inputs_checks_each_upstream_stage_once(toy, monkeypatch):
+    """eval reads prepare, train and export; prepare's data fingerprints (sha256 of every data file) are computed
+    once for the three, not once per record."""
+    from finetune import artifacts, prepare_inputs
+
+    load, _, go, data = toy
+    go()
+    calls = []
+    real = prepare_inputs.stale_inputs
+    monkeypatch.setattr(prepare_inputs, "stale_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    up = artifacts.for_stage(load(), "eval", "R")
+    assert up.prepared and up.trained and up.exported and len(calls) == 1
+    data.write_text(data.read_text() * 2)  # still refused when stale, once checked
+    with pytest.raises(UserError, match="prepared data is stale because the content of data file"):
+        artifacts.for_stage(load(), "eval", "R")
+
+
 def test_a_stage_rerun_by_hand_makes_downstream_stale(toy):
     load, counts, go, _ = toy
     go()
