@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from finetune import runs
 from finetune.cli import load_recipe, recipe_parser
 from finetune.console import duration, mib, number, table
 from finetune.errors import UserError
@@ -26,7 +27,8 @@ def prepare_command(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
     ns = parser.parse_args(argv)
     recipe = load_recipe(ns)
-    report = stage.run(recipe, force=ns.force)
+    with runs.run_lock(recipe, "prepare"):
+        report = stage.run(recipe, force=ns.force)
     print_summary(report, recipe.run_dir("prepare"))
     return 0
 
@@ -42,7 +44,8 @@ def train_command(argv: list[str]) -> int:
                         "when its settings are unchanged)")
     ns = p.parse_args(argv)
     recipe = load_recipe(ns)
-    summary = stage.run(recipe, resume=ns.resume, recipe_path=ns.recipe)
+    with runs.run_lock(recipe, "train"):
+        summary = stage.run(recipe, resume=ns.resume, recipe_path=ns.recipe)
     if int(os.environ.get("RANK", "0")) == 0:
         out = recipe.run_dir("train")
         val = summary["final_val_loss"]
@@ -62,7 +65,8 @@ def export_command(argv: list[str]) -> int:
     ns = recipe_parser("export", "Merge the trained adapter, convert to GGUF (F16 + quantizations), check parity, "
                                  "write Ollama Modelfiles. Run after `finetune train`.").parse_args(argv)
     recipe = load_recipe(ns)
-    result = stage.run(recipe, recipe_path=ns.recipe)
+    with runs.run_lock(recipe, "export"):
+        result = stage.run(recipe, recipe_path=ns.recipe)
     print(f"\nexported to {recipe.run_dir('export')} in {duration(result['seconds']['total'])}")
     summary = result["parity_summary"] or {}
     print(gguf_table(result["gguf"], result["sizes"], summary))
@@ -96,7 +100,8 @@ def eval_command(argv: list[str]) -> int:
                            "examples; write metrics.json and report.html under runs/<name>/eval/.")
     ns = parser.parse_args(argv)
     recipe = load_recipe(ns)
-    result = stage.run(recipe, recipe_path=ns.recipe)
+    with runs.run_lock(recipe, "eval"):
+        result = stage.run(recipe, recipe_path=ns.recipe)
     print(summary_table(result))
     print(f"\n{result['verdict']['summary']}")
     if "preference" in result["verdict"] and result["verdict"]["preference"] is not result["verdict"]["improved"]:
@@ -131,7 +136,8 @@ def tune_command(argv: list[str]) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete the stored study and its trials and start over")
     ns = parser.parse_args(argv)
     recipe = load_recipe(ns)
-    result = stage.run(recipe, recipe_path=ns.recipe, fresh=ns.fresh)
+    with runs.run_lock(recipe, "tune"):
+        result = stage.run(recipe, recipe_path=ns.recipe, fresh=ns.fresh)
     print(stage.results_table(result["trials"]))
     params = ", ".join(f"{k}={v}" for k, v in result["best_params"].items())
     print(f"\nbest: trial {result['best_trial']} (validation loss {number(result['best_value'])}): {params}")
@@ -173,7 +179,8 @@ def run_command(argv: list[str]) -> int:
     keep = [o for o in ns.overrides if o.split("=", 1)[0].split(".")[0] in ("runs_dir", "name", "serve")]
     where = " ".join([ns.recipe, *keep])
     print(f"run '{recipe.name}' -> {recipe.run_dir()}", flush=True)
-    result = stage.run(recipe, recipe_path=ns.recipe, force=ns.force, start=ns.start, answer=not ns.no_answer)
+    with runs.run_lock(recipe, "run"):
+        result = stage.run(recipe, recipe_path=ns.recipe, force=ns.force, start=ns.start, answer=not ns.no_answer)
 
     rows = [[name, info["status"], duration(info["seconds"]) if info["status"] == "ran" else None]
             for name, info in result["stages"].items()]

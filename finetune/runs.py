@@ -134,6 +134,30 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
+@contextlib.contextmanager
+def run_lock(recipe: Any, command: str) -> Iterator[None]:
+    """Hold ``runs/<name>/.lock`` while a command writes into the run: a second ``finetune`` command on the same
+    run stops at once with an error (exit 2) instead of racing the first for its folders. The lock is the
+    operating system's (released when the process ends, even killed); ranks of a multi-process training other than
+    the first do not take it (the first holds it for them)."""
+    from filelock import FileLock, Timeout
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    folder = make_dir(recipe.run_dir())
+    lock = FileLock(folder / ".lock", is_singleton=True)  # one lock object per path: re-entrant in this process
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"run '{recipe.name}' ({folder}) is in use by another finetune command: wait for it to "
+                        f"finish, or start `finetune {command}` with another name (name=...)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def make_dir(path: Path) -> Path:
     """``mkdir -p`` that says what is wrong (a file in the way, a read-only folder) and how to fix it."""
     path = Path(path)

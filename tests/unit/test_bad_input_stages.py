@@ -186,7 +186,7 @@ def test_a_failed_prepare_keeps_the_previous_prepared_data(cli, project):
     data.write_text("")
     assert cli("prepare", str(recipe))[0] == 2
     assert tree(out) == before
-    assert sorted(p.name for p in out.parent.iterdir()) == ["prepare"]  # no partial folder left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == [".lock", "prepare"]  # no partial folder left behind
 
 
 def test_a_failed_train_keeps_the_previous_adapter(cli, project, tiny_model_dir):

@@ -110,3 +110,36 @@ def test_read_only_runs_dir_is_a_user_error(tmp_path):
 def test_changed_keys_and_manifest_id():
     assert runs.changed_keys({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}, "x") == ["x.b.c"]
     assert runs.manifest_id(None) is None and runs.manifest_id({"a": 1}) != runs.manifest_id({"a": 2})
+
+
+def test_a_second_command_on_a_run_in_use_stops_with_a_clear_error(tmp_path, tokenizer_dir):
+    """Two `finetune` commands on one run would race for its folders: the second stops at once (exit 2), the
+    first keeps its lock while it nests stages (`finetune run` holding it, each stage taking it again)."""
+    import subprocess
+    import sys
+
+    from finetune import cli
+
+    r = recipe.validate_dict({"name": "busy", "runs_dir": str(tmp_path / "runs"), "model": {"id": str(tokenizer_dir)},
+                          "data": {"sources": [{"path": "x.jsonl"}]}})
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
+                               f"lock = FileLock({str(r.run_dir() / '.lock')!r}); lock.acquire()\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        r.run_dir().mkdir(parents=True)
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runs.UserError, match=r"run 'busy' \(.*runs/busy\) is in use by another finetune "
+                                                  r"command: wait for it to finish, or start `finetune train` with "
+                                                  r"another name \(name=\.\.\.\)"):
+            with runs.run_lock(r, "train"):
+                pass
+        (tmp_path / "r.yaml").write_text(f"name: busy\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tokenizer_dir}\n"
+                                         f"data:\n  sources:\n    - path: {tmp_path / 'x.jsonl'}\n")
+        (tmp_path / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+        assert cli.main(["prepare", str(tmp_path / "r.yaml")]) == cli.EXIT_USER_ERROR
+        assert not (r.run_dir() / "prepare").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with runs.run_lock(r, "run"), runs.run_lock(r, "prepare"):  # free again, and re-entrant in one process
+        pass
