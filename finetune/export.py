@@ -16,8 +16,10 @@ Outputs in runs/<name>/export/: merged/, <name>-F16.gguf, <name>-Q8_0.gguf, ...,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,100 +185,42 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     ``calibration``: text for the importance matrix of the sub-8-bit types (None: quantize without one).
     Raises UserError (after writing parity.json) when a parity check fails.
     """
-    from finetune.gguf import convert, parity, runtime
-    from finetune.gguf import ollama as ollama_mod
-
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     table = table or TableSettings()
-    quantizations = [q.upper() for q in quantizations if q.upper() != outtype.upper()]
-    for q in quantizations:
-        if q in runtime.NEEDS_IMATRIX and calibration is None:
-            raise UserError(f"export.quantizations: {q} needs an importance matrix; turn export.imatrix on "
-                            "(the default) or use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
-        if q not in runtime.FTYPES:
-            raise UserError(f"export.quantizations: unknown type {q!r}; known: {', '.join(sorted(runtime.FTYPES))}")
+    quantizations = _check_types(outtype, quantizations, calibration)
+    adapter_gguf = adapter_gguf and adapter_dir is not None
+    _preflight(name, out_dir, base_dir=base_dir, adapter_dir=adapter_dir, model_dir=model_dir, outtype=outtype,
+               quantizations=quantizations, adapter_gguf=adapter_gguf)
 
-    # Fail before the slow parts: architecture unknown to the converter, no chat template, too little disk.
-    source = adapter_dir or model_dir or base_dir
-    convert.check_architecture(base_dir if adapter_dir else (model_dir or base_dir))
-    if adapter_dir is not None and adapter_gguf and not _is_dora(adapter_dir):
-        convert.check_adapter_gguf(json.loads((Path(base_dir) / "config.json").read_text()))
-    load_chat_tokenizer(source)
     weights = base_dir if adapter_dir else (model_dir or base_dir)
-    weight_bytes = sum(p.stat().st_size for p in Path(weights).glob("*.safetensors"))
-    n_est = weight_bytes // (4 if _checkpoint_dtype(weights).itemsize == 4 else 2)
-    needed = weight_bytes + convert.estimate_bytes(n_est, outtype) + sum(convert.estimate_bytes(n_est, q) for q in quantizations)
-    if adapter_dir is not None and adapter_gguf:
-        needed += convert.estimate_bytes(n_est, "F16")
-    convert.check_free_space(out_dir, needed, f"exporting {name}")
-
     log("export: merging" + (f" the adapter {adapter_dir} into {base_dir}" if adapter_dir else f" {weights}"))
-    t = time.time()
     merged_dir = out_dir / "merged"
-    merged = merge(base_dir=base_dir, adapter_dir=adapter_dir, model_dir=model_dir, out_dir=merged_dir)
-    timings["merge"] = time.time() - t
+    with _timed(timings, "merge"):
+        merged = merge(base_dir=base_dir, adapter_dir=adapter_dir, model_dir=model_dir, out_dir=merged_dir)
     if merged["eos_before"] != merged["end_of_turn"]:
         log(f"export: EOS set to the end-of-turn token {merged['end_of_turn']!r} (was {merged['eos_before']!r})")
-
     tokenizer = load_chat_tokenizer(merged_dir)  # the exported model's, for calibration and the checks below
-    ggufs: dict[str, Path] = {}
-    t = time.time()
-    log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
     # general.name: the base model's (llama.cpp's tokenizer reads model quirks from it), not "Merged"
-    base_name = convert.model_name(base_dir or model_dir)
-    ggufs[outtype] = convert.convert_model(merged_dir, out_dir / f"{name}-{outtype}.gguf", outtype, model_name=base_name)
-    timings["convert"] = time.time() - t
-    imatrix_file, imatrix_info = None, None
-    guided = [q for q in quantizations if q not in IMATRIX_FREE] if calibration is not None else []
-    if guided:
-        t = time.time()
-        imatrix_file = out_dir / f"{name}-imatrix.gguf"
-        imatrix_info = _importance_matrix(tokenizer, merged_dir, ggufs[outtype], imatrix_file, calibration, log)
-        timings["imatrix"] = time.time() - t
-    t = time.time()
-    for q in quantizations:
-        log(f"export: quantizing to {q}" + (" with the importance matrix" if q in guided else ""))
-        ggufs[q] = out_dir / f"{name}-{q}.gguf"
-        runtime.quantize(ggufs[outtype], ggufs[q], q, imatrix=imatrix_file if q in guided else None)
-    timings["quantize"] = time.time() - t
+    from finetune.gguf import convert
 
+    base_name = convert.model_name(base_dir or model_dir)
+    ggufs, guided, imatrix_file, imatrix_info = _convert_and_quantize(
+        name, out_dir, merged_dir, tokenizer, outtype=outtype, quantizations=quantizations, base_name=base_name,
+        calibration=calibration, timings=timings, log=log)
     adapter_file = base_file = None
-    if adapter_dir is not None and adapter_gguf:
-        t = time.time()
-        if _is_dora(adapter_dir):
-            log("export: DoRA adapters have no llama.cpp GGUF adapter format; use the merged GGUFs")
-        else:
-            log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
-            adapter_file = convert.convert_lora(adapter_dir, base_dir, out_dir / f"{name}-adapter-F16.gguf", "F16")
-            base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16", model_name=base_name)
-        timings["adapter"] = time.time() - t
+    if adapter_gguf:
+        with _timed(timings, "adapter"):
+            adapter_file, base_file = _adapter_ggufs(name, out_dir, adapter_dir, base_dir, base_name, log)
 
     report: dict[str, Any] | None = None
     if parity_checks:
-        t = time.time()
-        log("export: parity checks (tokens, chat prompt, logits per type, greedy chat)")
-        rows = heldout_rows or parity.FALLBACK_HELDOUT
-        sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
-        conversations = _renderable(tokenizer, _prompt_conversations(rows))
-        greedy = conversations[:2]
-        ref = out_dir / ".reference-logits.npy"
-        try:
-            hf = parity.HFReference(merged_dir, tokenizer)
-            hf.save_logits(sequences, ref)
-            report = parity.run_checks(
-                model_dir=merged_dir, ggufs=ggufs, tokenizer=tokenizer, sequences=sequences,
-                conversations=conversations, greedy_conversations=greedy, reference=ref, hf=hf,
-                n_params=merged["n_params"], min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
-                adapter=(base_file, adapter_file) if adapter_file else None, greedy_max_tokens=GREEDY_MAX_TOKENS,
-            )
-        finally:
-            ref.unlink(missing_ok=True)
-        report["heldout"] = {"sequences": len(sequences), "tokens": sum(len(s) for s in sequences),
-                             "source": "test split" if heldout_rows else "built-in texts (no prepare test split)"}
-        timings["parity"] = time.time() - t
+        with _timed(timings, "parity"):
+            report = _parity(out_dir, merged_dir, tokenizer, ggufs, heldout_rows, n_params=merged["n_params"],
+                             min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
+                             adapter=(base_file, adapter_file) if adapter_file else None, log=log)
         report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         runs.atomic_write_json(out_dir / "parity.json", report)
         if not report["ok"]:
@@ -284,46 +228,18 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
                             f"the trained model (details: {out_dir / 'parity.json'}):\n  - "
                             + "\n  - ".join(report["failed"]))
 
-    from finetune.gguf import quant_table
-
-    t = time.time()
-    prompts = quant_table.task_prompts(heldout_rows or [], table.examples)
-    answer_tokens = [len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in prompts]
-    rows = quant_table.build(ggufs, parity_types=(report or {}).get("types"), prompts=prompts,
-                             max_tokens=min(256, max(answer_tokens, default=0) + 16), imatrix_types=set(guided),
-                             log=log)
-    fit_bytes = int(table.fit_gb * 1e9) if table.fit_gb is not None else None
-    picked, why = quant_table.pick(rows, fit_bytes=fit_bytes, tolerance=table.tolerance)
-    quant = {"rows": rows, "picked": picked, "why": why, "fit_gb": table.fit_gb, "tolerance": table.tolerance,
-             "imatrix": imatrix_info}
-    runs.atomic_write_json(out_dir / "quantization.json", quant)
-    chart = quant_table.plot(rows, out_dir / "quantization.png")
-    timings["table"] = time.time() - t
-    if table.fit_gb is not None:
-        log(f"export: picked {picked}: {why}" if picked else f"export: WARNING: {why}")
-        if picked:
-            default_quant = picked
-
-    warnings: list[str] = []
-    if ollama:
-        info = runtime.inspect(ggufs[outtype])
-        stop = [tokenizer.convert_ids_to_tokens(i) for i in models.end_of_turn_ids(tokenizer)]
-        num_ctx = min(info["n_ctx_train"] or 4096, 32768)  # the model's context; capped: Ollama allocates it all
-        system = parity.default_system_prompt(tokenizer)
-        default = default_quant if default_quant in ggufs else (quantizations[0] if quantizations else outtype)
-        for qtype, path in ggufs.items():
-            text, warning = ollama_mod.modelfile(path.name, jinja_template=info["chat_template"], stop_tokens=stop,
-                                                 num_ctx=num_ctx, default_system=system)
-            runs.atomic_write_text(out_dir / ollama_mod.modelfile_name(path.name), text)
-            if qtype == default:
-                runs.atomic_write_text(out_dir / "Modelfile", text.replace(ollama_mod.modelfile_name(path.name), "Modelfile"))
-            if warning and warning not in warnings:
-                warnings.append(warning)
-                log(f"export: WARNING: {warning}")
+    with _timed(timings, "table"):
+        quant, chart = _quantization_table(out_dir, tokenizer, ggufs, report, heldout_rows, table,
+                                           guided=set(guided), imatrix_info=imatrix_info, log=log)
+    if table.fit_gb is not None and quant["picked"]:  # with a budget, the picked type is the default
+        default_quant = quant["picked"]
+    default = default_quant if default_quant in ggufs else None
+    warnings = _modelfiles(out_dir, ggufs, tokenizer, outtype=outtype,
+                           default=default or (quantizations[0] if quantizations else outtype),
+                           log=log) if ollama else []
     sizes = {q: p.stat().st_size for q, p in ggufs.items()}
     runs.atomic_write_text(out_dir / "README.md", _readme(name, ggufs, sizes, adapter_file, base_file, report, ollama,
-                                                          default_quant if default_quant in ggufs else None)
-                           + _table_section(quant, chart))
+                                                          default) + _table_section(quant, chart))
     timings["total"] = time.time() - t0
     return {
         "merged": str(merged_dir), "merge": merged,
@@ -333,9 +249,161 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         "parity": str(out_dir / "parity.json") if report is not None else None,
         "parity_summary": _parity_summary(report) if report is not None else None,
         "warnings": warnings, "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "quantization": str(out_dir / "quantization.json"), "picked": picked,
+        "quantization": str(out_dir / "quantization.json"), "picked": quant["picked"],
         "imatrix": str(imatrix_file) if imatrix_file else None,
     }
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t = time.time()
+    yield
+    timings[key] = time.time() - t
+
+
+def _check_types(outtype: str, quantizations: list[str] | tuple, calibration: Calibration | None) -> list[str]:
+    """The quantization types to make (the unquantized one left out), each known and makeable."""
+    from finetune.gguf import runtime
+
+    types = [q.upper() for q in quantizations if q.upper() != outtype.upper()]
+    for q in types:
+        if q in runtime.NEEDS_IMATRIX and calibration is None:
+            raise UserError(f"export.quantizations: {q} needs an importance matrix; turn export.imatrix on "
+                            "(the default) or use Q4_K_M, Q5_K_M, Q6_K or Q8_0 instead")
+        if q not in runtime.FTYPES:
+            raise UserError(f"export.quantizations: unknown type {q!r}; known: {', '.join(sorted(runtime.FTYPES))}")
+    return types
+
+
+def _preflight(name: str, out_dir: Path, *, base_dir: Path | None, adapter_dir: Path | None,
+               model_dir: Path | None, outtype: str, quantizations: list[str], adapter_gguf: bool) -> None:
+    """Fail before the slow parts: architecture unknown to the converter, no chat template, too little disk."""
+    from finetune.gguf import convert
+
+    weights = base_dir if adapter_dir else (model_dir or base_dir)
+    convert.check_architecture(weights)
+    if adapter_gguf and not _is_dora(adapter_dir):
+        convert.check_adapter_gguf(json.loads((Path(base_dir) / "config.json").read_text()))
+    load_chat_tokenizer(adapter_dir or model_dir or base_dir)
+    weight_bytes = sum(p.stat().st_size for p in Path(weights).glob("*.safetensors"))
+    n_est = weight_bytes // (4 if _checkpoint_dtype(weights).itemsize == 4 else 2)
+    needed = weight_bytes + convert.estimate_bytes(n_est, outtype) + sum(convert.estimate_bytes(n_est, q) for q in quantizations)
+    if adapter_gguf:
+        needed += convert.estimate_bytes(n_est, "F16")
+    convert.check_free_space(out_dir, needed, f"exporting {name}")
+
+
+def _convert_and_quantize(name: str, out_dir: Path, merged_dir: Path, tokenizer, *, outtype: str,
+                          quantizations: list[str], base_name: str | None, calibration: Calibration | None,
+                          timings: dict[str, float], log) -> tuple[dict[str, Path], list[str], Path | None, Any]:
+    """The unquantized GGUF, the importance matrix (for the sub-8-bit types, when there is calibration text) and
+    each quantized GGUF: ({type: path}, the types quantized with the matrix, the matrix file, what it was made of)."""
+    from finetune.gguf import convert, runtime
+
+    ggufs: dict[str, Path] = {}
+    log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
+    with _timed(timings, "convert"):
+        ggufs[outtype] = convert.convert_model(merged_dir, out_dir / f"{name}-{outtype}.gguf", outtype,
+                                               model_name=base_name)
+    imatrix_file, imatrix_info = None, None
+    guided = [q for q in quantizations if q not in IMATRIX_FREE] if calibration is not None else []
+    if guided:
+        imatrix_file = out_dir / f"{name}-imatrix.gguf"
+        with _timed(timings, "imatrix"):
+            imatrix_info = _importance_matrix(tokenizer, merged_dir, ggufs[outtype], imatrix_file, calibration, log)
+    with _timed(timings, "quantize"):
+        for q in quantizations:
+            log(f"export: quantizing to {q}" + (" with the importance matrix" if q in guided else ""))
+            ggufs[q] = out_dir / f"{name}-{q}.gguf"
+            runtime.quantize(ggufs[outtype], ggufs[q], q, imatrix=imatrix_file if q in guided else None)
+    return ggufs, guided, imatrix_file, imatrix_info
+
+
+def _adapter_ggufs(name: str, out_dir: Path, adapter_dir: Path, base_dir: Path, base_name: str | None,
+                   log) -> tuple[Path | None, Path | None]:
+    """The LoRA adapter as a GGUF adapter and the base model to load it over (none for DoRA)."""
+    from finetune.gguf import convert
+
+    if _is_dora(adapter_dir):
+        log("export: DoRA adapters have no llama.cpp GGUF adapter format; use the merged GGUFs")
+        return None, None
+    log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
+    adapter_file = convert.convert_lora(adapter_dir, base_dir, out_dir / f"{name}-adapter-F16.gguf", "F16")
+    base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16", model_name=base_name)
+    return adapter_file, base_file
+
+
+def _parity(out_dir: Path, merged_dir: Path, tokenizer, ggufs: dict[str, Path], heldout_rows: list[dict] | None, *,
+            n_params: int, min_top1_unquantized: float, unquantized: str,
+            adapter: tuple[Path, Path] | None, log) -> dict[str, Any]:
+    """Export's parity checks of every GGUF against the merged model (``finetune.gguf.parity``), on the held-out
+    rows (the test split; built-in texts without one)."""
+    from finetune.gguf import parity
+
+    log("export: parity checks (tokens, chat prompt, logits per type, greedy chat)")
+    rows = heldout_rows or parity.FALLBACK_HELDOUT
+    sequences = parity.heldout_sequences(tokenizer, rows) or parity.heldout_sequences(tokenizer, parity.FALLBACK_HELDOUT)
+    conversations = _renderable(tokenizer, _prompt_conversations(rows))
+    ref = out_dir / ".reference-logits.npy"
+    try:
+        hf = parity.HFReference(merged_dir, tokenizer)
+        hf.save_logits(sequences, ref)
+        report = parity.run_checks(
+            model_dir=merged_dir, ggufs=ggufs, tokenizer=tokenizer, sequences=sequences,
+            conversations=conversations, greedy_conversations=conversations[:2], reference=ref, hf=hf,
+            n_params=n_params, min_top1_unquantized=min_top1_unquantized, unquantized=unquantized,
+            adapter=adapter, greedy_max_tokens=GREEDY_MAX_TOKENS,
+        )
+    finally:
+        ref.unlink(missing_ok=True)
+    report["heldout"] = {"sequences": len(sequences), "tokens": sum(len(s) for s in sequences),
+                         "source": "test split" if heldout_rows else "built-in texts (no prepare test split)"}
+    return report
+
+
+def _quantization_table(out_dir: Path, tokenizer, ggufs: dict[str, Path], report: dict | None,
+                        heldout_rows: list[dict] | None, table: TableSettings, *, guided: set[str],
+                        imatrix_info: Any, log) -> tuple[dict[str, Any], Path | None]:
+    """quantization.json (and its chart): each type's size, agreement, task metric and speed, and the type picked
+    for ``table.fit_gb`` (None without a budget)."""
+    from finetune.gguf import quant_table
+
+    prompts = quant_table.task_prompts(heldout_rows or [], table.examples)
+    answer_tokens = [len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for _, ref in prompts]
+    rows = quant_table.build(ggufs, parity_types=(report or {}).get("types"), prompts=prompts,
+                             max_tokens=min(256, max(answer_tokens, default=0) + 16), imatrix_types=guided, log=log)
+    fit_bytes = int(table.fit_gb * 1e9) if table.fit_gb is not None else None
+    picked, why = quant_table.pick(rows, fit_bytes=fit_bytes, tolerance=table.tolerance)
+    quant = {"rows": rows, "picked": picked, "why": why, "fit_gb": table.fit_gb, "tolerance": table.tolerance,
+             "imatrix": imatrix_info}
+    runs.atomic_write_json(out_dir / "quantization.json", quant)
+    chart = quant_table.plot(rows, out_dir / "quantization.png")
+    if table.fit_gb is not None:
+        log(f"export: picked {picked}: {why}" if picked else f"export: WARNING: {why}")
+    return quant, chart
+
+
+def _modelfiles(out_dir: Path, ggufs: dict[str, Path], tokenizer, *, outtype: str, default: str,
+                log) -> list[str]:
+    """An Ollama Modelfile per GGUF (``Modelfile``: the default type's); returns the warnings."""
+    from finetune.gguf import ollama as ollama_mod
+    from finetune.gguf import parity, runtime
+
+    warnings: list[str] = []
+    info = runtime.inspect(ggufs[outtype])
+    stop = [tokenizer.convert_ids_to_tokens(i) for i in models.end_of_turn_ids(tokenizer)]
+    num_ctx = min(info["n_ctx_train"] or 4096, 32768)  # the model's context; capped: Ollama allocates it all
+    system = parity.default_system_prompt(tokenizer)
+    for qtype, path in ggufs.items():
+        text, warning = ollama_mod.modelfile(path.name, jinja_template=info["chat_template"], stop_tokens=stop,
+                                             num_ctx=num_ctx, default_system=system)
+        runs.atomic_write_text(out_dir / ollama_mod.modelfile_name(path.name), text)
+        if qtype == default:
+            runs.atomic_write_text(out_dir / "Modelfile", text.replace(ollama_mod.modelfile_name(path.name), "Modelfile"))
+        if warning and warning not in warnings:
+            warnings.append(warning)
+            log(f"export: WARNING: {warning}")
+    return warnings
 
 
 # Types quantized without an importance matrix: 8 bits and more lose too little for one to matter.
