@@ -35,9 +35,11 @@ SAMPLE_SIZE = 12
 
 def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str, Any]],
                  log_rows: list[dict[str, Any]], *, title: str,
-                 preference_pairs: list[dict[str, Any]] | None = None) -> Path:
+                 preference_pairs: list[dict[str, Any]] | None = None,
+                 quantization: dict[str, Any] | None = None, quantization_png: bytes | None = None) -> Path:
     """Write loss_curves.png, metrics.png (preference.png for preference data) and report.html into out_dir;
-    return the report's path."""
+    return the report's path. ``quantization``: export's quantization table (quantization.json) and its chart,
+    shown as "Which GGUF to ship"."""
     out_dir = Path(out_dir)
     loss_png = loss_curve_png(log_rows)
     metrics_png = metric_chart_png(result)
@@ -49,7 +51,7 @@ def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str,
     if pref_png:
         _write_bytes(out_dir / "preference.png", pref_png)
     page = render_html(result, examples, title=title, loss_png=loss_png, metrics_png=metrics_png,
-                       preference_png=pref_png)
+                       preference_png=pref_png, quantization=quantization, quantization_png=quantization_png)
     runs.atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
 
@@ -189,7 +191,8 @@ TEMPLATE = "eval_report.html.jinja"  # beside this module; the page's markup and
 
 
 def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title: str, loss_png: bytes | None,
-                metrics_png: bytes | None, preference_png: bytes | None = None) -> str:
+                metrics_png: bytes | None, preference_png: bytes | None = None,
+                quantization: dict[str, Any] | None = None, quantization_png: bytes | None = None) -> str:
     """report.html: the values below, laid out by the Jinja template (autoescaped, so no data becomes markup)."""
     import jinja2
 
@@ -217,7 +220,27 @@ def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title
         sample=[_example_row(x, list(sample[0]["answers"])) for x in sample], examples_total=len(examples),
         rules=result.get("rules", {}), sources=result.get("metric_sources", {}),
         models=[(_variant_label(k), str(v.get("model"))) for k, v in result["models"].items()],
+        quantization=quantization and _quantization_view(quantization, quantization_png),
     )
+
+
+def _quantization_view(quant: dict[str, Any], png: bytes | None) -> dict[str, Any]:
+    """Export's quantization table as rows of text cells, the type it picked and why, and its chart."""
+    from finetune.console import mib
+
+    def cell(value: Any, fmt: str) -> str | None:
+        return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    budget = quant.get("fit_gb")
+    picked = quant.get("picked") if budget is not None else None  # without a budget export picks nothing
+    rows = [{"type": r["type"], "picked": r["type"] == picked, "cells": [
+        "yes" if r.get("imatrix") else "no", mib(r["bytes"]), cell(r.get("top1_agreement"), ".3f"),
+        cell(r.get("kl_mean"), ".4f"), cell(r.get("ppl_gguf"), ".2f"),
+        None if r.get("exact_match") is None else f"{r['exact_match']:.2f} (n={r.get('examples')})",
+        cell(r.get("decode_tokens_per_s"), ".0f")]} for r in quant.get("rows") or []]
+    return {"rows": rows, "picked": picked, "why": quant.get("why"),
+            "budget": budget, "plot": _plot("GGUF types: size vs quality", png,
+                                            "No type had a quality figure to plot.")}
 
 
 def _headline(status: str) -> str:

@@ -115,7 +115,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         if pref_result:
             result["preference"] = {k: v for k, v in pref_result.items() if k != "per_pair"}
         example_rows = _example_rows(examples, prompts, references, answers, per_example_scores)
-        _write_outputs(stage.work, result, example_rows, log_rows, pref_result, title=f"{recipe.name}: evaluation")
+        _write_outputs(stage.work, result, example_rows, log_rows, pref_result, title=f"{recipe.name}: evaluation",
+                       exported=exported)
         final = stage.dir
         stage.record(artifacts.Evaluated(metrics=final / "metrics.json", examples=final / "examples.jsonl",
                                          report=final / "report.html", variants=list(variants)))
@@ -185,9 +186,11 @@ def _transformers_columns(load: Any, base_path: Path, adapter_dir: Path | None, 
 
 
 def _write_outputs(out: Path, result: dict[str, Any], example_rows: list[dict[str, Any]],
-                   log_rows: list[dict[str, Any]], pref_result: dict[str, Any] | None, *, title: str) -> None:
-    """metrics.json, examples.jsonl, preference.jsonl (preference data), report.html and its charts, into ``out``
-    (the stage's work folder, swapped into runs/<name>/eval/ when the stage succeeds)."""
+                   log_rows: list[dict[str, Any]], pref_result: dict[str, Any] | None, *, title: str,
+                   exported: artifacts.Exported | None = None) -> None:
+    """metrics.json, examples.jsonl, preference.jsonl (preference data), report.html and its charts (with export's
+    quantization table when there is one), into ``out`` (the stage's work folder, swapped into runs/<name>/eval/
+    when the stage succeeds)."""
     from finetune import eval_report
 
     runs.atomic_write_json(out / "metrics.json", result)
@@ -195,8 +198,12 @@ def _write_outputs(out: Path, result: dict[str, Any], example_rows: list[dict[st
                                                            for r in example_rows))
     if pref_result:
         runs.atomic_write_text(out / "preference.jsonl", "".join(json.dumps(r) + "\n" for r in pref_result["per_pair"]))
+    table = exported.quantization if exported else None
+    chart = table.with_name("quantization.png") if table else None
     eval_report.write_report(out, result, example_rows, log_rows, title=title,
-                             preference_pairs=pref_result["per_pair"] if pref_result else None)
+                             preference_pairs=pref_result["per_pair"] if pref_result else None,
+                             quantization=json.loads(table.read_text()) if table and table.is_file() else None,
+                             quantization_png=chart.read_bytes() if chart and chart.is_file() else None)
 
 
 def _score_answers(answers: dict[str, list[dict[str, Any]]], references: list[str],

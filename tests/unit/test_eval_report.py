@@ -31,3 +31,31 @@ def test_model_answers_and_names_are_escaped(tmp_path):
     assert "if a &lt; b &amp;&amp; c &gt; 0: &lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<code>/models/&lt;ft&gt;&amp;co</code>" in page and "<title>x &amp; &lt;y&gt;</title>" in page
     assert "<script>" not in page and "a < b" not in page
+
+
+def test_export_quantization_table_and_chart_are_in_the_report(tmp_path):
+    """With an export, the report shows its quantization table (every type, the picked one in bold, missing figures
+    as dashes) and the size-vs-quality chart, inlined."""
+    from finetune.gguf import quant_table
+
+    result, examples, log = result_and_examples()
+    rows = [{"type": "F16", "file": "a-F16.gguf", "bytes": 270 * 2**20, "imatrix": False, "top1_agreement": 1.0,
+             "kl_mean": 0.00001, "ppl_gguf": 31.3, "exact_match": 0.98, "examples": 50, "decode_tokens_per_s": 61.0},
+            {"type": "Q4_K_M", "file": "a-Q4_K_M.gguf", "bytes": 101 * 2**20, "imatrix": True,
+             "top1_agreement": 0.885, "kl_mean": 0.047, "ppl_gguf": 33.4, "exact_match": 0.96, "examples": 50,
+             "decode_tokens_per_s": None}]
+    chart = quant_table.plot(rows, tmp_path / "quantization.png")
+    quant = {"rows": rows, "picked": "Q4_K_M", "why": "smallest type within 0.20 GB whose exact match (0.96) is "
+             "within 0.02 of F16 (0.98)", "fit_gb": 0.2, "tolerance": 0.02}
+    (tmp_path / "out").mkdir()
+    page = report.write_report(tmp_path / "out", result, examples, log, title="demo", quantization=quant,
+                               quantization_png=chart.read_bytes()).read_text()
+    assert "Which GGUF to ship" in page and "Picked for 0.2 GB: <b>Q4_K_M</b>" in page
+    assert "<td><b>Q4_K_M</b></td>" in page and "<td>F16</td>" in page
+    assert "0.885" in page and "0.96 (n=50)" in page and "101" in page and "&ndash;" in page
+    assert len(page.split("data:image/png;base64,")) == 4  # loss curves, metrics and the quantization chart
+    quant["fit_gb"] = None  # without a budget nothing is "picked"
+    page = report.render_html(result, examples, title="demo", loss_png=None, metrics_png=None, quantization=quant)
+    assert "Picked for" not in page and "<b>Q4_K_M</b>" not in page and "Which GGUF to ship" in page
+    assert "Which GGUF to ship" not in report.render_html(result, examples, title="demo", loss_png=None,
+                                                          metrics_png=None)
