@@ -179,90 +179,108 @@ def read_message(read_line: Callable[[str], str]) -> str:
 def chat_loop(backend: Any, *, system: str | None = None, temperature: float = 0.7, max_tokens: int = 256,
               read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> list[dict[str, str]]:
     """Run the conversation until /quit or end of input; returns the last conversation."""
-    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    finish_reason = None  # how the last reply ended: stop, length (max_tokens) or stopped (Ctrl-C)
-    say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
-    say(f"chatting with {backend.name}. /help for commands, Ctrl-D to leave.")
+    session = Session(backend, read_line, out, temperature=temperature, max_tokens=max_tokens,
+                      messages=[{"role": "system", "content": system}] if system else [])
+    session.say(f"chatting with {backend.name}. /help for commands, Ctrl-D to leave.")
     while True:
         try:
             text = read_message(read_line)
-        except EOFError:
-            say()
-            return messages
-        except KeyboardInterrupt:
-            say()
-            return messages
+        except (EOFError, KeyboardInterrupt):
+            session.say()
+            return session.messages
         command, _, arg = text.strip().partition(" ")
         if command in ("/quit", "/exit"):
-            return messages
-        if command == "/help":
-            say(HELP)
-            continue
-        if command == "/reset":
-            messages = [m for m in messages if m["role"] == "system"]
-            say("(new conversation)")
-            continue
-        if command == "/system":
-            if not arg:
-                current = next((m["content"] for m in messages if m["role"] == "system"), None)
-                say(f"system prompt: {current!r}" if current else "no system prompt (set one with /system TEXT)")
-                continue
-            messages = [] if arg.strip() == "-" else [{"role": "system", "content": arg.strip()}]
-            say("(system prompt removed; new conversation)" if arg.strip() == "-"
-                else "(system prompt set; new conversation)")
-            continue
-        if command == "/save":
-            path = Path(arg.strip() or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
-            path.write_text(json.dumps({"messages": messages}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            say(f"(saved {len(messages)} messages to {path})")
-            continue
-        if command in ("/good", "/bad", "/better"):
-            if not messages or messages[-1]["role"] != "assistant":
-                say("(no reply to rate yet)")
-                continue
-            context, reply = messages[:-1], messages[-1]["content"]
-            if command == "/better":
-                say('type the better answer (end with a line with """ or an empty line):')
-                lines = []
-                while (line := read_line("... ")).strip() not in (BLOCK, ""):
-                    lines.append(line)
-                if not lines:
-                    say("(nothing stored)")
-                    continue
-                where = backend.feedback(context, reply, correction="\n".join(lines))
-            else:
-                where = backend.feedback(context, reply, rating="up" if command == "/good" else "down",
-                                         finish_reason=finish_reason)
-            say(f"(stored in {where})")
-            if command == "/good" and finish_reason in ("length", "stopped"):
-                say("(this reply is unfinished, so it is not exported as a good example; /better gives a complete one)")
-            continue
-        if text.startswith("/"):
-            say(f"unknown command {command}; /help lists them (start a message with a space to send a slash)")
-            continue
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
+            return session.messages
+        if command in COMMANDS:
+            getattr(session, COMMANDS[command])(command, arg.strip())
+        elif text.startswith("/"):
+            session.say(f"unknown command {command}; /help lists them (start a message with a space to send a slash)")
+        elif text.strip():
+            session.reply(text)
+
+
+COMMANDS = {"/help": "help", "/reset": "reset", "/system": "system", "/save": "save",
+            "/good": "rate", "/bad": "rate", "/better": "rate"}
+
+
+class Session:
+    """One terminal conversation: its messages, how the last reply ended, and what each command does to them."""
+
+    def __init__(self, backend: Any, read_line: Callable[[str], str], out: TextIO, *, temperature: float,
+                 max_tokens: int, messages: list[dict[str, str]]):
+        self.backend, self.read_line, self.out = backend, read_line, out
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.messages = messages
+        self.finish_reason: str | None = None  # how the last reply ended: stop, length (max_tokens) or stopped
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def help(self, command: str, arg: str) -> None:
+        self.say(HELP)
+
+    def reset(self, command: str, arg: str) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.say("(new conversation)")
+
+    def system(self, command: str, arg: str) -> None:
+        if not arg:
+            current = next((m["content"] for m in self.messages if m["role"] == "system"), None)
+            self.say(f"system prompt: {current!r}" if current else "no system prompt (set one with /system TEXT)")
+            return
+        self.messages = [] if arg == "-" else [{"role": "system", "content": arg}]
+        self.say("(system prompt removed; new conversation)" if arg == "-" else "(system prompt set; new conversation)")
+
+    def save(self, command: str, arg: str) -> None:
+        path = Path(arg or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        path.write_text(json.dumps({"messages": self.messages}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        self.say(f"(saved {len(self.messages)} messages to {path})")
+
+    def rate(self, command: str, arg: str) -> None:
+        """/good, /bad or /better on the last reply, stored through the backend for `finetune feedback export`."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            self.say("(no reply to rate yet)")
+            return
+        context, reply = self.messages[:-1], self.messages[-1]["content"]
+        if command == "/better":
+            self.say('type the better answer (end with a line with """ or an empty line):')
+            lines = []
+            while (line := self.read_line("... ")).strip() not in (BLOCK, ""):
+                lines.append(line)
+            if not lines:
+                self.say("(nothing stored)")
+                return
+            where = self.backend.feedback(context, reply, correction="\n".join(lines))
+        else:
+            where = self.backend.feedback(context, reply, rating="up" if command == "/good" else "down",
+                                          finish_reason=self.finish_reason)
+        self.say(f"(stored in {where})")
+        if command == "/good" and self.finish_reason in ("length", "stopped"):
+            self.say("(this reply is unfinished, so it is not exported as a good example; /better gives a complete one)")
+
+    def reply(self, text: str) -> None:
+        """Send ``text``, stream the model's reply (Ctrl-C stops it) and keep both in the conversation."""
+        self.messages.append({"role": "user", "content": text})
         pieces: list[str] = []
-        out.write("model> ")
-        backend.finish_reason = None
+        self.out.write("model> ")
+        self.backend.finish_reason = None
         try:
-            for piece in backend.stream(messages, temperature=temperature, max_tokens=max_tokens):
+            for piece in self.backend.stream(self.messages, temperature=self.temperature, max_tokens=self.max_tokens):
                 pieces.append(piece)
-                out.write(piece)
-                out.flush()
-            finish_reason = backend.finish_reason
+                self.out.write(piece)
+                self.out.flush()
+            self.finish_reason = self.backend.finish_reason
         except KeyboardInterrupt:
-            finish_reason = "stopped"
-            say("\n(stopped)")
+            self.finish_reason = "stopped"
+            self.say("\n(stopped)")
         except UserError as exc:
-            say(f"\nerror: {exc}")
-            messages.pop()
-            continue
-        say()
-        if backend.finish_reason == "length":
-            say(f"(cut at {max_tokens} tokens; raise with --max-tokens)")
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+            self.say(f"\nerror: {exc}")
+            self.messages.pop()
+            return
+        self.say()
+        if self.backend.finish_reason == "length":
+            self.say(f"(cut at {self.max_tokens} tokens; raise with --max-tokens)")
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def command(argv: list[str]) -> int:
