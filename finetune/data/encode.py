@@ -24,35 +24,10 @@ def render_examples(examples: list[Example], tokenizer, *, train_on: str, reason
     chunks with the chat template; drop the rows the template refuses, that are too short, too long (``overlong``:
     drop) or left without a trained token, each with its reason in ``dropped``; ``counters["truncated"]`` counts
     the rows cut to ``max_tokens`` (overlong: truncate)."""
-    import numpy as np
-
-    # Preference rows train (and compare) the final reply only: earlier assistant turns are prompt.
-    pref_on = "completion" if train_on == "completion" else "last_assistant"
-
     def render(chunk: list[Example]) -> list[Any]:
-        prefs = [e for e in chunk if row_kind(e.example) != "sft"]
-        chats = [e for e in chunk if "messages" in e.example and row_kind(e.example) == "sft"]
-        texts = [e for e in chunk if "text" in e.example]
-        got: dict[int, Any] = {}
-        if prefs:
-            pairs = [e for e in prefs if "rejected" in e.example]
-            convs = [e.example["messages"] for e in prefs] + [e.example["rejected"] for e in pairs]
-            out = render_batch(tokenizer, convs, train_on=pref_on, reasoning=reasoning)
-            rejected = {id(e): r for e, r in zip(pairs, out[len(prefs):], strict=True)}
-            for e, r in zip(prefs, out[:len(prefs)], strict=True):
-                got[id(e)] = (*r, rejected.get(id(e)))
-        if chats:
-            for e, r in zip(chats, render_batch(tokenizer, [e.example["messages"] for e in chats],
-                                                train_on=train_on, reasoning=reasoning,
-                                                tools=[e.example.get("tools") for e in chats]), strict=True):
-                got[id(e)] = r
-        if texts:
-            for e, r in zip(texts, render_text(tokenizer, [e.example["text"] for e in texts]), strict=True):
-                got[id(e)] = r
-        return [got[id(e)] for e in chunk]
+        return _render_chunk(chunk, tokenizer, train_on=train_on, reasoning=reasoning)
 
     kept = []
-    limit, low = max_tokens, min_tokens
     for start in range(0, len(examples), RENDER_CHUNK):
         chunk = examples[start: start + RENDER_CHUNK]
         try:
@@ -65,50 +40,79 @@ def render_examples(examples: list[Example], tokenizer, *, train_on: str, reason
                 except RenderError as exc:
                     results.append(exc)
         for e, r in zip(chunk, results, strict=True):
-            if isinstance(r, Exception):
-                dropped.append(Dropped(e.origin, "template_error", str(r), excerpt(e.example)))
-                continue
-            ids, labels = r[0], r[1]
-            rejected = r[2] if len(r) > 2 else None
-            if rejected is not None:
-                why = pair_problem(ids, labels, *rejected, limit if overlong == "drop" else None)
-                if why is not None:
-                    dropped.append(Dropped(e.origin, why[0], why[1], excerpt(e.example)))
-                    continue
-                rej_ids, rej_labels = rejected[0][:limit], rejected[1][:limit]
-                e.rejected_ids = np.asarray(rej_ids, dtype=np.int32)
-                e.rejected_labels = np.asarray(rej_labels, dtype=np.int32)
-            if len(r) > 2:
-                e.prompt_length = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
-            if len(ids) < low:
-                dropped.append(Dropped(e.origin, "too_short", f"{len(ids)} tokens < min_tokens {low}",
-                                       excerpt(e.example)))
-                continue
-            if len(ids) > limit:
-                if overlong == "drop":
-                    dropped.append(Dropped(e.origin, "too_long", f"{len(ids)} tokens > max_tokens {limit}",
-                                           excerpt(e.example)))
-                    continue
-                ids, labels = ids[:limit], labels[:limit]
-                counters["truncated"] += 1
-            # int32 arrays: a tenth of the memory of Python int lists (100k rows: ~3 GB -> well under 1 GB)
-            ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
-            if not (labels != IGNORE_INDEX).any():
-                dropped.append(Dropped(e.origin, "no_trained_tokens",
-                                       "no token left to train on (truncation cut the whole reply)", excerpt(e.example)))
-                continue
-            if e.rejected_labels is not None and not (e.rejected_labels != IGNORE_INDEX).any():
-                dropped.append(Dropped(e.origin, "no_trained_tokens", "truncation cut the whole rejected reply",
-                                       excerpt(e.example)))
-                continue
-            e.ids, e.labels = ids, labels
-            kept.append(e)
+            why = (("template_error", str(r)) if isinstance(r, Exception)
+                   else _fit(e, r, max_tokens=max_tokens, min_tokens=min_tokens, overlong=overlong, counters=counters))
+            if why is None:
+                kept.append(e)
+            else:
+                dropped.append(Dropped(e.origin, why[0], why[1], excerpt(e.example)))
     refused = [d for d in dropped if d.reason == "template_error"]
     if refused and not kept:  # the template refuses every row: one clear error beats a report of drops
         raise UserError(f"the model's chat template refused all {len(refused)} rows, e.g. {refused[0].origin}: "
                         f"{refused[0].detail}. Some templates reject a system message or non-alternating turns; "
                         "adjust data.system_prompt or the data, or choose a model whose template fits.")
     return kept
+
+
+def _render_chunk(chunk: list[Example], tokenizer, *, train_on: str, reasoning: str) -> list[Any]:
+    """(ids, labels) of each example of the chunk, and (ids, labels, rejected (ids, labels) or None) for a
+    preference row; the conversations of one kind rendered together."""
+    # Preference rows train (and compare) the final reply only: earlier assistant turns are prompt.
+    pref_on = "completion" if train_on == "completion" else "last_assistant"
+    prefs = [e for e in chunk if row_kind(e.example) != "sft"]
+    chats = [e for e in chunk if "messages" in e.example and row_kind(e.example) == "sft"]
+    texts = [e for e in chunk if "text" in e.example]
+    got: dict[int, Any] = {}
+    if prefs:
+        pairs = [e for e in prefs if "rejected" in e.example]
+        convs = [e.example["messages"] for e in prefs] + [e.example["rejected"] for e in pairs]
+        out = render_batch(tokenizer, convs, train_on=pref_on, reasoning=reasoning)
+        rejected = {id(e): r for e, r in zip(pairs, out[len(prefs):], strict=True)}
+        for e, r in zip(prefs, out[:len(prefs)], strict=True):
+            got[id(e)] = (*r, rejected.get(id(e)))
+    if chats:
+        for e, r in zip(chats, render_batch(tokenizer, [e.example["messages"] for e in chats], train_on=train_on,
+                                            reasoning=reasoning, tools=[e.example.get("tools") for e in chats]),
+                        strict=True):
+            got[id(e)] = r
+    if texts:
+        for e, r in zip(texts, render_text(tokenizer, [e.example["text"] for e in texts]), strict=True):
+            got[id(e)] = r
+    return [got[id(e)] for e in chunk]
+
+
+def _fit(e: Example, rendered: tuple, *, max_tokens: int, min_tokens: int, overlong: str,
+         counters: Counter[str]) -> tuple[str, str] | None:
+    """Store the rendered arrays on ``e`` (int32, cut to ``max_tokens`` with overlong: truncate), or say why the
+    example is dropped: (reason, detail)."""
+    import numpy as np
+
+    ids, labels = rendered[0], rendered[1]
+    limit = max_tokens
+    rejected = rendered[2] if len(rendered) > 2 else None
+    if rejected is not None:
+        why = pair_problem(ids, labels, *rejected, limit if overlong == "drop" else None)
+        if why is not None:
+            return why
+        e.rejected_ids = np.asarray(rejected[0][:limit], dtype=np.int32)
+        e.rejected_labels = np.asarray(rejected[1][:limit], dtype=np.int32)
+    if len(rendered) > 2:
+        e.prompt_length = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    if len(ids) < min_tokens:
+        return "too_short", f"{len(ids)} tokens < min_tokens {min_tokens}"
+    if len(ids) > limit:
+        if overlong == "drop":
+            return "too_long", f"{len(ids)} tokens > max_tokens {limit}"
+        ids, labels = ids[:limit], labels[:limit]
+        counters["truncated"] += 1
+    # int32 arrays: a tenth of the memory of Python int lists (100k rows: ~3 GB -> well under 1 GB)
+    ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+    if not (labels != IGNORE_INDEX).any():
+        return "no_trained_tokens", "no token left to train on (truncation cut the whole reply)"
+    if e.rejected_labels is not None and not (e.rejected_labels != IGNORE_INDEX).any():
+        return "no_trained_tokens", "truncation cut the whole rejected reply"
+    e.ids, e.labels = ids, labels
+    return None
 
 
 def pair_problem(ids, labels, rej_ids, rej_labels, limit: int | None) -> tuple[str, str] | None:
