@@ -44,18 +44,13 @@ def metadata_folder(model_id: str, revision: str | None = None, *, base_dir: Pat
     Hub repository's metadata files only (no weights)."""
     from finetune import models
 
-    candidate = Path(model_id).expanduser()
-    if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
-        candidate = base_dir / candidate
-    if candidate.is_dir():
+    kind, candidate = models.locate(model_id, base_dir=base_dir)
+    if kind == "local":
         if not (candidate / "config.json").is_file():
             raise UserError(f"{candidate} has no config.json; give a Hugging Face model folder")
         return candidate.resolve()  # its config and tokenizer are all this needs: no weights required
-    if model_id == models.EMBEDDED_MODEL or candidate.suffix == ".gguf" or candidate.exists():
+    if kind != "hub":  # the embedded model or a GGUF: converted once into a checkpoint folder (cached)
         return models.resolve(model_id, revision, base_dir=base_dir).path
-    if model_id.count("/") != 1:
-        raise UserError(f"{model_id!r} is not a folder, a .gguf file, a Hub id (org/name) or "
-                        f"'{models.EMBEDDED_MODEL}'")
     from huggingface_hub import snapshot_download
 
     try:

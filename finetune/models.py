@@ -72,10 +72,30 @@ def resolve(model_id: str, revision: str | None = None, *, base_dir: Path | None
     if trust_remote_code:
         warnings.warn(f"trust_remote_code is on for {model_id}: Python code shipped with the model will run",
                       stacklevel=2)
-    if model_id == EMBEDDED_MODEL:
+    kind, candidate = locate(model_id, base_dir=base_dir)
+    if kind == "embedded":
         gguf = embedded_gguf_path()
         key = _short_hash(gguf)
         return ResolvedModel(gguf_to_checkpoint(gguf, name=EMBEDDED_MODEL, key=key), model_id, "embedded", key)
+    if kind == "gguf":
+        check_gguf_file(candidate)
+        key = _short_hash(candidate)
+        return ResolvedModel(gguf_to_checkpoint(candidate.resolve(), key=key), model_id, "gguf", key)
+    if kind == "local":
+        path = check_checkpoint_dir(candidate.resolve())
+        check_remote_code(path, trust_remote_code)
+        return ResolvedModel(path, model_id, "local", None)
+    path, commit = download_from_hub(model_id, revision, gated=gated)
+    check_remote_code(path, trust_remote_code, hub_id=model_id)
+    return ResolvedModel(path, model_id, "hub", commit)
+
+
+def locate(model_id: str, *, base_dir: Path | None = None) -> tuple[str, Path | None]:
+    """What a recipe's model.id names, without loading anything: ("embedded", None), ("gguf", file), ("local",
+    path) or ("hub", None). A relative path is looked up beside the recipe (``base_dir``) first, then in the
+    current folder. A .gguf that is not there, or an id that is none of these, is a UserError."""
+    if model_id == EMBEDDED_MODEL:
+        return "embedded", None
     candidate = Path(model_id).expanduser()
     if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
         candidate = base_dir / candidate
@@ -86,17 +106,11 @@ def resolve(model_id: str, revision: str | None = None, *, base_dir: Path | None
             raise UserError(f"model.id: GGUF file {candidate.name} not found (looked in "
                             f"{', '.join(dict.fromkeys(str(p) for p in looked))}); give its path relative to the "
                             "recipe file or an absolute path")
-        check_gguf_file(candidate)
-        key = _short_hash(candidate)
-        return ResolvedModel(gguf_to_checkpoint(candidate.resolve(), key=key), model_id, "gguf", key)
+        return "gguf", candidate
     if candidate.exists():
-        path = check_checkpoint_dir(candidate.resolve())
-        check_remote_code(path, trust_remote_code)
-        return ResolvedModel(path, model_id, "local", None)
+        return "local", candidate
     if model_id.count("/") == 1 and not model_id.startswith((".", "/")):
-        path, commit = download_from_hub(model_id, revision, gated=gated)
-        check_remote_code(path, trust_remote_code, hub_id=model_id)
-        return ResolvedModel(path, model_id, "hub", commit)
+        return "hub", None
     raise UserError(
         f"model.id: {model_id!r} is not a folder, a .gguf file, a Hub id (org/name) or '{EMBEDDED_MODEL}'"
     )
@@ -399,21 +413,14 @@ def load_model_config(model_id: str, revision: str | None = None, *, base_dir: P
         if not p.exists():
             raise UserError(f"--config: {p} not found; give a config.json file or a model folder that has one")
         return _read_json(p), str(p)
-    if model_id == EMBEDDED_MODEL:
-        resolved = resolve(model_id)
-        return _read_json(resolved.path / "config.json"), f"embedded {model_id}"
-    local = Path(model_id).expanduser()
-    if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
-        local = base_dir / local
-    if local.suffix == ".gguf":
-        resolved = resolve(str(local))
-        return _read_json(resolved.path / "config.json"), str(local)
-    if local.is_dir():
+    kind, local = locate(model_id, base_dir=base_dir)
+    if kind in ("embedded", "gguf"):  # converted once into a checkpoint folder (cached)
+        return _read_json(resolve(model_id, base_dir=base_dir).path / "config.json"), (
+            f"embedded {model_id}" if kind == "embedded" else str(local))
+    if kind == "local":
         if not (local / "config.json").exists():
             raise UserError(f"model.id: {local} has no config.json")
         return _read_json(local / "config.json"), str(local / "config.json")
-    if model_id.count("/") != 1:
-        raise UserError(f"model.id: {model_id!r} is not a folder, a .gguf file or a Hub id (org/name)")
     return _hub_config(model_id, revision, gated=gated), f"hub {model_id}" + (f"@{revision}" if revision else "")
 
 
