@@ -85,10 +85,21 @@ def compare_logits(gguf_path: str | Path, sequences: list[list[int]], reference_
     })
 
 
+def reply_logprobs(gguf_path: str | Path, conversations: list[list[dict]], replies: list[str], *,
+                   threads: int | None = None) -> list[dict]:
+    """How likely the GGUF is to answer each conversation with the given reply: teacher-forced on the prompt the
+    server builds (``finetune.gguf.chat_format``) followed by the reply's tokens up to and including the token that
+    ends the turn, as generation would produce it. [{"logprob": summed log-probability, "ids": the reply's token ids,
+    "token_logprobs": one per id}, ...]; compare two replies to one prompt to see which the model prefers."""
+    if len(conversations) != len(replies):
+        raise ValueError(f"reply_logprobs: {len(conversations)} conversations but {len(replies)} replies")
+    return _call("reply_logprobs", gguf_path, {"conversations": conversations, "replies": replies, "threads": threads})
+
+
 def run_many(gguf_path: str | Path, jobs: list[tuple[str, dict]], *, timeout: float | None = None) -> list[dict]:
     """Several of the jobs above on one GGUF in ONE child process (one interpreter start, one import).
 
-    ``jobs``: [(op, kwargs)] with op in inspect/tokenize/render_chat/chat/compare_logits and the keyword
+    ``jobs``: [(op, kwargs)] with op in inspect/tokenize/render_chat/chat/compare_logits/reply_logprobs and the keyword
     arguments of the function of that name. Returns [{"result": ...} | {"error": str}] in order. A native
     crash fails them all (RuntimeCrash).
     """
@@ -98,6 +109,7 @@ def run_many(gguf_path: str | Path, jobs: list[tuple[str, dict]], *, timeout: fl
         "chat": {"max_tokens": 128, "temperature": 0.0, "n_ctx": 2048, "lora_path": None, "seed": 0, "threads": None,
                  "reasoning": "auto", "tools": None},
         "compare_logits": {"lora_path": None, "threads": None},
+        "reply_logprobs": {"threads": None},
     }
     requests = []
     for op, kwargs in jobs:
@@ -328,6 +340,36 @@ def _op_compare_logits(req: dict) -> dict:
     }
 
 
+def _op_reply_logprobs(req: dict) -> list[dict]:
+    import numpy as np
+
+    vocab = _load(req["gguf"], vocab_only=True)
+    renderer = _renderer(vocab, req["gguf"])
+    eog = set(renderer.stop_ids)
+    sequences = []
+    for messages, reply in zip(req["conversations"], req["replies"], strict=True):
+        prompt, _ = renderer.render(messages)
+        whole, _ = renderer.render([*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        if not whole.startswith(prompt):
+            raise UserError(f"{req['gguf']}: the chat template renders a reply that does not extend its prompt, so "
+                            "the reply cannot be scored on its own")
+        # the prompt as the server tokenizes it, then the reply as generated: its tokens up to the end of the turn
+        rest = vocab.tokenize(whole[len(prompt):].encode("utf-8"), add_bos=False, special=True)
+        end = next((i + 1 for i, t in enumerate(rest) if t in eog), len(rest))
+        sequences.append((renderer.tokenize(prompt), rest[:end]))
+    llm = _load(req["gguf"], n_ctx=max(len(p) + len(r) for p, r in sequences) + 8, logits_all=True,
+                threads=req["threads"])
+    out = []
+    for prompt_ids, reply_ids in sequences:
+        llm.reset()
+        llm.eval(prompt_ids + reply_ids)
+        # position i predicts token i + 1: the reply's tokens are predicted from the prompt's last position on
+        logits = np.asarray(llm.scores[len(prompt_ids) - 1: len(prompt_ids) + len(reply_ids) - 1], dtype=np.float64)
+        logprobs = (logits - _logsumexp(logits))[np.arange(len(reply_ids)), reply_ids]
+        out.append({"logprob": float(logprobs.sum()), "ids": reply_ids, "token_logprobs": logprobs.tolist()})
+    return out
+
+
 def _logsumexp(x):
     import numpy as np
 
@@ -392,7 +434,8 @@ def _op_many(req: dict) -> list[dict]:
 
 
 _OPS = {"inspect": _op_inspect, "tokenize": _op_tokenize, "render_chat": _op_render_chat, "chat": _op_chat,
-        "compare_logits": _op_compare_logits, "quantize": _op_quantize, "many": _op_many}
+        "compare_logits": _op_compare_logits, "reply_logprobs": _op_reply_logprobs, "quantize": _op_quantize,
+        "many": _op_many}
 
 
 def _child_main(req_path: str, res_path: str) -> int:

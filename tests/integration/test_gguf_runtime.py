@@ -43,6 +43,32 @@ def test_runtime_uses_the_gguf_template_exactly_like_hf(gguf, embedded_model):
     assert rendered[0]["text"].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
+def test_reply_logprobs_score_a_reply_as_the_served_model_generates_it(gguf):
+    """A greedy answer generated on the served prompt (the server's renderer, llama.cpp's own log-probabilities of
+    each generated token) scores the same through reply_logprobs, which adds the token that ends the turn; a wrong
+    reply scores lower."""
+    import llama_cpp
+
+    from finetune.gguf import runtime
+    from finetune.gguf.chat_format import ChatRenderer
+
+    conversation = [{"role": "user", "content": "What is 2+2? Answer with a number."}]
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=512, logits_all=True, n_threads=1, verbose=False)
+    renderer = ChatRenderer(llm)
+    prompt, _ = renderer.render(conversation)
+    out = llm.create_completion(renderer.tokenize(prompt), max_tokens=48, temperature=0.0, top_k=0, repeat_penalty=1.0,
+                                logprobs=1)["choices"][0]
+    assert out["finish_reason"] == "stop", out
+    greedy, other = runtime.reply_logprobs(gguf, [conversation] * 2, [out["text"], "2 + 2 = 5, I think."])
+    assert greedy["ids"][-1] in renderer.stop_ids and len(greedy["token_logprobs"]) == len(greedy["ids"])
+    assert llm.detokenize(greedy["ids"][:-1]).decode() == out["text"]
+    # the same tokens on the same prompt; one batch of the whole reply rounds a 4-bit model's sums differently from
+    # generation's one token at a time (up to 0.04 here)
+    assert greedy["token_logprobs"][:-1] == pytest.approx(out["logprobs"]["token_logprobs"], abs=0.1)
+    assert greedy["logprob"] == pytest.approx(sum(greedy["token_logprobs"]))
+    assert other["ids"][-1] in renderer.stop_ids and other["logprob"] < greedy["logprob"]
+
+
 def test_runtime_reports_a_broken_file_as_an_error_not_a_crash(tmp_path):
     from finetune.gguf import runtime
 
