@@ -10,7 +10,10 @@ that feedback as training data and train again. For real, through the CLI, on a 
    the DPO pairs (corrections) and the KTO rows (ratings);
 4. round two trains on them: SFT with the feedback file added to the recipe's sources, DPO and KTO with the
    feedback files alone (train.objective), each from the first round's model. Prepare must have read every exported
-   row, and training must have logged a finite loss.
+   row, and training must have logged a finite loss;
+5. the DPO round is exported to GGUF like the first, and on each corrected prompt both GGUFs that `finetune serve`
+   would serve score the corrected reply against the reply the first model gave (summed log-probability through
+   llama.cpp, on the prompt the server builds): the new one must prefer the corrections more often.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ FIRST = {"train": {"method": "full", "lr": 3e-3, "max_steps": 60, "batch_size": 
 # the second rounds: two LoRA steps, each on all of the round's rows (a batch larger than the data), at full lr
 SECOND = {"method": "lora", "lr": 1e-3, "max_steps": 2, "batch_size": 16, "warmup_ratio": 0.0, "scheduler": "constant",
           "eval_every": 1000, "save_every": 1000, "log_every": 1, "threads": 1}
+# the DPO round is one that moves the model: the first round memorised the short replies the corrections reject (each
+# at about -0.1 summed log-probability, the corrections at about -60), so the log-ratio margin must grow past 60 for
+# the corrections to win. At beta 0.1 the loss was down to 0.04 at a margin near 30 and the corrections still lost;
+# at beta 0.01 it keeps pushing, and 60 steps took under 4 s.
+DPO_ROUND = {**SECOND, "lr": 3e-3, "max_steps": 60, "preference": {"beta": 0.01}}
 # the loss of the first step, where the policy is still the first round's model (the reference)
 START_LOSS = {"dpo": math.log(2), "kto": 0.5}
 
@@ -130,24 +138,25 @@ def feedback(first_round, finetune):
     return folder, recipe, replies, counts, sft, pairs, folder / "pairs.kto.jsonl"
 
 
-def second_round(finetune, folder: Path, name: str, sources: list[str], objective: str) -> tuple[Path, dict]:
+def second_round(finetune, folder: Path, name: str, sources: list[str], objective: str,
+                 train: dict = SECOND) -> tuple[Path, dict]:
     """Prepare and train a second round from the first round's model; returns the run folder and prepare's report."""
     model = artifacts.from_folder(artifacts.Trained, folder / "runs" / "first" / "train").model
-    recipe = write_recipe(folder, name, model, sources, {**SECOND, "objective": objective})
+    recipe = write_recipe(folder, name, model, sources, {**train, "objective": objective}, export=FIRST["export"])
     ok(finetune("prepare", str(recipe), timeout=600))
     ok(finetune("train", str(recipe), timeout=600))
     run_dir = folder / "runs" / name
     return run_dir, json.loads((run_dir / "prepare" / "report.json").read_text())
 
 
-def assert_trained(run_dir: Path, objective: str) -> None:
+def assert_trained(run_dir: Path, objective: str, steps: int = SECOND["max_steps"]) -> None:
     summary = json.loads((run_dir / "train" / "summary.json").read_text())
-    assert summary["steps"] == SECOND["max_steps"] and summary["tokens_seen"] > 0
+    assert summary["steps"] == steps and summary["tokens_seen"] > 0
     losses = trained_loss(run_dir)
-    assert len(losses) == SECOND["max_steps"] and all(math.isfinite(v) for v in losses), losses
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
     if objective in START_LOSS:
         assert losses[0] == pytest.approx(START_LOSS[objective], abs=1e-5), losses
-    assert losses[1] < losses[0], losses  # the same rows, one step later
+    assert losses[1] < losses[0] and losses[-1] < losses[0], losses  # the same rows, one step later and at the end
     manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
     assert manifest["recipe"]["train"]["objective"] == objective
     assert (artifacts.from_folder(artifacts.Trained, run_dir / "train").adapter / "adapter_config.json").exists()
@@ -187,13 +196,46 @@ def test_second_round_sft_trains_on_the_feedback_rows(feedback, finetune):
     assert_trained(run_dir, "sft")
 
 
+@pytest.fixture(scope="module")
+def dpo_round(feedback, finetune):
+    folder, *_, pairs, _ = feedback
+    return second_round(finetune, folder, "again-dpo", [pairs.name], "dpo", DPO_ROUND)
+
+
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_second_round_preference_training_on_the_feedback(feedback, finetune, objective):
+def test_second_round_preference_training_on_the_feedback(feedback, finetune, request, objective):
     folder, _, _, _, _, pairs, kto = feedback
     data = pairs if objective == "dpo" else kto
-    run_dir, report = second_round(finetune, folder, f"again-{objective}", [data.name], objective)
+    if objective == "dpo":
+        run_dir, report = request.getfixturevalue("dpo_round")
+    else:
+        run_dir, report = second_round(finetune, folder, f"again-{objective}", [data.name], objective)
     rows = len(read_jsonl(data))
     assert [(s["name"], s["rows_in"]) for s in report["sources"]] == [(data.name, rows)]
     assert report["dropped_total"] == 0 and report["splits"]["train"] == rows
     assert report["row_kind"] == ("pairs" if objective == "dpo" else "rated"), report["row_kind"]
-    assert_trained(run_dir, objective)
+    assert_trained(run_dir, objective, DPO_ROUND["max_steps"] if objective == "dpo" else SECOND["max_steps"])
+
+
+def prefers_chosen(recipe: Path, pairs: list[dict]) -> list[bool]:
+    """For each pair, whether the GGUF `finetune serve RECIPE` serves gives its chosen reply a higher summed
+    log-probability than its rejected one, on the prompt the server builds."""
+    from finetune.gguf import runtime
+    from finetune.serve_target import resolve_target
+
+    gguf = resolve_target(str(recipe)).gguf
+    conversations = [p["prompt"] for p in pairs for _ in range(2)]
+    replies = [m[0]["content"] for p in pairs for m in (p["chosen"], p["rejected"])]
+    scores = [s["logprob"] for s in runtime.reply_logprobs(gguf, conversations, replies, threads=1)]
+    return [chosen > rejected for chosen, rejected in zip(scores[::2], scores[1::2], strict=True)]
+
+
+def test_one_dpo_round_makes_the_served_gguf_prefer_the_corrections(feedback, dpo_round, finetune):
+    folder, first_recipe, _, _, _, pairs_file, _ = feedback
+    ok(finetune("export", str(folder / "again-dpo.yaml"), timeout=600))
+    pairs = read_jsonl(pairs_file)
+    before = prefers_chosen(first_recipe, pairs)
+    after = prefers_chosen(folder / "again-dpo.yaml", pairs)
+    print(f"\nthe served GGUF prefers the corrected reply on {sum(before)} of {len(pairs)} prompts before, "
+          f"{sum(after)} of {len(pairs)} after one DPO round")
+    assert sum(after) > sum(before), (before, after)
