@@ -323,6 +323,21 @@ def dtype_name(name: str, device: str = "cpu", *, fast_bf16: bool | None = None)
     return "bfloat16" if fast_bf16 else "float32"
 
 
+def training_dtypes(name: str, method: str, device: str = "cpu", *,
+                    fast_bf16: bool | None = None) -> tuple[str, str | None]:
+    """(weights dtype, autocast dtype or None) for training: model.dtype as set, "auto" by ``dtype_name``'s rule,
+    except full fine-tuning, which keeps fp32 master weights (pure bf16 weights lose small updates) and, on a GPU
+    with bf16, runs the maths under bf16 autocast. Train loads by it; ``finetune plan`` estimates by it."""
+    if name == "auto" and method == "full":
+        cuda = device.startswith("cuda")
+        if cuda and fast_bf16 is None:
+            import torch
+
+            fast_bf16 = torch.cuda.is_bf16_supported()
+        return "float32", ("bfloat16" if cuda and fast_bf16 else None)
+    return dtype_name(name, device, fast_bf16=fast_bf16), None
+
+
 def torch_dtype(name: str, device: str = "cpu"):
     """model.dtype on a device as a torch dtype (``dtype_name``'s rule for "auto")."""
     import torch

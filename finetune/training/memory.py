@@ -382,14 +382,9 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
     from a recipe. ``cpu_fast_bf16``: the CPU computes in bf16 natively (``models.cpu_has_fast_bf16()``), so a
     CPU run loads the weights in bf16."""
     t = recipe.train
-    compute = None
-    if recipe.model.dtype != "auto":
-        dtype = recipe.model.dtype
-    elif t.method == "full":
-        # finetune train keeps fp32 master weights for full fine-tuning; on a GPU the maths runs under bf16 autocast
-        dtype, compute = "float32", ("bfloat16" if device == "cuda" else None)
-    else:  # fp16 on pre-Ampere cards has bf16's size: the estimate takes bf16 for any GPU
-        dtype = models.dtype_name("auto", device, fast_bf16=device == "cuda" or cpu_fast_bf16)
+    # fp16 on pre-Ampere cards has bf16's size: the estimate takes bf16 for any GPU
+    dtype, compute = models.training_dtypes(recipe.model.dtype, t.method, device,
+                                            fast_bf16=device == "cuda" or cpu_fast_bf16)
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, False) if gradient_checkpointing is None \
         else gradient_checkpointing
     # a micro-batch of pairs holds two sequences per row (chosen and rejected): twice the activations

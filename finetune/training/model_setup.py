@@ -53,14 +53,10 @@ def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool
     import torch
 
     t = recipe.train
-    dtype = recipe.model.dtype
-    autocast_dtype = None
-    if t.method == "full" and dtype == "auto":
-        # Full fine-tuning keeps fp32 master weights (pure bf16 weights lose small updates); on a GPU the
-        # maths runs in bf16 under autocast.
-        dtype = "float32"
-        if device_type == "cuda" and torch.cuda.is_bf16_supported():
-            autocast_dtype = torch.bfloat16
+    from finetune import models
+
+    dtype, compute = models.training_dtypes(recipe.model.dtype, t.method, device_type)
+    autocast_dtype = getattr(torch, compute) if compute else None
     attn = _attention(recipe.model.attn_implementation, device_type, packing)
     model = _load_base(recipe, resolved, dtype, attn, device=f"cuda:{local_index}" if device_type == "cuda" else "cpu")
     attn = getattr(model.config, "_attn_implementation", attn)
