@@ -176,36 +176,74 @@ def stop_ids_of(model, tokenizer) -> list[int]:
 
 
 
+GGUF_MAX_PROCESSES = 4  # eval's GGUF column: worker processes at most (each holds its own context and buffers)
+
+
+def gguf_processes(path: Path, n_examples: int) -> int:
+    """How many llama.cpp workers eval's GGUF column runs at once: one per core (one thread each decodes faster in
+    all than one process whose threads wait on each other, and far faster on a busy machine:
+    scripts/bench_export.py), at most GGUF_MAX_PROCESSES, no more than there are examples, and only as many as
+    half the free memory holds if each loaded its own copy of the file."""
+    import psutil
+
+    size = max(1, Path(path).stat().st_size)
+    by_memory = int(psutil.virtual_memory().available * 0.5 // size)
+    return max(1, min(hardware.cores(), GGUF_MAX_PROCESSES, n_examples, by_memory))
+
+
 def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str, max_new_tokens: int,
-                  temperature: float, n_ctx: int, seed: int, stall_s: float = 600.0) -> tuple[list[dict[str, Any]], str]:
+                  temperature: float, n_ctx: int, seed: int, processes: int = 1,
+                  stall_s: float = 600.0) -> tuple[list[dict[str, Any]], str]:
     """The GGUF's raw replies (special tokens kept) to each example's conversation without its last turn, from the
-    server's own worker in a child process (a native crash fails this column, not eval): the same rendering of
-    tools and reasoning as `finetune serve`. Returns (replies, the GGUF's chat template)."""
+    server's own worker in child processes (a native crash fails this column, not eval): the same rendering of
+    tools and reasoning as `finetune serve`. ``processes`` workers answer at once, each with its share of the
+    cores (the weights are memory-mapped, so the workers share one copy); an example's reply does not depend on
+    which worker answers it. Returns (replies, the GGUF's chat template)."""
+    from multiprocessing.connection import wait
+
     from finetune.gguf.worker import Worker
 
-    worker = Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
-                     "threads": hardware.threads(cap=hardware.LLAMA_CPP_MAX_THREADS)})
-    info = worker.start()
-    outs: list[dict[str, Any]] = []
+    processes = max(1, min(processes, len(examples)))
+    threads = hardware.threads(sharing=processes, cap=hardware.LLAMA_CPP_MAX_THREADS)
+    workers = [Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
+                       "threads": threads}) for _ in range(processes)]
+    outs: list[dict[str, Any] | None] = [None] * len(examples)
+    todo = list(enumerate(examples))
+    busy: dict[Any, tuple[Worker, int]] = {}  # connection -> (worker, example index)
+
+    def submit(worker: Worker) -> None:
+        i, ex = todo.pop(0)
+        worker.send({"op": "generate", "id": str(i), "mode": "chat", "messages": ex["messages"][:-1],
+                     "tools": ex.get("tools"), "max_tokens": max_new_tokens, "temperature": temperature,
+                     "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
+        busy[worker.conn] = (worker, i)
+
     try:
-        for i, ex in enumerate(examples):
-            worker.send({"op": "generate", "id": str(i), "mode": "chat", "messages": ex["messages"][:-1],
-                         "tools": ex.get("tools"), "max_tokens": max_new_tokens, "temperature": temperature,
-                         "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
-            while True:
-                if not worker.conn.poll(stall_s):
-                    raise TimeoutError(f"no reply from the llama.cpp worker in {stall_s:.0f} s (example {i})")
+        info = [w.start() for w in workers][0]
+        for w in workers:
+            if todo:
+                submit(w)
+        while busy:
+            ready = wait(list(busy), timeout=stall_s)
+            if not ready:
+                raise TimeoutError(f"no reply from the llama.cpp worker in {stall_s:.0f} s "
+                                   f"(examples {sorted(i for _, i in busy.values())})")
+            for conn in ready:
+                worker, i = busy[conn]
                 kind, _, payload = worker.recv()
                 if kind == "error":
                     raise RuntimeError(f"example {i}: {payload['message']}")
-                if kind == "done":
+                if kind == "done":  # (the streamed pieces before it are not needed here)
                     reason = "length" if payload["finish_reason"] == "length" else "stop"
-                    outs.append({"text": payload["text"].strip(), "finish_reason": reason,
-                                 "tokens": payload["completion_tokens"]})
-                    break
+                    outs[i] = {"text": payload["text"].strip(), "finish_reason": reason,
+                               "tokens": payload["completion_tokens"]}
+                    del busy[conn]
+                    if todo:
+                        submit(worker)
     finally:
-        worker.stop()
-    return outs, info.get("template") or ""
+        for w in workers:
+            w.stop()
+    return [o for o in outs if o is not None], info.get("template") or ""
 
 
 def read_answer(output: dict[str, Any], template: str, tools: list[dict[str, Any]] | None = None,

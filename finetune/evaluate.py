@@ -288,15 +288,19 @@ def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, 
     name = f"gguf-{quant}"
     longest = max((len(json.dumps(e, ensure_ascii=False)) for e in examples), default=0)  # characters >= tokens
     n_ctx = max(recipe.serve.n_ctx, cfg.max_new_tokens + longest + 256)
+    processes = eval_models.gguf_processes(path, len(examples))
     t0 = time.time()
     try:
         outs, gguf_template = eval_models.gguf_generate(path, examples, reasoning=recipe.data.reasoning,
                                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                        n_ctx=n_ctx, seed=recipe.seed)
+                                                        n_ctx=n_ctx, seed=recipe.seed, processes=processes)
     except Exception as exc:  # a crash of the native library arrives here as an error from the child process
         return {"status": "failed", "reason": f"the GGUF could not answer: {type(exc).__name__}: {exc}", "path": str(path)}
     answers[name] = [eval_models.read_answer(o, template if template is not None else gguf_template, e.get("tools"),
                                              end_tokens)
                      for o, e in zip(outs, examples, strict=True)]
-    variants[name] = {"model": str(path), "seconds": round(time.time() - t0, 2), "runtime": "llama.cpp"}
+    variants[name] = {"model": str(path), "seconds": round(time.time() - t0, 2), "runtime": "llama.cpp",
+                      "processes": processes}
+    print(f"eval: {name} done in {duration(variants[name]['seconds'])} ({len(examples)} prompts, {processes} llama.cpp "
+          f"process{'es' if processes > 1 else ''})")
     return {"status": "scored", "variant": name, "path": str(path), "quant": quant}

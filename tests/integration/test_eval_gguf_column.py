@@ -34,3 +34,18 @@ def test_gguf_column_answers_the_same_prompts_through_llama_cpp(tmp_path, tiny_m
     missing = ft_eval._gguf_column(recipe, exported({"Q8_0": gguf}), examples, {}, {},
                                    ["exact_match"], recipe.eval)
     assert missing["status"] == "absent" and "has no Q4_1 GGUF (it has: Q8_0)" in missing["reason"]
+
+
+def test_several_llama_cpp_processes_answer_exactly_as_one(tmp_path):
+    """The GGUF column answers with several worker processes at once: every example gets the reply one process
+    gives it, in the examples' order, whichever worker answered it."""
+    from finetune import eval_models, models
+
+    gguf = models.embedded_gguf_path()
+    examples = arithmetic_rows(5)
+    kw = dict(reasoning="auto", max_new_tokens=12, temperature=0.0, n_ctx=512, seed=0)
+    one, template = eval_models.gguf_generate(gguf, examples, processes=1, **kw)
+    three, template3 = eval_models.gguf_generate(gguf, examples, processes=3, **kw)
+    assert one == three and template == template3 and len(one) == 5
+    assert len({o["text"] for o in one}) > 1  # different prompts, different answers: the order is checked
+    assert 1 <= eval_models.gguf_processes(gguf, 2) <= 2 and eval_models.gguf_processes(gguf, 100) >= 1
