@@ -75,7 +75,7 @@ def command(argv: list[str]) -> int:
     exp.add_argument("--as", dest="kind", choices=("sft", "preferences"), default="sft",
                      help="sft (default): approved and corrected replies as {messages} rows; preferences: DPO/ORPO "
                      "pairs from corrections to -o, KTO rows from ratings and corrections to <out>.kto.jsonl "
-                     "(train them with train.objective dpo/orpo or kto)")
+                     "(train them with train.objective dpo/orpo/simpo or kto)")
     ns, extra = p.parse_known_args(argv)  # overrides may come after -o
     bad = [a for a in extra if a.startswith("-") or "=" not in a]
     if bad:
@@ -113,7 +113,7 @@ def command(argv: list[str]) -> int:
               f"rated rows ({res['desirable']} desirable, {res['undesirable']} undesirable) to {res['kto_out']}")
         print(f"left out {left}: {left_out_text(res['left_out'], 'last_assistant')}" if left else "left out nothing")
         print(f"train on them: add `- path: {out.resolve()}` under data.sources and set train.objective: dpo (or "
-              f"orpo); or `- path: {Path(res['kto_out']).resolve()}` with train.objective: kto")
+              f"orpo, simpo); or `- path: {Path(res['kto_out']).resolve()}` with train.objective: kto")
         return 0
     train_on = ns.train_on or recipe_train_on or "assistant"
     result = export(folder, out, train_on=train_on)

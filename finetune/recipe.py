@@ -161,7 +161,10 @@ class LoraConfig(Section):
 
 class PreferenceConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO/KTO: strength of the pull towards the reference model (higher "
-                        "stays closer); ORPO: weight of the odds-ratio term against the NLL.")
+                        "stays closer); ORPO: weight of the odds-ratio term against the NLL; SimPO: scale of the "
+                        "reward (beta x the reply's mean log-probability per token).")
+    gamma: float = Field(0.5, ge=0, description="SimPO: the margin by which the chosen reply's reward must beat the "
+                         "rejected one's (TRL's simpo_gamma).")
     desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable rows' losses.")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable rows' losses. With unequal "
                                       "counts, keep desirable_weight * n_desirable / (undesirable_weight * "
@@ -170,8 +173,9 @@ class PreferenceConfig(Section):
 
 class TrainConfig(Section):
     method: Literal["lora", "qlora", "dora", "full"] = Field("lora", description="qlora needs a CUDA GPU (bitsandbytes 4-bit).")
-    objective: Literal["sft", "dpo", "kto", "orpo"] = Field(
-        "sft", description="sft: next-token loss on the trained tokens; dpo / orpo: prompt/chosen/rejected pairs; "
+    objective: Literal["sft", "dpo", "kto", "orpo", "simpo"] = Field(
+        "sft", description="sft: next-token loss on the trained tokens; dpo / orpo / simpo: prompt/chosen/rejected "
+        "pairs; "
         "kto: prompt/completion/label rows (or pairs, split into a desirable and an undesirable row). DPO and KTO "
         "compare with a reference: the base with the adapter off (adapters), or the base's log-probabilities "
         "computed once before training (full).")

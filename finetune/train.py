@@ -195,7 +195,7 @@ def _setup(recipe, resolved, tokenizer, accelerator, packing: bool, train_rows, 
     raw_model = accelerator.unwrap_model(model)
     ctx = steps.StepContext(accelerator, tokenizer.pad_token_id, built.autocast_dtype, packing, t.objective,
                             preference.Settings(t.objective, t.preference.beta, t.preference.desirable_weight,
-                                                t.preference.undesirable_weight))
+                                                t.preference.undesirable_weight, t.preference.gamma))
     if t.objective in preference.NEEDS_REFERENCE:
         ctx = _with_reference(ctx, raw_model, t.method, t.batch_size, train_rows, val_rows)
     return _Training(recipe, accelerator, model, raw_model, optimizer, scheduler, ctx, tokenizer, built, gc_on,

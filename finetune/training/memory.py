@@ -156,7 +156,7 @@ class Settings:
     attn_implementation: str = "sdpa"     # sdpa | eager | flash_attention_2 | auto
     packed: bool = False                  # padding-free rows with per-example SDPA (finetune train's default)
     logit_fraction: float = 1.0           # share of positions that get logits (packed: only trained positions)
-    objective: str = "sft"                # sft | dpo | kto | orpo (extra sequences and forward passes)
+    objective: str = "sft"                # sft | dpo | kto | orpo | simpo (extra sequences and forward passes)
 
 
 @dataclass
@@ -388,7 +388,7 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, False) if gradient_checkpointing is None \
         else gradient_checkpointing
     # a micro-batch of pairs holds two sequences per row (chosen and rejected): twice the activations
-    sequences = 2 if t.objective in ("dpo", "orpo") else 1
+    sequences = 2 if t.objective in ("dpo", "orpo", "simpo") else 1
     return Settings(method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
                     batch_size=t.batch_size * sequences, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
                     objective=t.objective,

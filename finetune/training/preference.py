@@ -1,4 +1,4 @@
-"""Preference objectives: DPO, KTO and ORPO losses over prepared preference rows.
+"""Preference objectives: DPO, KTO, ORPO and SimPO losses over prepared preference rows.
 
 The losses are the published ones, in TRL's conventions (tests/unit/test_train_preference.py checks each against
 TRL on the same batch and model to 1e-5):
@@ -11,6 +11,8 @@ TRL on the same batch and model to 1e-5):
 - ORPO (Hong et al. 2024): NLL of the chosen completion (mean over its trained tokens) plus
   ``-beta * logsigmoid(log odds(chosen) - log odds(rejected))`` with per-token mean log-probabilities. The NLL
   covers the chosen completion's trained tokens (data.train_on), as SFT does; TRL's ORPO also trains on the prompt.
+- SimPO (Meng et al. 2024, TRL's CPO ``loss_type="simpo"`` with ``cpo_alpha=0``): ``-logsigmoid(beta * (mc - mr) -
+  gamma)`` per pair, m the mean log-probability per trained token of the completion under the policy; no reference.
 
 A reference model is needed by DPO and KTO. With adapters it is the base with the adapter disabled (no second
 copy of the weights); full fine-tuning computes the reference log-probabilities once, before the first update.
@@ -32,8 +34,8 @@ from finetune.data import tokenized
 from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 
-OBJECTIVES = ("sft", "dpo", "kto", "orpo")
-PAIRED = ("dpo", "orpo")
+OBJECTIVES = ("sft", "dpo", "kto", "orpo", "simpo")
+PAIRED = ("dpo", "orpo", "simpo")
 NEEDS_REFERENCE = ("dpo", "kto")
 # The tokenized preference columns prepare writes (beside input_ids / labels / length).
 PAIR_COLUMNS = ("rejected_input_ids", "rejected_labels")
@@ -62,6 +64,7 @@ class Settings:
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    gamma: float = 0.5  # SimPO's target reward margin
 
 
 def forward_passes(objective: str, method: str) -> dict[str, float]:
@@ -72,7 +75,7 @@ def forward_passes(objective: str, method: str) -> dict[str, float]:
     reference). Full fine-tuning computes the reference once before training: counted as one pass per epoch."""
     if objective == "sft":
         return {"sequences": 1, "with_grad": 1, "no_grad": 0}
-    if objective == "orpo":
+    if objective in ("orpo", "simpo"):
         return {"sequences": 2, "with_grad": 1, "no_grad": 0}
     if objective == "dpo":
         return {"sequences": 2, "with_grad": 1, "no_grad": 1}
@@ -120,6 +123,14 @@ def orpo_odds_losses(chosen_mean_logps, rejected_mean_logps, beta: float):
     c, r = chosen_mean_logps.float(), rejected_mean_logps.float()
     log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
     return -beta * F.logsigmoid(log_odds), log_odds
+
+
+def simpo_losses(chosen_mean_logps, rejected_mean_logps, beta: float, gamma: float):
+    """Per-pair SimPO losses and the rewards beta * mean log-probability of chosen and rejected."""
+    import torch.nn.functional as F
+
+    chosen, rejected = beta * chosen_mean_logps, beta * rejected_mean_logps
+    return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
 
 
 # ------------------------------------------------------------------------------ log-probs of sequences
@@ -216,6 +227,10 @@ def batch_loss(forward: Callable[[Sequence[Seq]], tuple[Any, Any]],
         if obj == "dpo":
             ref = reference(indices, seqs, "main")
             losses, cr, rr = dpo_losses(pc, pr, ref[:n], ref[n:], settings.beta)
+            loss = losses.sum() / step_units
+        elif obj == "simpo":
+            cc, rc = counts[:n].clamp(min=1), counts[n:].clamp(min=1)
+            losses, cr, rr = simpo_losses(pc / cc, pr / rc, settings.beta, settings.gamma)
             loss = losses.sum() / step_units
         else:
             cc, rc = counts[:n].clamp(min=1), counts[n:].clamp(min=1)

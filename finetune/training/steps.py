@@ -24,7 +24,7 @@ class StepContext:
     pad_id: int | None
     autocast_dtype: Any                      # a torch dtype, or None: no autocast
     packing: bool
-    objective: str                           # sft | dpo | kto | orpo
+    objective: str                           # sft | dpo | kto | orpo | simpo
     preference: preference.Settings
     reference: preference.Reference | None = None       # log-probabilities of the reference model (DPO, KTO)
     val_reference: preference.Reference | None = None   # the same for the validation rows

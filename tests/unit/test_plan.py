@@ -179,13 +179,13 @@ def test_local_model_folder_config(cli, tiny_model_dir, tmp_path):
 
 def test_preference_objectives_count_their_extra_forward_passes():
     """Per token of an example, with LoRA (forward F, training passes 2F): DPO trains two sequences and runs the
-    reference on both (2 * 3F), ORPO two sequences without a reference (2 * 2F), KTO one sequence plus reference and
-    the mismatched pair under policy and reference (2F + 3F)."""
+    reference on both (2 * 3F), ORPO and SimPO two sequences without a reference (2 * 2F), KTO one sequence plus
+    reference and the mismatched pair under policy and reference (2F + 3F)."""
     d = dims(LLAMA8B)
     sft = plan.train_flops_per_token(d, plan.Settings(method="lora", seq_len=512))
     ratio = {obj: plan.train_flops_per_token(d, plan.Settings(method="lora", seq_len=512, objective=obj)) / sft
-             for obj in ("dpo", "orpo", "kto")}
-    assert ratio == pytest.approx({"dpo": 3.0, "orpo": 2.0, "kto": 2.5})
+             for obj in ("dpo", "orpo", "simpo", "kto")}
+    assert ratio == pytest.approx({"dpo": 3.0, "orpo": 2.0, "simpo": 2.0, "kto": 2.5})
 
 
 def test_pairs_double_the_sequences_of_a_micro_batch(tmp_path):
@@ -196,3 +196,4 @@ def test_pairs_double_the_sequences_of_a_micro_batch(tmp_path):
     r = recipe_mod.load(path)
     assert plan.settings_for(r, "cpu").batch_size == 8
     assert plan.settings_for(recipe_mod.load(path, ["train.objective=kto"]), "cpu").batch_size == 4
+    assert plan.settings_for(recipe_mod.load(path, ["train.objective=simpo"]), "cpu").batch_size == 8

@@ -1,4 +1,4 @@
-"""Preference objectives (DPO, KTO, ORPO): our losses equal TRL's on the same batch and model, and training them
+"""Preference objectives (DPO, KTO, ORPO, SimPO): our losses equal TRL's on the same batch and model, and training them
 on a tiny model gives pinned (golden) losses.
 
 The TRL tests build TRL's own trainer on a tiny random Llama with a LoRA adapter (weights perturbed so that the
@@ -185,6 +185,38 @@ def test_orpo_loss_equals_trl(tokenizer_dir, packing):
     assert 0 <= res.correct <= 3
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_simpo_loss_equals_trl(tokenizer_dir, packing):
+    """TRL's SimPO is its CPO trainer with loss_type="simpo" and no NLL term (cpo_alpha=0): both average each reply's
+    log-probability over its completion tokens."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    model, tok = _tiny(tokenizer_dir)
+    ds = Dataset.from_list([{"prompt": "Hi", "chosen": " there, friend.", "rejected": " go away"},
+                            {"prompt": "Is it", "chosen": " true", "rejected": " no, it is not the case"},
+                            {"prompt": "Why", "chosen": " because the sky scatters blue light", "rejected": " ok"}])
+    config = _config(CPOConfig, per_device_train_batch_size=3, beta=2.0, loss_type="simpo", simpo_gamma=0.7,
+                     cpo_alpha=0.0)
+    trainer = CPOTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=_lora())
+    _perturb_adapter(trainer.model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    theirs = float(trainer.get_batch_loss_metrics(trainer.model, batch)[0].detach())
+    rows = []
+    for k in range(3):
+        pair = []
+        for side in ("chosen", "rejected"):
+            n = int(batch[f"{side}_attention_mask"][k].sum())
+            pair.append((batch[f"{side}_input_ids"][k, :n].tolist(), batch[f"{side}_labels"][k, :n].tolist()))
+        rows.append(preference.Row(tuple(pair), pair[0][1].count(-100)))  # the prompt: untrained
+    ours, res = _our_loss(trainer.model, rows, preference.Settings("simpo", beta=2.0, gamma=0.7), packing=packing,
+                          pad_id=tok.pad_token_id)
+    assert abs(theirs - 0.6931) > 1e-2  # the rewards differ: not the loss of a tie
+    print(f"packing={packing}: ours {ours:.8f} TRL {theirs:.8f} |diff| {abs(ours - theirs):.2e}")
+    assert ours == pytest.approx(theirs, abs=TOLERANCE)
+    assert res.units == 3
+
+
 def test_loss_functions_match_trl_formulas_on_random_logps():
     """The pure loss maths against TRL's own ORPO helper and the published formulas, beyond one batch."""
     import torch
@@ -261,6 +293,7 @@ GOLDEN = {
     ("dpo", "lora"): [0.693147, 0.648440, 0.578075, 0.565557],
     ("kto", "lora"): [0.5, 0.488730, 0.472767, 0.463071],
     ("orpo", "lora"): [10.926834, 10.676854, 10.496152, 10.297998],
+    ("simpo", "lora"): [0.978445, 0.968116, 0.956153, 0.942381],
     ("dpo", "full"): [0.693147, 0.657864, 0.607700, 0.595789],
 }
 
@@ -299,7 +332,7 @@ def test_sft_on_rated_rows_never_trains_on_an_undesirable_reply(tmp_path, tiny_m
     assert all(100 <= t < 110 or t == 2 for _, labels in rows for t in labels if t != -100)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
 def test_pair_objective_on_sft_or_unpaired_data_is_a_clear_error(tmp_path, tiny_model_dir, objective):
     from finetune.errors import UserError
 
