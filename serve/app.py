@@ -48,7 +48,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from finetune.feedback_store import FeedbackStore
-from serve.http import Guard, error_response, key_ok
+from serve.http import Guard, error_response, http_error, invalid_request, key_ok
 from serve.pool import Pool
 from serve.respond import respond
 from serve.schemas import WHY_NOT, ChatRequest, CompletionRequest, FeedbackRequest, Sampling, agent_messages
@@ -85,32 +85,8 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
     app.add_middleware(Guard, settings=settings)
     model_card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "finetune"}
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        problems = []
-        for e in exc.errors():
-            if e["type"] == "json_invalid":
-                at = e["loc"][1] if len(e["loc"]) > 1 else "?"
-                problems.append(f"the body is not valid JSON ({(e.get('ctx') or {}).get('error', 'parse error')} at "
-                                f"character {at})")
-                continue
-            where = ".".join(str(p) for p in e["loc"][1:]) or "body"
-            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-        first = exc.errors()[0]["loc"][1:] if exc.errors() and exc.errors()[0]["type"] != "json_invalid" else ()
-        return error_response(400, f"invalid request: {'; '.join(problems)}", "invalid_request",
-                              param=".".join(str(p) for p in first) or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            message = (f"{request.method} {request.url.path}: no such endpoint (this server has /v1/chat/completions, "
-                       "/v1/completions, /v1/models, /api/feedback, /health and the page at /)")
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(exc.detail)
-        return error_response(exc.status_code, message, {404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status_code), headers=getattr(exc, "headers", None))
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     @app.get("/")
     async def page():
@@ -133,11 +109,11 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        return unknown_model(model_id) or model_card
+        return unknown_model(settings, model_id) or model_card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        refused = check(body)
+        refused = check(settings, body)
         if refused is not None:
             return refused
         try:
@@ -145,7 +121,7 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         except ValueError as exc:
             return error_response(400, str(exc), "invalid_request", param="messages" if "messages" in str(exc)
                                   else "tools")
-        job = _job(body, mode="chat", messages=messages, tools=tools)
+        job = job_for(settings, body, mode="chat", messages=messages, tools=tools)
         if body.response_format is not None and body.response_format.type != "text":
             if body.response_format.type == "json_schema":
                 schema = (body.response_format.json_schema or {}).get("schema")
@@ -167,10 +143,10 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        refused = check(body)
+        refused = check(settings, body)
         if refused is not None:
             return refused
-        job = _job(body, mode="completion", prompt=body.prompt)
+        job = job_for(settings, body, mode="completion", prompt=body.prompt)
         return await respond(pool, settings.model_name, request, body, job, f"cmpl-{uuid.uuid4().hex}", chat=False,
                              on_done=None, echo=body.prompt if body.echo else "")
 
@@ -192,34 +168,37 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
             return error_response(503, "this server was started without a feedback store", "no_store")
         return {"store": str(store.path), **store.counts()}
 
-    # ------------------------------------------------------------------------------------------- helpers
-    def unknown_model(name: str | None) -> JSONResponse | None:
-        if name is None or name == settings.model_name:
-            return None
-        return error_response(404, f"model {name!r} is not served here: this server serves {settings.model_name!r} "
-                              "(GET /v1/models); send that name or leave 'model' out", "model_not_found",
-                              param="model")
-
-    def check(body: Sampling) -> JSONResponse | None:
-        unknown = unknown_model(body.model)
-        if unknown is not None:
-            return unknown
-        names = body.unsupported()
-        if not names:
-            return None
-        reasons = [f"{n} ({WHY_NOT[n]})" if n in WHY_NOT else n for n in names]
-        return error_response(400, f"unsupported parameter{'s' if len(names) > 1 else ''}: {', '.join(reasons)}. "
-                              "This server implements temperature, top_p, max_tokens, stop, seed, presence_penalty, "
-                              "frequency_penalty, logit_bias, response_format, stream and (llama.cpp) top_k, min_p, "
-                              "repeat_penalty; leave the others out", "unsupported_parameter", param=names[0])
-
-    def _job(body: Sampling, **what: Any) -> dict[str, Any]:
-        asked = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        return {"max_tokens": min(asked, settings.max_tokens), "temperature": body.temperature, "top_p": body.top_p,
-                "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
-                "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-                "logit_bias": body.logit_bias, "stop": stop, "seed": body.seed,
-                "max_prompt_tokens": settings.max_prompt_tokens, **what}
-
     return app
+
+
+def unknown_model(settings: ServerSettings, name: str | None) -> JSONResponse | None:
+    """None when ``name`` is the served model (or absent), else the 404 that names it."""
+    if name is None or name == settings.model_name:
+        return None
+    return error_response(404, f"model {name!r} is not served here: this server serves {settings.model_name!r} "
+                          "(GET /v1/models); send that name or leave 'model' out", "model_not_found",
+                          param="model")
+
+def check(settings: ServerSettings, body: Sampling) -> JSONResponse | None:
+    """The answer that refuses a request (unknown model, a parameter not implemented), or None."""
+    unknown = unknown_model(settings, body.model)
+    if unknown is not None:
+        return unknown
+    names = body.unsupported()
+    if not names:
+        return None
+    reasons = [f"{n} ({WHY_NOT[n]})" if n in WHY_NOT else n for n in names]
+    return error_response(400, f"unsupported parameter{'s' if len(names) > 1 else ''}: {', '.join(reasons)}. "
+                          "This server implements temperature, top_p, max_tokens, stop, seed, presence_penalty, "
+                          "frequency_penalty, logit_bias, response_format, stream and (llama.cpp) top_k, min_p, "
+                          "repeat_penalty; leave the others out", "unsupported_parameter", param=names[0])
+
+def job_for(settings: ServerSettings, body: Sampling, **what: Any) -> dict[str, Any]:
+    """The pool's job for a request: its sampling settings, max_tokens clamped to the server's limit."""
+    asked = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return {"max_tokens": min(asked, settings.max_tokens), "temperature": body.temperature, "top_p": body.top_p,
+            "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
+            "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+            "logit_bias": body.logit_bias, "stop": stop, "seed": body.seed,
+            "max_prompt_tokens": settings.max_prompt_tokens, **what}

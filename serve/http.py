@@ -13,7 +13,9 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 if TYPE_CHECKING:
     from serve.app import ServerSettings
@@ -39,6 +41,34 @@ def error_response(status: int, message: str, code: str | None = None, *, param:
 
 def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that is not JSON or does not fit the schema: one 400 naming every problem."""
+    problems = []
+    for e in exc.errors():
+        if e["type"] == "json_invalid":
+            at = e["loc"][1] if len(e["loc"]) > 1 else "?"
+            problems.append(f"the body is not valid JSON ({(e.get('ctx') or {}).get('error', 'parse error')} at "
+                            f"character {at})")
+            continue
+        where = ".".join(str(p) for p in e["loc"][1:]) or "body"
+        problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    first = exc.errors()[0]["loc"][1:] if exc.errors() and exc.errors()[0]["type"] != "json_invalid" else ()
+    return error_response(400, f"invalid request: {'; '.join(problems)}", "invalid_request",
+                          param=".".join(str(p) for p in first) or None)
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """404 and 405 in OpenAI's error shape, naming what this server has."""
+    if exc.status_code == 404:
+        message = (f"{request.method} {request.url.path}: no such endpoint (this server has /v1/chat/completions, "
+                   "/v1/completions, /v1/models, /api/feedback, /health and the page at /)")
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, message, {404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code), headers=getattr(exc, "headers", None))
 
 
 # ------------------------------------------------------------------------------------------ the guard (ASGI)
