@@ -19,29 +19,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finetune import recipe_yaml
 from finetune.models import EMBEDDED_MODEL
+from finetune.recipe_errors import OVERRIDE_PREFIX, RecipeError, problems
+from finetune.recipe_yaml import (
+    flat_keys,
+    get_key,
+    parse_override,
+    read_document,
+    read_yaml,
+    recipe_files,
+    set_key,
+)
 
-
-class RecipeError(Exception):
-    """A recipe (or an override) is invalid. One problem is one line; several are listed one per line.
-
-    A problem that an override caused starts with ``override 'key=value':`` and is shown without the file.
-    """
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        if len(problems) == 1:
-            only = problems[0]
-            message = only if only.startswith(OVERRIDE_PREFIX) else f"{source}: {only}"
-        else:
-            lines = [f"{source}: {len(problems)} problems"]
-            lines += [f"  - {p}" for p in problems]
-            message = "\n".join(lines)
-        super().__init__(message)
-
-
-OVERRIDE_PREFIX = "override "
+# Besides the schema and load/validate_dict/dump/with_overrides, other modules take RecipeError and the dotted-key
+# helpers from here (their homes: recipe_errors, recipe_yaml).
+__all__ = ["OVERRIDE_PREFIX", "Recipe", "RecipeError", "apply_overrides", "dump", "flat_keys", "get_key", "load",
+           "parse_override", "read_yaml", "recipe_files", "set_key", "validate_dict", "with_overrides"]
 
 
 class Section(BaseModel):
@@ -396,285 +390,9 @@ class Recipe(Section):
         return self.model_dump(mode="json")
 
 
-# ------------------------------------------------------------------------------------------- validation
-# Names other tools use (transformers' TrainingArguments, PEFT, TRL, axolotl) -> our dotted key.
-OTHER_TOOLS_KEYS = {
-    "learning_rate": "train.lr",
-    "num_train_epochs": "train.epochs",
-    "num_epochs": "train.epochs",
-    "per_device_train_batch_size": "train.batch_size",
-    "train_batch_size": "train.batch_size",
-    "micro_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "lora_r": "train.lora.r",
-    "lora_rank": "train.lora.r",
-    "lora_alpha": "train.lora.alpha",
-    "lora_dropout": "train.lora.dropout",
-    "lora_target_modules": "train.lora.target_modules",
-    "use_rslora": "train.lora.rslora",
-    "max_seq_length": "data.clean.max_tokens",
-    "max_seq_len": "data.clean.max_tokens",
-    "max_length": "data.clean.max_tokens",
-    "sequence_len": "data.clean.max_tokens",
-    "lr_scheduler_type": "train.scheduler",
-    "optim": "train.optimizer",
-    "eval_steps": "train.eval_every",
-    "save_steps": "train.save_every",
-    "logging_steps": "train.log_every",
-    "save_total_limit": "train.keep_checkpoints",
-    "model_name_or_path": "model.id",
-    "base_model": "model.id",
-    "output_dir": "runs_dir",
-    "dataset": "data.sources",
-    "datasets": "data.sources",
-    "train_file": "data.sources",
-}
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid field names of the section that `loc` points into (for 'did you mean')."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(part)
-        if field is None:
-            break
-        current = _section_type(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _section_type(annotation: Any) -> Any:
-    """Unwrap list[X], X | None, dict[str, X] to the BaseModel X, if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _keys_by_name(model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, list[str]]:
-    """Every key of the schema reachable through plain sections, by its last name: 'lr' -> ['train.lr']."""
-    out: dict[str, list[str]] = {}
-    for name, field in (model or Recipe).model_fields.items():
-        dotted = f"{prefix}{name}"
-        out.setdefault(name, []).append(dotted)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            for key, paths in _keys_by_name(field.annotation, f"{dotted}.").items():
-                out.setdefault(key, []).extend(paths)
-    return out
-
-
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _suggest_key(loc: tuple) -> str:
-    """The hint for an unknown key: our name for another tool's key, the same name in another section, a close
-    spelling in this section, or the valid keys here."""
-    name = str(loc[-1])
-    if name.lower() in OTHER_TOOLS_KEYS:
-        return f"did you mean '{OTHER_TOOLS_KEYS[name.lower()]}'? ({name} is another tool's name for it)"
-    elsewhere = _keys_by_name().get(name, [])
-    if elsewhere:
-        return "did you mean " + " or ".join(f"'{p}'" for p in elsewhere) + "?"
-    valid = _fields_at(Recipe, loc[:-1])
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    if close:
-        return f"did you mean '{_format_loc(loc[:-1] + (close[0],))}'?"
-    return f"valid keys here: {', '.join(valid)}"
-
-
-_NUMBER_ERRORS = {"int_type", "float_type", "int_parsing", "float_parsing", "int_from_float"}
-
-
-def _type_hint(kind: str, received: Any) -> str:
-    """What to write instead, for a value of the wrong type (strict types: no silent conversion)."""
-    if kind in _NUMBER_ERRORS:
-        if isinstance(received, bool):
-            return "true/false (also yes/no, on/off) is a boolean, not a number: write a number"
-        if isinstance(received, str):
-            try:
-                float(received)
-            except ValueError:
-                return ""
-            return "a quoted value is text, not a number: write it without quotes"
-        if isinstance(received, float) and kind != "float_type":
-            return "write a whole number"
-    if kind == "bool_type":
-        return "write true or false"
-    if kind == "string_type" and isinstance(received, (bool, int, float)):
-        return "for text, put it in quotes, e.g. \"123\""
-    return ""
-
-
-def _problems(exc: ValidationError, *, lines: dict[tuple, int] | None = None,
-              overrides: list[tuple[tuple[str, ...], str]] = ()) -> list[str]:
-    """One line per error: where it comes from (an override, or the file's line), the key, what is wrong."""
-    problems = []
-    for err in _merge_union_members(exc.errors()):
-        loc = err["loc"]
-        key = _format_loc(loc) or "(top level)"
-        received = err.get("input")
-        if err["type"] == "extra_forbidden":
-            text = f"{key}: unknown key. {_suggest_key(loc)}"
-        elif err["type"] == "missing":
-            text = f"{key}: required, but not given"
-        else:
-            shown = repr(received)
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            msg = err["msg"].removeprefix("Value error, ")
-            hint = _type_hint(err["type"], received)
-            text = f"{key}: {msg}{'; ' + hint if hint else ''} (received {shown})"
-        problems.append(_origin(loc, lines or {}, overrides) + text)
-    return problems
-
-
-def _merge_union_members(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pydantic reports `str | list[str]` once per member, at loc + ('str',): one error per key instead."""
-    out: list[dict[str, Any]] = []
-    members: dict[tuple, dict[str, Any]] = {}
-    for err in errors:
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        member = loc and isinstance(loc[-1], str) and re.fullmatch(r"(str|int|float|bool|(list|dict)\[.*\])", loc[-1])
-        if member and loc[:-1] in members:
-            members[loc[:-1]]["msg"] += " or " + err["msg"].removeprefix("Input should be ")
-            continue
-        err = {**err, "loc": loc[:-1] if member else loc}
-        if member:
-            members[err["loc"]] = err
-        out.append(err)
-    return out
-
-
-def _origin(loc: tuple, lines: dict[tuple, int], overrides: list[tuple[tuple[str, ...], str]]) -> str:
-    """'override 'train.lr=x': ' when an override set this key (or a section around it), else 'line N: '."""
-    path = tuple(str(p) for p in loc)
-    for parts, text in reversed(overrides):  # the last override of a key is the one that counts
-        n = min(len(parts), len(path))
-        if n and parts[:n] == path[:n]:
-            return f"{OVERRIDE_PREFIX}{text!r}: "
-    for n in range(len(path), 0, -1):
-        if path[:n] in lines:
-            return f"line {lines[path[:n]]}: "
-    return ""
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are parsed as YAML scalars or [flow, lists]."""
-    if "=" not in text:
-        raise RecipeError("override", [f"{OVERRIDE_PREFIX}{text!r}: expected key=value, e.g. train.lr=1e-4"])
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_0-9]+)*", key):
-        raise RecipeError("override", [f"{OVERRIDE_PREFIX}{text!r}: {key!r} is not a dotted key like train.lr "
-                                       "(list items by number: data.sources.0.path)"])
-    try:
-        value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
-        value = raw  # `serve.host=::` is text, not a YAML mapping
-    return key.split("."), value
-
-
-def _wants_text(parts: list[str]) -> bool:
-    """Whether the key accepts text but no number or boolean (model.revision, serve.api_key, name, ...)."""
-    current: Any = Recipe
-    annotation: Any = None
-    for part in parts:
-        if part.isdigit():
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return False
-        annotation = current.model_fields[part].annotation
-        current = _section_type(annotation)
-    kinds = set(getattr(annotation, "__args__", None) or (annotation,))
-    return str in kinds and not kinds & {int, float, bool}
-
-
-def get_key(data: dict[str, Any], dotted: str) -> Any:
-    """The value at a dotted key of a raw recipe (``train.lora.r``), or None where a part is missing."""
-    node: Any = data
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set a dotted key in a raw recipe, as an override ``dotted=value`` would."""
-    _set_key(data, dotted.split("."), value, f"{dotted}={value}")
-
-
-def flat_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{dotted key: value} of every leaf of a raw recipe (an empty section is a leaf)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_keys(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _set_key(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
-    """Set a dotted key in the raw recipe; a number names a list item (the next number adds one)."""
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[:depth])
-        if isinstance(node, list):
-            if not part.isdigit():
-                raise RecipeError("override", [f"{OVERRIDE_PREFIX}{text!r}: {where} is a list; name an item by its "
-                                               f"number, e.g. {where}.0.{part}"])
-            index = int(part)
-            if index > len(node):
-                have = f"items 0 to {len(node) - 1}" if node else "no items"
-                raise RecipeError("override", [f"{OVERRIDE_PREFIX}{text!r}: {where} has {have}; use {where}."
-                                               f"{len(node)}.<key>=... to add one"])
-            if index == len(node):
-                node.append(None)
-        elif not isinstance(node, dict):
-            raise RecipeError("override", [f"{OVERRIDE_PREFIX}{text!r}: {where} is a single value "
-                                           f"({node!r}), not a section"])
-        slot: Any = int(part) if isinstance(node, list) else part
-        if last:
-            node[slot] = value
-            return
-        child = node[slot] if isinstance(node, list) else node.get(slot)
-        if not isinstance(child, (dict, list)):
-            child = [] if parts[depth + 1].isdigit() else {}
-            node[slot] = child
-        node = child
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of the raw recipe with the overrides applied (not validated)."""
-    data = _deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        if value is not None and not isinstance(value, (str, list, dict)) and _wants_text(parts):
-            value = text.partition("=")[2].strip()  # `model.revision=2024` is the text "2024"
-        _set_key(data, parts, value, text)
-    return data
-
-
-def _deepcopy(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _deepcopy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deepcopy(v) for v in obj]
-    return obj
+    return recipe_yaml.apply_overrides(data, overrides, Recipe)
 
 
 def validate_dict(data: Any, source: str = "recipe", base_dir: Path | None = None, *,
@@ -686,124 +404,15 @@ def validate_dict(data: Any, source: str = "recipe", base_dir: Path | None = Non
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         applied = [(tuple(text.partition("=")[0].strip().split(".")), text) for text in overrides]
-        raise RecipeError(source, _problems(exc, lines=lines, overrides=applied)) from None
+        raise RecipeError(source, problems(exc, Recipe, lines=lines, overrides=applied)) from None
     recipe._base_dir = (base_dir or Path(".")).resolve()
     return recipe
-
-
-class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe YAML 1.1, plus YAML 1.2 floats: ``1e-4`` is a number (YAML 1.1 reads it as text)."""
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-# Files that hold data, not a recipe; and keys that say a YAML/JSON document is a data row.
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
-DATA_KEYS = frozenset({"messages", "conversations", "instruction", "output", "prompt", "completion", "text"})
-
-
-def _looks_like_data(path: Path, text: str | None, data: Any = None) -> RecipeError | None:
-    """The error for a data file given where a recipe goes, or None when it does not look like one."""
-    if path.suffix.lower() in DATA_SUFFIXES:
-        seen = f"a {path.suffix} file"
-    elif isinstance(data, dict) and data and not set(data) & set(Recipe.model_fields) and set(data) & DATA_KEYS:
-        seen = f"a data row (keys: {', '.join(map(str, list(data)[:5]))})"
-    elif isinstance(data, list) and data and all(isinstance(r, dict) and set(r) & DATA_KEYS
-                                                 and not set(r) & set(Recipe.model_fields) for r in data[:10]):
-        seen = f"a list of {len(data)} records"
-    elif text is not None and data is None and text.lstrip().startswith("{") and _first_line_is_json(text):
-        seen = "JSON lines"
-    else:
-        return None
-    return RecipeError(str(path), [
-        f"this looks like a data file ({seen}), not a recipe. A recipe names it under data.sources: copy "
-        f"recipes/tasks/my-data.yaml and set `data: {{sources: [{{path: {path.resolve()}}}]}}`, then pass that recipe"])
-
-
-def _first_line_is_json(text: str) -> bool:
-    import json
-
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        return isinstance(json.loads(first), dict)
-    except ValueError:
-        return False
-
-
-def _key_lines(node: Any, path: tuple = (), out: dict[tuple, int] | None = None) -> dict[tuple, int]:
-    """Key path (as strings, list items by number) -> line in the file, from the composed YAML node tree."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = path + (str(key.value),)
-            out[sub] = key.start_mark.line + 1
-            _key_lines(value, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            sub = path + (str(i),)
-            out[sub] = item.start_mark.line + 1
-            _key_lines(item, sub, out)
-    return out
-
-
-def read_document(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
-    """The recipe file as a mapping, and the line of each key. Anything that is not a recipe is a RecipeError."""
-    if not path.exists():
-        raise RecipeError(str(path), ["file not found; give the path to a recipe YAML, e.g. recipes/quickstart.yaml"])
-    if path.is_dir():
-        raise RecipeError(str(path), ["is a folder; give the path to a recipe YAML file "
-                                      "(`finetune validate FOLDER` checks every recipe in it)"])
-    not_data = _looks_like_data(path, None)
-    if not_data is not None:
-        raise not_data
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(str(path), [f"not UTF-8 text (byte {exc.start}); save the recipe as UTF-8"]) from None
-    loader = YamlLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        not_data = _looks_like_data(path, text)
-        if not_data is not None:
-            raise not_data from None
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        raise RecipeError(str(path), ["the file is empty (no keys); a recipe needs at least `name:` and "
-                                      "`data: {sources: [{path: your.jsonl}]}`, see recipes/quickstart.yaml"])
-    not_data = _looks_like_data(path, text, data)
-    if not_data is not None:
-        raise not_data
-    if not isinstance(data, dict):
-        raise RecipeError(str(path), [f"the top level is a {type(data).__name__}, but a recipe is a mapping of keys "
-                                      "(name:, model:, data:, train:, ...), see recipes/quickstart.yaml"])
-    return data, _key_lines(node)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    return read_document(path)[0]
-
-
-# Folders under a recipes directory that hold other files: data, and accelerate launch configs.
-NOT_RECIPE_FOLDERS = frozenset({"data", "accelerate"})
-
-
-def recipe_files(root: Path) -> list[Path]:
-    """The recipe YAML files under a directory, recursively (data and accelerate-config folders aside)."""
-    root = Path(root)
-    return sorted(p for p in root.rglob("*.y*ml") if not NOT_RECIPE_FOLDERS & set(p.relative_to(root).parts[:-1]))
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError listing every problem, each with its origin."""
     path = Path(path)
-    data, lines = read_document(path)
+    data, lines = read_document(path, frozenset(Recipe.model_fields))
     overrides = list(overrides or [])
     if overrides:
         data = apply_overrides(data, overrides)
@@ -821,6 +430,6 @@ def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
     texts = []
     for key, value in overrides.items():
         text = f"{key}={value}"
-        _set_key(data, key.split("."), value, text)
+        set_key(data, key, value)
         texts.append(text)
     return validate_dict(data, source="recipe with overrides", base_dir=recipe.base_dir, overrides=texts)
