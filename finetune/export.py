@@ -57,6 +57,7 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune.gguf import convert
 
     tokenizer = load_chat_tokenizer(adapter_dir or model_dir or base_dir)
     eot = models.end_of_turn_ids(tokenizer)  # a clear error for a template whose turns never end
@@ -85,24 +86,11 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     n_params = model.num_parameters()
     with runs.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        _keep_layer_types(Path(weights_dir), Path(tmp))
+        convert.spell_layer_types_for_converter(Path(tmp))  # transformers 5 renamed Granite 4's layer types
         save_tokenizer(tokenizer, Path(tmp), sources=[d for d in (adapter_dir, model_dir, base_dir) if d])
     return {"path": str(out_dir), "dtype": str(save_dtype).removeprefix("torch."), "n_params": n_params,
             "end_of_turn": eot_token, "eos_before": eos_before, "eos_ids": eos_ids,
             "model_type": getattr(model.config, "model_type", None)}
-
-
-def _keep_layer_types(source: Path, out: Path) -> None:
-    """config.json's layer_types as the source checkpoint spells them: transformers 5 saves Granite 4's "mamba" /
-    "attention" as "linear_attention" / "full_attention", and llama.cpp's converter finds its attention layers by
-    the name "attention" (without them it looks for SSM weights in every layer and the GGUF does not load)."""
-    original = json.loads((source / "config.json").read_text()).get("layer_types")
-    saved_file = out / "config.json"
-    saved = json.loads(saved_file.read_text())
-    if original and saved.get("layer_types") and len(original) == len(saved["layer_types"]) \
-            and original != saved["layer_types"]:
-        saved["layer_types"] = original
-        saved_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _generation_config(old, *, bos: int | None, eos: list[int], pad: int):

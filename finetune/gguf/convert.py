@@ -35,6 +35,28 @@ _KNOWN_FAILURES = [
 ]
 
 
+# transformers 5 saves layer_types in its own words whatever the checkpoint said ("mamba" -> "linear_attention",
+# "attention" -> "full_attention"), and llama.cpp's Granite 4 converter finds its attention layers by the word
+# "attention": with transformers' words it writes every layer as a Mamba-2 layer, and llama.cpp refuses the GGUF
+# ("check_tensor_dims: tensor 'blk.1.ssm_in.weight' not found"). Per model_type: transformers' word -> the converter's.
+_CONVERTER_LAYER_TYPES = {"granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"}}
+
+
+def spell_layer_types_for_converter(model_dir: Path) -> bool:
+    """Rewrite ``model_dir/config.json``'s layer_types in the words llama.cpp's converter reads (for a checkpoint
+    saved by transformers, such as export's merged folder); True if it changed anything."""
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    words = _CONVERTER_LAYER_TYPES.get(config.get("model_type"), {})
+    layer_types = config.get("layer_types") or []
+    spelt = [words.get(t, t) for t in layer_types]
+    if spelt == layer_types:
+        return False
+    config["layer_types"] = spelt
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
 def supported_architectures() -> set[str]:
     """Hugging Face architecture names (config.json 'architectures') that the bundled converter knows."""
     return set(_text_model_map(str(sdist.llama_cpp_dir())))
