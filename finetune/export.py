@@ -57,8 +57,6 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.gguf import convert
-
     tokenizer = load_chat_tokenizer(adapter_dir or model_dir or base_dir)
     eot = models.end_of_turn_ids(tokenizer)  # a clear error for a template whose turns never end
     weights_dir = base_dir if adapter_dir else (model_dir or base_dir)
@@ -86,7 +84,6 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     n_params = model.num_parameters()
     with runs.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        convert.spell_layer_types_for_converter(Path(tmp))  # transformers 5 renamed Granite 4's layer types
         save_tokenizer(tokenizer, Path(tmp), sources=[d for d in (adapter_dir, model_dir, base_dir) if d])
     return {"path": str(out_dir), "dtype": str(save_dtype).removeprefix("torch."), "n_params": n_params,
             "end_of_turn": eot_token, "eos_before": eos_before, "eos_ids": eos_ids,

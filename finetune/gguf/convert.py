@@ -9,10 +9,13 @@ and pre-tokenizer names match the runtime. It runs as a child process with PYTHO
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,19 +45,28 @@ _KNOWN_FAILURES = [
 _CONVERTER_LAYER_TYPES = {"granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"}}
 
 
-def spell_layer_types_for_converter(model_dir: Path) -> bool:
-    """Rewrite ``model_dir/config.json``'s layer_types in the words llama.cpp's converter reads (for a checkpoint
-    saved by transformers, such as export's merged folder); True if it changed anything."""
-    config_file = Path(model_dir) / "config.json"
-    config = json.loads(config_file.read_text())
+def _as_the_converter_reads_it(model_dir: Path) -> contextlib.AbstractContextManager[Path]:
+    """``model_dir`` itself, or, where its config.json's layer_types need the converter's words, a temporary folder
+    of the same name with links to its files and such a config.json (the checkpoint itself is never rewritten)."""
+    config = json.loads((model_dir / "config.json").read_text())
     words = _CONVERTER_LAYER_TYPES.get(config.get("model_type"), {})
     layer_types = config.get("layer_types") or []
     spelt = [words.get(t, t) for t in layer_types]
     if spelt == layer_types:
-        return False
-    config["layer_types"] = spelt
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return True
+        return contextlib.nullcontext(model_dir)
+    return _linked_copy(model_dir, {**config, "layer_types": spelt})
+
+
+@contextlib.contextmanager
+def _linked_copy(model_dir: Path, config: dict) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="finetune-convert-") as tmp:
+        view = Path(tmp) / model_dir.name  # the converter's default general.name comes from the folder's name
+        view.mkdir()
+        for f in model_dir.iterdir():
+            if f.name != "config.json":
+                (view / f.name).symlink_to(f)
+        (view / "config.json").write_text(json.dumps(config, indent=2))
+        yield view
 
 
 def supported_architectures() -> set[str]:
@@ -215,9 +227,10 @@ def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16", *, mode
     extra = ["--no-mtp"] if missing_mtp_layers(model_dir) else []
     if model_name:
         extra += ["--model-name", model_name]
-    _run_converter("convert_hf_to_gguf.py",
-                   [str(model_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), *extra],
-                   what=f"converting {model_dir} to GGUF")
+    with _as_the_converter_reads_it(model_dir) as source:
+        _run_converter("convert_hf_to_gguf.py",
+                       [str(source), "--outtype", outtype.lower(), "--outfile", str(tmp), *extra],
+                       what=f"converting {model_dir} to GGUF")
     os.replace(tmp, out_file)
     return out_file
 
@@ -227,10 +240,11 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out_file: Path, outtype: str
     # absolute paths: the converter runs with llama.cpp's tree as its working directory
     adapter_dir, base_dir, out_file = Path(adapter_dir).resolve(), Path(base_dir).resolve(), Path(out_file).resolve()
     tmp = out_file.with_name(f".{out_file.name}.tmp")
-    _run_converter("convert_lora_to_gguf.py",
-                   ["--base", str(base_dir), "--outtype", outtype.lower(), "--outfile", str(tmp), str(adapter_dir)],
-                   what=f"converting the LoRA adapter {adapter_dir} to GGUF",
-                   no_mtp=missing_mtp_layers(base_dir))
+    with _as_the_converter_reads_it(base_dir) as base:
+        _run_converter("convert_lora_to_gguf.py",
+                       ["--base", str(base), "--outtype", outtype.lower(), "--outfile", str(tmp), str(adapter_dir)],
+                       what=f"converting the LoRA adapter {adapter_dir} to GGUF",
+                       no_mtp=missing_mtp_layers(base_dir))
     kind = _gguf_type(tmp)
     if kind != "adapter":  # llama.cpp would crash loading it as an adapter: never leave such a file behind
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ that refuse before llama.cpp runs, and the Ollama templates: tests/unit/test_ggu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,41 @@ def test_a_lora_conversion_that_writes_no_adapter_is_refused_not_loaded(tokenize
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
     assert "hands writing to an inner model" in convert.adapter_gguf_problem("Ministral3ForCausalLM")
     assert convert.adapter_gguf_problem("LlamaForCausalLM") is None
+
+
+def test_a_granite4_hybrid_saved_by_transformers_converts_to_ggufs_llama_cpp_loads(tokenizer_dir, tmp_path):
+    """transformers 5 saves Granite 4's layer_types as "linear_attention" / "full_attention" (the Hub's config says
+    "mamba" / "attention"); llama.cpp's converter finds attention layers only by the word "attention", so every GGUF
+    of a checkpoint saved by transformers (export's merged folder, a full fine-tune, a re-saved base) was refused:
+    "check_tensor_dims: tensor 'blk.1.ssm_in.weight' not found". The converter reads the Hub's words; the
+    checkpoint's own config.json is left as it was."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    from finetune.gguf import convert, runtime
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GraniteMoeHybridConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, shared_intermediate_size=64, num_hidden_layers=2,
+        layer_types=["mamba", "attention"], num_attention_heads=2, num_key_value_heads=1, num_local_experts=0,
+        num_experts_per_tok=0, position_embedding_type="nope", mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+        mamba_d_state=16, mamba_chunk_size=16, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    GraniteMoeHybridForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    saved = (base / "config.json").read_text()
+    assert json.loads(saved)["layer_types"] == ["linear_attention", "full_attention"]
+    model = get_peft_model(GraniteMoeHybridForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "in_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+
+    gguf = convert.convert_model(base, tmp_path / "model.gguf", model_name="granite-4.0-h-twin")
+    adapter = convert.convert_lora(tmp_path / "adapter", base, tmp_path / "adapter.gguf")
+    assert (base / "config.json").read_text() == saved
+    assert runtime.inspect(gguf)["architecture"] == "granitehybrid"
+    for lora in (None, adapter):
+        reply = runtime.chat(gguf, [[{"role": "user", "content": "Hi"}]], max_tokens=2, lora_path=lora)
+        assert reply[0]["tokens"] >= 1

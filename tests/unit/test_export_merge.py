@@ -106,33 +106,3 @@ def test_merge_keeps_every_tokenizer_file_the_converter_reads(tmp_path):
     decoder = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     contents = {v["content"]: v["special"] for v in decoder.values()}
     assert contents["<|end|>"] is True and contents["<|assistant|>"] is True
-
-
-def test_a_granite4_hybrid_saved_by_transformers_exports_a_gguf_llama_cpp_loads(tokenizer_dir, tmp_path):
-    """transformers 5 saves Granite 4's layer_types as "linear_attention" / "full_attention"; llama.cpp's converter
-    finds attention layers only by the word "attention", and without them llama.cpp refused every GGUF of a base
-    saved by transformers (a full fine-tune, a re-saved checkpoint): "tensor 'blk.1.ssm_in.weight' not found"."""
-    import torch
-    from transformers import AutoTokenizer, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
-
-    from finetune.gguf import convert, runtime
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = GraniteMoeHybridConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, shared_intermediate_size=64, num_hidden_layers=2,
-        layer_types=["mamba", "attention"], num_attention_heads=2, num_key_value_heads=1, num_local_experts=0,
-        num_experts_per_tok=0, position_embedding_type="nope", mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
-        mamba_d_state=16, mamba_chunk_size=16, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    GraniteMoeHybridForCausalLM(config).save_pretrained(base)
-    tok.save_pretrained(base)
-    assert json.loads((base / "config.json").read_text())["layer_types"] == ["linear_attention", "full_attention"]
-
-    merged = tmp_path / "merged"
-    export.merge(base_dir=base, adapter_dir=None, model_dir=base, out_dir=merged)
-    assert json.loads((merged / "config.json").read_text())["layer_types"] == ["mamba", "attention"]
-    gguf = convert.convert_model(merged, tmp_path / "model.gguf")
-    reply = runtime.chat(gguf, [[{"role": "user", "content": "Hi"}]], max_tokens=2)
-    assert reply[0]["tokens"] >= 1
