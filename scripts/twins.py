@@ -157,9 +157,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
            "spm:gemma-4", "google-gemma-2-2b-it", {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"},
            {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 64}, "<end_of_turn>",
-           renames={106: "<start_of_turn>", 107: "<end_of_turn>"}, tokenizer_class="GemmaTokenizer", add_bos=True,
+           renames={105: "<start_of_turn>", 106: "<end_of_turn>"}, tokenizer_class="GemmaTokenizer", add_bos=True,
            standin="llama.cpp keeps no Gemma 2 vocabulary: Gemma 4's pieces as a SentencePiece BPE model (scores from "
-                   "the merge ranks), with <start_of_turn>/<end_of_turn> at Gemma 2's ids 106/107"),
+                   "the merge ranks), with <start_of_turn>/<end_of_turn> at ids 105/106 (Gemma 3's; Gemma 2's 106/107 "
+                   "would replace the piece \"\\n\" that Gemma 4 keeps at 107, and without it Hugging Face's tokenizer "
+                   "spells newlines as bytes where llama.cpp and SentencePiece merge them into \"\\n\\n\")"),
     Family("gemma3", "Gemma 3 1B/4B/12B it", "Gemma3ForCausalLM",
            {**_layers("sliding_attention", "sliding_attention", "sliding_attention", "full_attention"),
             "tie_word_embeddings": True, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
