@@ -65,10 +65,14 @@ def top1_threshold(qtype: str, n_params: int, min_top1_unquantized: float) -> fl
 
 # ------------------------------------------------------------------------------------------- HF side
 def default_system_prompt(tokenizer) -> str | None:
-    """The system text the chat template inserts when a conversation has no system message (None if it inserts none)."""
+    """The system text the chat template inserts when a conversation has no system message (None if it inserts none,
+    or refuses system messages: Gemma 2 raises "System role not supported")."""
     probe = "PROBE-system-text"
-    with_sys = tokenizer.apply_chat_template(
-        [{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}], tokenize=False)
+    try:
+        with_sys = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}], tokenize=False)
+    except Exception:  # jinja2 TemplateError or the template's raise_exception (ValueError)
+        return None
     without = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     start = with_sys.find(probe)
     if start < 0:

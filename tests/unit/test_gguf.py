@@ -116,3 +116,16 @@ def test_ollama_chatml_template_renders_like_the_hf_template(embedded_model):
     with_system = [{"role": "system", "content": "Be brief."}, *msgs]
     want = tok.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
     assert _render_go_chatml(tr.template, "Be brief.", msgs) == want
+
+
+def test_a_template_that_refuses_system_messages_has_no_default_system_prompt(embedded_model):
+    """Gemma 2's template raises "System role not supported"; export asks for the default system prompt of every
+    model it writes a Modelfile for, and failed there, after every parity check had passed."""
+    from transformers import AutoTokenizer
+
+    from finetune.gguf import parity
+
+    tok = AutoTokenizer.from_pretrained(embedded_model.path)
+    assert parity.default_system_prompt(tok) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    tok.chat_template = _template("google-gemma-2-2b-it.jinja")
+    assert parity.default_system_prompt(tok) is None
