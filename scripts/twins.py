@@ -312,8 +312,8 @@ def _tokenizer(family: Family, out: Path):
         _write_sentencepiece(family, llama_cpp_models() / f"ggml-vocab-{vocab}.gguf", out)
         tok = _load_from(out, family)
     elif kind == "gemma4":
-        _write_gemma4_tokenizer_json(llama_cpp_models() / "ggml-vocab-gemma-4.gguf", out)
-        tok = _load_from(out, family)
+        control = _write_gemma4_tokenizer_json(llama_cpp_models() / "ggml-vocab-gemma-4.gguf", out)
+        tok = _load_from(out, family, extra_special=[t for t in control if t not in family.special.values()])
     else:
         raise ValueError(family.vocab)
     extra = out / ".extra_tokens.json"
@@ -344,10 +344,12 @@ def _tokenizer(family: Family, out: Path):
     return AutoTokenizer.from_pretrained(out)
 
 
-def _load_from(folder: Path, family: Family):
+def _load_from(folder: Path, family: Family, *, extra_special: list[str] | None = None):
     from transformers import AutoTokenizer
 
     cfg = {"tokenizer_class": family.tokenizer_class, **{f"{k}_token": v for k, v in family.special.items()}}
+    if extra_special:
+        cfg["extra_special_tokens"] = extra_special
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return AutoTokenizer.from_pretrained(folder)
 
@@ -439,9 +441,12 @@ def _write_sentencepiece(family: Family, gguf_file: Path, out: Path) -> None:
         (out / ".extra_tokens.json").write_text(json.dumps(extra))
 
 
-def _write_gemma4_tokenizer_json(gguf_file: Path, out: Path) -> None:
+def _write_gemma4_tokenizer_json(gguf_file: Path, out: Path) -> list[str]:
     """The tokenizer.json a Gemma 4 checkpoint ships: BPE over '▁'-escaped text with byte fallback and the
-    vocabulary's control tokens as added tokens."""
+    vocabulary's control tokens as added tokens; returns the control tokens' texts. The real tokenizer_config.json
+    names them all special tokens (llama.cpp's Gemma 4 converter marks a token CONTROL only when it is among the
+    tokenizer's special ids, and the vocabulary llama.cpp keeps, converted from the real checkpoint, has all 17 so):
+    as plain added tokens they were NORMAL in the GGUF, and llama.cpp spelt "<|turn>" as "<", "|", "turn", ">"."""
     vocab = _read_vocab(gguf_file)
     tokens, types = vocab["tokens"], vocab["types"]
     merges = [m.split(" ", 1) for m in vocab["merges"]]
@@ -463,6 +468,7 @@ def _write_gemma4_tokenizer_json(gguf_file: Path, out: Path) -> None:
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
     }
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return [t for i, t in enumerate(tokens) if types[i] == 3]
 
 
 def main(argv: list[str]) -> int:
