@@ -7,8 +7,9 @@ family's exported F16 GGUF rewritten with llama.cpp's own gguf_new_metadata.py, 
 
 CI runs the families that have passed every stage and together cover each mechanism the toolkit must get right
 (CI_FAMILIES: Llama 3's BPE vocabulary and template, ChatML, SentencePiece with tokenizer.model, gpt-oss's sinks,
-sliding windows, experts and harmony template, Qwen3.5's linear attention and MTP layers, LFM2's convolutions): the
-whole matrix takes 40-60 minutes on 2 cores, more than CI can spend. FINETUNE_MATRIX_FAMILIES=all runs every family,
+sliding windows, experts and harmony template, Qwen3.5's linear attention and MTP layers, LFM2's convolutions,
+Granite 4's Mamba-2 layers, Gemma 2's logit soft-capping and a template that refuses system messages): the whole
+matrix takes 40-60 minutes on 2 cores, more than CI can spend. FINETUNE_MATRIX_FAMILIES=all runs every family,
 FINETUNE_MATRIX_FAMILIES=a,b a subset (the tests of the others are skipped, saying so).
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import twins  # noqa: E402
 
-CI_FAMILIES = ["llama3.2", "smollm2", "mistral-v0.3", "gpt-oss", "qwen3.5", "lfm2"]
+CI_FAMILIES = ["llama3.2", "smollm2", "mistral-v0.3", "gpt-oss", "qwen3.5", "lfm2", "granite4", "gemma2"]
 _ASKED = os.environ.get("FINETUNE_MATRIX_FAMILIES") or ",".join(CI_FAMILIES)
 SELECTED = list(twins.FAMILIES) if _ASKED == "all" else [f for f in _ASKED.split(",") if f]
 
