@@ -443,10 +443,10 @@ def _write_sentencepiece(family: Family, gguf_file: Path, out: Path) -> None:
 
 def _write_gemma4_tokenizer_json(gguf_file: Path, out: Path) -> list[str]:
     """The tokenizer.json a Gemma 4 checkpoint ships: BPE over '▁'-escaped text with byte fallback and the
-    vocabulary's control tokens as added tokens; returns the control tokens' texts. The real tokenizer_config.json
-    names them all special tokens (llama.cpp's Gemma 4 converter marks a token CONTROL only when it is among the
-    tokenizer's special ids, and the vocabulary llama.cpp keeps, converted from the real checkpoint, has all 17 so):
-    as plain added tokens they were NORMAL in the GGUF, and llama.cpp spelt "<|turn>" as "<", "|", "turn", ">"."""
+    vocabulary's control tokens as added tokens; returns the control tokens' texts, which the tokenizer must name
+    as special tokens: llama.cpp's Gemma 4 converter marks a token CONTROL only when it is among the tokenizer's
+    special ids (the vocabulary llama.cpp keeps, converted from the real checkpoint, has all 17 so); as plain added
+    tokens they were NORMAL in the GGUF, and llama.cpp spelt "<|turn>" as "<", "|", "turn", ">"."""
     vocab = _read_vocab(gguf_file)
     tokens, types = vocab["tokens"], vocab["types"]
     merges = [m.split(" ", 1) for m in vocab["merges"]]
