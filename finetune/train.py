@@ -42,7 +42,7 @@ from typing import Any
 
 from finetune import artifacts, hardware, runs
 from finetune.errors import UserError
-from finetune.training import batching, console, model_setup, preference, steps
+from finetune.training import batching, console, model_setup, preference, rows, steps
 from finetune.training import checkpoint as ckpt
 from finetune.training.model_setup import ADAPTER_METHODS
 
@@ -80,7 +80,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     # ---- data: tokenized by prepare; nothing is tokenized here
     upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "train", recipe_path)
     tokenized = _tokenized_paths(upstream.prepared)
-    train_rows, val_rows, lengths = _load_splits(tokenized, t.objective)
+    train_rows, val_rows, lengths = rows.load_splits(tokenized, t.objective)
     micro_per_step = t.grad_accum * accelerator.num_processes
     # ---- the model must resolve before anything is written (its architecture decides packing)
     from finetune import models
@@ -483,50 +483,6 @@ def _tokenized_paths(prepared: artifacts.Prepared) -> dict[str, Path]:
         raise UserError(f"{prepared.tokenized.get('train')}: the tokenized training split is missing; "
                         "run `finetune prepare RECIPE` again.")
     return paths
-
-
-def _load_rows(path: Path, split: str) -> list[tuple[Any, Any]]:
-    """(input ids, labels) of each example: numpy views into the split's buffers (finetune.data.tokenized)."""
-    from finetune.data import tokenized
-
-    ds = tokenized.load(path)
-    missing = {"input_ids", "labels"} - set(ds.column_names)
-    if missing:
-        raise UserError(f"{path}: the tokenized {split} split lacks columns {sorted(missing)} "
-                        f"(has {ds.column_names}); rerun `finetune prepare RECIPE`.")
-    rows = tokenized.rows(ds)
-    bad = next((n for n, (i, lab) in enumerate(rows) if len(i) != len(lab)), None)
-    if bad is not None:
-        raise UserError(f"{path}: row {bad} has {len(rows[bad][0])} input_ids but {len(rows[bad][1])} labels; "
-                        "rerun `finetune prepare RECIPE`.")
-    if preference.LABEL_COLUMN in ds.column_names:
-        # rated rows (KTO's shape) under SFT: an undesirable reply must never be a target
-        rows = [r for r, good in zip(rows, ds[preference.LABEL_COLUMN], strict=True) if good]
-        if split == "train":
-            print(f"train: objective sft on rated rows: training on the {len(rows)} desirable of {len(ds)} rows "
-                  "(train.objective=kto uses both)", file=sys.stderr)
-    rows = [r for r in rows if len(r[0]) > 1]  # a single token predicts nothing
-    if split == "train" and not rows:
-        raise UserError(f"{path}: the training split is empty; check data.sources and data.clean, rerun prepare.")
-    return rows
-
-
-def _load_splits(tokenized: dict[str, Path], objective: str) -> tuple[list, list, list[int]]:
-    """(training rows, validation rows, the training rows' lengths) of the tokenized splits, for the objective."""
-    if objective != "sft":
-        train_rows = preference.load_rows(tokenized["train"], "train", objective)
-        val_rows = (preference.load_rows(tokenized["validation"], "validation", objective)
-                    if tokenized.get("validation") else [])
-        return train_rows, val_rows, [r.length for r in train_rows]
-    train_rows = _load_rows(tokenized["train"], "train")
-    val_rows = _load_rows(tokenized["validation"], "validation") if tokenized.get("validation") else []
-    from finetune.data.tokenized import has_target
-
-    if not any(has_target(labels) for _, labels in train_rows):
-        raise UserError(f"{tokenized['train']}: no example has a trained token (every label is -100). "
-                        "Check data.train_on and that conversations end with an assistant turn, then rerun "
-                        "prepare.")
-    return train_rows, val_rows, [len(ids) for ids, _ in train_rows]
 
 
 def _say_no_validation(recipe) -> None:

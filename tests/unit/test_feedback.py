@@ -250,7 +250,7 @@ def test_export_as_preferences_round_trips_through_prepare(tmp_path, cli, tiny_m
 
     from finetune import prepare as prepare_mod
     from finetune import recipe as recipe_mod
-    from finetune import train
+    from finetune.training import rows as split_rows
 
     store = FeedbackStore(tmp_path / "store")
     store.add_feedback(messages=Q2, reply="Lyon", correction="Paris.")
@@ -277,8 +277,8 @@ def test_export_as_preferences_round_trips_through_prepare(tmp_path, cli, tiny_m
         sft_targets = " ".join(tok.decode([i for i, lab in zip(r["input_ids"], r["labels"], strict=True)
                                            if lab != -100]) for r, good in zip(ds, keep, strict=True) if good)
         assert "Lyon" not in sft_targets and "Go away" not in sft_targets and "Paris." in sft_targets
-        rows = train._load_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train")  # SFT's view
-        assert "Lyon" not in " ".join(tok.decode([t for t in lab if t != -100]) for _, lab in rows)
+        sft_rows = split_rows.load_sft_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train")  # SFT's view
+        assert "Lyon" not in " ".join(tok.decode([t for t in lab if t != -100]) for _, lab in sft_rows)
 
 
 def test_the_server_imports_the_store_alone():

@@ -327,7 +327,9 @@ def test_kto_takes_pairs_as_a_desirable_and_an_undesirable_row(tmp_path, tiny_mo
 def test_sft_on_rated_rows_never_trains_on_an_undesirable_reply(tmp_path, tiny_model_dir):
     recipe = prepared_preferences(tmp_path, tiny_model_dir, unpaired=True, n_train=8, n_val=4, max_steps=1,
                                   batch_size=8, log_every=1, eval_every=100, save_every=100)
-    rows = train._load_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train")
+    from finetune.training import rows as split_rows
+
+    rows = split_rows.load_sft_rows(recipe.run_dir("prepare") / "tokenized" / "train", "train")
     assert len(rows) == 4  # the 4 desirable of 8
     assert all(100 <= t < 110 or t == 2 for _, labels in rows for t in labels if t != -100)
 
