@@ -171,18 +171,24 @@ def test_orpo_loss_equals_trl(tokenizer_dir, packing):
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["prompt_input_ids"].shape[1] == 1
     theirs = float(trainer.get_batch_loss_metrics(trainer.model, batch)[0].detach())
-    rows = []
-    for k in range(3):
-        pair = []
-        for side in ("chosen", "rejected"):
-            n = int(batch[f"{side}_attention_mask"][k].sum())
-            pair.append((batch[f"{side}_input_ids"][k, :n].tolist(), batch[f"{side}_labels"][k, :n].tolist()))
-        rows.append(preference.Row(tuple(pair), 1))
+    rows = _pairs_of(batch, prompt_length=lambda chosen: 1)
     ours, res = _our_loss(trainer.model, rows, preference.Settings("orpo", beta=0.25), packing=packing,
                           pad_id=tok.pad_token_id)
     print(f"packing={packing}: ours {ours:.8f} TRL {theirs:.8f} |diff| {abs(ours - theirs):.2e}")
     assert ours == pytest.approx(theirs, abs=TOLERANCE)
     assert 0 <= res.correct <= 3
+
+
+def _pairs_of(batch, *, prompt_length) -> list:
+    """Our preference rows from a TRL encoder-free pair batch (chosen/rejected ids and labels, padded)."""
+    rows = []
+    for k in range(len(batch["chosen_input_ids"])):
+        pair = []
+        for side in ("chosen", "rejected"):
+            n = int(batch[f"{side}_attention_mask"][k].sum())
+            pair.append((batch[f"{side}_input_ids"][k, :n].tolist(), batch[f"{side}_labels"][k, :n].tolist()))
+        rows.append(preference.Row(tuple(pair), prompt_length(pair[0])))
+    return rows
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -202,13 +208,7 @@ def test_simpo_loss_equals_trl(tokenizer_dir, packing):
     _perturb_adapter(trainer.model)
     batch = next(iter(trainer.get_train_dataloader()))
     theirs = float(trainer.get_batch_loss_metrics(trainer.model, batch)[0].detach())
-    rows = []
-    for k in range(3):
-        pair = []
-        for side in ("chosen", "rejected"):
-            n = int(batch[f"{side}_attention_mask"][k].sum())
-            pair.append((batch[f"{side}_input_ids"][k, :n].tolist(), batch[f"{side}_labels"][k, :n].tolist()))
-        rows.append(preference.Row(tuple(pair), pair[0][1].count(-100)))  # the prompt: untrained
+    rows = _pairs_of(batch, prompt_length=lambda chosen: chosen[1].count(-100))  # the prompt: untrained
     ours, res = _our_loss(trainer.model, rows, preference.Settings("simpo", beta=2.0, gamma=0.7), packing=packing,
                           pad_id=tok.pad_token_id)
     assert abs(theirs - 0.6931) > 1e-2  # the rewards differ: not the loss of a tie
