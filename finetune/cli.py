@@ -121,20 +121,40 @@ def check_inputs(r) -> list[str]:
     model_problem = _model_path_problem(r.model.id, r.base_dir)
     if model_problem:
         problems.append(model_problem)
-    elif r.export.adapter_gguf:
-        problems += _adapter_gguf_problems(r)
+    else:
+        problems += _model_config_problems(r)
     return problems
 
 
-def _adapter_gguf_problems(r) -> list[str]:
-    """export.adapter_gguf for a model whose LoRA adapter llama.cpp cannot write, when its config.json is at hand
-    without the network (a local folder, or the Hub cache)."""
+def _model_config_problems(r) -> list[str]:
+    """What the model's config.json already refuses, when it is at hand without the network (a local folder, or
+    the Hub cache): an image-text checkpoint whose language model cannot be trained alone, and export.adapter_gguf
+    for a model whose LoRA adapter llama.cpp cannot write."""
+    from finetune import image_text
     from finetune.errors import UserError
     from finetune.gguf import convert
+
+    config_file = _cached_config_file(r)
+    if config_file is None:
+        return []
+    config, problems = json.loads(config_file.read_text()), []
+    checks = [image_text.check_text_model]
+    if r.export.adapter_gguf:
+        checks.append(lambda c: convert.check_adapter_gguf(c, method=r.train.method, download=False))
+    for check in checks:
+        try:
+            check(config)
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _cached_config_file(r) -> Path | None:
+    """The model's config.json when it is on this machine (a local folder, or the Hub cache); None otherwise."""
     from finetune.models import EMBEDDED_MODEL
 
     if r.model.id == EMBEDDED_MODEL:
-        return []
+        return None
     candidate = Path(r.model.id).expanduser()
     folder = next((p for p in ([candidate] if candidate.is_absolute() else [r.base_dir / candidate, candidate])
                    if (p / "config.json").is_file()), None)
@@ -147,13 +167,7 @@ def _adapter_gguf_problems(r) -> list[str]:
         config_file = Path(cached) if isinstance(cached, str) else None
     else:
         config_file = None
-    if config_file is None:
-        return []
-    try:
-        convert.check_adapter_gguf(json.loads(config_file.read_text()), method=r.train.method, download=False)
-    except UserError as exc:
-        return [str(exc)]
-    return []
+    return config_file
 
 
 def _model_path_problem(model_id: str, base_dir: Path) -> str | None:

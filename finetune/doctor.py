@@ -69,7 +69,7 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune import models
+    from finetune import image_text, models
     from finetune.gguf import convert, sdist
     from finetune.training import attention
 
@@ -80,9 +80,14 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     text = getattr(config, "text_config", None) or config
     arch = (raw.get("architectures") or ["?"])[0]
     report.add("model", "architecture", f"{arch} (model_type {raw.get('model_type')})")
-    if getattr(config, "vision_config", None) is not None:
-        report.add("model", "image-text checkpoint", "text-only fine-tuning: the language model gets the adapters, "
-                   "the vision tower is kept as it is in the merged checkpoint; the GGUF is the text model")
+    if image_text.is_image_text(raw):
+        problem = image_text.text_model_problem(raw)
+        if problem:
+            report.refuse("train", "image-text checkpoint", problem)
+            return report
+        report.add("model", "image-text checkpoint", "text-only fine-tuning: the language model's linear layers get "
+                   "the adapters, the vision tower and projector are kept byte for byte in the merged checkpoint; "
+                   "the GGUF is the text model (no mmproj)")
 
     # parameters, counted on the meta device (no memory, no weights)
     try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, models, runs
+from finetune import artifacts, image_text, models, runs
 from finetune.console import mib
 from finetune.errors import UserError
 
@@ -70,6 +70,10 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
             model.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model = model.to(save_dtype)
+    n_params = model.num_parameters()
+    vision_from = base_dir if base_dir is not None and image_text.is_image_text(_config(base_dir)) else None
+    if vision_from is not None:  # the trained language model back into the whole image-text checkpoint
+        model = image_text.with_vision_tower(model, vision_from, _checkpoint_dtype(vision_from))
 
     # The end-of-turn token is the EOS of the exported model: llama.cpp, Ollama and HF generate() all stop on it.
     eos_before = tokenizer.eos_token
@@ -81,13 +85,20 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
         model.generation_config, bos=tokenizer.bos_token_id, eos=eos_ids,
         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0])
     model.config.eos_token_id = eot[0]
-    n_params = model.num_parameters()
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.eos_token_id = eot[0]
     with runs.atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if vision_from is not None:
+            image_text.copy_processor_files(vision_from, Path(tmp))
         save_tokenizer(tokenizer, Path(tmp), sources=[d for d in (adapter_dir, model_dir, base_dir) if d])
     return {"path": str(out_dir), "dtype": str(save_dtype).removeprefix("torch."), "n_params": n_params,
             "end_of_turn": eot_token, "eos_before": eos_before, "eos_ids": eos_ids,
-            "model_type": getattr(model.config, "model_type", None)}
+            "model_type": getattr(model.config, "model_type", None), "vision_kept": vision_from is not None}
+
+
+def _config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "config.json").read_text())
 
 
 def _generation_config(old, *, bos: int | None, eos: list[int], pad: int):
@@ -224,7 +235,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
                            log=log) if ollama else []
     sizes = {q: p.stat().st_size for q, p in ggufs.items()}
     runs.atomic_write_text(out_dir / "README.md", _readme(name, ggufs, sizes, adapter_file, base_file, report, ollama,
-                                                          default) + _table_section(quant, chart))
+                                                          default, merged["vision_kept"]) + _table_section(quant, chart))
     timings["total"] = time.time() - t0
     return {
         "merged": str(merged_dir), "merge": merged,
@@ -500,7 +511,7 @@ def _parity_summary(report: dict) -> dict:
 
 
 def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: Path | None, base: Path | None,
-            report: dict | None, ollama: bool, default: str | None) -> str:
+            report: dict | None, ollama: bool, default: str | None, vision_kept: bool = False) -> str:
     first = ggufs[default] if default else next(iter(ggufs.values()))
     lines = [f"# {name}: exported model", "", "| file | type | size | top-1 vs HF |", "|---|---|---|---|"]
     for q, p in ggufs.items():
@@ -508,6 +519,7 @@ def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: P
         lines.append(f"| `{p.name}` | {q} | {mib(sizes[q])} | {f'{top1:.3f}' if top1 is not None else '-'} |")
     lines += ["", "`merged/` is the same model as a Hugging Face checkpoint (safetensors, tokenizer, chat template).",
               "`parity.json` holds the checks that compared each GGUF with it.", "",
+              *([image_text.README_NOTE, ""] if vision_kept else []),
               "## llama-cpp-python", "", "```python", "from llama_cpp import Llama",
               f'llm = Llama("{first.name}", n_ctx=2048)  # uses the chat template stored in the GGUF',
               'out = llm.create_chat_completion([{"role": "user", "content": "Hello!"}], temperature=0)',

@@ -86,11 +86,14 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     from finetune import models
 
     resolved = models.resolve_model(recipe.model, recipe.base_dir)
+    config = json.loads((resolved.path / "config.json").read_text())
+    from finetune import image_text
+
+    image_text.check_text_model(config)
     if recipe.export.adapter_gguf:  # refused now, not at export after the training
         from finetune.gguf import convert
 
-        convert.check_adapter_gguf(json.loads((resolved.path / "config.json").read_text()), method=t.method,
-                                   download=False)
+        convert.check_adapter_gguf(config, method=t.method, download=False)
     packing, packing_off = model_setup.packing(resolved.path, t.packing, main=main,
                                                trust_remote_code=recipe.model.trust_remote_code)
     plan = batching.schedule(lengths, batch_size=t.batch_size, batch_tokens=t.batch_tokens if packing else None,
