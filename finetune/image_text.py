@@ -63,7 +63,7 @@ def text_model_problem(config: dict[str, Any]) -> str | None:
     else:
         return None
     alternative = ALTERNATIVES.get(str(model_type), "the family's text-only checkpoint (a *ForCausalLM model)")
-    return f"{why}; text-only fine-tuning is supported for {SUPPORTED}. Use {alternative}, or a Qwen3.5 model"
+    return f"{why}; text-only fine-tuning is supported for {SUPPORTED}. Use {alternative} instead"
 
 
 def check_text_model(config: dict[str, Any], *, where: str = "model.id") -> None:
