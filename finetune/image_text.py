@@ -26,8 +26,7 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_p
 # What an export's README says of an image-text base.
 README_NOTE = ("The base is an image-text checkpoint; this is a text-only fine-tune. Trained: the language model's "
                "linear layers. Not trained: the vision tower and the projector, which `merged/` keeps byte for byte "
-               "as the base has them (merged/ still reads images with the base's processor). The GGUFs are the text "
-               "model only: no mmproj file is written, so llama.cpp and Ollama serve them for text chats.")
+               "as the base has them (with the base's image preprocessor files). The GGUFs are the text model only: no mmproj file is written, so llama.cpp and Ollama serve them for text chats.")
 
 
 def is_image_text(config: dict[str, Any]) -> bool:
