@@ -292,7 +292,7 @@ def _template(family: Family) -> str | None:
 def _tokenizer(family: Family, out: Path):
     from transformers import AddedToken, AutoTokenizer
 
-    from finetune.export import save_tokenizer
+    from finetune.merge import save_tokenizer
 
     kind, _, vocab = family.vocab.partition(":")
     if kind == "bpe":

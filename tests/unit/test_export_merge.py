@@ -1,4 +1,5 @@
-"""export.merge on what real Hub checkpoints ship: sampling generation configs and SentencePiece tokenizers.
+"""merge.merge (the checkpoint export converts) on what real Hub checkpoints ship: sampling generation configs and
+SentencePiece tokenizers.
 
 Both broke every instruct model at export, after training: transformers refused to save a generation config with
 temperature/top_p but no do_sample, and the merged folder lost tokenizer.model / added tokens, so llama.cpp's
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import export
+from finetune import merge
 
 SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}
 
@@ -43,7 +44,7 @@ def test_merge_keeps_a_sampling_generation_config(tiny_model_dir, tmp_path, adap
             if (base / name).exists():
                 shutil.copy(base / name, adapter_dir)
     out = tmp_path / "merged"
-    info = export.merge(base_dir=base, adapter_dir=adapter_dir, model_dir=None if adapter else base, out_dir=out)
+    info = merge.merge(base_dir=base, adapter_dir=adapter_dir, model_dir=None if adapter else base, out_dir=out)
     saved = GenerationConfig.from_pretrained(out)
     assert saved.do_sample is True
     assert (saved.temperature, saved.top_p, saved.top_k) == (0.6, 0.9, 20)
@@ -56,7 +57,7 @@ def test_merge_drops_only_the_sampling_values_of_an_inconsistent_config(tiny_mod
 
     base = _with_generation_config(tiny_model_dir, tmp_path / "base",
                                    {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1})
-    export.merge(base_dir=base, adapter_dir=None, model_dir=base, out_dir=tmp_path / "merged")
+    merge.merge(base_dir=base, adapter_dir=None, model_dir=base, out_dir=tmp_path / "merged")
     saved = GenerationConfig.from_pretrained(tmp_path / "merged")
     assert saved.repetition_penalty == 1.1
     assert not saved.do_sample
@@ -99,7 +100,7 @@ def test_merge_keeps_every_tokenizer_file_the_converter_reads(tmp_path):
     LlamaForCausalLM(config).save_pretrained(base)
 
     out = tmp_path / "merged"
-    info = export.merge(base_dir=base, adapter_dir=None, model_dir=base, out_dir=out)
+    info = merge.merge(base_dir=base, adapter_dir=None, model_dir=base, out_dir=out)
     assert info["end_of_turn"] == "<|end|>"
     assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     assert json.loads((out / "added_tokens.json").read_text()) == json.loads((base / "added_tokens.json").read_text())

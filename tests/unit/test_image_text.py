@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import export, image_text, models
+from finetune import image_text, merge, models
 from finetune.errors import UserError
 
 
@@ -77,7 +77,7 @@ def test_merged_checkpoint_keeps_the_vision_tower_byte_for_byte(image_text_dir, 
     from safetensors import safe_open
 
     _trained_adapter(image_text_dir, tmp_path / "adapter")
-    info = export.merge(base_dir=image_text_dir, adapter_dir=tmp_path / "adapter", model_dir=None,
+    info = merge.merge(base_dir=image_text_dir, adapter_dir=tmp_path / "adapter", model_dir=None,
                         out_dir=tmp_path / "merged")
     assert info["vision_kept"]
     merged = tmp_path / "merged"
