@@ -16,6 +16,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from finetune.console import count, table
 from finetune.errors import UserError
@@ -66,18 +67,14 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
             trust_remote_code: bool = False, adapter_gguf: bool = False) -> Report:
     """The findings for a model. ``adapter_gguf``: a recipe asks for the LoRA adapter GGUF (refused where llama.cpp
     cannot write one; without a recipe that is a finding, not a refusal)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from finetune import image_text, models
-    from finetune.gguf import convert, sdist
-    from finetune.training import attention
+    from finetune import image_text
 
     path = metadata_folder(model_id, revision, base_dir=base_dir)
     report = Report(model_id, path)
     raw = json.loads((path / "config.json").read_text())
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    text = getattr(config, "text_config", None) or config
     arch = (raw.get("architectures") or ["?"])[0]
     report.add("model", "architecture", f"{arch} (model_type {raw.get('model_type')})")
     if image_text.is_image_text(raw):
@@ -88,16 +85,31 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
         report.add("model", "image-text checkpoint", "text-only fine-tuning: the language model's linear layers get "
                    "the adapters, the vision tower and projector are kept byte for byte in the merged checkpoint; "
                    "the GGUF is the text model (no mmproj)")
+    if not _model_findings(report, config, arch, trust_remote_code):
+        return report
+    if not _template_findings(report, path, trust_remote_code):
+        return report
+    _export_findings(report, arch, raw, adapter_gguf)
+    return report
 
-    # parameters, counted on the meta device (no memory, no weights)
-    try:
+
+def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: bool) -> bool:
+    """Parameters (total and active per token), what LoRA can reach, whether batches can be packed; False when
+    transformers cannot build the model at all (refused)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.training import attention
+
+    text = getattr(config, "text_config", None) or config
+    try:  # counted on the meta device: no memory, no weights
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         report.refuse("train", "transformers class", f"transformers cannot build {arch} as a causal LM "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); upgrade transformers or pick "
                       "a supported model")
-        return report
+        return False
     total = sum(p.numel() for p in model.parameters())
     experts = int(getattr(text, "num_local_experts", 0) or getattr(text, "num_experts", 0) or 0)
     per_token = int(getattr(text, "num_experts_per_tok", 0) or 0)
@@ -108,8 +120,6 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
                    f"({per_token} of {experts} experts)")
     else:
         report.add("model", "parameters", count(total))
-
-    # train: what LoRA can reach, packing
     linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                      and not n.endswith("lm_head")})
     if not linear:
@@ -123,14 +133,19 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     obstacle = attention.packing_obstacle(config)
     report.add("train", "packed batches", f"off: {obstacle}; padded batches instead" if obstacle else
                "on (padding-free; sliding windows, soft-capping and attention sinks honoured)")
+    return True
 
-    # tokenizer and template
+
+def _template_findings(report: Report, path: Path, trust_remote_code: bool) -> bool:
+    """The tokenizer, its chat template, end of turn and BOS; False when the tokenizer does not load (refused)."""
+    from finetune import models
+
     try:
         tok = models.load_tokenizer(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         report.refuse("prepare", "tokenizer", f"the tokenizer does not load ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:160]})")
-        return report
+        return False
     if not tok.chat_template:
         report.refuse("prepare", "chat template", "the tokenizer has no chat template, so conversations cannot be "
                       "rendered the way the model will be served; pick the instruct model, or set "
@@ -144,8 +159,13 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
         except UserError as exc:
             report.refuse("serve", "end of turn", str(exc))
     report.add("prepare", "BOS", repr(tok.bos_token) if tok.bos_token else "none")
+    return True
 
-    # export: the converter
+
+def _export_findings(report: Report, arch: str, raw: dict[str, Any], adapter_gguf: bool) -> None:
+    """Whether llama.cpp's converter knows the architecture, whether it can write the adapter, what is exported."""
+    from finetune.gguf import convert, sdist
+
     src = sdist.llama_cpp_dir(download=False) if _installed_llama() else None
     if src is None:
         report.add("export", "llama.cpp converter", "unknown: llama-cpp-python's source is not cached yet "
@@ -172,7 +192,6 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     adapter = "" if src is not None and convert.adapter_gguf_problem(arch, download=False) else "LoRA adapter GGUF, "
     report.add("export", "outputs", "merged checkpoint, F16 GGUF + quantized types (importance matrix from your "
                f"data below 8 bits), {adapter}Ollama Modelfile, parity report")
-    return report
 
 
 def _installed_llama() -> bool:
