@@ -48,7 +48,8 @@ def bench_llama(gguf: str, prompt_ids: list[int], tokens: int, suppress: list[in
 
     prefill = min(run(1) for _ in range(2))  # prompt processing + one token
     total = min(run(tokens) for _ in range(2))
-    return {"seconds": round(total - prefill, 3), "tokens_per_s": round((tokens - 1) / (total - prefill), 2)}
+    return {"seconds": round(total - prefill, 3), "tokens_per_s": round((tokens - 1) / (total - prefill), 2),
+            "prefill_s": round(prefill, 4)}
 
 
 def bench_hf(model_dir: str, prompt_ids: list[int], tokens: int, suppress: list[int], threads: int,
@@ -122,7 +123,7 @@ def run_child(spec: dict, policy: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy != "unset":
         env["OMP_WAIT_POLICY"] = policy
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join([*([spec["pythonpath"]] if spec.get("pythonpath") else []), str(REPO)])
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=1800)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -145,6 +146,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both runtimes")
     p.add_argument("--busy", type=int, default=0, help="also measure with this many spinning processes beside")
     p.add_argument("--eval-prompts", type=int, default=50, help="test prompts for the eval-column comparison")
+    p.add_argument("--llama-cpp-build", metavar="DIR",
+                   help="also time another llama-cpp-python build, installed with `pip install --no-deps --target DIR "
+                        "WHEEL` (for example one compiled with other SIMD flags)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.child:
@@ -174,6 +178,8 @@ def main() -> int:
     common = {"prompt_ids": prompt_ids, "tokens": ns.tokens, "suppress": suppress, "threads": ns.threads}
     arms = {"llama.cpp": {"runtime": "llama.cpp", "gguf": gguf, **common},
             "transformers fp32": {"runtime": "transformers", "model": merged, "dtype": "float32", **common}}
+    if ns.llama_cpp_build:
+        arms[f"llama.cpp ({Path(ns.llama_cpp_build).name})"] = {**arms["llama.cpp"], "pythonpath": ns.llama_cpp_build}
     if models.cpu_has_fast_bf16():
         arms["transformers bf16"] = {"runtime": "transformers", "model": merged, "dtype": "bfloat16", **common}
     conditions = ["idle"] + ([f"busy x{ns.busy}"] if ns.busy else [])
@@ -186,8 +192,10 @@ def main() -> int:
                 for policy in POLICIES:
                     r = run_child(spec, policy)
                     results[(condition, arm, policy)] = r["tokens_per_s"]
-                    print(f"  {condition:9s} {arm:18s} OMP_WAIT_POLICY={policy:8s} {r['tokens_per_s']:7.1f} tok/s",
-                          flush=True)
+                    prefill = f"  (prompt of {len(prompt_ids)} tokens + 1: {r['prefill_s']:.3f} s)" \
+                        if "prefill_s" in r else ""
+                    print(f"  {condition:9s} {arm:24s} OMP_WAIT_POLICY={policy:8s} {r['tokens_per_s']:7.1f} tok/s"
+                          + prefill, flush=True)
         finally:
             for proc in procs:
                 proc.kill()
