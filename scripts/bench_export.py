@@ -167,10 +167,9 @@ def main() -> int:
     else:
         export = Path(ns.export)
         exported = artifacts.from_folder(artifacts.Exported, export)
-        gguf = exported.gguf.get(ns.quant)
-        if gguf is None:
+        if ns.quant not in exported.gguf:
             sys.exit(f"the export has no {ns.quant} GGUF (it has {', '.join(exported.gguf)})")
-        merged = exported.merged
+        gguf, merged = str(exported.gguf[ns.quant]), str(exported.merged)
     tok = AutoTokenizer.from_pretrained(merged)
     prompt_ids = list(tok.apply_chat_template(PROMPT, tokenize=True, add_generation_prompt=True,
                                               return_dict=True)["input_ids"])
