@@ -92,24 +92,29 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out_file: Path) -> Path | None:
-    """Size against exact match (or top-1 agreement when no prompts were scored), one point per type."""
-    metric = "exact_match" if any(r.get("exact_match") is not None for r in rows) else "top1_agreement"
-    points = [(r["bytes"] / 2**20, r[metric], r["type"]) for r in rows if r.get(metric) is not None]
-    if not points:
+    """Size against quality, one point per type and measure: exact match on the held-out prompts and top-1
+    agreement with the fine-tuned model (where exact match ties, agreement still tells the types apart)."""
+    series = [(label, key, marker) for label, key, marker in
+              (("exact match", "exact_match", "o"), ("top-1 agreement with the fine-tuned model", "top1_agreement", "s"))
+              if any(r.get(key) is not None for r in rows)]
+    if not series:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.scatter([p[0] for p in points], [p[1] for p in points])
-    for x, y, label in points:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for label, key, marker in series:
+        points = [(r["bytes"] / 2**20, r[key], r["type"]) for r in rows if r.get(key) is not None]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel("fraction (higher is better)")
     ax.set_title("GGUF types: size vs quality")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_file, dpi=110)
     plt.close(fig)
