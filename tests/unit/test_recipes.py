@@ -48,7 +48,8 @@ def test_recipes_are_organised_and_cover_the_models_people_use():
     for wanted in ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct",
                    "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct",
                    "Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B", "mistralai/Mistral-7B-Instruct-v0.3", "google/gemma-2-2b-it",
-                   "microsoft/Phi-3.5-mini-instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct"):
+                   "microsoft/Phi-3.5-mini-instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+                   "HuggingFaceTB/SmolLM3-3B"):
         assert wanted in ids, wanted
     cards = {recipe.load(p).card_gb for p in sized()}
     assert {8, 12, 16, 24} <= cards
