@@ -83,19 +83,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     train_rows, val_rows, lengths = rows.load_splits(tokenized, t.objective)
     micro_per_step = t.grad_accum * accelerator.num_processes
     # ---- the model must resolve before anything is written (its architecture decides packing)
-    from finetune import models
-
-    resolved = models.resolve_model(recipe.model, recipe.base_dir)
-    config = json.loads((resolved.path / "config.json").read_text())
-    from finetune import image_text
-
-    image_text.check_text_model(config)
-    if recipe.export.adapter_gguf:  # refused now, not at export after the training
-        from finetune.gguf import convert
-
-        convert.check_adapter_gguf(config, method=t.method, download=False)
-    packing, packing_off = model_setup.packing(resolved.path, t.packing, main=main,
-                                               trust_remote_code=recipe.model.trust_remote_code)
+    resolved, packing, packing_off = _resolve_model(recipe, main=main)
     plan = batching.schedule(lengths, batch_size=t.batch_size, batch_tokens=t.batch_tokens if packing else None,
                              micro_batches_per_step=micro_per_step, seed=recipe.seed, epochs=t.epochs,
                              max_steps=t.max_steps)
@@ -103,6 +91,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     fingerprint = ckpt.resume_fingerprint(recipe, data_fp, micro_per_step)
     if main and not val_rows:
         _say_no_validation(recipe)
+    from finetune import models
+
     tokenizer = models.load_tokenizer(resolved.path, trust_remote_code=recipe.model.trust_remote_code,
                                       chat_template=recipe.chat_template_path())
 
@@ -135,6 +125,24 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
             stage.extra["summary"] = summary
     accelerator.wait_for_everyone()
     return summary
+
+
+def _resolve_model(recipe, *, main: bool) -> tuple[Any, bool, str | None]:
+    """The base model (resolved: converted or downloaded once), refused now if a later stage could not take it
+    (an image-text checkpoint whose text model cannot be read, an adapter GGUF llama.cpp cannot write), and
+    whether batches are packed (its architecture decides: (packing, why it is off))."""
+    from finetune import image_text, models
+
+    resolved = models.resolve_model(recipe.model, recipe.base_dir)
+    config = json.loads((resolved.path / "config.json").read_text())
+    image_text.check_text_model(config)
+    if recipe.export.adapter_gguf:  # refused now, not at export after the training
+        from finetune.gguf import convert
+
+        convert.check_adapter_gguf(config, method=recipe.train.method, download=False)
+    packing, packing_off = model_setup.packing(resolved.path, recipe.train.packing, main=main,
+                                               trust_remote_code=recipe.model.trust_remote_code)
+    return resolved, packing, packing_off
 
 
 def _prepare_work_folder(out: Path, work: Path, fingerprint: str, resume: bool, accelerator) -> Path | None:
