@@ -150,6 +150,7 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
         "config_source": source,
         "dims": asdict(dims),
         "total_params": dims.total_params,
+        "active_params": dims.active_params if dims.is_moe else None,
         "prepared": stats,
         "results": results,
         "time_estimate": {
@@ -178,7 +179,9 @@ def memory_table(e: dict, budget: int, fitting: bool) -> str:
 
 def format_plan(plan: dict) -> str:
     d = plan["results"][0]["settings"]
-    lines = [f"plan for {plan['recipe']}: {plan['model']} ({count(plan['total_params'])} params; config from "
+    moe = (f", {count(plan['active_params'])} active per token ({plan['dims']['experts_per_token']} of "
+           f"{plan['dims']['num_experts']} experts)") if plan.get("active_params") else ""
+    lines = [f"plan for {plan['recipe']}: {plan['model']} ({count(plan['total_params'])} params{moe}; config from "
              f"{plan['config_source']})"]
     method = d["method"] + ("" if d["method"] == "full" else f" r={d['lora_r']} on {d['target_modules']}")
     where = "the longest prepared example" if plan.get("prepared") else "data.clean.max_tokens"

@@ -55,6 +55,12 @@ class ModelDims:
     tie_word_embeddings: bool
     max_position_embeddings: int | None = None
     logit_softcapping: bool = False  # Gemma 2: tanh capping of the final logits and attention scores
+    # Mixture of experts (gpt-oss, Mixtral, Qwen3-MoE): every expert is held in memory, ``experts_per_token`` of them
+    # compute for each token. transformers keeps the experts (and the router) as fused weight tensors, not linear
+    # layers: LoRA's all-linear does not reach them and bitsandbytes does not quantize them.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelDims:
@@ -71,9 +77,11 @@ class ModelDims:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 intermediate_size=int(cfg["intermediate_size"]),
                 vocab_size=int(cfg["vocab_size"]),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get(
+                    "tie_word_embeddings", _default_tie(str(cfg.get("model_type") or config.get("model_type")))))),
                 max_position_embeddings=cfg.get("max_position_embeddings"),
                 logit_softcapping=bool(cfg.get("final_logit_softcapping")),
+                **_experts(cfg),
             )
         except KeyError as exc:
             raise UserError(
@@ -83,6 +91,25 @@ class ModelDims:
         return dims
 
     @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and self.experts_per_token > 0
+
+    @property
+    def expert_params(self) -> int:
+        """Per decoder layer: every expert's gate, up and down projections, and the router."""
+        if not self.is_moe:
+            return 0
+        return self.num_experts * 3 * self.hidden_size * self.expert_intermediate_size + self.num_experts * self.hidden_size
+
+    @property
+    def active_params(self) -> int:
+        """Parameters that compute for one token, as model cards count them: the routed experts only, and without
+        the input embedding (a lookup)."""
+        idle = self.num_experts - self.experts_per_token
+        return self.total_params - self.embedding_params - (
+            self.num_layers * idle * 3 * self.hidden_size * self.expert_intermediate_size if self.is_moe else 0)
+
+    @property
     def fused_projections(self) -> bool:
         """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (LoRA targets differ)."""
         return self.model_type in ("phi3", "phimoe")
@@ -90,6 +117,8 @@ class ModelDims:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Per decoder layer: linear module name -> (in_features, out_features)."""
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        if self.is_moe:  # the MLP is the experts (fused tensors, not linear layers): attention only
+            return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
         if self.fused_projections:
             return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
@@ -115,7 +144,8 @@ class ModelDims:
     @property
     def total_params(self) -> int:
         """Parameter count (biases and q/k norms left out: < 0.1% for the models we ship)."""
-        return self.embedding_params + self.lm_head_params + self.num_layers * self.layer_linear_params + self.norm_params
+        return (self.embedding_params + self.lm_head_params + self.norm_params
+                + self.num_layers * (self.layer_linear_params + self.expert_params))
 
     def lora_targets(self, target_modules: str | list[str]) -> dict[str, tuple[int, int]]:
         """The per-layer linear modules a LoRA target spec adapts ('all-linear' = every linear but lm_head)."""
@@ -131,6 +161,28 @@ class ModelDims:
                 f"its layers have {', '.join(shapes)} (or use 'all-linear')"
             )
         return chosen
+
+
+def _default_tie(model_type: str) -> bool:
+    """Whether the architecture ties its output layer to the embeddings when config.json does not say (SmolLM3's
+    omits the key): transformers' own default for the model type, as loading the model would use."""
+    try:
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.for_model(model_type).tie_word_embeddings)
+    except (ValueError, KeyError, TypeError, ImportError):
+        return False
+
+
+def _experts(cfg: dict[str, Any]) -> dict[str, int]:
+    """The mixture-of-experts shape of a config: experts per layer, experts per token, each expert's MLP width
+    (``moe_intermediate_size`` where the config has both it and a dense ``intermediate_size``)."""
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    per_token = int(cfg.get("num_experts_per_tok") or 0)
+    if not (experts and per_token):
+        return {}
+    width = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    return {"num_experts": experts, "experts_per_token": per_token, "expert_intermediate_size": width}
 
 
 # --------------------------------------------------------------------------------------------- estimate
@@ -203,6 +255,9 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
         # one fp32 constant per 256 blocks: 0.5 + 1/64 + 4/(64*256) bytes per weight.
         # The rest (embeddings, lm_head, norms) is upcast to fp32 by prepare_model_for_kbit_training.
         weights = int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + other * 4
+        if dims.is_moe:
+            notes.append("mixture of experts: the experts are fused weight tensors, which bitsandbytes does not "
+                         "quantize; under QLoRA they are held in fp32 like the embeddings")
         # each 4-bit matrix is dequantized to the compute dtype for its matmul: the largest one is transient
         weights += max(a * b for a, b in dims.linear_shapes().values()) * 2
         notes.append("weights: 4-bit NF4 with double quantization; embeddings, lm_head and norms upcast to fp32 "
@@ -268,6 +323,8 @@ def _layer_activation_bytes(dims: ModelDims, targets: dict[str, tuple[int, int]]
         # per-example SDPA over packed rows repeats k and v to every query head and copies the output
         attention += act * (2 * (q - kv) + q)
     mlp = 4 * act * i                  # gate, up, act(gate), act(gate)*up (the down_proj input)
+    if dims.is_moe:  # the same for each expert a token is routed to, plus the router's scores
+        mlp = dims.experts_per_token * 4 * act * dims.expert_intermediate_size + 4 * dims.num_experts
     total = norms + attention + mlp
     eager = s.attn_implementation == "eager" or (
         s.attn_implementation == "auto" and dims.logit_softcapping and not s.packed)  # transformers' Gemma 2 default
@@ -291,7 +348,8 @@ def _layer_activation_bytes(dims: ModelDims, targets: dict[str, tuple[int, int]]
 def train_flops_per_token(dims: ModelDims, settings: Settings) -> float:
     """Training FLOPs per token: forward 2N (+ attention), backward 2N for input gradients, +2N for weight gradients
     when the weights train (full), +forward again under gradient checkpointing."""
-    matmul_params = dims.num_layers * dims.layer_linear_params + dims.vocab_size * dims.hidden_size
+    active_experts = dims.experts_per_token * 3 * dims.hidden_size * dims.expert_intermediate_size if dims.is_moe else 0
+    matmul_params = dims.num_layers * (dims.layer_linear_params + active_experts) + dims.vocab_size * dims.hidden_size
     # causal attention: QK^T and AV over on average seq/2 positions, per layer
     attention = 2 * 2 * dims.num_layers * (settings.seq_len / 2) * dims.num_heads * dims.head_dim
     forward = 2 * matmul_params + attention

@@ -19,7 +19,7 @@ PUBLISHED_BILLIONS = {
     "meta-llama--Llama-3.2-3B-Instruct": 3.21, "Qwen--Qwen2.5-0.5B-Instruct": 0.49, "Qwen--Qwen2.5-1.5B-Instruct": 1.54,
     "Qwen--Qwen2.5-7B-Instruct": 7.61, "Qwen--Qwen3-1.7B": 1.72, "Qwen--Qwen3-8B": 8.19,
     "mistralai--Mistral-7B-Instruct-v0.3": 7.25, "google--gemma-2-2b-it": 2.61, "microsoft--Phi-3.5-mini-instruct": 3.82,
-    "HuggingFaceTB--SmolLM2-1.7B-Instruct": 1.71,
+    "HuggingFaceTB--SmolLM2-1.7B-Instruct": 1.71, "HuggingFaceTB--SmolLM3-3B": 3.08,
 }
 
 
@@ -197,3 +197,31 @@ def test_pairs_double_the_sequences_of_a_micro_batch(tmp_path):
     assert plan.settings_for(r, "cpu").batch_size == 8
     assert plan.settings_for(recipe_mod.load(path, ["train.objective=kto"]), "cpu").batch_size == 4
     assert plan.settings_for(recipe_mod.load(path, ["train.objective=simpo"]), "cpu").batch_size == 8
+
+
+def test_an_omitted_tie_takes_the_architectures_default():
+    """SmolLM3's config.json has no tie_word_embeddings; transformers ties its embeddings by default, and so does the
+    planner (3.08B as published, not 3.34B with a second 128k x 2048 output layer)."""
+    config = json.loads((FIXTURES / "HuggingFaceTB--SmolLM3-3B.json").read_text())
+    assert "tie_word_embeddings" not in config or config["tie_word_embeddings"] is None
+    config.pop("tie_word_embeddings", None)
+    assert plan.ModelDims.from_config(config).tie_word_embeddings
+    assert not plan.ModelDims.from_config({**config, "tie_word_embeddings": False}).tie_word_embeddings
+
+
+@pytest.mark.parametrize("layers,experts,total,active", [(24, 32, 20.9, 3.6), (36, 128, 116.8, 5.1)])
+def test_mixture_of_experts_counts_every_expert_and_the_active_ones(layers, experts, total, active):
+    """gpt-oss-20b / -120b (transformers' GptOssConfig with the published layer and expert counts): total and active
+    parameters as the model cards give them (21B / 3.6B, 117B / 5.1B). Every expert is in memory: QLoRA cannot
+    shrink the fused expert tensors (bitsandbytes quantizes linear layers), so gpt-oss-20b does not fit 24 GB, and
+    the LoRA targets are the attention projections only (all-linear does not reach the experts)."""
+    from transformers import GptOssConfig
+
+    d = plan.ModelDims.from_config(GptOssConfig(num_hidden_layers=layers, num_local_experts=experts).to_dict())
+    assert d.is_moe and d.total_params / 1e9 == pytest.approx(total, abs=0.1)
+    assert d.active_params / 1e9 == pytest.approx(active, abs=0.05)
+    assert set(d.lora_targets("all-linear")) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    est = plan.estimate(d, plan.Settings(method="qlora", batch_size=1, seq_len=1024, gradient_checkpointing=True))
+    assert est.total > 24 * GiB and any("experts" in n for n in est.notes)
+    dense_flops = plan.train_flops_per_token(d, plan.Settings(method="lora", seq_len=1024))
+    assert dense_flops < 2 * 3 * d.total_params  # compute follows the active experts, not all of them
