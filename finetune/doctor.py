@@ -128,7 +128,7 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
         note = ", ".join(linear)
         if experts and not any(".experts." in f".{n}." for n, m in model.named_modules()
                                if isinstance(m, torch.nn.Linear)):
-            note += " (the experts are fused weight tensors, not linear layers: LoRA adapts attention and the router)"
+            note += " (the experts and the router are fused weight tensors, not linear layers: LoRA adapts the attention projections)"
         report.add("train", "LoRA targets (all-linear)", note)
     obstacle = attention.packing_obstacle(config)
     report.add("train", "packed batches", f"off: {obstacle}; padded batches instead" if obstacle else
