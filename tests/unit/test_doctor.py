@@ -50,7 +50,7 @@ def test_linear_attention_and_mixture_of_experts_are_described(cli, tmp_path, to
     code, out, _ = cli("doctor", str(oss), "--json")
     findings = {f["check"]: f["finding"] for f in json.loads(out)["findings"]}
     assert "active per token (2 of 4 experts)" in findings["parameters"]
-    assert "experts are fused" in findings["LoRA targets (all-linear)"]
+    assert "experts and the router are fused" in findings["LoRA targets (all-linear)"]
     assert findings["packed batches"].startswith("on")
 
 
