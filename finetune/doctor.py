@@ -115,7 +115,9 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
     per_token = int(getattr(text, "num_experts_per_tok", 0) or 0)
     if experts and per_token:
         expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}.")
-        active = total - expert_params + expert_params * per_token // experts
+        # as model cards (and finetune plan) count it: the routed experts only, without the input embedding lookup
+        active = (total - expert_params + expert_params * per_token // experts
+                  - model.get_input_embeddings().weight.numel())
         report.add("model", "parameters", f"{count(total)} total, {count(active)} active per token "
                    f"({per_token} of {experts} experts)")
     else:
