@@ -130,7 +130,8 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
         note = ", ".join(linear)
         if experts and not any(".experts." in f".{n}." for n, m in model.named_modules()
                                if isinstance(m, torch.nn.Linear)):
-            note += " (the experts and the router are fused weight tensors, not linear layers: LoRA adapts the attention projections)"
+            note += (" (the experts and the router are fused weight tensors, not linear layers: LoRA adapts the "
+                     "attention projections; train.lora.experts: true adapts the experts too)")
         report.add("train", "LoRA targets (all-linear)", note)
     obstacle = attention.packing_obstacle(config)
     report.add("train", "packed batches", f"off: {obstacle}; padded batches instead" if obstacle else

@@ -187,6 +187,9 @@ def _adapter_ggufs(name: str, out_dir: Path, adapter_dir: Path, base_dir: Path, 
     if _is_dora(adapter_dir):
         log("export: DoRA adapters have no llama.cpp GGUF adapter format; use the merged GGUFs")
         return None, None
+    if json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_parameters"):
+        log("export: LoRA on expert tensors (train.lora.experts) has no llama.cpp GGUF adapter; use the merged GGUFs")
+        return None, None
     log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
     adapter_file = convert.convert_lora(adapter_dir, base_dir, out_dir / f"{name}-adapter-F16.gguf", "F16")
     base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16", model_name=base_name)

@@ -151,6 +151,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names.")
     rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    experts: bool = Field(False, description="Mixture of experts (gpt-oss, Mixtral, Qwen3-MoE): also adapt the "
+                          "experts' fused weight tensors (peft target_parameters), which all-linear does not reach. "
+                          "Needs export.adapter_gguf: false (llama.cpp writes no adapter for them).")
 
 
 class PreferenceConfig(Section):
@@ -361,6 +364,14 @@ class Recipe(Section):
 
     # Set by load(): the folder relative paths are resolved against. Not part of the YAML.
     _base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _expert_lora_has_no_adapter_gguf(self) -> Recipe:
+        if self.train.lora.experts and self.export.adapter_gguf and self.train.method in ("lora", "qlora"):
+            raise ValueError("train.lora.experts: llama.cpp's LoRA converter writes no adapter for expert tensors; set "
+                             "export.adapter_gguf: false (the merged GGUFs carry the fine-tune), or "
+                             "train.lora.experts: false")
+        return self
 
     @field_validator("name")
     @classmethod

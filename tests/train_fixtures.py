@@ -44,17 +44,17 @@ def load_model(model_dir: Path, attn: str, dtype=None, device: str = "cpu"):
 
 
 def recipe_dict(tmp: Path, model_dir: Path, name: str = "t", *, seed: int = 42, model: dict | None = None,
-                **train: Any) -> dict[str, Any]:
+                export: dict | None = None, **train: Any) -> dict[str, Any]:
     return {"name": name, "seed": seed, "runs_dir": str(tmp / "runs"),
-            "model": {"id": str(model_dir), **(model or {})}, "train": train}
+            "model": {"id": str(model_dir), **(model or {})}, "train": train, **({"export": export} if export else {})}
 
 
 def prepared(tmp: Path, model_dir: Path, name: str = "t", *, n_train: int = 48, n_val: int = 12, data_seed: int = 0,
-             seed: int = 42, model: dict | None = None, **train: Any):
+             seed: int = 42, model: dict | None = None, export: dict | None = None, **train: Any):
     """Write recipe YAML + tokenized splits + prepare manifest; return the loaded recipe."""
     from datasets import Dataset
 
-    data = recipe_dict(tmp, model_dir, name, seed=seed, model=model, **train)
+    data = recipe_dict(tmp, model_dir, name, seed=seed, model=model, export=export, **train)
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -209,6 +209,7 @@ class Settings:
     packed: bool = False                  # padding-free rows with per-example SDPA (finetune train's default)
     logit_fraction: float = 1.0           # share of positions that get logits (packed: only trained positions)
     objective: str = "sft"                # sft | dpo | kto | orpo | simpo (extra sequences and forward passes)
+    lora_experts: bool = False            # LoRA on the experts' fused tensors too (train.lora.experts)
 
 
 @dataclass
@@ -275,6 +276,10 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
         grad_bytes = wbytes
     else:
         trainable = dims.num_layers * sum(s.lora_r * (a + b) for a, b in targets.values())
+        if s.lora_experts and dims.is_moe:
+            # peft's target_parameters: per expert, r x (in + out) for gate_up (h -> 2i) and down (i -> h)
+            h, i = dims.hidden_size, dims.expert_intermediate_size
+            trainable += dims.num_layers * dims.num_experts * s.lora_r * ((h + 2 * i) + (i + h))
         if s.method == "dora":
             trainable += dims.num_layers * sum(b for _, b in targets.values())  # one magnitude per output feature
         adapter = trainable * 4  # peft keeps adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
@@ -449,7 +454,7 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
     sequences = 2 if t.objective in ("dpo", "orpo", "simpo") else 1
     return Settings(method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
                     batch_size=t.batch_size * sequences, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
-                    objective=t.objective,
+                    objective=t.objective, lora_experts=t.lora.experts,
                     gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, compute_dtype=compute,
                     device=device, attn_implementation=recipe.model.attn_implementation, packed=t.packing)
 

@@ -117,14 +117,31 @@ def _add_adapter(model, t):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing == "on",
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = t.lora
+    experts = expert_parameters(model) if lora.experts else None
+    if lora.experts and not experts:
+        raise UserError("train.lora.experts: this model has no expert weight tensors (it is not a mixture of experts, "
+                        "or its experts are linear layers, which all-linear already adapts); set train.lora.experts: "
+                        "false")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                        use_rslora=lora.rslora, use_dora=t.method == "dora", task_type="CAUSAL_LM")
+                        target_parameters=experts, use_rslora=lora.rslora, use_dora=t.method == "dora",
+                        task_type="CAUSAL_LM")
     try:
         # peft keeps adapter weights in fp32 over a bf16/fp16 base (autocast_adapter_dtype): stable updates
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"train.lora.target_modules: {exc}. Use 'all-linear' or names of the model's linear "
                         "layers (e.g. [q_proj, v_proj]).") from None
+
+
+def expert_parameters(model) -> list[str]:
+    """The experts' fused weight tensors of a mixture-of-experts model, named as peft's target_parameters takes
+    them (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``: one name per tensor of a decoder layer; biases
+    left out)."""
+    names = set()
+    for name, param in model.named_parameters():
+        if param.ndim == 3 and ".experts." in f".{name}" and ".layers." in name:
+            names.add(name.split(".layers.", 1)[1].split(".", 1)[1])  # drop the layer number
+    return sorted(names)
 
 
 def apply_liger(model) -> str:

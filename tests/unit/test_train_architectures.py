@@ -162,3 +162,55 @@ def _tokenizer_dir():
     from finetune import models
 
     return models.resolve(models.EMBEDDED_MODEL).path
+
+
+def test_lora_on_the_experts_trains_merges_and_is_planned(tmp_path, tiny_model_dir):
+    """train.lora.experts: LoRA on gpt-oss's fused expert tensors (peft target_parameters) besides attention; the
+    adapter trains them, export's merge writes them into the experts, and the planner counts the same trainable
+    parameters as peft. Without export.adapter_gguf: false the recipe is refused (llama.cpp writes no such adapter);
+    on a model without expert tensors the option is refused at training."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from train_fixtures import prepared
+    from transformers import AutoTokenizer
+
+    from finetune import merge, plan, recipe, train
+    from finetune.errors import UserError
+    from finetune.training import model_setup
+
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    config = _config("gpt-oss")
+    config.vocab_size = len(tok)
+    model = _model(config, "eager")
+    model_dir = tmp_path / "gpt-oss"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    assert model_setup.expert_parameters(model) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+
+    lora = {"r": 4, "alpha": 8, "experts": True}
+    with pytest.raises(recipe.RecipeError, match=r"train.lora.experts: llama.cpp's LoRA converter writes no adapter "
+                                                 r"for expert tensors; set export.adapter_gguf: false"):
+        prepared(tmp_path / "refused", model_dir, lora=lora, max_steps=1)
+    r = prepared(tmp_path / "run", model_dir, lora=lora, export={"adapter_gguf": False}, max_steps=2, batch_size=4,
+                 lr=1e-2, eval_every=100, save_every=100, n_train=8, n_val=0)
+    summary = train.run(r)
+    adapter = r.run_dir("train") / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("experts" in k for k in weights) and any("q_proj" in k for k in weights)
+
+    dims = plan.ModelDims.from_config(json.loads((model_dir / "config.json").read_text()))
+    est = plan.estimate(dims, plan.Settings(method="lora", lora_r=4, lora_experts=True, device="cpu"))
+    assert est.trainable_params == summary["trainable_params"] == sum(v.numel() for v in weights.values())
+
+    merge.merge(base_dir=model_dir, adapter_dir=adapter, model_dir=None, out_dir=tmp_path / "merged")
+    base, merged = load_file(str(model_dir / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert not torch.equal(base[name], merged[name].to(base[name].dtype)), name
+
+    dense = prepared(tmp_path / "dense", tiny_model_dir, lora=lora, export={"adapter_gguf": False}, max_steps=1)
+    with pytest.raises(UserError, match="train.lora.experts: this model has no expert weight tensors"):
+        train.run(dense)
