@@ -64,9 +64,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         raise UserError("the model's tokenizer has no chat template; eval renders prompts with it (as training does)")
     prompts = [prompt_text(tokenizer, ex["messages"][:-1], tools=ex.get("tools"), reasoning=recipe.data.reasoning)
                for ex in examples]
-    reference_calls = [metric_lib.canonical_calls(ex["messages"][-1].get("tool_calls")) for ex in examples]
-    references = [metric_lib.answer_text(ex["messages"][-1]["content"], calls)
-                  for ex, calls in zip(examples, reference_calls, strict=True)]
+    references, reference_calls = _references(examples)
     template = tokenizer.chat_template or ""
     end_tokens = tuple(t for t in (tokenizer.eos_token, tokenizer.pad_token) if t)
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
@@ -98,11 +96,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
                 variants[name].update(values)
 
         log_rows = read_train_log(trained.log)
-        found = verdict.make_verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status)
-        if pref_result and (pref_verdict := eval_preference.verdict(pref_result)):
-            found["preference"] = pref_verdict
-            if found["improved"]["status"] == "unknown":  # no generation metric or loss asked for
-                found["improved"], found["summary"] = pref_verdict, pref_verdict["summary"]
+        found = _verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status, pref_result)
 
         result = {
             "run": recipe.name, "split": cfg.split, "examples": len(examples),
@@ -121,6 +115,25 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         stage.record(artifacts.Evaluated(metrics=final / "metrics.json", examples=final / "examples.jsonl",
                                          report=final / "report.html", variants=list(variants)))
     return result
+
+
+def _references(examples: list[dict[str, Any]]) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Each example's reference answer as the metrics compare it (text, then calls) and its tool calls."""
+    calls = [metric_lib.canonical_calls(ex["messages"][-1].get("tool_calls")) for ex in examples]
+    texts = [metric_lib.answer_text(ex["messages"][-1]["content"], c) for ex, c in zip(examples, calls, strict=True)]
+    return texts, calls
+
+
+def _verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status,
+             pref_result: dict[str, Any] | None) -> dict[str, Any]:
+    """Did fine-tuning help (``verdict.make_verdict``), with the preference verdict on preference data (the headline
+    when no generation metric or loss was asked for)."""
+    found = verdict.make_verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status)
+    if pref_result and (pref_verdict := eval_preference.verdict(pref_result)):
+        found["preference"] = pref_verdict
+        if found["improved"]["status"] == "unknown":
+            found["improved"], found["summary"] = pref_verdict, pref_verdict["summary"]
+    return found
 
 
 def _examples(split_file: Path, cfg: Any, recipe_path: str) -> tuple[list[dict[str, Any]], list[str]]:
