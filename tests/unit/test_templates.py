@@ -40,6 +40,10 @@ FAMILIES = {
                     eot="</s>", system=True, add_special=["[INST]", "[/INST]"], drops_system=True),
     "gemma2": dict(gguf="ggml-vocab-llama-spm.gguf", template="google-gemma-2-2b-it.jinja", eot="<end_of_turn>",
                    system=False, add_special=["<start_of_turn>", "<end_of_turn>"]),
+    # SmolLM3: Llama 3's vocabulary with ChatML's turn tokens added, its own template (reasoning switch, default
+    # system block)
+    "smollm3": dict(gguf="ggml-vocab-llama-bpe.gguf", template="HuggingFaceTB-SmolLM3-3B.jinja", eot="<|im_end|>",
+                    system=True, add_special=["<|im_start|>", "<|im_end|>"]),
 }
 
 # Which family each shipped recipe's model belongs to (by Hub id prefix); a new recipe must be covered here.
@@ -47,6 +51,7 @@ RECIPE_FAMILY_PREFIXES = {
     "meta-llama/Llama-3": "llama3.1", "Qwen/Qwen2.5": "qwen2.5", "Qwen/Qwen3": "qwen3", "microsoft/Phi-3": "phi3.5",
     "mistralai/Mistral-7B": "mistral", "google/gemma-2": "gemma2", "HuggingFaceTB/SmolLM2": "qwen2.5",  # ChatML
     "smollm2-135m-instruct": "qwen2.5",  # ChatML (the embedded model; its own tokenizer is tested by prepare's tests)
+    "HuggingFaceTB/SmolLM3": "smollm3",
 }
 
 CONVERSATION = [
