@@ -17,6 +17,10 @@ For each family:
    finish_reason "stop".
 6. ollama: the Modelfile has a TEMPLATE and a stop line for the end-of-turn token.
 
+Besides one row per twin, VARIANTS are rows that run a twin (and its primed twin) with a recipe that takes another
+path through the toolkit: gpt-oss-experts trains LoRA on the experts' fused tensors (train.lora.experts), and its
+export stage also checks that the merge changed every expert tensor.
+
 Prints a table family x stage (pass/fail with the figure), writes it as JSON (--json), exits 1 on any failure.
 """
 
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,37 @@ PRIME_STEPS = 60
 PRIME_LR = 5e-3
 PRIME_KEEP = 24
 TRAIN_STEPS = 9  # three epochs of the 24 training chats in batches of 8
+
+
+@dataclass(frozen=True)
+class Variant:
+    twin: str                # the twins.FAMILIES entry it runs (the same twin and primed twin: nothing new to build)
+    recipe: dict[str, Any]   # recipe sections merged over the matrix's own
+    label: str               # what the row adds, after the architecture in the README's table
+
+
+VARIANTS = {
+    # llama.cpp's LoRA converter writes no adapter for expert tensors (validate refuses adapter_gguf with experts)
+    "gpt-oss-experts": Variant("gpt-oss", {"train": {"lora": {"experts": True}}, "export": {"adapter_gguf": False}},
+                               "LoRA on the experts"),
+}
+# Every row of the matrix: each twin, and each variant right after its twin.
+ROWS = [row for name in twins.FAMILIES for row in [name, *[v for v, x in VARIANTS.items() if x.twin == name]]]
+
+
+def twin_of(row: str) -> str:
+    return VARIANTS[row].twin if row in VARIANTS else row
+
+
+def family_of(row: str) -> twins.Family:
+    return twins.FAMILIES[twin_of(row)]
+
+
+def merged_over(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merged_over(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def conversations(answers: dict[str, str] | None = None) -> list[list[dict]]:
@@ -202,10 +238,12 @@ def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Pat
                   "batch_size": 8, "warmup_ratio": 0.0, "scheduler": "constant", "eval_every": TRAIN_STEPS,
                   "save_every": TRAIN_STEPS, "log_every": 1, "threads": max(1, min(os.cpu_count() or 1, 2))},
         # the adapter GGUF where llama.cpp can write one: elsewhere validate/train refuse it (checked in the cell)
-        "export": {"quantizations": ["Q8_0"], "adapter_gguf": adapter_refusal(twins.FAMILIES[name]) is None},
+        "export": {"quantizations": ["Q8_0"], "adapter_gguf": adapter_refusal(family_of(name)) is None},
         # n_ctx: room for the longest default system prompt (Mistral Small 3.2: ~500 tokens) plus the answer
         "serve": {"quant": "F16", "n_ctx": 2048, "max_tokens": 64, "threads": 1},
     }
+    if name in VARIANTS:
+        recipe = merged_over(recipe, VARIANTS[name].recipe)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -253,8 +291,12 @@ def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
     prompt = [{"role": "user", "content": QA[1][0]}]
     answer = runtime.chat(result["gguf"]["F16"], [prompt], max_tokens=export.GREEDY_MAX_TOKENS)[0]
     problems = []
-    if adapter_refusal(family) is None and not result.get("adapter_gguf"):
+    if recipe.export.adapter_gguf and not result.get("adapter_gguf"):
         problems.append("no adapter GGUF was written")
+    experts = expert_changes(Path(recipe.model.id), Path(result["merged"])) if recipe.train.lora.experts else None
+    if experts is not None and (not experts["tensors"] or experts["changed"] < experts["tensors"]):
+        problems.append(f"the merge changed {experts['changed']} of the {experts['tensors']} expert tensors "
+                        f"(unchanged: {', '.join(experts['unchanged'][:4])})")
     if eot != family.end_of_turn:
         problems.append(f"end of turn is {eot!r}, the family's is {family.end_of_turn!r}")
     if answer["finish_reason"] != "stop":
@@ -265,16 +307,39 @@ def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
            "f16_judged_over": f16.get("judged_over"), "f16_top1_all": f16["top1_agreement"],
            "q8_top1": q8.get("judged_top1", q8["top1_agreement"]), "q8_kl": q8["kl_mean"],
            "adapter_top1": (report.get("adapter") or {}).get("top1_agreement"), "adapter_refused": adapter_refusal(family),
+           "adapter_gguf": recipe.export.adapter_gguf, "experts": experts,
            "tokenization": report["tokenization"].get("ok"), "chat_prompt": report["chat_prompt"].get("ok"),
            "greedy_stopped": report["greedy_chat"].get("gguf_stopped"),
            "figure": f"F16 top1 {top1:.3f} KL {f16['kl_mean']:.1e}, Q8 {out_q(q8)}, stop {eot} "
-                     f"{'seen' if answer['finish_reason'] == 'stop' else 'NOT seen'}",
+                     f"{'seen' if answer['finish_reason'] == 'stop' else 'NOT seen'}"
+                     + (f", experts changed {experts['changed']}/{experts['tensors']}" if experts else ""),
            "gguf": result["gguf"], "parity": result["parity"]}
     if problems:
         out["error"] = "; ".join(problems)
     if not report["ok"]:
         out["error"] = "; ".join(report["failed"] + problems)[:2000]
     return out
+
+
+def expert_changes(base_dir: Path, merged_dir: Path) -> dict[str, Any]:
+    """How many of the experts' fused weight tensors (3-d, one per layer and projection) the merge changed, and the
+    largest change relative to the base tensor's norm: LoRA on the experts that merged into nothing proves nothing."""
+    import torch
+    from safetensors import safe_open
+
+    def experts(folder: Path) -> dict[str, Any]:
+        out = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                fused = [k for k in f.keys() if ".experts." in k and len(f.get_slice(k).get_shape()) == 3]
+                out.update({k: f.get_tensor(k).float() for k in fused})
+        return out
+
+    base, merged = experts(base_dir), experts(merged_dir)
+    unchanged = [k for k in base if k not in merged or torch.equal(base[k], merged[k])]
+    relative = [float((merged[k] - base[k]).norm() / base[k].norm()) for k in base if k in merged]
+    return {"tensors": len(base), "changed": len(base) - len(unchanged), "unchanged": unchanged,
+            "max_relative_change": max(relative, default=0.0)}
 
 
 def out_q(q: dict) -> str:
@@ -319,15 +384,15 @@ def stage_ollama(recipe, family: twins.Family) -> dict[str, Any]:
 def run_family(name: str, work: Path, log=print) -> dict[str, dict[str, Any]]:
     from finetune import recipe as recipe_mod
 
-    family = twins.FAMILIES[name]
+    family = family_of(name)
     cells: dict[str, dict[str, Any]] = {}
     recipe = recipe_path = None
     for stage in STAGES:
         t = time.time()
         try:
             if stage == "prime":
-                twin = twins.build(name, log=log)
-                primed = prime(name, twin, log=log)
+                twin = twins.build(twin_of(name), log=log)
+                primed = prime(twin_of(name), twin, log=log)
                 from transformers import AutoTokenizer
 
                 system_ok = supports_system(AutoTokenizer.from_pretrained(primed["path"]))
@@ -383,18 +448,19 @@ def markdown(runs: list[dict[str, Any]]) -> str:
             latest[name] = (run, cells)
     lines = ["| family | twin of | architecture | LoRA loss | F16 top-1 / KL | Q8_0 top-1 | adapter top-1 | end of turn "
              "| served | Ollama | s | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in [n for n in twins.FAMILIES if n in latest]:
+    for name in [n for n in ROWS if n in latest]:
         run, cells = latest[name]
-        f = twins.FAMILIES[name]
+        f = family_of(name)
+        arch = f"{f.arch} ({VARIANTS[name].label})" if name in VARIANTS else f.arch
         when = f"{run['date']}, `{run['command']}`"
         if not all(c["ok"] for c in cells.values()):
             bad = next(s for s in STAGES if not cells[s]["ok"])
             error = escaped((cells[bad].get("error") or "").splitlines()[0][:160])
-            lines.append(f"| {name} | {f.title} | {f.arch} | **fails at {bad}**: {error} | | | | | | | | {when} |")
+            lines.append(f"| {name} | {f.title} | {arch} | **fails at {bad}**: {error} | | | | | | | | {when} |")
             continue
         ex, tr = cells["export"], cells["train"]
         lines.append(
-            f"| {name} | {f.title} | {f.arch} | {tr['loss_first']:.2f} -> {tr['loss_last']:.2f} | "
+            f"| {name} | {f.title} | {arch} | {tr['loss_first']:.2f} -> {tr['loss_last']:.2f} | "
             f"{ex['f16_top1']:.3f} / {ex['f16_kl']:.0e} | {ex['q8_top1']:.3f} | {adapter_cell(ex)} | "
             f"`{escaped(ex['end_of_turn'])}` seen | {cells['serve']['finish_reason']} | "
             f"{'TEMPLATE + stop' if cells['ollama']['ok'] else 'no'} | {sum(c['seconds'] for c in cells.values()):.0f} "
@@ -405,6 +471,8 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 def adapter_cell(export_cell: dict) -> str:
     if export_cell.get("adapter_top1") is not None:
         return f"{export_cell['adapter_top1']:.3f}"
+    if export_cell.get("experts"):
+        return "none: no GGUF adapter for expert tensors"
     return "refused: llama.cpp cannot write it" if export_cell.get("adapter_refused") else "none"
 
 
@@ -421,7 +489,7 @@ def write_json(path: Path, results: dict, seconds: float, families: str | None) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Take a tiny twin of each model family through prepare, train, export "
                                 "(parity), serve and Ollama; print a family x stage table; exit 1 on any failure.")
-    p.add_argument("--families", help=f"comma-separated subset (default: all): {','.join(twins.FAMILIES)}")
+    p.add_argument("--families", help=f"comma-separated subset (default: all): {','.join(ROWS)}")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--work", help="keep the runs in this folder (default: a temporary folder, removed)")
     p.add_argument("--markdown", metavar="JSON", nargs="+",
@@ -435,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    names = [n.strip() for n in ns.families.split(",")] if ns.families else list(twins.FAMILIES)
-    unknown = [n for n in names if n not in twins.FAMILIES]
+    names = [n.strip() for n in ns.families.split(",")] if ns.families else list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
     if unknown:
-        p.error(f"unknown families {unknown}; known: {', '.join(twins.FAMILIES)}")
+        p.error(f"unknown families {unknown}; known: {', '.join(ROWS)}")
     t0 = time.time()
     root = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="family-matrix-"))
     results: dict[str, dict[str, dict[str, Any]]] = {}

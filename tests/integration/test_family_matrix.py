@@ -8,8 +8,9 @@ family's exported F16 GGUF rewritten with llama.cpp's own gguf_new_metadata.py, 
 CI runs the families that have passed every stage and together cover each mechanism the toolkit must get right
 (CI_FAMILIES: Llama 3's BPE vocabulary and template, ChatML, SentencePiece with tokenizer.model, gpt-oss's sinks,
 sliding windows, experts and harmony template, Qwen3.5's linear attention and MTP layers, LFM2's convolutions,
-Granite 4's Mamba-2 layers, Gemma 2's logit soft-capping and a template that refuses system messages): the whole
-matrix takes 40-60 minutes on 2 cores, more than CI can spend. FINETUNE_MATRIX_FAMILIES=all runs every family,
+Granite 4's Mamba-2 layers, Gemma 2's logit soft-capping and a template that refuses system messages, and the
+gpt-oss twin again with LoRA on its fused expert tensors, whose merge must change every one): the whole matrix takes
+40-60 minutes on 2 cores, more than CI can spend. FINETUNE_MATRIX_FAMILIES=all runs every family,
 FINETUNE_MATRIX_FAMILIES=a,b a subset (the tests of the others are skipped, saying so).
 """
 
@@ -28,11 +29,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-import twins  # noqa: E402
+import family_matrix  # noqa: E402
 
-CI_FAMILIES = ["llama3.2", "smollm2", "mistral-v0.3", "gpt-oss", "qwen3.5", "lfm2", "granite4", "gemma2"]
+CI_FAMILIES = ["llama3.2", "smollm2", "mistral-v0.3", "gpt-oss", "gpt-oss-experts", "qwen3.5", "lfm2", "granite4",
+               "gemma2"]
 _ASKED = os.environ.get("FINETUNE_MATRIX_FAMILIES") or ",".join(CI_FAMILIES)
-SELECTED = list(twins.FAMILIES) if _ASKED == "all" else [f for f in _ASKED.split(",") if f]
+SELECTED = list(family_matrix.ROWS) if _ASKED == "all" else [f for f in _ASKED.split(",") if f]
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +54,18 @@ def _family(matrix, name: str) -> dict:
     return matrix[0]["families"][name]
 
 
-@pytest.mark.parametrize("name", list(twins.FAMILIES))
+@pytest.mark.parametrize("name", family_matrix.ROWS)
 def test_family_goes_through_every_stage(matrix, name):
     cells = _family(matrix, name)
     failed = {stage: cell.get("error") for stage, cell in cells.items() if not cell["ok"]}
     assert not failed, f"{name}: {json.dumps(failed, indent=1)[:3000]}"
     assert cells["train"]["loss_last"] < cells["train"]["loss_first"]
     assert cells["export"]["tokenization"] and cells["export"]["chat_prompt"]
-    assert cells["export"]["end_of_turn"] == twins.FAMILIES[name].end_of_turn and cells["export"]["stopped"]
+    assert cells["export"]["end_of_turn"] == family_matrix.family_of(name).end_of_turn and cells["export"]["stopped"]
     assert cells["serve"]["finish_reason"] == "stop"
+    if name == "gpt-oss-experts":  # LoRA on the fused expert tensors: the merge must have changed every one
+        experts = cells["export"]["experts"]
+        assert experts["tensors"] > 0 and experts["changed"] == experts["tensors"], experts
 
 
 def test_matrix_exit_code_says_whether_all_passed(matrix):
@@ -98,14 +103,14 @@ def _parity(merged: Path, gguf: Path, tmp_path: Path) -> dict:
                              min_top1_unquantized=0.99, unquantized="F16")
 
 
-@pytest.mark.parametrize("name", list(twins.FAMILIES))
+@pytest.mark.parametrize("name", family_matrix.ROWS)
 def test_planted_template_mismatch_fails_parity(matrix, name, tmp_path):
     cells = _family(matrix, name)
     if "gguf" not in cells["export"]:
         pytest.fail(f"{name}: export did not write a GGUF: {cells['export'].get('error')}")
     merged = Path(cells["export"]["gguf"]["F16"]).parent / "merged"
     template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
-    eot = twins.FAMILIES[name].end_of_turn
+    eot = family_matrix.family_of(name).end_of_turn
     assert eot in template or "eos_token" in template
     # The end of turn swapped for a blank line: a GGUF whose chat never ends the way the model was trained.
     planted = template.replace(eot, "\n\n") if eot in template else template.replace("eos_token", "'\\n\\n'")
@@ -116,11 +121,11 @@ def test_planted_template_mismatch_fails_parity(matrix, name, tmp_path):
     assert any("chat template differs" in f for f in report["failed"]), report["failed"]
     # Where prompts end a previous turn (multi-turn), the prompt ids differ too (gpt-oss ends only a final answer
     # with <|return|>, so there only the template comparison sees it).
-    if name != "gpt-oss":
+    if family_matrix.twin_of(name) != "gpt-oss":
         assert any(f.startswith("chat_prompt:") for f in report["failed"]), report["failed"]
 
 
-@pytest.mark.parametrize("name", list(twins.FAMILIES))
+@pytest.mark.parametrize("name", family_matrix.ROWS)
 def test_planted_end_of_turn_mismatch_fails_parity(matrix, name, tmp_path):
     cells = _family(matrix, name)
     if "gguf" not in cells["export"]:
