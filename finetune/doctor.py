@@ -85,6 +85,8 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
         report.add("model", "image-text checkpoint", "text-only fine-tuning: the language model's linear layers get "
                    "the adapters, the vision tower and projector are kept byte for byte in the merged checkpoint; "
                    "the GGUF is the text model (no mmproj)")
+        if image_text.text_model(raw).from_text_config:  # the text class is built from the language model's config
+            config = config.text_config
     if not _model_findings(report, config, arch, trust_remote_code):
         return report
     if not _template_findings(report, path, trust_remote_code):

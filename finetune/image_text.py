@@ -1,19 +1,21 @@
 """Image-text checkpoints (Qwen3.5, Gemma 4, Mistral 3 publish their instruct models as ``*ForConditionalGeneration``):
 text-only fine-tuning of their language model, with the vision tower and projector kept as they are.
 
-Training loads the checkpoint's language model alone (transformers' text class of the family reads it out of the
-image-text checkpoint), so the adapters can only land on the language model's linear layers and the vision weights
-are not even in memory. Export merges into that language model, then writes the whole image-text checkpoint again:
-the base's vision tower and projector loaded and saved unchanged (same dtype, same bytes), the language model
-replaced by the merged one. llama.cpp's converter makes the text GGUF of it (no mmproj: images are not trained).
+Training loads the checkpoint's language model alone (the family's text class of transformers, reading the language
+model's weights out of the image-text checkpoint), so the adapters can only land on the language model's linear
+layers and the vision weights are not even in memory. Export merges into that language model, then writes the whole
+image-text checkpoint again: the base's vision tower and projector loaded and saved unchanged (same dtype, same
+bytes), the language model replaced by the merged one. llama.cpp's converter makes the text GGUF of it (no mmproj:
+images are not trained).
 
-A family whose language model transformers cannot load on its own (no causal-LM class for it) is refused before
-training, with the nearest supported alternative.
+A family whose language model transformers has no text class for is refused before training, with the nearest
+supported alternative.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +36,50 @@ def is_image_text(config: dict[str, Any]) -> bool:
     return isinstance(config.get("vision_config"), dict) and isinstance(config.get("text_config"), dict)
 
 
-# The nearest supported choice for a refused image-text family (by config.json model_type).
-ALTERNATIVES = {
-    "gemma4": "a Gemma text-only checkpoint (Gemma4ForCausalLM, or Gemma3ForCausalLM such as google/gemma-3-1b-it)",
-    "mistral3": "a text-only Mistral checkpoint (MistralForCausalLM, such as mistralai/Mistral-7B-Instruct-v0.3)",
-}
-SUPPORTED = "Qwen3.5's image-text checkpoints (Qwen3_5ForConditionalGeneration, such as Qwen/Qwen3.5-4B)"
+# Where an image-text checkpoint keeps its language model, renamed to the text class's own names: transformers 5's
+# layout (model.language_model.*, Gemma 4) and the Llava layout Mistral 3's checkpoints are saved in
+# (language_model.model.*, language_model.lm_head.*).
+TEXT_KEY_MAPPING = {r"^model\.language_model\.": "model.", r"^language_model\.model\.": "model.",
+                    r"^language_model\.lm_head\.": "lm_head."}
+
+ALTERNATIVE = "the family's text-only checkpoint (a *ForCausalLM model)"
 
 
-def text_model_problem(config: dict[str, Any]) -> str | None:
-    """Why the language model of this image-text checkpoint cannot be fine-tuned alone, with the nearest supported
-    alternative; None when it can (or it is not an image-text checkpoint). Read from transformers' own class
-    table: the causal-LM class it maps the checkpoint to must be the language model alone."""
+@dataclass(frozen=True)
+class TextModel:
+    """How transformers loads the language model of an image-text checkpoint alone."""
+    cls: str                      # the text class, e.g. Gemma4ForCausalLM
+    from_text_config: bool        # built from the checkpoint's text_config, its weights renamed by TEXT_KEY_MAPPING
+    #                               (False: transformers' own class table maps the checkpoint to it, as for Qwen3.5)
+
+
+def text_model(config: dict[str, Any]) -> TextModel | None:
+    """The text class that loads this image-text checkpoint's language model alone (None: not an image-text
+    checkpoint, or transformers has no such class). Read from transformers' own class table."""
     if not is_image_text(config):
         return None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     arch = (config.get("architectures") or ["?"])[0]
-    model_type = config.get("model_type")
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if cls is None:
-        why = (f"{arch} is an image-text checkpoint whose language model transformers cannot load on its own (no "
-               f"causal-LM class for model_type {model_type!r})")
-    elif cls == arch:
-        why = (f"{arch} is an image-text checkpoint that transformers loads as a causal LM only whole, vision tower "
-               "included, so LoRA would not be kept to the language model")
-    else:
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if cls is not None and cls != arch:
+        return TextModel(cls, from_text_config=False)
+    text_cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config["text_config"].get("model_type"))
+    if text_cls is not None and text_cls != arch:
+        return TextModel(text_cls, from_text_config=True)
+    return None
+
+
+def text_model_problem(config: dict[str, Any]) -> str | None:
+    """Why the language model of this image-text checkpoint cannot be fine-tuned alone, with the nearest supported
+    alternative; None when it can (or it is not an image-text checkpoint)."""
+    if not is_image_text(config) or text_model(config) is not None:
         return None
-    alternative = ALTERNATIVES.get(str(model_type), "the family's text-only checkpoint (a *ForCausalLM model)")
-    return f"{why}; text-only fine-tuning is supported for {SUPPORTED}. Use {alternative} instead"
+    arch = (config.get("architectures") or ["?"])[0]
+    return (f"{arch} is an image-text checkpoint whose language model transformers cannot load on its own (no "
+            f"causal-LM class for model_type {config.get('model_type')!r} or its text_config's "
+            f"{config['text_config'].get('model_type')!r}), so LoRA could not be kept to the language model; "
+            f"use {ALTERNATIVE} instead")
 
 
 def check_text_model(config: dict[str, Any], *, where: str = "model.id") -> None:
@@ -70,6 +87,33 @@ def check_text_model(config: dict[str, Any], *, where: str = "model.id") -> None
     problem = text_model_problem(config)
     if problem:
         raise UserError(f"{where}: {problem}.")
+
+
+def load_text_model(folder: Path, spec: TextModel, **kwargs):
+    """The language model of the image-text checkpoint in ``folder`` alone, as ``spec`` says (``kwargs``: those of
+    ``from_pretrained``). Every weight of the text class must come from the checkpoint: one left at its random
+    initialisation is an error, never a silent fine-tune of noise."""
+    import transformers
+
+    cls = getattr(transformers, spec.cls)
+    if not spec.from_text_config:
+        return cls.from_pretrained(folder, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists every vision weight as unexpected: checked below instead
+    try:
+        model, info = cls.from_pretrained(folder, config=config.text_config, key_mapping=TEXT_KEY_MAPPING,
+                                          output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tied = {"lm_head.weight"} if getattr(config.text_config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info["missing_keys"]) - tied)
+    if missing:
+        raise UserError(f"model.id: the language model of {folder} could not be read out of its image-text "
+                        f"checkpoint ({len(missing)} weights missing, e.g. {missing[0]}); use {ALTERNATIVE} instead")
+    return model
 
 
 def with_vision_tower(text_model, base_dir: Path, dtype):

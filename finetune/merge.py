@@ -37,14 +37,13 @@ def load_chat_tokenizer(source: Path):
 def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | None, out_dir: Path) -> dict[str, Any]:
     """Write a standard HF checkpoint to out_dir: base + adapter merged (or the full fine-tuned model)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     tokenizer = load_chat_tokenizer(adapter_dir or model_dir or base_dir)
     eot = models.end_of_turn_ids(tokenizer)  # a clear error for a template whose turns never end
     weights_dir = base_dir if adapter_dir else (model_dir or base_dir)
     save_dtype = checkpoint_dtype(weights_dir)
     # Merge in float32: W + s*B@A in bf16 would round the small LoRA update away.
-    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=torch.float32, use_safetensors=True)
+    model = models.load_causal_lm(weights_dir, dtype=torch.float32, use_safetensors=True)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -394,10 +394,23 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False, chat_template
     return tok
 
 
-def load_model(resolved: ResolvedModel, dtype: str = "auto", *, device: str = "cpu",
-               trust_remote_code: bool = False, attn_implementation: str = "auto", quantization_config=None):
+def load_causal_lm(folder: Path | str, **kwargs):
+    """The causal LM of a checkpoint folder (``kwargs``: those of ``from_pretrained``); of an image-text checkpoint,
+    its language model alone (``finetune.image_text``). Every stage that loads a checkpoint to train, merge or
+    compare it loads it here."""
     from transformers import AutoModelForCausalLM
 
+    from finetune import image_text
+
+    config = Path(folder) / "config.json"
+    spec = image_text.text_model(json.loads(config.read_text())) if config.is_file() else None
+    if spec is not None:
+        return image_text.load_text_model(Path(folder), spec, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def load_model(resolved: ResolvedModel, dtype: str = "auto", *, device: str = "cpu",
+               trust_remote_code: bool = False, attn_implementation: str = "auto", quantization_config=None):
     check_attention(attn_implementation, device.split(":")[0])
     kwargs = dict(dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation != "auto":
@@ -406,7 +419,7 @@ def load_model(resolved: ResolvedModel, dtype: str = "auto", *, device: str = "c
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        model = load_causal_lm(resolved.path, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise

@@ -44,7 +44,6 @@ def collect(model_dir: Path, sequences: list[list[int]], *, chunk: int = 512, ma
     """Run the checkpoint in ``model_dir`` over the token sequences (concatenated and cut into chunks of ``chunk``
     tokens, as llama.cpp's imatrix tool does with text) and sum the squared inputs of every linear layer."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from finetune import models
 
@@ -53,7 +52,7 @@ def collect(model_dir: Path, sequences: list[list[int]], *, chunk: int = 512, ma
         raise UserError("export.imatrix: the calibration data has no tokens; check data.sources or export.imatrix_files")
     # bf16 where the device computes it fast; the squares are summed in fp32
     device = hardware.device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype("auto", device)).to(device)
+    model = models.load_causal_lm(model_dir, dtype=models.torch_dtype("auto", device)).to(device)
     model.config.use_cache = False
     model.eval()
     sums: dict[str, torch.Tensor] = {}

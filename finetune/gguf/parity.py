@@ -127,10 +127,11 @@ class HFReference:
 
     def __init__(self, model_dir: Path, tokenizer):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from finetune import models
 
         self.tokenizer = tokenizer
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+        self.model = models.load_causal_lm(model_dir, dtype=torch.float32, use_safetensors=True)
         self.model.eval()
 
     def _logits(self, ids: list[int]):
