@@ -187,7 +187,7 @@ def _adapter_ggufs(name: str, out_dir: Path, adapter_dir: Path, base_dir: Path, 
     if _is_dora(adapter_dir):
         log("export: DoRA adapters have no llama.cpp GGUF adapter format; use the merged GGUFs")
         return None, None
-    if json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_parameters"):
+    if _adapter_config(adapter_dir).get("target_parameters"):
         log("export: LoRA on expert tensors (train.lora.experts) has no llama.cpp GGUF adapter; use the merged GGUFs")
         return None, None
     log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
@@ -288,10 +288,16 @@ class TableSettings:
     tolerance: float = 0.02          # ... whose exact match is at most this far below the unquantized GGUF's
 
 
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's adapter_config.json as peft saved it ({} when there is none). Read as JSON, not with peft's
+    PeftConfig: the preflight stays free of peft's import, and keys an older peft does not know are still seen."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
 def _is_dora(adapter_dir: Path) -> bool:
     """DoRA adapters have no llama.cpp GGUF adapter format: export writes the merged GGUFs only."""
-    config = Path(adapter_dir) / "adapter_config.json"
-    return config.exists() and bool(json.loads(config.read_text()).get("use_dora"))
+    return bool(_adapter_config(adapter_dir).get("use_dora"))
 
 
 def _importance_matrix(tokenizer, merged_dir: Path, f16: Path, out_file: Path, calibration: Calibration,
