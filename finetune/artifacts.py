@@ -19,6 +19,8 @@ from finetune import runs
 from finetune.errors import UserError
 
 SPLITS = ("train", "validation", "test")
+# The metadata of a field added after manifests without it were written: those read as the field's default.
+ADDED_LATER = {"added_later": True}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,7 @@ class Exported(Artifact):
     quantization: Path | None = None
     imatrix: Path | None = None
     picked: str | None = None      # the type export.fit_gb chose (serve.quant: auto)
+    quantization_chart: Path | None = field(default=None, metadata=ADDED_LATER)  # None: no measure to plot
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,11 +125,11 @@ def to_outputs(record: Artifact, run_folder: Path) -> dict[str, Any]:
 def from_outputs(cls: type[A], outputs: dict[str, Any], run_folder: Path, *, manifest_id: str = "",
                  where: str = "") -> A:
     """The record from a manifest's ``outputs`` (paths made absolute). A missing key is a UserError naming
-    ``where`` (the manifest) and the stage to run again."""
+    ``where`` (the manifest) and the stage to run again, except a field marked ``ADDED_LATER`` (its default)."""
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name == "manifest_id":
+        if f.name == "manifest_id" or (f.name not in outputs and f.metadata.get("added_later")):
             continue
         if f.name not in outputs:
             raise UserError(f"{where}: the {cls.STAGE} outputs lack '{f.name}' (written by an older finetune?); "

@@ -212,7 +212,7 @@ def _write_outputs(out: Path, result: dict[str, Any], example_rows: list[dict[st
     if pref_result:
         runs.atomic_write_text(out / "preference.jsonl", "".join(json.dumps(r) + "\n" for r in pref_result["per_pair"]))
     table = exported.quantization if exported else None
-    chart = table.with_name("quantization.png") if table else None
+    chart = exported.quantization_chart if exported else None
     eval_report.write_report(out, result, example_rows, log_rows, title=title,
                              preference_pairs=pref_result["per_pair"] if pref_result else None,
                              quantization=json.loads(table.read_text()) if table and table.is_file() else None,

@@ -110,6 +110,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         "parity_summary": _parity_summary(report) if report is not None else None,
         "warnings": warnings, "seconds": {k: round(v, 1) for k, v in timings.items()},
         "quantization": str(out_dir / "quantization.json"), "picked": quant["picked"],
+        "quantization_chart": str(chart) if chart else None,
         "imatrix": str(imatrix_file) if imatrix_file else None,
     }
 
@@ -457,6 +458,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
             adapter_gguf=_path(result["adapter_gguf"]), base_gguf=_path(result["base_gguf"]),
             parity=_path(result["parity"]), quantization=_path(result["quantization"]),
             imatrix=_path(result["imatrix"]), picked=result["picked"],
+            quantization_chart=_path(result["quantization_chart"]),
         ))
         stage.extra["summary"] = {"sizes": result["sizes"], "parity": result["parity_summary"],
                                   "warnings": result["warnings"], "seconds": result["seconds"]}

@@ -82,3 +82,14 @@ def test_no_module_reads_another_stages_manifest_except_through_the_records(repo
             if hits:
                 found[rel] = len(hits)
     assert found == OWN_MANIFEST
+
+
+def test_a_field_added_later_reads_as_its_default_from_an_older_manifest(tmp_path):
+    rec = artifacts.Exported(merged=tmp_path / "export" / "merged", gguf={}, quantization=tmp_path / "export" / "q.json",
+                             quantization_chart=tmp_path / "export" / "quantization.png")
+    outputs = artifacts.to_outputs(rec, tmp_path)
+    assert outputs["quantization_chart"] == "export/quantization.png"
+    assert artifacts.from_outputs(artifacts.Exported, outputs, tmp_path) == rec
+    del outputs["quantization_chart"]  # an export written before the chart was recorded
+    older = artifacts.from_outputs(artifacts.Exported, outputs, tmp_path)
+    assert older.quantization_chart is None and older.quantization == rec.quantization

@@ -59,3 +59,27 @@ def test_export_quantization_table_and_chart_are_in_the_report(tmp_path):
     assert "Picked for" not in page and "<b>Q4_K_M</b>" not in page and "Which GGUF to ship" in page
     assert "Which GGUF to ship" not in report.render_html(result, examples, title="demo", loss_png=None,
                                                           metrics_png=None)
+
+
+def test_eval_takes_the_quantization_chart_from_the_export_record(tmp_path):
+    """evaluate inlines the chart the export record names (an older record without one: the table alone)."""
+    import json
+
+    from finetune import artifacts, evaluate
+    from finetune.gguf import quant_table
+
+    result, examples, log = result_and_examples()
+    rows = [{"type": "F16", "file": "a-F16.gguf", "bytes": 270 * 2**20, "imatrix": False, "top1_agreement": 1.0,
+             "exact_match": 0.98, "examples": 50}]
+    (tmp_path / "export").mkdir()
+    table = tmp_path / "export" / "table.json"
+    table.write_text(json.dumps({"rows": rows, "picked": None, "why": "", "fit_gb": None, "tolerance": 0.02}))
+    chart = quant_table.plot(rows, tmp_path / "export" / "size-vs-quality.png")
+    for recorded, images in ((chart, 4), (None, 3)):  # loss curves, metrics (and the chart)
+        exported = artifacts.Exported(merged=tmp_path / "merged", gguf={}, quantization=table,
+                                      quantization_chart=recorded)
+        out = tmp_path / f"eval-{images}"
+        out.mkdir()
+        evaluate._write_outputs(out, result, examples, log, None, title="demo", exported=exported)
+        page = (out / "report.html").read_text()
+        assert "Which GGUF to ship" in page and len(page.split("data:image/png;base64,")) == images
