@@ -227,17 +227,15 @@ def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title
 def _quantization_view(quant: dict[str, Any], png: bytes | None) -> dict[str, Any]:
     """Export's quantization table as rows of text cells, the type it picked and why, and its chart."""
     from finetune.console import mib
-
-    def cell(value: Any, fmt: str) -> str | None:
-        return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    from finetune.gguf.quant_table import format_measure
 
     budget = quant.get("fit_gb")
     picked = quant.get("picked") if budget is not None else None  # without a budget export picks nothing
     rows = [{"type": r["type"], "picked": r["type"] == picked, "cells": [
-        "yes" if r.get("imatrix") else "no", mib(r["bytes"]), cell(r.get("top1_agreement"), ".3f"),
-        cell(r.get("kl_mean"), ".4f"), cell(r.get("ppl_gguf"), ".2f"),
+        "yes" if r.get("imatrix") else "no", mib(r["bytes"]), format_measure(r.get("top1_agreement"), ".3f"),
+        format_measure(r.get("kl_mean"), ".4f"), format_measure(r.get("ppl_gguf"), ".2f"),
         None if r.get("exact_match") is None else f"{r['exact_match']:.2f} (n={r.get('examples')})",
-        cell(r.get("decode_tokens_per_s"), ".0f")]} for r in quant.get("rows") or []]
+        format_measure(r.get("decode_tokens_per_s"), ".0f")]} for r in quant.get("rows") or []]
     return {"rows": rows, "picked": picked, "why": quant.get("why"),
             "budget": budget, "plot": _plot("GGUF types: size vs quality", png,
                                             "No type had a quality figure to plot.")}

@@ -77,9 +77,15 @@ def pick(rows: list[dict], *, fit_bytes: int | None, tolerance: float) -> tuple[
     return best["type"], "smallest type within the budget (no held-out prompts to compare answers)"
 
 
+def format_measure(value: Any, fmt: str) -> str | None:
+    """A measure in the table (agreement, KL, perplexity, speed) formatted with ``fmt``; None when it was not
+    measured (missing, or not a number)."""
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def markdown(rows: list[dict]) -> str:
-    def f(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+    def f(value: Any, fmt: str) -> str:
+        return format_measure(value, fmt) or "-"
 
     lines = ["| type | imatrix | size | top-1 vs fine-tuned | KL | perplexity | exact match | decode tok/s |",
              "|---|---|---|---|---|---|---|---|"]

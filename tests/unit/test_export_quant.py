@@ -18,3 +18,13 @@ def test_pick_is_the_smallest_type_within_budget_and_tolerance():
     assert quant_table.pick(rows, fit_bytes=int(0.1e9), tolerance=0.2)[0] == "Q4_0"
     none, why = quant_table.pick(rows, fit_bytes=int(0.05e9), tolerance=0.02)
     assert none is None and "fits" in why
+
+
+def test_the_readme_table_and_the_report_format_measures_alike():
+    """One formatter for a measured figure: the README's markdown writes a dash where the report leaves the cell
+    empty (not measured, or not a number)."""
+    assert quant_table.format_measure(0.8851, ".3f") == "0.885" and quant_table.format_measure(61, ".0f") == "61"
+    assert [quant_table.format_measure(v, ".2f") for v in (None, "n/a", True)] == [None, None, None]
+    row = {"type": "Q4_K_M", "bytes": 101 * 2**20, "imatrix": True, "top1_agreement": 0.8851, "kl_mean": None,
+           "ppl_gguf": 33.4, "exact_match": 0.96, "examples": 50, "decode_tokens_per_s": None}
+    assert quant_table.markdown([row]).splitlines()[-1] == "| Q4_K_M | yes | 101 MiB | 0.885 | - | 33.40 | 0.96 (n=50) | - |"
