@@ -101,7 +101,7 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.training import attention
+    from finetune.training import attention, model_setup
 
     text = getattr(config, "text_config", None) or config
     try:  # counted on the meta device: no memory, no weights
@@ -116,7 +116,7 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
     experts = int(getattr(text, "num_local_experts", 0) or getattr(text, "num_experts", 0) or 0)
     per_token = int(getattr(text, "num_experts_per_tok", 0) or 0)
     if experts and per_token:
-        expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}.")
+        expert_params = sum(p.numel() for n, p in model.named_parameters() if model_setup.in_experts(n))
         # as model cards (and finetune plan) count it: the routed experts only, without the input embedding lookup
         active = (total - expert_params + expert_params * per_token // experts
                   - model.get_input_embeddings().weight.numel())
@@ -130,8 +130,7 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
         report.refuse("train", "LoRA targets", "no linear layer for LoRA to adapt; use train.method: full")
     else:
         note = ", ".join(linear)
-        if experts and not any(".experts." in f".{n}." for n, m in model.named_modules()
-                               if isinstance(m, torch.nn.Linear)):
+        if experts and model_setup.expert_parameters(model):
             note += (" (the experts and the router are fused weight tensors, not linear layers: LoRA adapts the "
                      "attention projections; train.lora.experts: true adapts the experts too)")
         report.add("train", "LoRA targets (all-linear)", note)

@@ -133,13 +133,18 @@ def _add_adapter(model, t):
                         "layers (e.g. [q_proj, v_proj]).") from None
 
 
+def in_experts(name: str) -> bool:
+    """Whether a parameter or module, by its dotted name, lies inside a mixture-of-experts layer's experts."""
+    return ".experts." in f".{name}."
+
+
 def expert_parameters(model) -> list[str]:
     """The experts' fused weight tensors of a mixture-of-experts model, named as peft's target_parameters takes
     them (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``: one name per tensor of a decoder layer; biases
     left out)."""
     names = set()
     for name, param in model.named_parameters():
-        if param.ndim == 3 and ".experts." in f".{name}" and ".layers." in name:
+        if param.ndim == 3 and in_experts(name) and ".layers." in name:
             names.add(name.split(".layers.", 1)[1].split(".", 1)[1])  # drop the layer number
     return sorted(names)
 

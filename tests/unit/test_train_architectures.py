@@ -164,6 +164,21 @@ def _tokenizer_dir():
     return models.resolve(models.EMBEDDED_MODEL).path
 
 
+def test_what_lies_inside_the_experts():
+    """One rule for "inside the experts", by name: doctor counts these parameters as routed, and LoRA on the experts
+    targets the 3-D tensors among them. A shared expert (always active) is not routed; a dense model has none."""
+    from finetune.training import model_setup
+
+    inside = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj_bias",
+              "model.layers.3.mlp.experts.7.w1.weight", "model.layers.0.mlp.experts"]
+    outside = ["model.layers.0.mlp.router.weight", "model.layers.0.mlp.shared_experts.gate_proj.weight",
+               "model.layers.0.mlp.shared_expert.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert [model_setup.in_experts(n) for n in inside + outside] == [True] * len(inside) + [False] * len(outside)
+    assert model_setup.expert_parameters(_model(_config("gpt-oss"), "eager")) == ["mlp.experts.down_proj",
+                                                                                  "mlp.experts.gate_up_proj"]
+    assert model_setup.expert_parameters(_model(_config("mistral"), "eager")) == []
+
+
 def test_lora_on_the_experts_trains_merges_and_is_planned(tmp_path, tiny_model_dir):
     """train.lora.experts: LoRA on gpt-oss's fused expert tensors (peft target_parameters) besides attention; the
     adapter trains them, export's merge writes them into the experts, and the planner counts the same trainable
