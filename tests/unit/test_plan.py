@@ -20,6 +20,9 @@ PUBLISHED_BILLIONS = {
     "Qwen--Qwen2.5-7B-Instruct": 7.61, "Qwen--Qwen3-1.7B": 1.72, "Qwen--Qwen3-8B": 8.19,
     "mistralai--Mistral-7B-Instruct-v0.3": 7.25, "google--gemma-2-2b-it": 2.61, "microsoft--Phi-3.5-mini-instruct": 3.82,
     "HuggingFaceTB--SmolLM2-1.7B-Instruct": 1.71, "HuggingFaceTB--SmolLM3-3B": 3.08,
+    # Qwen3.5's cards give the language model to one digit (0.8B, 4B); these are its exact count (transformers'
+    # Qwen3_5ForCausalLM built from the snapshot, the vision tower and the multi-token-prediction layer left out)
+    "Qwen--Qwen3.5-0.8B": 0.75, "Qwen--Qwen3.5-4B": 4.21,
 }
 
 
@@ -36,9 +39,11 @@ def test_every_fixture_has_a_published_count():
         assert dims(name).total_params / 1e9 == pytest.approx(billions, abs=0.01), name
 
 
-@pytest.mark.parametrize("name", [LLAMA8B, "microsoft--Phi-3.5-mini-instruct", "google--gemma-2-2b-it"])
+@pytest.mark.parametrize("name", [LLAMA8B, "microsoft--Phi-3.5-mini-instruct", "google--gemma-2-2b-it",
+                                  "Qwen--Qwen3.5-4B"])
 def test_counts_match_transformers_and_peft(name):
-    """Total and LoRA-trainable parameters equal those of the real architecture (built on the meta device)."""
+    """Total and LoRA-trainable parameters equal those of the real architecture (built on the meta device; of an
+    image-text checkpoint, its language model: Qwen3.5's hybrid of gated-delta and gated-attention layers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -50,7 +55,10 @@ def test_counts_match_transformers_and_peft(name):
     total = sum(p.numel() for p in model.parameters())
     d = plan.ModelDims.from_config(config)
     assert d.total_params == pytest.approx(total, rel=1e-4)  # biases/q-k norms are left out: < 0.01%
-    for r, targets in ((16, "all-linear"), (8, ["q_proj", "v_proj"] if not d.fused_projections else ["qkv_proj"])):
+    cases = [(16, "all-linear"), (8, ["q_proj", "v_proj"] if not d.fused_projections else ["qkv_proj"])]
+    if d.linear_layers:  # modules of the gated-delta layers only
+        cases.append((8, ["in_proj_qkv", "out_proj"]))
+    for r, targets in cases:
         peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=targets))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         est = plan.estimate(d, plan.Settings(lora_r=r, target_modules=targets))
