@@ -186,6 +186,24 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            tokenizer_class="GemmaTokenizer",
            standin="the vocabulary is Gemma 4's own, read with gguf-py (transformers' GGUF loader cannot parse that "
                    "file's config) into the tokenizer.json a Gemma 4 checkpoint ships (BPE with byte fallback)"),
+    # The small sizes' own structure: per-layer input embeddings, the last layers reusing earlier layers' keys and
+    # values (num_kv_shared_layers), double-wide MLPs on those layers.
+    Family("gemma4-e2b", "Gemma 4 E2B/E4B it (text: per-layer inputs, shared KV)", "Gemma4ForCausalLM",
+           # E2B's pattern (sliding layers, then a full one) ending in a full layer before the shared ones, which
+           # llama.cpp needs: its shared sliding/full layers reuse the two last unshared layers, in that order.
+           {**_layers("sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                      "full_attention"),
+            "tie_word_embeddings": True, "sliding_window": WINDOW, "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 262144, "num_kv_shared_layers": 2,
+            "use_double_wide_mlp": True,
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                   "rope_theta": 1e6}}},
+           "gemma4", "google-gemma-4-31B-it", {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"},
+           {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 64}, "<turn|>",
+           tokenizer_class="GemmaTokenizer",
+           standin="the vocabulary is Gemma 4's own, read with gguf-py (transformers' GGUF loader cannot parse that "
+                   "file's config) into the tokenizer.json a Gemma 4 checkpoint ships (BPE with byte fallback)"),
     Family("gpt-oss", "gpt-oss 20b", "GptOssForCausalLM",
            {**_layers("sliding_attention", "full_attention"), "tie_word_embeddings": False, "sliding_window": WINDOW,
             "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "attention_bias": True,
