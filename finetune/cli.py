@@ -127,26 +127,15 @@ def check_inputs(r) -> list[str]:
 
 
 def _model_config_problems(r) -> list[str]:
-    """What the model's config.json already refuses, when it is at hand without the network (a local folder, or
-    the Hub cache): an image-text checkpoint whose language model cannot be trained alone, and export.adapter_gguf
-    for a model whose LoRA adapter llama.cpp cannot write."""
-    from finetune import image_text
-    from finetune.errors import UserError
-    from finetune.gguf import convert
+    """What the model's config.json already refuses (``finetune.refusals``), when it is at hand without the
+    network (a local folder, or the Hub cache)."""
+    from finetune import refusals
 
     config_file = _cached_config_file(r)
     if config_file is None:
         return []
-    config, problems = json.loads(config_file.read_text()), []
-    checks = [image_text.check_text_model]
-    if r.export.adapter_gguf:
-        checks.append(lambda c: convert.check_adapter_gguf(c, method=r.train.method, download=False))
-    for check in checks:
-        try:
-            check(config)
-        except UserError as exc:
-            problems.append(str(exc))
-    return problems
+    return refusals.problems(json.loads(config_file.read_text()), method=r.train.method,
+                             adapter_gguf=r.export.adapter_gguf)
 
 
 def _cached_config_file(r) -> Path | None:

@@ -69,7 +69,7 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     cannot write one; without a recipe that is a finding, not a refusal)."""
     from transformers import AutoConfig
 
-    from finetune import image_text
+    from finetune import image_text, refusals
 
     path = metadata_folder(model_id, revision, base_dir=base_dir)
     report = Report(model_id, path)
@@ -87,6 +87,9 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
                    "the GGUF is the text model (no mmproj)")
         if image_text.text_model(raw).from_text_config:  # the text class is built from the language model's config
             config = config.text_config
+    layout = refusals.shared_kv_problem(raw)
+    if layout:
+        report.refuse("export", "shared key/value layers", layout)
     if not _model_findings(report, config, arch, trust_remote_code):
         return report
     if not _template_findings(report, path, trust_remote_code):

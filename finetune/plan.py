@@ -96,13 +96,9 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
     """Plan a recipe for the named card (gpu_gb), else the detected device, plus the card the recipe names."""
     config, source = load_model_config(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                                        config_path=config_path, gated=recipe.model.gated)
-    from finetune import image_text
+    from finetune import refusals
 
-    image_text.check_text_model(config)  # an image-text checkpoint whose language model cannot train alone
-    if recipe.export.adapter_gguf:  # a model whose adapter llama.cpp cannot write is refused before training
-        from finetune.gguf import convert
-
-        convert.check_adapter_gguf(config, method=recipe.train.method, download=False)
+    refusals.check(config, method=recipe.train.method, adapter_gguf=recipe.export.adapter_gguf)
     dims = ModelDims.from_config(config)
     targets: list[tuple[str, str, int]] = []  # (label, device, budget bytes)
     if gpu_gb is not None:

@@ -131,15 +131,12 @@ def _resolve_model(recipe, *, main: bool) -> tuple[Any, bool, str | None]:
     """The base model (resolved: converted or downloaded once), refused now if a later stage could not take it
     (an image-text checkpoint whose text model cannot be read, an adapter GGUF llama.cpp cannot write), and
     whether batches are packed (its architecture decides: (packing, why it is off))."""
-    from finetune import image_text, models
+    from finetune import models, refusals
 
     resolved = models.resolve_model(recipe.model, recipe.base_dir)
     config = json.loads((resolved.path / "config.json").read_text())
-    image_text.check_text_model(config)
-    if recipe.export.adapter_gguf:  # refused now, not at export after the training
-        from finetune.gguf import convert
-
-        convert.check_adapter_gguf(config, method=recipe.train.method, download=False)
+    # refused now, not at export after the training
+    refusals.check(config, method=recipe.train.method, adapter_gguf=recipe.export.adapter_gguf)
     packing, packing_off = model_setup.packing(resolved.path, recipe.train.packing, main=main,
                                                trust_remote_code=recipe.model.trust_remote_code)
     return resolved, packing, packing_off
