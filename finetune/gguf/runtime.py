@@ -205,6 +205,9 @@ def _crash_message(op: str, gguf_path: Path, returncode: int, stderr: str, paylo
     if lora:
         advice = (f"llama.cpp could not load the adapter {Path(lora).name} over it: set export.adapter_gguf: false "
                   "and use the merged GGUFs")
+    elif any("GGML_ASSERT" in ln for ln in lines):  # llama.cpp checked the model and gave up: not the build
+        advice = ("llama.cpp stopped at one of its own checks on this model's structure, which this llama.cpp does "
+                  "not run as converted; `finetune doctor MODEL` says what each stage supports")
     else:
         advice = ("a native crash on quantized models is often a CPU-specific build problem: reinstall "
                   "llama-cpp-python with scripts/install_llama_cpp.py")

@@ -5,6 +5,7 @@ for real: tests/integration/test_gguf_runtime.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,20 @@ def test_a_template_that_refuses_system_messages_has_no_default_system_prompt(em
     assert parity.default_system_prompt(tok) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     tok.chat_template = _template("google-gemma-2-2b-it.jinja")
     assert parity.default_system_prompt(tok) is None
+
+
+def test_a_llama_cpp_crash_names_its_likely_cause():
+    """A crash at one of llama.cpp's own checks (the model's structure) is not sent to reinstall the build; a crash
+    without one is; a crash over an adapter names the adapter."""
+    import signal
+
+    from finetune.gguf import runtime
+
+    path = Path("m-F16.gguf")
+    assertion = "llama-kv-cache.cpp:268: GGML_ASSERT(map_layer_ids.find(il_reuse) != map_layer_ids.end()) failed"
+    message = runtime._crash_message("many", path, -signal.SIGABRT, f"load\n{assertion}\n", {})
+    assert "SIGABRT" in message and "own checks" in message and "reinstall" not in message
+    assert message.endswith(f"Last log line: {assertion}")
+    assert "reinstall llama-cpp-python" in runtime._crash_message("many", path, -signal.SIGSEGV, "load\n", {})
+    lora = runtime._crash_message("many", path, -signal.SIGSEGV, "", {"lora_path": "/x/a-adapter-F16.gguf"})
+    assert "a-adapter-F16.gguf" in lora and "export.adapter_gguf: false" in lora
