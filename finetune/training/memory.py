@@ -12,7 +12,8 @@ Estimates the peak memory of one training step from the model's config.json alon
   logits/loss  batch x seq x vocab logits, their fp32 upcast and the log-softmax the loss keeps
   framework    CUDA context and allocator slack on a GPU; interpreter and libraries on a CPU
 
-The per-token activation counts follow the tensors a Llama-style decoder layer saves in transformers with
+The model's shapes (ModelDims, every kind of layer and its linear modules) are read from config.json by
+finetune/training/model_dims.py. The per-token activation counts follow the tensors a Llama-style decoder layer saves in transformers with
 SDPA attention (eager attention adds the seq x seq probabilities). They were checked against measured peak
 memory of a real CPU run (see tests/unit/test_plan.py and the README). The time per 1k examples is an
 estimate from FLOPs at an assumed sustained throughput.
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from finetune import models
-from finetune.errors import UserError
+from finetune.training.model_dims import ModelDims  # noqa: F401  (memory.ModelDims kept for callers)
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, measured ~0.5-1 GiB on recent cards
@@ -37,208 +38,6 @@ CPU_PROCESS_BYTES = int(0.9 * GiB)     # python + torch + transformers + peft + 
 # sustained bf16 training FLOP/s including kernel and data-loader overheads. An assumption, not a measurement.
 MID_RANGE_GPU_FLOPS = 25e12
 QLORA_SLOWDOWN = 1.3  # 4-bit weights are dequantized on every forward and backward matmul
-
-
-# ------------------------------------------------------------------------------------------- model shapes
-@dataclass(frozen=True)
-class ModelDims:
-    """The shapes of a decoder-only transformer that decide its memory (read from config.json)."""
-
-    model_type: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    max_position_embeddings: int | None = None
-    logit_softcapping: bool = False  # Gemma 2: tanh capping of the final logits and attention scores
-    # Mixture of experts (gpt-oss, Mixtral, Qwen3-MoE): every expert is held in memory, ``experts_per_token`` of them
-    # compute for each token. transformers keeps the experts (and the router) as fused weight tensors, not linear
-    # layers: LoRA's all-linear does not reach them and bitsandbytes does not quantize them.
-    num_experts: int = 0
-    experts_per_token: int = 0
-    expert_intermediate_size: int = 0
-    # Hybrid decoders (Qwen3.5): ``linear_layers`` of the layers mix tokens with a gated delta rule instead of
-    # attention (in_proj_qkv/z/b/a and out_proj around a depthwise conv; no KV cache), with ``linear_attention`` =
-    # (key heads, value heads, key head dim, value head dim, conv kernel). ``gated_attention``: q_proj also
-    # computes a per-head output gate (twice the width).
-    linear_layers: int = 0
-    linear_attention: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
-    gated_attention: bool = False
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ModelDims:
-        cfg = config.get("text_config") or config  # multimodal configs nest the language model
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            dims = cls(
-                model_type=str(cfg.get("model_type", config.get("model_type", "unknown"))),
-                hidden_size=hidden,
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                intermediate_size=int(cfg["intermediate_size"]),
-                vocab_size=int(cfg["vocab_size"]),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get(
-                    "tie_word_embeddings", _default_tie(str(cfg.get("model_type") or config.get("model_type")))))),
-                max_position_embeddings=cfg.get("max_position_embeddings"),
-                logit_softcapping=bool(cfg.get("final_logit_softcapping")),
-                **_experts(cfg),
-                **_linear_attention(cfg),
-            )
-        except KeyError as exc:
-            raise UserError(
-                f"model config: no {exc.args[0]!r} in config.json; the planner reads decoder-only transformer configs "
-                "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size)"
-            ) from None
-        return dims
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0 and self.experts_per_token > 0
-
-    @property
-    def expert_params(self) -> int:
-        """Per decoder layer: every expert's gate, up and down projections, and the router."""
-        if not self.is_moe:
-            return 0
-        return self.num_experts * 3 * self.hidden_size * self.expert_intermediate_size + self.num_experts * self.hidden_size
-
-    @property
-    def active_params(self) -> int:
-        """Parameters that compute for one token, as model cards count them: the routed experts only, and without
-        the input embedding (a lookup)."""
-        idle = self.num_experts - self.experts_per_token
-        return self.total_params - self.embedding_params - (
-            self.num_layers * idle * 3 * self.hidden_size * self.expert_intermediate_size if self.is_moe else 0)
-
-    @property
-    def fused_projections(self) -> bool:
-        """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj (LoRA targets differ)."""
-        return self.model_type in ("phi3", "phimoe")
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """Per attention layer (every decoder layer but a hybrid's gated-delta ones): linear module name ->
-        (in_features, out_features)."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
-        qo = 2 * q if self.gated_attention else q
-        if self.is_moe:  # the MLP is the experts (fused tensors, not linear layers): attention only
-            return {"q_proj": (h, qo), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
-        if self.fused_projections:
-            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
-        return {"q_proj": (h, qo), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def linear_attention_shapes(self) -> dict[str, tuple[int, int]]:
-        """Per gated-delta layer of a hybrid decoder: linear module name -> (in_features, out_features)."""
-        key_heads, value_heads, key_dim, value_dim, _ = self.linear_attention
-        h, keys, values = self.hidden_size, key_heads * key_dim, value_heads * value_dim
-        mlp = {name: shape for name, shape in self.linear_shapes().items() if name not in ATTENTION_PROJECTIONS}
-        return {"in_proj_qkv": (h, 2 * keys + values), "in_proj_z": (h, values), "in_proj_b": (h, value_heads),
-                "in_proj_a": (h, value_heads), "out_proj": (values, h), **mlp}
-
-    def layer_groups(self) -> list[tuple[int, dict[str, tuple[int, int]]]]:
-        """(number of decoder layers, their linear modules' shapes) for each kind of layer: the attention layers,
-        then a hybrid's gated-delta layers."""
-        groups = [(self.num_layers - self.linear_layers, self.linear_shapes())]
-        return groups + [(self.linear_layers, self.linear_attention_shapes())] if self.linear_layers else groups
-
-    @property
-    def layer_linear_params(self) -> int:
-        """Per attention layer (see decoder_linear_params for the whole decoder)."""
-        return sum(a * b for a, b in self.linear_shapes().values())
-
-    @property
-    def decoder_linear_params(self) -> int:
-        return sum(n * sum(a * b for a, b in shapes.values()) for n, shapes in self.layer_groups())
-
-    @property
-    def linear_attention_extra_params(self) -> int:
-        """A gated-delta layer's weights that are not linear layers: the depthwise conv over q, k and v, the
-        per-head decay (A_log) and time-step bias, and its gated norm."""
-        key_heads, value_heads, key_dim, value_dim, kernel = self.linear_attention
-        return self.linear_layers * ((2 * key_heads * key_dim + value_heads * value_dim) * kernel
-                                     + 2 * value_heads + value_dim)
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def norm_params(self) -> int:
-        norms_per_layer = 4 if self.model_type.startswith("gemma2") else 2
-        return self.num_layers * norms_per_layer * self.hidden_size + self.hidden_size
-
-    @property
-    def total_params(self) -> int:
-        """Parameter count (biases and q/k norms left out: < 0.1% for the models we ship)."""
-        return (self.embedding_params + self.lm_head_params + self.norm_params + self.decoder_linear_params
-                + self.num_layers * self.expert_params + self.linear_attention_extra_params)
-
-    def lora_target_groups(self, target_modules: str | list[str]) -> list[tuple[int, dict[str, tuple[int, int]]]]:
-        """The linear modules a LoRA target spec adapts ('all-linear' = every linear but lm_head), per kind of
-        decoder layer as in layer_groups."""
-        names = target_modules if isinstance(target_modules, list) else [target_modules]
-        groups = [(n, shapes if target_modules == "all-linear" else
-                   {name: shape for name, shape in shapes.items() if any(name == t or name.endswith(t) for t in names)})
-                  for n, shapes in self.layer_groups()]
-        if not any(chosen for _, chosen in groups):
-            modules = dict.fromkeys(name for _, shapes in self.layer_groups() for name in shapes)
-            raise UserError(
-                f"train.lora.target_modules: none of {names} is a linear layer of this {self.model_type} model; "
-                f"its layers have {', '.join(modules)} (or use 'all-linear')"
-            )
-        return groups
-
-    def lora_targets(self, target_modules: str | list[str]) -> dict[str, tuple[int, int]]:
-        """The modules a LoRA target spec adapts in an attention layer (lora_target_groups: every kind of layer)."""
-        return self.lora_target_groups(target_modules)[0][1]
-
-
-def _default_tie(model_type: str) -> bool:
-    """Whether the architecture ties its output layer to the embeddings when config.json does not say (SmolLM3's
-    omits the key): transformers' own default for the model type, as loading the model would use."""
-    try:
-        from transformers import AutoConfig
-
-        return bool(AutoConfig.for_model(model_type).tie_word_embeddings)
-    except (ValueError, KeyError, TypeError, ImportError):
-        return False
-
-
-# An attention layer's projections (the rest of its linear modules is the MLP).
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-
-
-def _linear_attention(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Qwen3.5's hybrid decoder (model_type qwen3_5*): its gated-delta layers (``layer_types`` "linear_attention")
-    and their head shapes; its attention layers always gate their output (transformers' Qwen3_5Attention)."""
-    if not str(cfg.get("model_type", "")).startswith("qwen3_5"):
-        return {}
-    linear = sum(1 for kind in cfg.get("layer_types") or [] if kind == "linear_attention")
-    shape = ((int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"]), int(cfg["linear_key_head_dim"]),
-              int(cfg["linear_value_head_dim"]), int(cfg["linear_conv_kernel_dim"])) if linear else (0, 0, 0, 0, 0))
-    return {"gated_attention": True, "linear_layers": linear, "linear_attention": shape}
-
-
-def _experts(cfg: dict[str, Any]) -> dict[str, int]:
-    """The mixture-of-experts shape of a config: experts per layer, experts per token, each expert's MLP width
-    (``moe_intermediate_size`` where the config has both it and a dense ``intermediate_size``)."""
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
-    per_token = int(cfg.get("num_experts_per_tok") or 0)
-    if not (experts and per_token):
-        return {}
-    width = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
-    return {"num_experts": experts, "experts_per_token": per_token, "expert_intermediate_size": width}
 
 
 # --------------------------------------------------------------------------------------------- estimate
@@ -302,12 +101,14 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     # embeddings and norms to fp32, so the residual stream and the 4-bit layers' outputs are fp32
     act = 4 if s.method == "qlora" else DTYPE_BYTES[s.compute_dtype or s.weight_dtype]
     tokens = s.batch_size * s.seq_len
-    # per kind of decoder layer (a hybrid's gated-delta layers apart): how many, and the modules LoRA adapts
+    # per kind of decoder layer (ModelDims.layer_groups): how many, and the modules LoRA adapts; then the adapted
+    # modules outside the layers (Gemma 4's per-layer input projection), once
     groups = (dims.lora_target_groups(s.target_modules) if s.method != "full"
               else [(n, {}) for n, _ in dims.layer_groups()])
+    adapted = groups + [(1, dims.lora_model_targets(s.target_modules) if s.method != "full" else {})]
 
     # weights
-    linear = dims.decoder_linear_params
+    linear = dims.linear_params
     other = dims.total_params - linear  # embeddings, lm_head, norms: never quantized
     if s.method == "qlora":
         # NF4: 4 bits a weight + one absmax per 64 weights; double quantization stores the absmax in 8 bits with
@@ -318,7 +119,8 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
             notes.append("mixture of experts: the experts are fused weight tensors, which bitsandbytes does not "
                          "quantize; under QLoRA they are held in fp32 like the embeddings")
         # each 4-bit matrix is dequantized to the compute dtype for its matmul: the largest one is transient
-        weights += max(a * b for _, shapes in dims.layer_groups() for a, b in shapes.values()) * 2
+        everything = [*dims.layer_groups(), (1, dims.lora_model_targets("all-linear"))]
+        weights += max(a * b for _, shapes in everything for a, b in shapes.values()) * 2
         notes.append("weights: 4-bit NF4 with double quantization; embeddings, lm_head and norms upcast to fp32 "
                      "(peft prepare_model_for_kbit_training)")
     else:
@@ -333,14 +135,14 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
         adapter = 0
         grad_bytes = wbytes
     else:
-        trainable = sum(n * sum(s.lora_r * (a + b) for a, b in targets.values()) for n, targets in groups)
+        trainable = sum(n * sum(s.lora_r * (a + b) for a, b in targets.values()) for n, targets in adapted)
         if s.lora_experts and dims.is_moe:
             # peft's target_parameters: per expert, r x (in + out) for gate_up (h -> 2i) and down (i -> h)
             h, i = dims.hidden_size, dims.expert_intermediate_size
             trainable += dims.num_layers * dims.num_experts * s.lora_r * ((h + 2 * i) + (i + h))
         if s.method == "dora":
             # one magnitude per output feature
-            trainable += sum(n * sum(b for _, b in targets.values()) for n, targets in groups)
+            trainable += sum(n * sum(b for _, b in targets.values()) for n, targets in adapted)
         adapter = trainable * 4  # peft keeps adapters in fp32 over a bf16/fp16 base (autocast_adapter_dtype)
         grad_bytes = 4
     gradients = trainable * grad_bytes
@@ -356,9 +158,10 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     else:
         activations = tokens * sum(n * b for n, b in per_layer)
     activations += tokens * dims.hidden_size * (act + 4)  # embeddings output, final norm
+    activations += tokens * sum((4 * a if act != 4 else 0) + 4 * s.lora_r for a, _ in adapted[-1][1].values())
     if s.method == "dora":
         # DoRA builds the full adapted weight to take its norm: one fp32 matrix at a time
-        activations += max(a * b for _, targets in groups for a, b in targets.values()) * 4
+        activations += max(a * b for _, targets in adapted for a, b in targets.values()) * 4
 
     # logits: lm_head output in the compute dtype, its fp32 upcast for the loss, the log-softmax kept by
     # cross-entropy, and the fp32 gradient of the logits in backward
@@ -378,7 +181,9 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
 
 def _layer_activation_bytes(dims: ModelDims, targets: dict[str, tuple[int, int]], s: Settings, act: int) -> int:
     """Bytes one decoder layer keeps for backward, per token (transformers' Llama-style layer, SDPA attention).
-    A hybrid's gated-delta layer is sized as an attention layer of the same widths with its own LoRA targets."""
+    Where the layers differ (ModelDims.layer_groups), each kind is sized with the model's attention and MLP widths
+    and its own LoRA targets: Qwen3.5's gated-delta layers as attention layers, Gemma 4's global-attention layers
+    with the sliding ones' head size (estimates, not measured)."""
     h, i = dims.hidden_size, dims.intermediate_size
     q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
     norms = 2 * (4 * h + act * h)      # RMSNorm upcasts its input to fp32 and keeps it; the normed output feeds the projections
@@ -414,9 +219,9 @@ def train_flops_per_token(dims: ModelDims, settings: Settings) -> float:
     """Training FLOPs per token: forward 2N (+ attention), backward 2N for input gradients, +2N for weight gradients
     when the weights train (full), +forward again under gradient checkpointing."""
     active_experts = dims.experts_per_token * 3 * dims.hidden_size * dims.expert_intermediate_size if dims.is_moe else 0
-    matmul_params = dims.decoder_linear_params + dims.num_layers * active_experts + dims.vocab_size * dims.hidden_size
+    matmul_params = dims.linear_params + dims.num_layers * active_experts + dims.vocab_size * dims.hidden_size
     # causal attention: QK^T and AV over on average seq/2 positions, per attention layer
-    attention = 2 * 2 * (dims.num_layers - dims.linear_layers) * (settings.seq_len / 2) * dims.num_heads * dims.head_dim
+    attention = 2 * 2 * (dims.num_layers - dims.recurrent_layers) * (settings.seq_len / 2) * dims.num_heads * dims.head_dim
     forward = 2 * matmul_params + attention
     passes = 3 if settings.method == "full" else 2
     if settings.gradient_checkpointing:

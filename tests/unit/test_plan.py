@@ -23,6 +23,9 @@ PUBLISHED_BILLIONS = {
     # Qwen3.5's cards give the language model to one digit (0.8B, 4B); these are its exact count (transformers'
     # Qwen3_5ForCausalLM built from the snapshot, the vision tower and the multi-token-prediction layer left out)
     "Qwen--Qwen3.5-0.8B": 0.75, "Qwen--Qwen3.5-4B": 4.21,
+    # Likewise the language model alone, counted by transformers' text class (the cards round, or count the whole
+    # checkpoint: Gemma 4 E4B "8B with embeddings")
+    "google--gemma-4-E4B-it": 7.46, "mistralai--Ministral-3-8B-Instruct-2512": 8.49,
 }
 
 
@@ -40,10 +43,11 @@ def test_every_fixture_has_a_published_count():
 
 
 @pytest.mark.parametrize("name", [LLAMA8B, "microsoft--Phi-3.5-mini-instruct", "google--gemma-2-2b-it",
-                                  "Qwen--Qwen3.5-4B"])
+                                  "Qwen--Qwen3.5-4B", "google--gemma-4-E4B-it", "mistralai--Ministral-3-8B-Instruct-2512"])
 def test_counts_match_transformers_and_peft(name):
     """Total and LoRA-trainable parameters equal those of the real architecture (built on the meta device; of an
-    image-text checkpoint, its language model: Qwen3.5's hybrid of gated-delta and gated-attention layers)."""
+    image-text checkpoint, its language model): also where the layers differ, Qwen3.5's hybrid of gated-delta and
+    gated-attention layers and Gemma 4's sliding/global, KV-shared layers and per-layer embeddings."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -51,13 +55,15 @@ def test_counts_match_transformers_and_peft(name):
     config = json.loads((FIXTURES / f"{name}.json").read_text())
     hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config.get_text_config())
     total = sum(p.numel() for p in model.parameters())
     d = plan.ModelDims.from_config(config)
     assert d.total_params == pytest.approx(total, rel=1e-4)  # biases/q-k norms are left out: < 0.01%
     cases = [(16, "all-linear"), (8, ["q_proj", "v_proj"] if not d.fused_projections else ["qkv_proj"])]
-    if d.linear_layers:  # modules of the gated-delta layers only
+    if d.recurrent_layers:  # modules of the gated-delta layers only
         cases.append((8, ["in_proj_qkv", "out_proj"]))
+    if d.model_linear:  # a module outside the layers and one in every layer
+        cases.append((4, ["per_layer_model_projection", "down_proj"]))
     for r, targets in cases:
         peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=targets))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
