@@ -82,13 +82,6 @@ def text_model_problem(config: dict[str, Any]) -> str | None:
             f"use {ALTERNATIVE} instead")
 
 
-def check_text_model(config: dict[str, Any], *, where: str = "model.id") -> None:
-    """Refuse (validate, plan, train) an image-text checkpoint whose language model cannot be trained alone."""
-    problem = text_model_problem(config)
-    if problem:
-        raise UserError(f"{where}: {problem}.")
-
-
 def load_text_model(folder: Path, spec: TextModel, **kwargs):
     """The language model of the image-text checkpoint in ``folder`` alone, as ``spec`` says (``kwargs``: those of
     ``from_pretrained``). Every weight of the text class must come from the checkpoint: one left at its random

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import image_text, merge, models
+from finetune import image_text, merge, models, refusals
 from finetune.errors import UserError
 
 
@@ -162,15 +162,15 @@ def test_a_family_without_a_text_model_class_is_refused():
     llava = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
              "text_config": {"model_type": "no_such_text_model"}, "vision_config": {"model_type": "clip_vision_model"}}
     with pytest.raises(UserError, match="LlavaForConditionalGeneration.*no causal-LM class.*text-only checkpoint"):
-        image_text.check_text_model(llava)
+        refusals.check(llava, method="lora", adapter_gguf=False)
     for arch, model_type, text_type in (("Qwen3_5ForConditionalGeneration", "qwen3_5", "qwen3_5_text"),
                                         ("Gemma4ForConditionalGeneration", "gemma4", "gemma4_text"),
                                         ("Mistral3ForConditionalGeneration", "mistral3", "ministral3"),
                                         ("Mistral3ForConditionalGeneration", "mistral3", "mistral")):
         config = {"architectures": [arch], "model_type": model_type, "text_config": {"model_type": text_type},
                   "vision_config": {}}
-        image_text.check_text_model(config)  # supported: no error
-    image_text.check_text_model({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+        refusals.check(config, method="lora", adapter_gguf=False)  # supported: no error
+    refusals.check({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, method="lora", adapter_gguf=False)
 
 
 def test_a_language_model_missing_from_the_checkpoint_is_an_error(image_text_dir, tmp_path):
