@@ -327,11 +327,13 @@ def expert_changes(base_dir: Path, merged_dir: Path) -> dict[str, Any]:
     import torch
     from safetensors import safe_open
 
+    from finetune.training.model_setup import in_experts
+
     def experts(folder: Path) -> dict[str, Any]:
         out = {}
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
-                fused = [k for k in f.keys() if ".experts." in k and len(f.get_slice(k).get_shape()) == 3]
+                fused = [k for k in f.keys() if in_experts(k) and len(f.get_slice(k).get_shape()) == 3]
                 out.update({k: f.get_tensor(k).float() for k in fused})
         return out
 
