@@ -118,6 +118,11 @@ def check_inputs(r) -> list[str]:
                                          where=f"data.sources[{i}]")
         except UserError as exc:
             problems.append(str(exc))
+    produced = {r.export.outtype, *r.export.quantizations}  # the keys of the export's GGUFs, which serve looks up
+    if "quant" in r.serve.model_fields_set and r.serve.quant != "auto" and r.serve.quant not in produced:
+        problems.append(f"serve.quant: {r.serve.quant} is not a type export writes (export.outtype "
+                        f"{r.export.outtype} and export.quantizations {r.export.quantizations}); add {r.serve.quant} to "
+                        f"export.quantizations or set serve.quant to one of {', '.join(sorted(produced))}")
     model_problem = _model_path_problem(r.model.id, r.base_dir)
     if model_problem:
         problems.append(model_problem)
@@ -220,10 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     debug = "--debug" in rest or os.environ.get("FINETUNE_DEBUG") == "1"
+    _WARNED.clear()
     if not debug:
         send_third_party_noise_to_log()
     return run_guarded(_resolve(COMMANDS[command][0]), rest, debug=debug)
 
+
+# Our warnings already printed by this command (main() empties it).
+_WARNED: set[str] = set()
 
 # Libraries whose warnings and log lines are meant for their developers, not for our users.
 THIRD_PARTY_LOGGERS = ("accelerate", "bitsandbytes", "datasets", "huggingface_hub", "peft", "torch", "torchao", "trl")
@@ -262,12 +271,14 @@ def send_third_party_noise_to_log() -> None:
         library.propagate = False
     # transformers prints through its own handler, set up when it is first imported: its own switch quiets it.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    console = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         ours = str(filename).startswith(OUR_PACKAGES)
         if ours and not issubclass(category, (DeprecationWarning, FutureWarning)):
-            console(message, category, filename, lineno, file, line)
+            # one line in our words, once per command: the same warning from several stages is one warning
+            if str(message) not in _WARNED:
+                _WARNED.add(str(message))
+                print(f"warning: {message}", file=sys.stderr)
         else:
             log.warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
 

@@ -93,10 +93,12 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     dropped: list[Dropped] = []
     counters: Counter[str] = Counter()
     roles_mapped: Counter[str] = Counter()
+    numbers: dict[str, list] = {}  # field -> [count, first origin]: numbers read as text
+    notes: list[str] = []
     clock = _Clock()
 
     # 1-2. read, convert, clean
-    examples, sources_report = _read_and_clean(recipe, dropped, counters, roles_mapped)
+    examples, sources_report = _read_and_clean(recipe, dropped, counters, roles_mapped, numbers, notes)
     rows_in = sum(s["rows_in"] for s in sources_report)
     clock.lap("read_and_clean")
 
@@ -128,7 +130,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     clock.lap("split_and_leakage")
     if not final["train"]:
         raise UserError(_no_training_rows(recipe, rows_in, dropped, examples, pool, leakage, sources_report))
-    notes = _split_notes(data, pool, final)
+    notes += _split_notes(data, pool, final)
 
     # 6. write
     report = {
@@ -141,6 +143,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "weights": dict(weights),
         "normalized": counters["normalized"],
         "roles_mapped": dict(sorted(roles_mapped.items())),
+        "numbers_as_text": {k: n for k, (n, _) in sorted(numbers.items())},
         "filled": {"system_prompt": counters["system_prompt_added"], "default_input": counters["default_input"],
                    "group_missing": counters["group_missing"]},
         "truncated": counters["truncated"],
@@ -159,11 +162,12 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     return report
 
 
-def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped: Counter[str]
-                    ) -> tuple[list[Example], list[dict[str, Any]]]:
+def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped: Counter[str],
+                    numbers: dict[str, list], notes: list[str]) -> tuple[list[Example], list[dict[str, Any]]]:
     """Every source's rows as cleaned examples with their group, and a report line per source; unusable rows go
-    to ``dropped`` with their reason."""
-    from finetune.data import clean
+    to ``dropped`` with their reason. What was read differently from how it was written (numbers read as text, a
+    label column left unused, a system prompt that no row takes) is counted and said in ``notes``."""
+    from finetune.data import clean, formats
     from finetune.data.load import Dropped, excerpt
 
     data = recipe.data
@@ -173,6 +177,10 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
     for i, src in enumerate(data.sources):
         loaded, fmt = read_source(recipe, i)
         dropped += loaded.dropped
+        if src.format == "auto":
+            note = formats.unused_label_note((r.record for r in loaded.rows[:100]), (r.origin for r in loaded.rows),
+                                             fmt, src.columns, where=f"data.sources[{i}]")
+            notes += [note] if note else []
         columns_seen.update(loaded.rows[0].record if loaded.rows else {})
         kept = 0
         for row in loaded.rows:
@@ -187,6 +195,8 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
             counters["normalized"] += changes["normalized"]
             counters["system_prompt_added"] += changes["system_prompt_added"]
             roles_mapped.update(changes.get("roles_mapped") or {})
+            for name, n in (changes.get("numbers_as_text") or {}).items():
+                numbers.setdefault(name, [0, row.origin])[0] += n
             if fmt == "alpaca" and row.record.get(src.columns.get("input", "input")) is None:
                 counters["default_input"] += 1
             group = None
@@ -205,6 +215,16 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
     if data.split.group_by and examples and counters["group_missing"] == len(examples):
         raise UserError(f"data.split.group_by: no row has a column {data.split.group_by!r}; "
                         f"columns found: {', '.join(sorted(columns_seen))}")
+    if numbers:
+        fields = ", ".join(f"{name} {n} (first: {origin})" for name, (n, origin) in sorted(numbers.items()))
+        notes.append(f"{sum(n for n, _ in numbers.values())} numbers were read as text (a JSON or Parquet number "
+                     f"where text belongs, e.g. 42 trained as \"42\"): {fields}. Nothing to do if they are meant as "
+                     "text; otherwise fix those rows")
+    conversations = sum("messages" in e.example for e in examples)
+    if data.system_prompt and conversations and not counters["system_prompt_added"]:
+        notes.append(f"data.system_prompt is set but was added to 0 rows: every one of the {conversations} "
+                     "conversations has its own system message, which wins. Remove data.system_prompt, or the rows' "
+                     "system messages")
     return examples, sources_report
 
 
@@ -258,19 +278,21 @@ def _no_training_rows(recipe, rows_in: int, dropped, examples: list[Example], po
                 "Add examples (one JSON object per line for .jsonl), then run `finetune prepare` again.")
     reasons = Counter(d.reason for d in dropped).most_common()
     top = ", ".join(f"{n} {r}" for r, n in reasons[:3]) + (" ..." if len(reasons) > 3 else "")
-    if not examples or all(e.split == "train" for e in examples):
+    held = Counter(e.split for e in examples)
+    if held["train"]:  # training rows were left after the split and the leakage check: the source weights removed them
+        weights = ", ".join(f"data.sources[{i}].weight={s.weight}" for i, s in enumerate(data.sources)
+                            if s.weight < 1 and any(e.source == i and e.split == "train" for e in examples))
+        others = " and ".join(f"{held[s]} to {s}" for s in ("validation", "test") if held[s])
+        return (f"no training row is left: {weights} resampled all {held['train']} training rows away"
+                + (f" (the other rows went {others})" if others else "") + ". Raise the weight (1.0 keeps every "
+                "row), then run `finetune prepare` again.")
+    if not examples:
         first = next(d for d in dropped if d.reason == reasons[0][0]) if reasons else None
         fix = DROP_FIXES.get(reasons[0][0], "fix the rows named in the report") if reasons else ""
         fix = fix.format(max_tokens=data.clean.max_tokens, min_tokens=data.clean.min_tokens)
-        if any(e.split == "train" for e in examples):  # train rows existed: the source weights removed them
-            weights = ", ".join(f"data.sources[{i}].weight={s.weight}" for i, s in enumerate(data.sources)
-                                if s.weight < 1)
-            return (f"no training row is left: {weights} resampled every training row away. Raise the weight "
-                    "(1.0 keeps every row).")
         example = f" (e.g. {first.origin}: {first.detail})" if first else ""
         return (f"no training row is left: all {rows_in} rows read were dropped ({top}){example}. To keep them: "
                 f"{fix}; then run `finetune prepare` again.")
-    held = Counter(e.split for e in examples)
     where = " and ".join(f"{held[s]} to {s}" for s in ("validation", "test") if held[s])
     removed = sum(leakage.values())
     if not pool and not any(s.role == "train" for s in data.sources):

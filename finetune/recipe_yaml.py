@@ -76,6 +76,10 @@ def read_document(path: Path, recipe_keys: frozenset[str] = frozenset()) -> tupl
     """The recipe file as a mapping, and the line of each key. Anything that is not a recipe is a RecipeError
     (``recipe_keys``: the schema's top-level keys, to tell a data row from a recipe)."""
     if not path.exists():
+        twin = path.with_suffix({".yaml": ".yml", ".yml": ".yaml"}.get(path.suffix.lower(), ".yaml"))
+        if twin != path and twin.is_file():
+            raise RecipeError(str(path), [f"file not found, but {twin} exists (.yml and .yaml are different names); "
+                                          f"give that path"])
         raise RecipeError(str(path), ["file not found; give the path to a recipe YAML, e.g. recipes/quickstart.yaml"])
     if path.is_dir():
         raise RecipeError(str(path), ["is a folder; give the path to a recipe YAML file "
@@ -86,7 +90,11 @@ def read_document(path: Path, recipe_keys: frozenset[str] = frozenset()) -> tupl
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise RecipeError(str(path), [f"not UTF-8 text (byte {exc.start}); save the recipe as UTF-8"]) from None
+        from finetune.data.load import other_unicode
+
+        encoding = other_unicode(path.read_bytes())
+        found = f"{encoding} text" if encoding else f"not UTF-8 text (byte {exc.start})"
+        raise RecipeError(str(path), [f"{found}; save the recipe as UTF-8"]) from None
     loader = YamlLoader(text)
     try:
         node = loader.get_single_node()

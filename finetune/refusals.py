@@ -65,3 +65,36 @@ def check(config: dict[str, Any], *, method: str, adapter_gguf: bool, where: str
     found = problems(config, method=method, adapter_gguf=adapter_gguf, where=where)
     if found:
         raise UserError(" ".join(found))
+
+
+# ------------------------------------------------------------------------- settings that run, but should say so
+def training_notes(recipe, device_type: str, plan: list, micro_batches_per_step: int) -> list[str]:
+    """One line per setting that trains, but not as the user likely expects: a half-precision dtype that this CPU
+    only emulates, and a grad_accum that leaves one optimizer step per epoch. ``plan`` is the run's optimizer
+    steps (``finetune.training.batching.schedule``)."""
+    from finetune import models
+
+    t = recipe.train
+    found = []
+    dtype = models.training_dtypes(recipe.model.dtype, t.method, device_type)[0]
+    if device_type == "cpu" and dtype == "float16":
+        found.append("model.dtype float16 on a CPU: most CPUs emulate float16 matrix products, so training runs "
+                     "many times slower than in float32 (about 3 tokens/s was seen on a 135M model); set "
+                     "model.dtype: auto (float32, or bfloat16 where the CPU computes it)")
+    elif device_type == "cpu" and dtype == "bfloat16" and not models.cpu_has_fast_bf16():
+        found.append("model.dtype bfloat16 on a CPU without AMX or AVX512-BF16: bfloat16 matrix products are "
+                     "emulated, so training runs many times slower than in float32; set model.dtype: auto")
+    if plan and plan[0].steps_in_epoch == 1 and len(plan[0].micro_batches) < micro_batches_per_step:
+        have = len(plan[0].micro_batches)
+        found.append(f"train.grad_accum is {t.grad_accum}, but an epoch holds only {have} micro-batch"
+                     f"{'es' if have > 1 else ''} of train.batch_size {t.batch_size}: one optimizer step per epoch "
+                     f"({len(plan)} in all). Lower train.grad_accum to {have} or less for more steps")
+    return found
+
+
+def say_training_notes(recipe, device_type: str, plan: list, micro_batches_per_step: int, *, main: bool) -> None:
+    """Print ``training_notes`` as `train: note: ...` lines (the main process only)."""
+    import sys
+
+    for note in training_notes(recipe, device_type, plan, micro_batches_per_step) if main else []:
+        print(f"train: note: {note}", file=sys.stderr)

@@ -29,11 +29,13 @@ def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     from finetune import artifacts
     from finetune import recipe as recipe_mod
     from finetune.feedback_store import gguf_store_dir
+    from finetune.gguf import runtime
 
     path = Path(target)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{path}: no such GGUF file")
+        runtime.check_gguf(path)
         # Only serve.* overrides make sense without a recipe; they go through the same validation.
         bad = [o for o in overrides or [] if not o.startswith("serve.")]
         if bad:
@@ -64,6 +66,7 @@ def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     if not gguf.is_file():
         raise UserError(f"{gguf} (listed in {recipe.run_dir('export')}/manifest.json) is missing; run "
                         f"`finetune export {target}` again")
+    runtime.check_gguf(gguf, what=f"serve.quant {quant}")
     return Target(gguf.resolve(), f"{recipe.name}-{quant}", recipe.serve, recipe.run_dir("serve"), recipe, str(path))
 
 

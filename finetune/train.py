@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, hardware, runs
+from finetune import artifacts, hardware, refusals, runs
 from finetune.errors import UserError
-from finetune.training import batching, console, model_setup, preference, rows, steps
+from finetune.training import batching, console, model_setup, preference, rows, sharded, steps
 from finetune.training import checkpoint as ckpt
 from finetune.training.model_setup import ADAPTER_METHODS
 
@@ -67,13 +67,18 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     out = Path(out_dir) if out_dir is not None else recipe.run_dir("train")
     # Without CUDA, train on the CPU (accelerate only sets up multi-process gloo training when told cpu=True).
     # Precision is finetune's (model.dtype, autocast), not an accelerate config's mixed_precision.
-    accelerator = Accelerator(cpu=hardware.device() == "cpu", mixed_precision="no")
-    _check_distributed(accelerator)
+    try:
+        accelerator = Accelerator(cpu=hardware.device() == "cpu", mixed_precision="no")
+        sharded.refuse_unsupported(accelerator)
+        sharded.enable_on_cpu(accelerator)  # FSDP2 asked by the launcher, on the CPU (training/sharded.py)
+    except ValueError as exc:  # accelerate's own checks of an FSDP config (plugin settings that contradict)
+        raise UserError(f"accelerate config: {exc}") from None
     main = accelerator.is_main_process
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(hardware.threads(t.threads, sharing=local_procs))
     device_type = accelerator.device.type
     check_settings(recipe, device_type)
+    sharded.check(recipe, accelerator, device_type)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
 
@@ -87,6 +92,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     plan = batching.schedule(lengths, batch_size=t.batch_size, batch_tokens=t.batch_tokens if packing else None,
                              micro_batches_per_step=micro_per_step, seed=recipe.seed, epochs=t.epochs,
                              max_steps=t.max_steps)
+    refusals.say_training_notes(recipe, device_type, plan, micro_per_step, main=main)
     data_fp = {split: runs.file_fingerprint(Path(p)) for split, p in tokenized.items()}
     fingerprint = ckpt.resume_fingerprint(recipe, data_fp, micro_per_step)
     if main and not val_rows:
@@ -102,15 +108,17 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
         "prepare_manifest": upstream.prepared.manifest_id, "tokenized": data_fp,
         "base_model": {"id": recipe.model.id, "path": str(resolved.path), "revision": resolved.revision},
     }, upstream=upstream.ids(), aside=True, keep_partial=True, folder=out)
-    start_ckpt = _prepare_work_folder(out, stage.work, fingerprint, resume, accelerator)
+    start_ckpt = _prepare_work_folder(out, stage.work, fingerprint, resume, accelerator, grad_accum=t.grad_accum,
+                                      fingerprint_for=lambda m: ckpt.resume_fingerprint(recipe, data_fp, m))
     with stage if main else nullcontext():  # a failure keeps the work folder (its checkpoints) for resuming
         accelerator.wait_for_everyone()
         tr = _setup(recipe, resolved, tokenizer, accelerator, packing, train_rows, val_rows, len(plan),
                     work=stage.work)
-        tr.state = ckpt.TrainState(fingerprint, micro_per_step)
+        tr.state = ckpt.TrainState(fingerprint, micro_per_step, processes=accelerator.num_processes)
         if start_ckpt is not None:
             tr.state, tr.best_weights = ckpt.load_training(start_ckpt, tr.raw_model, tr.optimizer, tr.scheduler,
-                                                           accelerator.process_index)
+                                                           accelerator.process_index, sharded_model=tr.sharded)
+            tr.state.processes = accelerator.num_processes
             if main:
                 print(f"train: resuming from {start_ckpt} (step {tr.state.step} of {len(plan)})")
         with console.RunLog(stage.work, tr.state.history, purge_step=tr.state.step if start_ckpt else None,
@@ -118,8 +126,9 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
             stop_reason = _train(tr, plan, train_rows, val_rows, on_eval)
             weights_step, best_full = _best_weights(tr)
             summary = _summary(tr, plan, stop_reason, packing_off, val_rows, weights_step)
+            whole = _gathered(tr) if best_full is None else None  # FSDP2: every process takes part
             if main:
-                _write_outputs(tr, summary, best_full)
+                _write_outputs(tr, summary, best_full, whole)
         if main:
             stage.record(_trained(out, t.method, Path(resolved.path)))
             stage.extra["summary"] = summary
@@ -142,10 +151,12 @@ def _resolve_model(recipe, *, main: bool) -> tuple[Any, bool, str | None]:
     return resolved, packing, packing_off
 
 
-def _prepare_work_folder(out: Path, work: Path, fingerprint: str, resume: bool, accelerator) -> Path | None:
+def _prepare_work_folder(out: Path, work: Path, fingerprint: str, resume: bool, accelerator, *, grad_accum: int,
+                         fingerprint_for) -> Path | None:
     """The checkpoint to start from (None: a fresh run), with the work folder made ready for it: emptied for a
     fresh run, or filled with links to a finished run that --resume continues."""
-    start_ckpt, copy_from = ckpt.to_resume(out, work, fingerprint, resume)
+    start_ckpt, copy_from = ckpt.to_resume(out, work, fingerprint, resume, processes=accelerator.num_processes,
+                                           grad_accum=grad_accum, fingerprint_for=fingerprint_for)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         runs.make_dir(out.parent)
@@ -164,7 +175,8 @@ class _Training:
     recipe: Any
     accelerator: Any
     model: Any                  # wrapped for data parallelism: training forward and backward passes go through it
-    raw_model: Any              # the same model unwrapped: validation, reference passes, saving
+    raw_model: Any              # the same model unwrapped: validation, reference passes, saving (FSDP2: the same
+                                # sharded module; every process runs each of its forward passes)
     optimizer: Any
     scheduler: Any
     ctx: steps.StepContext
@@ -173,6 +185,8 @@ class _Training:
     gc_on: bool                 # gradient checkpointing (an out-of-memory step can switch it on)
     n_trainable: int
     work: Path
+    sharded: bool = False       # FSDP2: weights, gradients and optimizer state sharded over the processes
+    wrapped: list[str] | None = None  # FSDP2: the layer classes that got an FSDP group each
     state: ckpt.TrainState | None = None
     best_weights: dict[str, Any] | None = None  # adapters: the best validation step's, kept in memory
     log: console.RunLog | None = None
@@ -190,24 +204,36 @@ def _setup(recipe, resolved, tokenizer, accelerator, packing: bool, train_rows, 
 
     t = recipe.train
     device_type = accelerator.device.type
+    shard = sharded.active(accelerator)
     set_seed(recipe.seed)  # adapter initialisation (and dropout) follow the recipe's seed
-    built = model_setup.build(recipe, resolved, device_type, accelerator.local_process_index, packing=packing)
-    gc_on = model_setup.wants_gradient_checkpointing(recipe, built.model, device_type)
-    if gc_on:
-        model_setup.enable_gradient_checkpointing(built.model)
+    built = model_setup.build(recipe, resolved, device_type, accelerator.local_process_index, packing=packing,
+                              sharded=shard)
+    if shard:  # activation checkpointing is the FSDP2 config's (applied by accelerate's prepare, layer by layer)
+        gc_on = bool(accelerator.state.fsdp_plugin.activation_checkpointing)
+    else:
+        gc_on = model_setup.wants_gradient_checkpointing(recipe, built.model, device_type)
+        if gc_on:
+            model_setup.enable_gradient_checkpointing(built.model)
     n_trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
-    optimizer = model_setup.optimizer(t.optimizer, built.model, t.lr, t.weight_decay, device_type)
+    # parameters offloaded by FSDP2 are stepped on the CPU: no fused CUDA optimizer kernels
+    optimizer = model_setup.optimizer(t.optimizer, built.model, t.lr, t.weight_decay,
+                                      "cpu" if sharded.offloads(accelerator) else device_type)
     warmup = math.ceil(t.warmup_ratio * n_steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, n_steps))
+    wrapped = sharded.prepare_wrapping(accelerator, built.model) if shard else None
     model, optimizer = accelerator.prepare(built.model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     ctx = steps.StepContext(accelerator, tokenizer.pad_token_id, built.autocast_dtype, packing, t.objective,
                             preference.Settings(t.objective, t.preference.beta, t.preference.desirable_weight,
-                                                t.preference.undesirable_weight, t.preference.gamma))
+                                                t.preference.undesirable_weight, t.preference.gamma), sharded=shard)
     if t.objective in preference.NEEDS_REFERENCE:
         ctx = _with_reference(ctx, raw_model, t.method, t.batch_size, train_rows, val_rows)
+    if shard and accelerator.is_main_process:
+        print(f"train: FSDP2 over {accelerator.num_processes} processes, one group per {', '.join(wrapped)}"
+              + (", activation checkpointing" if gc_on else "")
+              + (", parameters offloaded to the CPU" if sharded.offloads(accelerator) else ""), file=sys.stderr)
     return _Training(recipe, accelerator, model, raw_model, optimizer, scheduler, ctx, tokenizer, built, gc_on,
-                     n_trainable, work)
+                     n_trainable, work, sharded=shard, wrapped=wrapped)
 
 
 def _with_reference(ctx: steps.StepContext, raw_model, method: str, batch_size: int, train_rows, val_rows
@@ -314,6 +340,11 @@ def _train_step(tr: _Training, step: batching.Step, rows) -> tuple[float, int, i
             tr.optimizer.zero_grad(set_to_none=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if tr.sharded:  # the processes are in step with each other: no retry on one alone
+                raise UserError("CUDA out of memory during FSDP2 training: set fsdp_config.fsdp_activation_"
+                                "checkpointing: true (or fsdp_offload_params: true) in the accelerate config, add "
+                                "processes, or halve train.batch_size and double train.grad_accum; `finetune plan "
+                                "RECIPE --gpus N` estimates each.") from None
             if attempt == 1 and t.gradient_checkpointing == "auto" and not tr.gc_on:
                 print("train: out of GPU memory; switching gradient checkpointing on and retrying", file=sys.stderr)
                 model_setup.enable_gradient_checkpointing(tr.raw_model)
@@ -376,8 +407,11 @@ def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
         st.best_val_loss, st.best_step, st.bad_evals = val, st.step, 0
         if t.method in ADAPTER_METHODS:
             tr.best_weights = ckpt.trainable_state(tr.raw_model)
-        elif tr.main:  # a full model is too big to keep in memory: the best one so far goes to disk
-            ckpt.save_model_dir(tr.raw_model, tr.tokenizer, tr.work / BEST_FULL_DIR, tr.built.attn, step=st.step)
+        else:  # a full model is too big to keep in memory: the best one so far goes to disk
+            whole = _gathered(tr)
+            if tr.main:
+                ckpt.save_model_dir(tr.raw_model, tr.tokenizer, tr.work / BEST_FULL_DIR, tr.built.attn, step=st.step,
+                                    state_dict=whole)
     else:
         st.bad_evals += 1
     return val
@@ -416,7 +450,8 @@ def _summary(tr: _Training, plan, stop_reason: str, packing_off: str | None, val
         "final_val_loss": st.last_val_loss,
         "stopped_early": stop_reason not in ("completed",), "stop_reason": stop_reason, "weights_step": weights_step,
         "method": t.method, "trainable_params": tr.n_trainable, "device": str(tr.accelerator.device),
-        "processes": tr.accelerator.num_processes,
+        "processes": tr.accelerator.num_processes, "sharding": "fsdp2" if tr.sharded else None,
+        "fsdp_wrapped_layers": tr.wrapped,
         "attn_implementation": built.attn, "kernels": built.kernels, "packing": tr.ctx.packing,
         "packing_off_reason": packing_off,
         "autocast_dtype": str(built.autocast_dtype).removeprefix("torch.") if built.autocast_dtype else None,
@@ -434,15 +469,27 @@ def _final_name(method: str) -> str:
     return "model" if method == "full" else "adapter"
 
 
-def _write_outputs(tr: _Training, summary: dict[str, Any], best_full: Path | None) -> None:
-    """The adapter or model folder and summary.json, in the work folder (main process)."""
+def _gathered(tr: _Training) -> dict[str, Any] | None:
+    """FSDP2: the weights to save, gathered whole (every process must call this; the main process gets them):
+    the adapter's trainable weights, or the full model's state dict. None when nothing is sharded."""
+    if not tr.sharded:
+        return None
+    if tr.recipe.train.method in ADAPTER_METHODS:
+        return ckpt.trainable_state(tr.raw_model)
+    return sharded.full_model_state(tr.raw_model)
+
+
+def _write_outputs(tr: _Training, summary: dict[str, Any], best_full: Path | None,
+                   state_dict: dict[str, Any] | None = None) -> None:
+    """The adapter or model folder and summary.json, in the work folder (main process); ``state_dict``: the
+    weights gathered whole (FSDP2), an ordinary peft adapter or Hugging Face checkpoint once saved."""
     final_dir = tr.work / _final_name(tr.recipe.train.method)
     if best_full is not None:
         shutil.rmtree(final_dir, ignore_errors=True)
         best_full.rename(final_dir)
         (final_dir / "finetune_step.json").unlink(missing_ok=True)
     else:
-        ckpt.save_model_dir(tr.raw_model, tr.tokenizer, final_dir, tr.built.attn)
+        ckpt.save_model_dir(tr.raw_model, tr.tokenizer, final_dir, tr.built.attn, state_dict=state_dict)
     shutil.rmtree(tr.work / BEST_FULL_DIR, ignore_errors=True)
     runs.atomic_write_json(tr.work / "summary.json", summary)
 
@@ -468,19 +515,6 @@ def check_settings(recipe, device_type: str) -> None:
     if t.kernels == "liger" and (device_type != "cuda" or not model_setup.installed("liger_kernel")):
         raise UserError("train.kernels: liger needs a CUDA GPU and `pip install liger-kernel`; use train.kernels=none.")
     models.check_attention(recipe.model.attn_implementation, device_type)
-
-
-def _check_distributed(accelerator) -> None:
-    """Data parallelism (DDP: every process holds the model) is what this loop does; sharded set-ups are refused."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise UserError(f"accelerate config: distributed_type {kind.value} is not supported by `finetune train`, "
-                        "which trains data-parallel (DDP: each GPU holds the whole model). Use "
-                        "recipes/accelerate/multi-gpu.yaml (or multi-node.yaml), and if the model does not fit one "
-                        "GPU, train.method=qlora or train.gradient_checkpointing=on (`finetune plan RECIPE` says what "
-                        "fits).")
 
 
 # -------------------------------------------------------------------------------------------- data

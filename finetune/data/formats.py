@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from finetune.errors import UserError
@@ -51,6 +54,15 @@ INLINE_REASONING = (("<think>", "</think>"), ("[THINK]", "[/THINK]"))
 # Column names that usually hold a question or an answer: used to suggest a `columns:` mapping.
 PROMPT_LIKE = ("question", "query", "prompt", "input", "instruction", "context", "source", "q", "user", "request")
 ANSWER_LIKE = ("answer", "response", "output", "completion", "target", "reply", "a", "assistant", "label", "summary")
+
+
+@dataclass
+class _Seen:
+    """What reading one row changed, for the report: role names mapped ("human->user": 1) and numbers read as text
+    by field ("messages[*].content": 1)."""
+
+    roles: Counter[str] = dataclass_field(default_factory=Counter)
+    numbers: Counter[str] = dataclass_field(default_factory=Counter)
 
 
 class RowError(ValueError):
@@ -123,8 +135,8 @@ def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *,
     order = ("preference", "kto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
     fitting = [fmt for fmt in order if all(f in FIELDS[fmt][0] + FIELDS[fmt][1] for f in columns)]
     for fmt in fitting or order:
-        if fmt == "kto" and not _boolean_labels(records, columns.get("label", "label")):
-            continue  # prompt/completion with a non-boolean label column (a class): SFT rows
+        if fmt == "kto" and not _any_verdict(records, columns.get("label", "label")):
+            continue  # no label is true/false: a class column beside prompt/completion, SFT rows (prepare notes it)
         if all(f in present for f in FIELDS[fmt][0]):
             return fmt
     absent = [(field, theirs) for field, theirs in columns.items() if theirs not in keys]
@@ -134,9 +146,25 @@ def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *,
                     + suggest_mapping(keys))
 
 
-def _boolean_labels(records: list[dict[str, Any]], column: str) -> bool:
-    values = [r[column] for r in records if r.get(column) is not None]
-    return bool(values) and all(_label(v) is not None for v in values)
+def _any_verdict(records: list[dict[str, Any]], column: str) -> bool:
+    """Whether a label column holds KTO verdicts: one true/false value makes it KTO's (the rows whose label is
+    something else are then dropped as bad_label, each named), never plain prompt/completion with the labels lost."""
+    return any(_label(r[column]) is not None for r in records if r.get(column) is not None)
+
+
+def unused_label_note(records: Iterable[dict[str, Any]], origins: Iterable[str], fmt: str, columns: dict[str, str],
+                      *, where: str) -> str | None:
+    """What prepare says when detection read prompt/completion/label rows as prompt/completion (SFT) because no
+    label is true or false: the label column is then not used, and the note names a value and its row."""
+    column = columns.get("label", "label")
+    if fmt != "prompt_completion":
+        return None
+    for rec, origin in zip(records, origins, strict=False):
+        if rec.get(column) is not None:
+            return (f"{where}: column {column!r} holds {rec[column]!r} ({origin}), not true/false, so the rows were "
+                    "read as prompt/completion (SFT) and the label is not used. For KTO, make the label true or "
+                    "false; to say SFT is meant, set format: prompt_completion")
+    return None
 
 
 LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "good": True, "bad": False, "yes": True,
@@ -169,7 +197,7 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
 
     When a role name was mapped (``human`` -> ``user``), the example also holds ``"roles_mapped":
     {"human->user": 1, ...}``; ``clean.clean_example`` moves that count into its changes."""
-    mapped: Counter[str] = Counter()
+    seen = _Seen()
 
     def get(name: str, required: bool = True) -> Any:
         col = columns.get(name, name)
@@ -183,79 +211,80 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
         return value
 
     if fmt == "text":
-        return {"text": _text(get("text"), "text")}
+        return _with_mapped({"text": _text(get("text"), columns.get("text", "text"), seen)}, seen)
     if fmt == "preference":
-        return _with_mapped(_pair(get, columns, mapped), mapped)
+        return _with_mapped(_pair(get, columns, seen), seen)
     if fmt == "kto":
         label = _label(get("label"))
         if label is None:
-            raise RowError("bad_label", f"field {columns.get('label', 'label')!r} is {get('label')!r}; KTO's label "
-                                        "is true (desirable) or false (undesirable)")
-        prompt = _prompt_turns(get("prompt"), columns.get("prompt", "prompt"), mapped)
-        completion = _reply_turns(get("completion"), columns.get("completion", "completion"), mapped)
-        return _with_mapped(_with_system({"messages": prompt + completion, "desirable": label}, get), mapped)
+            raise RowError("bad_label", f"field {columns.get('label', 'label')!r} is {get('label')!r}: label must be "
+                                        "true or false (KTO: true = desirable, false = undesirable)")
+        prompt = _prompt_turns(get("prompt"), columns.get("prompt", "prompt"), seen)
+        completion = _reply_turns(get("completion"), columns.get("completion", "completion"), seen)
+        return _with_mapped(_with_system({"messages": prompt + completion, "desirable": label}, get, columns, seen), seen)
     if fmt == "messages":
         # A `messages` column may hold ShareGPT-style turns too (from/value): accept both.
         tools = _tools(get("tools", required=False), columns.get("tools", "tools"))
-        msgs = _turns(get("messages"), columns.get("messages", "messages"), mapped)
+        msgs = _turns(get("messages"), columns.get("messages", "messages"), seen)
         check_tool_flow(msgs, tools, columns.get("messages", "messages"))
-        return _with_mapped({"messages": msgs, **({"tools": tools} if tools else {})}, mapped)
+        return _with_mapped({"messages": msgs, **({"tools": tools} if tools else {})}, seen)
     if fmt == "sharegpt":
-        msgs = _turns(get("conversations"), columns.get("conversations", "conversations"), mapped)
+        msgs = _turns(get("conversations"), columns.get("conversations", "conversations"), seen)
     elif fmt == "alpaca":
-        instruction = _text(get("instruction"), columns.get("instruction", "instruction"))
+        instruction = _text(get("instruction"), columns.get("instruction", "instruction"), seen)
         extra = get("input", required=False)
-        extra = default_input if extra is None else _text(extra, columns.get("input", "input"))
+        extra = default_input if extra is None else _text(extra, columns.get("input", "input"), seen)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         msgs = [{"role": "user", "content": user},
-                {"role": "assistant", "content": _text(get("output"), columns.get("output", "output"))}]
+                {"role": "assistant", "content": _text(get("output"), columns.get("output", "output"), seen)}]
     elif fmt == "prompt_completion":
         prompt, completion = get("prompt"), get("completion")
         # TRL's conversational prompt/completion: both are lists of messages
-        p = _turns(prompt, "prompt", mapped) if isinstance(prompt, list) else [
-            {"role": "user", "content": _text(prompt, columns.get("prompt", "prompt"))}]
-        c = _turns(completion, "completion", mapped) if isinstance(completion, list) else [
-            {"role": "assistant", "content": _text(completion, columns.get("completion", "completion"))}]
+        p = _turns(prompt, "prompt", seen) if isinstance(prompt, list) else [
+            {"role": "user", "content": _text(prompt, columns.get("prompt", "prompt"), seen)}]
+        c = _turns(completion, "completion", seen) if isinstance(completion, list) else [
+            {"role": "assistant", "content": _text(completion, columns.get("completion", "completion"), seen)}]
         msgs = p + c
     else:
         raise ValueError(f"unknown format {fmt!r}")
-    system = get("system", required=False)
-    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system})
-    return _with_mapped({"messages": msgs}, mapped)
+    return _with_mapped(_with_system({"messages": msgs}, get, columns, seen), seen)
 
 
-def _prompt_turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
-    return _turns(value, name, mapped) if isinstance(value, list) else [{"role": "user", "content": _text(value, name)}]
+def _prompt_turns(value: Any, name: str, seen: _Seen) -> list[dict[str, Any]]:
+    return _turns(value, name, seen) if isinstance(value, list) else [{"role": "user", "content": _text(value, name, seen)}]
 
 
-def _reply_turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
+def _reply_turns(value: Any, name: str, seen: _Seen) -> list[dict[str, Any]]:
     if isinstance(value, list):
-        return _turns(value, name, mapped)
-    return [{"role": "assistant", "content": _text(value, name)}]
+        return _turns(value, name, seen)
+    return [{"role": "assistant", "content": _text(value, name, seen)}]
 
 
-def _with_system(example: dict[str, Any], get) -> dict[str, Any]:
+def _with_system(example: dict[str, Any], get, columns: dict[str, str], seen: _Seen) -> dict[str, Any]:
+    """The row's `system` column as its first turn (unless its turns have one)."""
     system = get("system", required=False)
+    if system is None:
+        return example
+    system = _text(system, columns.get("system", "system"), seen)
     msgs = example["messages"]
-    if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in msgs):
+    if system.strip() and not any(m["role"] == "system" for m in msgs):
         example["messages"] = [{"role": "system", "content": system}] + msgs
         if "rejected" in example:
             example["rejected"] = [{"role": "system", "content": system}] + example["rejected"]
     return example
 
 
-def _pair(get, columns: dict[str, str], mapped: Counter[str]) -> dict[str, Any]:
+def _pair(get, columns: dict[str, str], seen: _Seen) -> dict[str, Any]:
     """A preference pair as two whole conversations sharing their prompt: {"messages": prompt + chosen,
     "rejected": prompt + rejected}."""
     c_name, r_name = columns.get("chosen", "chosen"), columns.get("rejected", "rejected")
     prompt_value = get("prompt", required=False)
     chosen, rejected = get("chosen"), get("rejected")
     if prompt_value is not None:
-        prompt = _prompt_turns(prompt_value, columns.get("prompt", "prompt"), mapped)
+        prompt = _prompt_turns(prompt_value, columns.get("prompt", "prompt"), seen)
     elif isinstance(chosen, list) and isinstance(rejected, list):
         # Hub shape: whole conversations; the prompt is their shared beginning up to the last assistant turn
-        c_all, r_all = _turns(chosen, c_name, mapped), _turns(rejected, r_name, mapped)
+        c_all, r_all = _turns(chosen, c_name, seen), _turns(rejected, r_name, seen)
         n = 0
         while n < min(len(c_all), len(r_all)) - 1 and c_all[n] == r_all[n]:
             n += 1
@@ -268,14 +297,16 @@ def _pair(get, columns: dict[str, str], mapped: Counter[str]) -> dict[str, Any]:
     else:
         raise RowError("missing_field", f"no 'prompt' field, and {c_name!r}/{r_name!r} are not message lists "
                                         "that carry it; map the prompt column with columns: {prompt: <column>}")
-    example = {"messages": prompt + _reply_turns(chosen, c_name, mapped),
-               "rejected": prompt + _reply_turns(rejected, r_name, mapped)}
-    return _with_system(example, get)
+    example = {"messages": prompt + _reply_turns(chosen, c_name, seen),
+               "rejected": prompt + _reply_turns(rejected, r_name, seen)}
+    return _with_system(example, get, columns, seen)
 
 
-def _with_mapped(example: dict[str, Any], mapped: Counter[str]) -> dict[str, Any]:
-    if mapped:
-        example["roles_mapped"] = dict(mapped)
+def _with_mapped(example: dict[str, Any], seen: _Seen) -> dict[str, Any]:
+    if seen.roles:
+        example["roles_mapped"] = dict(seen.roles)
+    if seen.numbers:
+        example["numbers_as_text"] = dict(seen.numbers)
     return example
 
 
@@ -284,15 +315,19 @@ def normalize_role(name: Any) -> str | None:
     return ROLE_ALIASES.get(str(name).strip().lower()) if isinstance(name, str) else None
 
 
-def _text(value: Any, name: str) -> str:
+def _text(value: Any, name: str, seen: _Seen) -> str:
+    """A text field's value. A number (JSON 42, a Parquet integer column) is read as its text ("42") in every
+    format, and counted by field in ``seen.numbers`` so prepare's report says so; anything else that is not text
+    (true/false, a list, an object) is refused."""
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # CSV-like numbers in an answer column are fine as text
+        seen.numbers[re.sub(r"\[\d+\]", "[*]", name)] += 1
+        return str(value)
     raise RowError("bad_field_type", f"field {name!r} should be text, got {type(value).__name__}")
 
 
-def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
+def _turns(value: Any, name: str, seen: _Seen) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         kind = "an empty list" if isinstance(value, list) else type(value).__name__
         raise RowError("bad_field_type", f"field {name!r} should be a non-empty list of turns, got {kind}")
@@ -312,7 +347,7 @@ def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
             raise RowError("unknown_role", f"{name}[{i}] has role {given!r}; expected one of {', '.join(ROLES)} "
                                            f"(or an alias: {', '.join(a for a in ROLE_ALIASES if a not in ROLES)})")
         if given != role:
-            mapped[f"{given}->{role}"] += 1
+            seen.roles[f"{given}->{role}"] += 1
         calls = turn.get("tool_calls")
         if content is None and not (role == "assistant" and calls):
             raise RowError("empty_turn", f"{name}[{i}] ({role}) has no content")
@@ -326,7 +361,7 @@ def _turns(value: Any, name: str, mapped: Counter[str]) -> list[dict[str, Any]]:
                     raise RowError("unsupported_content", f"{name}[{i}] has a {kind!r} part; only text is supported")
             content = "".join(parts)
         message: dict[str, Any] = {"role": role, "content": "" if content is None else
-                                   _text(content, f"{name}[{i}].content")}
+                                   _text(content, f"{name}[{i}].content", seen)}
         if role == "assistant":
             reasoning = _reasoning(turn, message, f"{name}[{i}]")
             if reasoning is not None:
@@ -493,7 +528,7 @@ def check_tool_flow(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | No
 def read_conversation(messages: Any, tools: Any, name: str = "messages") -> tuple[list[dict[str, Any]],
                                                                                   list[dict[str, Any]] | None]:
     """(messages, tools) of one agent conversation, validated as a data row is (the server takes requests so)."""
-    msgs = _turns(messages, name, Counter())
+    msgs = _turns(messages, name, _Seen())
     parsed = _tools(tools, "tools")
     check_tool_flow(msgs, parsed, name)
     return msgs, parsed

@@ -106,8 +106,35 @@ def read_hub(hub_id: str, *, config: str | None, split: str, revision: str | Non
 
 
 # ----------------------------------------------------------------------------------------------- readers
+# Byte-order marks of the Unicode encodings that are not UTF-8 (Notepad's "Unicode" is UTF-16 LE).
+BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"), (b"\xff\xfe", "UTF-16 LE"),
+        (b"\xfe\xff", "UTF-16 BE"))
+
+
+def other_unicode(data: bytes) -> str | None:
+    """The encoding of text saved as UTF-16 or UTF-32 (by its byte-order mark, or without one by the NUL bytes
+    between ASCII characters), or None."""
+    for bom, name in BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:4096]
+    if len(head) >= 4:
+        even, odd = head[0::2], head[1::2]
+        # mostly ASCII text: every other byte is NUL, and the bytes between are not
+        if odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
+            return "UTF-16 LE"
+        if even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
+            return "UTF-16 BE"
+    return None
+
+
 def _read_text(path: Path, where: str) -> str:
     data = path.read_bytes()
+    encoding = other_unicode(data)
+    if encoding is not None:
+        raise UserError(f"{where}: {path.name} is {encoding} text, not UTF-8; save it as UTF-8 (e.g. "
+                        f"`iconv -f {encoding.replace(' ', '')} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`, "
+                        "or \"Save as\" UTF-8 in your editor) and point the recipe at that file.")
     if b"\x00" in data[:8192]:
         raise UserError(f"{where}: {path.name} looks like a binary file (it contains NUL bytes), not "
                         f"{path.suffix} text. Point the recipe at the data file itself.")
@@ -146,6 +173,10 @@ def _read_json(text: str, path: Path, where: str, loaded: Loaded) -> Iterator[Ra
             yield from _read_jsonl(text, path.name, loaded)
             return
         raise UserError(f"{where}: {path.name}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    row = _one_row(data)
+    if row is not None:
+        raise UserError(f"{where}: {path.name} holds a single JSON object, one row ({row}), not a list of rows; wrap "
+                        "it in a list ([{...}, {...}]), or use .jsonl with one object per line")
     records = _records_of(data)
     if records is None:
         keys = list(data)[:10] if isinstance(data, dict) else type(data).__name__
@@ -160,6 +191,28 @@ def _read_json(text: str, path: Path, where: str, loaded: Loaded) -> Iterator[Ra
                                           excerpt(rec)))
             continue
         yield RawRow(rec, origin)
+
+
+# Columns that make an object one data row, by format (the column-oriented {"prompt": [...], "completion": [...]}
+# holds lists of texts instead, and {"data": [...]} one list of rows).
+ROW_FIELDS = (("messages",), ("conversations",), ("chosen", "rejected"), ("prompt", "completion"),
+              ("instruction", "output"), ("text",))
+
+
+def _one_row(data: Any) -> str | None:
+    """What shows that a .json file's top-level object is one row rather than rows: its conversation (a list of
+    turns under messages/conversations/chosen/...) or the text fields of a row format; None otherwise."""
+    if not isinstance(data, dict):
+        return None
+    for key in ("messages", "conversations", "chosen", "rejected", "prompt", "completion"):
+        value = data.get(key)
+        if isinstance(value, list) and value and all(
+                isinstance(t, dict) and ({"role", "content"} <= set(t) or {"from", "value"} <= set(t)) for t in value):
+            return f"its {key!r} is a list of {len(value)} turns"
+    for fields in ROW_FIELDS:
+        if all(isinstance(data.get(f), str) for f in fields):
+            return f"with {', '.join(repr(f) for f in fields)} as text"
+    return None
 
 
 def _records_of(data: Any) -> list[Any] | None:

@@ -66,7 +66,7 @@ def print_summary(report: dict[str, Any], out_dir: Path) -> None:
                 title="tokens per example"))
     print()
     for note in report.get("notes", []):
-        console.print(Text("note: ", style="yellow") + Text(note))
+        console.print(Text("note: ", style="yellow") + Text(note), soft_wrap=True)  # one line, searchable in logs
     print(f"outputs: {out_dir}  (report.json, lengths.png, splits/, tokenized/)")
 
 
@@ -83,6 +83,9 @@ def row_steps(report: dict[str, Any]) -> list[list[Any]]:
                ("input filled", report["filled"].get("default_input"), "from data.default_input"),
                ("text normalised", report["normalized"], "unicode / whitespace")]
     rows += [[f"  {label}", n, detail] for label, n, detail in changed if n]
+    if report.get("numbers_as_text"):
+        rows.append(["  numbers read as text", sum(report["numbers_as_text"].values()),
+                     ", ".join(f"{k} {v}" for k, v in report["numbers_as_text"].items())])
     if report.get("roles_mapped"):
         rows.append(["  roles mapped", sum(report["roles_mapped"].values()),
                      ", ".join(f"{k} {v}" for k, v in report["roles_mapped"].items())])

@@ -12,6 +12,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -190,14 +191,25 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
 
 
 def missing_mtp_layers(model_dir: Path) -> bool:
-    """True when config.json declares multi-token-prediction layers (Qwen3.5 ``mtp_num_hidden_layers``, DeepSeek/GLM
-    ``num_nextn_predict_layers``) that the checkpoint's weights do not hold: transformers drops them when it loads
-    the model, so a merged or fine-tuned checkpoint never has them, and the converter would look for them."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    declared = [config, config.get("text_config") or {}]
-    if not any(int(c.get(k) or 0) > 0 for c in declared for k in ("mtp_num_hidden_layers", "num_nextn_predict_layers")):
-        return False
-    return not any(".mtp." in f".{name}" or "nextn" in name for name in _tensor_names(Path(model_dir)))
+    """True when the checkpoint's weights hold no multi-token-prediction (MTP, "NextN") tensors, whatever its
+    config.json declares: the converter is then told so (``no_mtp``). transformers drops MTP weights when it loads a
+    model, so a merged or fine-tuned checkpoint never has them; and a config saved by transformers may not declare
+    them either (its Qwen3_5Config has no ``mtp_num_hidden_layers``), where llama.cpp's Qwen3.5 converter, told
+    nothing, counts MTP layers from the tensors and asserts that it found some. Only the weights tell."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = [int(c["num_hidden_layers"]) for c in (config.get("text_config") or {}, config)
+              if isinstance(c.get("num_hidden_layers"), int)]
+    return not any(_is_mtp_tensor(name, layers[0] if layers else None) for name in _tensor_names(model_dir))
+
+
+def _is_mtp_tensor(name: str, main_layers: int | None) -> bool:
+    """An MTP tensor: under an ``mtp.`` prefix (Qwen3.5/3-Next), named NextN (``eh_proj``, ``nextn``), or a decoder
+    layer past the main ones (DeepSeek V3, GLM: ``model.layers.<num_hidden_layers>.``)."""
+    if ".mtp." in f".{name}" or "nextn" in name or ".eh_proj." in f".{name}":
+        return True
+    match = re.match(r"(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.", name)  # the text decoder's
+    return main_layers is not None and match is not None and int(match.group(1)) >= main_layers
 
 
 def _tensor_names(model_dir: Path) -> list[str]:
@@ -224,13 +236,13 @@ def convert_model(model_dir: Path, out_file: Path, outtype: str = "F16", *, mode
     # absolute paths: the converter runs with llama.cpp's tree as its working directory
     model_dir, out_file = Path(model_dir).resolve(), Path(out_file).resolve()
     tmp = out_file.with_name(f".{out_file.name}.tmp")
-    extra = ["--no-mtp"] if missing_mtp_layers(model_dir) else []
-    if model_name:
-        extra += ["--model-name", model_name]
+    extra = ["--model-name", model_name] if model_name else []
     with _as_the_converter_reads_it(model_dir) as source:
+        # no MTP weights -> no MTP in the GGUF, set as convert_hf_to_gguf.py's --no-mtp sets it, but for every
+        # architecture (the flag itself is refused by the classes that have no MTP support)
         _run_converter("convert_hf_to_gguf.py",
                        [str(source), "--outtype", outtype.lower(), "--outfile", str(tmp), *extra],
-                       what=f"converting {model_dir} to GGUF")
+                       what=f"converting {model_dir} to GGUF", no_mtp=missing_mtp_layers(model_dir))
     os.replace(tmp, out_file)
     return out_file
 
@@ -263,8 +275,9 @@ def _gguf_type(path: Path) -> str | None:
     return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-# convert_lora_to_gguf.py has no --no-mtp flag; this sets the class attribute that convert_hf_to_gguf.py's --no-mtp
-# sets (``model_class.no_mtp = True``) on the base of every model class, then runs the script unchanged.
+# convert_lora_to_gguf.py has no --no-mtp flag, and convert_hf_to_gguf.py's is refused by architectures without MTP
+# support; this sets the class attribute that --no-mtp sets (``model_class.no_mtp = True``) on the base of every
+# model class, then runs the script unchanged. Classes without MTP support never read it.
 _NO_MTP_BOOTSTRAP = (
     "import runpy, sys; sys.path.insert(0, '.'); from conversion.base import ModelBase; "
     "assert hasattr(ModelBase, 'no_mtp'), 'llama.cpp converter: ModelBase.no_mtp is gone'; "

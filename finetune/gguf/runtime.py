@@ -43,6 +43,23 @@ class RuntimeCrash(UserError):
     """The llama.cpp child process died (a native crash) or gave no result."""
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: str | Path, *, what: str = "") -> None:
+    """Refuse a file that is not a GGUF before llama.cpp tries it (llama.cpp only says "Failed to load model from
+    file"): every GGUF starts with the bytes GGUF. ``what`` names the setting or argument that gave the path."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] != GGUF_MAGIC:
+        printable = all(32 <= b < 127 or b in (9, 10, 13) for b in head[:12])
+        shown = head[:12].decode("ascii") if printable else head[:4].hex(" ")
+        kind = "is empty" if not head else f"starts with {shown!r}, not GGUF"
+        raise UserError(f"{what + ': ' if what else ''}{path} is not a GGUF (it {kind}): a download that saved an "
+                        "error page, or another kind of file under a .gguf name? Point at a real .gguf file.")
+
+
 # ------------------------------------------------------------------------------------------ public API
 def chat(gguf_path: str | Path, conversations: list[list[dict]], *, max_tokens: int = 128, temperature: float = 0.0,
          n_ctx: int = 2048, lora_path: str | Path | None = None, seed: int = 0, threads: int | None = None,
@@ -169,6 +186,10 @@ def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | Non
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
+    check_gguf(gguf_path)
+    for lora in [payload.get("lora_path")] + [job.get("lora_path") for job in payload.get("jobs", [])]:
+        if lora:
+            check_gguf(lora, what="adapter")
     with tempfile.TemporaryDirectory(prefix="finetune-llama-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
         req.write_text(json.dumps({"op": op, "gguf": str(gguf_path.resolve()), **payload}))

@@ -359,3 +359,150 @@ def test_a_stage_names_the_folder_a_missing_gguf_was_looked_for_in(bad, recipe_w
     line = bad("train", str(recipe_with_data()), "model.id=gone/other.gguf")
     assert line.startswith("error: override 'model.id=gone/other.gguf': model.id: GGUF file other.gguf not found")
     assert str(tmp_path / "gone") in line
+
+
+# ------------------------------------------------------------------- values changed without a word (issue 29)
+NUMBER_ROWS = {
+    "messages": {"messages": [{"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": 42}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "6 times 7?"}, {"from": "gpt", "value": 42}]},
+    "alpaca": {"instruction": "6 times 7?", "output": 42},
+    "prompt_completion": {"prompt": "6 times 7?", "completion": 42},
+    "kto": {"prompt": "6 times 7?", "completion": 42, "label": True},
+    "preference": {"prompt": "6 times 7?", "chosen": 42, "rejected": "41"},
+    "text": {"text": 42},
+}
+
+
+@pytest.mark.parametrize("fmt", list(NUMBER_ROWS))
+def test_a_number_where_text_belongs_is_read_as_text_and_counted_in_every_format(fmt):
+    example = formats.to_example(NUMBER_ROWS[fmt], fmt, {})
+    text = example["text"] if fmt == "text" else example["messages"][-1]["content"]
+    assert text == "42"
+    assert sum(example["numbers_as_text"].values()) == 1, example
+    with pytest.raises(formats.RowError, match="should be text, got bool"):
+        formats.to_example(json.loads(json.dumps(NUMBER_ROWS[fmt]).replace("42", "true")), fmt, {})
+
+
+def test_prepare_counts_and_names_numbers_read_as_text_in_jsonl_and_parquet(cli, tmp_path, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chats = [{"messages": [{"role": "user", "content": f"what is {i} times 7?"},
+                           {"role": "assistant", "content": i * 7 if i < 3 else f"it is {i * 7}"}]} for i in range(6)]
+    write(tmp_path, "chats.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
+    pq.write_table(pa.table({"question": [f"what is {i} plus 5?" for i in range(4)], "answer": [i + 5 for i in range(4)]}),
+                   tmp_path / "sums.parquet")
+    r = write(tmp_path, "r.yaml", f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tiny_model_dir}\n"
+                                  "data:\n  sources:\n    - path: chats.jsonl\n    - path: sums.parquet\n"
+                                  "      columns: {prompt: question, completion: answer}\n"
+                                  "  split: {validation: 0, test: 0}\n  clean: {near_dedupe: false}\n")
+    before = snapshot(tmp_path)
+    code, out, err = cli("prepare", str(r))
+    assert code == 0, err
+    assert snapshot(tmp_path) == before
+    report = json.loads((tmp_path / "runs" / "t" / "prepare" / "report.json").read_text())
+    assert report["numbers_as_text"] == {"messages[*].content": 3, "answer": 4}
+    note = next(n for n in report["notes"] if "numbers were read as text" in n)
+    assert note.startswith("7 numbers were read as text") and "chats.jsonl:1" in note and "sums.parquet:row 1" in note
+    assert "numbers read as text" in out and "7 numbers were read as text" in out
+    train = [json.loads(line) for line in (tmp_path / "runs/t/prepare/splits/train.jsonl").read_text().splitlines()]
+    assert {"role": "assistant", "content": "5"} in [row["messages"][-1] for row in train]
+
+
+# ----------------------------------------------------- a format chosen by values, falling back without a word
+def test_a_label_column_with_one_bad_value_is_kto_and_the_bad_row_is_named(cli, tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 2 == 0} for i in range(5)]
+    rows[3]["label"] = "maybe"  # data.jsonl:4
+    write(tmp_path, "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert formats.detect_format(rows, {}, source="data.jsonl", where="w") == "kto"
+    r = write(tmp_path, "r.yaml", f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tiny_model_dir}\n"
+                                  "data:\n  sources:\n    - path: data.jsonl\n  split: {validation: 0, test: 0}\n")
+    code, out, err = cli("prepare", str(r))
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs" / "t" / "prepare" / "report.json").read_text())
+    assert report["sources"][0]["format"] == "kto" and report["row_kind"] == "rated"
+    assert report["dropped"] == {"bad_label": 1}
+    sample = report["samples"]["bad_label"][0]
+    assert sample["origin"] == "data.jsonl:4" and "'maybe': label must be true or false" in sample["detail"]
+    assert "data.jsonl:4" in out
+
+
+def test_a_label_column_of_classes_is_read_as_sft_with_a_note_naming_the_value(cli, tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": "sports"} for i in range(4)]
+    write(tmp_path, "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    r = write(tmp_path, "r.yaml", f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tiny_model_dir}\n"
+                                  "data:\n  sources:\n    - path: data.jsonl\n  split: {validation: 0, test: 0}\n")
+    code, out, err = cli("prepare", str(r))
+    assert code == 0, err
+    report = json.loads((tmp_path / "runs" / "t" / "prepare" / "report.json").read_text())
+    assert report["sources"][0]["format"] == "prompt_completion"
+    note = "data.sources[0]: column 'label' holds 'sports' (data.jsonl:1), not true/false"
+    assert any(n.startswith(note) for n in report["notes"]) and note in out
+
+
+# ------------------------------------------------------------------------------ errors that blame the wrong thing
+def test_a_single_json_object_says_wrap_it_in_a_list(bad, tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    write(tmp_path, "one.json", json.dumps(row, indent=2))
+    r = write(tmp_path, "r.yaml", "name: t\ndata:\n  sources:\n    - path: one.json\n")
+    line = bad("validate", str(r))
+    assert "data.sources[0].path: one.json holds a single JSON object, one row (its 'messages' is a list of 2 turns)" \
+        in line and "wrap it in a list" in line and ".jsonl" in line
+    write(tmp_path, "one.json", json.dumps({"prompt": "Hi", "completion": "Hello"}))
+    assert "holds a single JSON object, one row (with 'prompt', 'completion' as text)" in bad("validate", str(r))
+    # the shapes that hold rows are still read
+    write(tmp_path, "rows.json", json.dumps({"data": [row, row]}))
+    assert len(load.read_local(tmp_path / "rows.json", where="w").rows) == 2
+    write(tmp_path, "cols.json", json.dumps({"prompt": ["a", "b"], "completion": ["c", "d"]}))
+    assert len(load.read_local(tmp_path / "cols.json", where="w").rows) == 2
+
+
+@pytest.mark.parametrize(("missing", "present"), [("recipe.yaml", "recipe.yml"), ("recipe.yml", "recipe.yaml")])
+def test_a_missing_recipe_names_its_yml_or_yaml_twin(bad, recipe_with_data, tmp_path, missing, present):
+    recipe_with_data().rename(tmp_path / present)
+    line = bad("validate", str(tmp_path / missing))
+    assert f"{tmp_path / missing}: file not found, but {tmp_path / present} exists" in line
+    assert "file not found; give the path" in bad("prepare", str(tmp_path / "other.yaml"))
+
+
+# ---------------------------------------------------------------------- settings that work but should say so
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16", "UTF-16 LE"), ("utf-16-le", "UTF-16 LE"),
+                                                ("utf-16-be", "UTF-16 BE")])
+def test_a_utf16_data_file_says_save_it_as_utf8(bad, recipe_with_data, tmp_path, encoding, name):
+    r = recipe_with_data()
+    (tmp_path / "data.jsonl").write_bytes(ROWS.encode(encoding))
+    line = bad("validate", str(r))
+    assert f"data.sources[0].path: data.jsonl is {name} text, not UTF-8; save it as UTF-8" in line
+    assert "binary" not in line
+    (tmp_path / "data.jsonl").write_bytes(b"\x00\x01\x02binary\x00\x00" * 50)
+    assert "looks like a binary file" in bad("validate", str(r))  # a real binary file is still called so
+
+
+def test_validate_refuses_a_serve_quant_that_export_never_writes(bad, cli, recipe_with_data):
+    r = recipe_with_data("export:\n  quantizations: [Q4_K_M]\nserve:\n  quant: Q8_0\n")
+    line = bad("validate", str(r))
+    assert "serve.quant: Q8_0 is not a type export writes" in line and "export.quantizations ['Q4_K_M']" in line
+    assert "F16, Q4_K_M" in line
+    assert "serve.quant: q4_k_m is not a type" in bad("validate", str(recipe_with_data(
+        "export:\n  quantizations: [Q4_K_M]\nserve:\n  quant: q4_k_m\n")))  # serve looks the name up as written
+    for fine in ("export:\n  quantizations: [Q4_K_M]\nserve:\n  quant: F16\n",
+                 "export:\n  quantizations: [Q4_K_M]\nserve:\n  quant: Q4_K_M\n", "serve:\n  quant: auto\n"):
+        code, _, err = cli("validate", str(recipe_with_data(fine)))
+        assert code == 0, (fine, err)
+
+
+def test_a_system_prompt_that_no_row_takes_is_noted(cli, tmp_path, tiny_model_dir):
+    chats = [{"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"q {i}"},
+                           {"role": "assistant", "content": f"a {i}"}]} for i in range(4)]
+    write(tmp_path, "data.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
+    text = (f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tiny_model_dir}\ndata:\n  sources:\n"
+            "    - path: data.jsonl\n  split: {validation: 0, test: 0}\n  clean: {near_dedupe: false}\n")
+    code, out, err = cli("prepare", str(write(tmp_path, "r.yaml", text + "  system_prompt: Be kind.\n")))
+    assert code == 0, err
+    note = "data.system_prompt is set but was added to 0 rows: every one of the 4 conversations has its own system"
+    assert note in out
+    assert note in " ".join(json.loads((tmp_path / "runs/t/prepare/report.json").read_text())["notes"])
+    chats[0]["messages"].pop(0)  # one row without: the prompt is used, no note
+    write(tmp_path, "data.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
+    code, out, err = cli("prepare", str(tmp_path / "r.yaml"))
+    assert code == 0 and "added to 0 rows" not in out, err

@@ -87,6 +87,18 @@ def test_a_tiny_weight_that_removes_every_training_row(cli, project):
     assert code == 2 and "data.sources[0].weight=0.001" in one_line_error(err) and "Raise the weight" in err
 
 
+def test_a_tiny_weight_is_blamed_even_when_rows_went_to_validation_and_test(cli, project):
+    write, tmp = project
+    write_jsonl(tmp / "data.jsonl", [chat(i) for i in range(10)])
+    code, _, err = cli("prepare", str(write({"sources": [{"path": "data.jsonl", "weight": 0.01}],
+                                             "split": {"validation": 0.1, "test": 0.1}})))
+    line = one_line_error(err)
+    assert code == 2 and "data.sources[0].weight=0.01 resampled all 8 training rows away" in line
+    assert "(the other rows went 1 to validation and 1 to test)" in line and "Raise the weight" in line
+    assert "lower data.split" not in line
+    assert not (tmp / "runs" / "bad" / "prepare" / "manifest.json").exists()
+
+
 def test_sources_with_only_held_out_roles(cli, project):
     write, tmp = project
     write_jsonl(tmp / "data.jsonl", [chat(i) for i in range(4)])
@@ -291,3 +303,65 @@ def test_a_model_that_needs_trust_remote_code(cli, project, tiny_model_dir):
     line = one_line_error(err)
     assert code == 2 and "model.trust_remote_code: true" in line and "runs Python code" in line
     assert "huggingface.co" not in line
+
+
+# ------------------------------------------------------------------- a text file named .gguf, at every door (issue 29)
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_a_text_file_named_gguf_is_not_loaded_by_serve_or_chat(cli, tmp_path, command):
+    (tmp_path / "model.gguf").write_text("<html>404 Not Found</html>\n")
+    code, _, err = cli(command, str(tmp_path / "model.gguf"))
+    line = one_line_error(err)
+    assert code == 2 and f"{tmp_path / 'model.gguf'} is not a GGUF (it starts with '<html>404 No', not GGUF)" in line
+    assert "Failed to load" not in err
+    assert (tmp_path / "model.gguf").read_text() == "<html>404 Not Found</html>\n"
+
+
+def test_the_llama_cpp_door_checks_the_gguf_magic_before_loading(tmp_path):
+    from finetune.errors import UserError
+    from finetune.gguf import runtime
+
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.gguf is not a GGUF \(it is empty\)"):
+        runtime.inspect(tmp_path / "empty.gguf")
+    (tmp_path / "zip.gguf").write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00" * 4)
+    with pytest.raises(UserError, match=r"zip.gguf is not a GGUF \(it starts with '50 4b 03 04', not GGUF\)"):
+        runtime.chat(tmp_path / "zip.gguf", [[{"role": "user", "content": "hi"}]])
+    (tmp_path / "real.gguf").write_bytes(b"GGUF" + bytes(12))
+    with pytest.raises(UserError, match=r"adapter: .*notes.txt is not a GGUF"):
+        (tmp_path / "notes.txt").write_text("my adapter\n")
+        runtime.chat(tmp_path / "real.gguf", [[{"role": "user", "content": "hi"}]], lora_path=tmp_path / "notes.txt")
+
+
+# ------------------------------------------------------------------ settings that work but should say so (issue 29)
+def test_trust_remote_code_is_one_warning_line_in_our_words(cli, project, tiny_model_dir):
+    """Run as a user runs it (a child process: pytest's own warning capture would hide the console's)."""
+    import os
+    import subprocess
+    import sys
+
+    write, tmp = project
+    write_jsonl(tmp / "data.jsonl", [chat(i) for i in range(6)])
+    recipe = write(model={"id": str(tiny_model_dir), "trust_remote_code": True, "dtype": "float32"})
+    assert cli("prepare", str(recipe))[0] == 0
+    proc = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe), "train.max_steps=1"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", FINETUNE_DEBUG="0"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "trust_remote_code is on" in line]
+    assert lines == [f"warning: trust_remote_code is on for {tiny_model_dir}: Python code shipped with the model will "
+                     "run"], proc.stderr
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
+
+
+def test_half_precision_on_a_cpu_and_an_oversized_grad_accum_are_noted(cli, project):
+    write, tmp = project
+    write_jsonl(tmp / "data.jsonl", [chat(i) for i in range(6)])
+    recipe = write({"split": {"validation": 0, "test": 0}})
+    assert cli("prepare", str(recipe))[0] == 0
+    code, out, err = cli("train", str(recipe), "model.dtype=float16", "train.grad_accum=8", "train.max_steps=1")
+    assert code == 0, err
+    assert "train: note: model.dtype float16 on a CPU: most CPUs emulate float16 matrix products" in err
+    assert ("train: note: train.grad_accum is 8, but an epoch holds only 2 micro-batches of train.batch_size 4: one "
+            "optimizer step per epoch") in err
+    code, out, err = cli("train", str(recipe), "train.grad_accum=2", "train.max_steps=1")
+    assert code == 0 and "note:" not in err, err
