@@ -37,6 +37,7 @@ class TrainState:
 
     fingerprint: str                  # of the settings and data that decide what the run computes
     micro_batches_per_step: int
+    processes: int | None = None      # that wrote it (None: a checkpoint of an older finetune)
     step: int = 0                     # optimizer steps done
     tokens: int = 0                   # input tokens seen
     elapsed: float = 0.0              # wall-clock seconds, over every session of the run
@@ -139,11 +140,15 @@ def resume_fingerprint(recipe, data_fp: dict[str, str], micro_per_step: int) -> 
                                   "data": data_fp, "micro_batches_per_step": micro_per_step})
 
 
-def to_resume(out: Path, work: Path, fingerprint: str, resume: bool) -> tuple[Path | None, Path | None]:
+def to_resume(out: Path, work: Path, fingerprint: str, resume: bool, *, processes: int = 1, grad_accum: int = 1,
+              fingerprint_for: Callable[[int], str] | None = None) -> tuple[Path | None, Path | None]:
     """(the checkpoint to continue from, as a path under ``work``; a finished folder to copy into ``work`` first).
 
     The work folder holds an interrupted run. ``out`` is continued only with --resume when it finished (a run
     stopped by max_minutes or early stopping), or when it never finished (written by an older finetune in place).
+    A checkpoint written by another number of ``processes`` is continued when the micro-batches per step are the
+    same (``fingerprint_for(micro_batches)`` is the fingerprint the run would have with them); otherwise refused,
+    with the launch or grad_accum that continues it, before anything is touched.
     """
     finished = (out / "manifest.json").exists()
     folders = [work] + ([out] if resume or not finished else [])
@@ -151,7 +156,12 @@ def to_resume(out: Path, work: Path, fingerprint: str, resume: bool) -> tuple[Pa
         found = latest(folder / "checkpoints")
         if found is None:
             continue
-        if read_state(found).get("fingerprint") != fingerprint:
+        saved = read_state(found)
+        if saved.get("fingerprint") != fingerprint:
+            if (fingerprint_for is not None and saved.get("processes") not in (None, processes)
+                    and fingerprint_for(saved["micro_batches_per_step"]) == saved.get("fingerprint")):
+                _refuse_other_process_count(found, saved["processes"], saved["micro_batches_per_step"], processes,
+                                            grad_accum)
             if resume:
                 raise UserError(f"--resume: {found} was made with other settings (model, data, seed or train.* keys "
                                 f"other than {sorted(RESUMABLE_CHANGES)}). Restore them, or train without --resume "
@@ -167,39 +177,64 @@ def to_resume(out: Path, work: Path, fingerprint: str, resume: bool) -> tuple[Pa
     return None, None
 
 
+def _refuse_other_process_count(found: Path, ck_processes: int, ck_micro: int, processes: int,
+                                grad_accum: int) -> None:
+    """The same updates need the same micro-batches per step (grad_accum x processes): say how to get them."""
+    if ck_micro % processes:
+        counts = ", ".join(str(n) for n in range(1, ck_micro + 1) if ck_micro % n == 0)
+        raise UserError(f"train: {processes} processes cannot split the {ck_micro} micro-batches per step of the run "
+                        f"checkpointed in {found} (written by {ck_processes} processes); launch {counts} processes "
+                        f"with train.grad_accum = {ck_micro} / processes, or delete {found.parent} to start over.")
+    raise UserError(f"train: {found} was written by {ck_processes} processes ({ck_micro} micro-batches per step); "
+                    f"this launch has {processes} with train.grad_accum={grad_accum}: add "
+                    f"train.grad_accum={ck_micro // processes} to continue the same run, or launch {ck_processes} "
+                    f"processes, or delete {found.parent} to start over.")
+
+
 # ------------------------------------------------------------------------------ the weights and their state
 def trainable_state(model) -> dict[str, Any]:
-    """A CPU copy of the trainable parameters (the adapter, or every weight under full fine-tuning)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """A CPU copy of the trainable parameters (the adapter, or every weight under full fine-tuning), whole and
+    named as in the unwrapped model also when FSDP2 shards them (then every process must call it: a gather)."""
+    from finetune.training import sharded
+
+    return {sharded.canonical(n): sharded.full_tensor(p.detach()).to("cpu", copy=True)
+            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model, state: dict[str, Any]) -> None:
     import torch
 
-    params = dict(model.named_parameters())
+    from finetune.training import sharded
+
+    params = {sharded.canonical(n): p for n, p in model.named_parameters()}
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+            sharded.copy_into(params[name], value)
 
 
 def save_training(root: Path, state: TrainState, model, optimizer, scheduler, best_weights, accelerator,
                   keep: int) -> None:
-    """A checkpoint of the run under ``root`` (every process calls this; the main process writes)."""
+    """A checkpoint of the run under ``root`` (every process calls this; the main process writes). Under FSDP2
+    the weights and optimizer state are gathered whole first: the files are the same as a data-parallel run's."""
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
+
+    from finetune.training import sharded
 
     rng = rng_state()
     rng_all = [rng]
     if accelerator.num_processes > 1:
         rng_all = [None] * accelerator.num_processes
         dist.all_gather_object(rng_all, rng)
+    weights = trainable_state(model)
+    optim = sharded.optimizer_state(model, optimizer) if sharded.active(accelerator) else None
     if accelerator.is_main_process:
         def write(folder: Path) -> None:
-            save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+            save_file(weights, str(folder / "trainable.safetensors"))
             if best_weights is not None:
                 save_file(best_weights, str(folder / "best.safetensors"))
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(optim if optim is not None else optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(rng_all, folder / "rng.pt")
 
@@ -207,23 +242,33 @@ def save_training(root: Path, state: TrainState, model, optimizer, scheduler, be
     accelerator.wait_for_everyone()
 
 
-def load_training(path: Path, model, optimizer, scheduler, rank: int) -> tuple[TrainState, dict[str, Any] | None]:
+def load_training(path: Path, model, optimizer, scheduler, rank: int, *, sharded_model: bool = False
+                  ) -> tuple[TrainState, dict[str, Any] | None]:
     """Restore the weights, optimizer, scheduler and this process's RNG from checkpoint ``path``; returns the
-    run's state and the best validation step's weights (adapters), if any."""
+    run's state and the best validation step's weights (adapters), if any. ``sharded_model``: FSDP2 (every
+    process takes its shards of the whole weights and optimizer state)."""
     import torch
     from safetensors.torch import load_file
 
+    from finetune.training import sharded
+
     load_trainable(model, load_file(str(path / "trainable.safetensors")))
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optim = torch.load(path / "optimizer.pt", weights_only=False)
+    if sharded_model:
+        sharded.load_optimizer_state(model, optimizer, optim)
+    else:
+        optimizer.load_state_dict(optim)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_all = torch.load(path / "rng.pt", weights_only=False)
     set_rng_state(rng_all[rank % len(rng_all)])
     return TrainState.from_json(read_state(path)), best
 
 
-def save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | None = None) -> None:
-    """Save the adapter or model (atomically); ``step`` marks a snapshot taken during training."""
+def save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | None = None,
+                   state_dict: dict[str, Any] | None = None) -> None:
+    """Save the adapter or model (atomically); ``step`` marks a snapshot taken during training. ``state_dict``:
+    the weights gathered whole (FSDP2), saved instead of the model's own (sharded) ones."""
     from finetune import runs
     from finetune.training import attention
 
@@ -236,7 +281,10 @@ def save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | Non
             base.set_attn_implementation("eager")
     try:
         with runs.atomic_dir(final_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if state_dict is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if step is not None:
                 (Path(tmp) / "finetune_step.json").write_text(json.dumps({"step": step}))

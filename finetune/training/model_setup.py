@@ -48,8 +48,9 @@ class Model:
     kernels: str | None        # fused kernels applied: "liger" or None
 
 
-def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool) -> Model:
-    """Load the base model in the training dtype and wrap it for the method (train.method)."""
+def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool, sharded: bool = False) -> Model:
+    """Load the base model in the training dtype and wrap it for the method (train.method); ``sharded``: for FSDP2
+    (QLoRA's 4-bit weights are then stored in the compute dtype, which FSDP can shard)."""
     import torch
 
     t = recipe.train
@@ -58,7 +59,8 @@ def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool
     dtype, compute = models.training_dtypes(recipe.model.dtype, t.method, device_type)
     autocast_dtype = getattr(torch, compute) if compute else None
     attn = _attention(recipe.model.attn_implementation, device_type, packing)
-    model = _load_base(recipe, resolved, dtype, attn, device=f"cuda:{local_index}" if device_type == "cuda" else "cpu")
+    model = _load_base(recipe, resolved, dtype, attn, device=f"cuda:{local_index}" if device_type == "cuda" else "cpu",
+                       sharded=sharded)
     attn = getattr(model.config, "_attn_implementation", attn)
     # NOTES.md: with use_cache=True a cache is built even in training and the packed mask is skipped:
     # examples then attend to each other silently.
@@ -101,10 +103,15 @@ def _attention(requested: str, device_type: str, packing: bool) -> str:
     return attention.register()  # per-example causal SDPA over packed rows
 
 
-def _load_base(recipe, resolved, dtype: str, attn: str, *, device: str):
+def _load_base(recipe, resolved, dtype: str, attn: str, *, device: str, sharded: bool = False):
     from finetune import models
 
     quant = models.four_bit_config(dtype) if recipe.train.method == "qlora" else None
+    if quant is not None and sharded:
+        # FSDP2 shards floating-point tensors only: bitsandbytes packs the 4-bit weights into uint8 by default, which
+        # accelerate then leaves unsharded on every GPU. Packed into the compute dtype (bf16) they shard like any
+        # weight (Answer.AI's FSDP+QLoRA, axolotl); the quantized values are the same, and so is the saved adapter.
+        quant.bnb_4bit_quant_storage = quant.bnb_4bit_compute_dtype
     return models.load_model(resolved, dtype, device=device, trust_remote_code=recipe.model.trust_remote_code,
                              attn_implementation=attn, quantization_config=quant)
 

@@ -28,6 +28,7 @@ class StepContext:
     preference: preference.Settings
     reference: preference.Reference | None = None       # log-probabilities of the reference model (DPO, KTO)
     val_reference: preference.Reference | None = None   # the same for the validation rows
+    sharded: bool = False   # FSDP2: every forward pass gathers weights, so every process runs as many as the others
 
     def autocast(self):
         import torch
@@ -157,6 +158,17 @@ def collate(examples, packing: bool, pad_id: int | None, device) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------- validation
+def my_batches(batches: list, ctx: StepContext) -> list[tuple[Any, bool]]:
+    """This process's share of the evaluation batches, (batch, counted). Under FSDP2 a process with one batch fewer
+    than the others repeats its first one uncounted: the weights are gathered in every forward pass, by all."""
+    accelerator = ctx.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = [(b, True) for b in batches[rank::world]]
+    if ctx.sharded and batches:
+        mine += [(batches[0], False)] * (math.ceil(len(batches) / world) - len(mine))
+    return mine
+
+
 def validation_loss(model, rows, ctx: StepContext, batch_size: int, batch_tokens: int | None) -> float | None:
     """Mean token loss over the validation split (each process scores a share; sums are reduced)."""
     import torch
@@ -166,17 +178,19 @@ def validation_loss(model, rows, ctx: StepContext, batch_size: int, batch_tokens
     accelerator = ctx.accelerator
     batches = batching.eval_batches([len(ids) for ids, _ in rows], batch_size=batch_size,
                                     batch_tokens=batch_tokens if ctx.packing else None)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for b in batches[rank::world]:
+        for b, counted in my_batches(batches, ctx):
             examples = [rows[i] for i in b]
             with ctx.autocast():
-                total += float(forward_loss_sum(model, collate(examples, ctx.packing, ctx.pad_id,
-                                                               accelerator.device)))
-            count += batching.count_targets(examples)
+                loss_sum = float(forward_loss_sum(model, collate(examples, ctx.packing, ctx.pad_id,
+                                                                  accelerator.device)))
+            if counted:
+                total += loss_sum
+                count += batching.count_targets(examples)
     if was_training:
         model.train()
     if world > 1:
@@ -196,16 +210,18 @@ def validation_preference(model, rows, ctx: StepContext, batch_size: int, batch_
     accelerator = ctx.accelerator
     batches = batching.eval_batches([r.length for r in rows], batch_size=batch_size,
                                     batch_tokens=batch_tokens if ctx.packing else None)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, units, correct, margin
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for b in batches[rank::world]:
+        for b, counted in my_batches(batches, ctx):
             with ctx.autocast():
                 res = preference_batch(model, model, [rows[i] for i in b], b, rows, ctx, ctx.val_reference,
                                        step_units=len(b), step_chosen_targets=1)
-            sums = [sums[0] + res.loss_sum, sums[1] + res.units, sums[2] + res.correct, sums[3] + res.margin_sum]
+            if counted:
+                sums = [sums[0] + res.loss_sum, sums[1] + res.units, sums[2] + res.correct,
+                        sums[3] + res.margin_sum]
     if was_training:
         model.train()
     if world > 1:

@@ -138,10 +138,13 @@ def test_own_data_template_prepares_offline(tmp_path, embedded_model):
 @pytest.mark.parametrize("path", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_load_with_accelerate(path):
     """The accelerate configs shipped for multi-GPU and multi-machine runs load with accelerate and are
-    data-parallel (the only distributed type `finetune train` accepts)."""
+    data-parallel or FSDP2 (the distributed types `finetune train` accepts)."""
     from accelerate.commands.config.config_args import ClusterConfig
 
     config = ClusterConfig.from_yaml_file(path)
-    assert str(getattr(config.distributed_type, "value", config.distributed_type)) == "MULTI_GPU"
+    kind = str(getattr(config.distributed_type, "value", config.distributed_type))
+    assert kind in ("MULTI_GPU", "FSDP")
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2 and path.name.startswith("fsdp2")
     assert str(getattr(config.mixed_precision, "value", config.mixed_precision)) == "no"
     assert config.num_processes >= 2 and config.use_cpu is False
