@@ -87,13 +87,11 @@ def offloads(accelerator) -> bool:
 
 
 def check(recipe, accelerator, device_type: str) -> None:
-    """Settings that cannot work under this FSDP2 config: one line naming the setting and the fix."""
+    """Settings that cannot work under this FSDP2 config: one line naming the setting and the fix. (QLoRA without
+    CUDA is refused before, by train.check_settings, as without FSDP.)"""
     if not active(accelerator):
         return
     t, plugin = recipe.train, accelerator.state.fsdp_plugin
-    if t.method == "qlora" and device_type != "cuda":
-        raise UserError("train.method: qlora under FSDP2 needs CUDA GPUs (bitsandbytes 4-bit weights stored as bf16 "
-                        "so FSDP can shard them); none was found. Use train.method=lora on this machine.")
     if t.gradient_checkpointing == "on":
         raise UserError("train.gradient_checkpointing: on is not used under FSDP2, where activation checkpointing is "
                         "the launcher's: set fsdp_config.fsdp_activation_checkpointing: true in the accelerate config "
