@@ -40,8 +40,8 @@ def normalize_text(text: str, *, unicode: bool = True, whitespace: bool = True) 
 def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, require_assistant_last: bool,
                   system_prompt: str | None) -> tuple[dict[str, Any], dict[str, bool]]:
     """Normalised copy of one example and what was changed ({"normalized": ..., "system_prompt_added": ...,
-    "roles_mapped": {"human->user": 1, ...}, "numbers_as_text": {"completion": 1}}: the role names
-    ``formats.to_example`` mapped and the numbers it read as text, by field).
+    "roles_mapped": {"human->user": 1, ...}, and, when there were any, "numbers_as_text":
+    {"completion": 1}}: the role names ``formats.to_example`` mapped and the numbers it read as text, by field).
 
     Raises RowError for empty turns, a conversation without a user or assistant turn, a system message that
     is not first, or one that does not end with an assistant turn (when required).
@@ -51,7 +51,7 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
         if not text:
             raise RowError("empty_text", "the text is empty")
         return {"text": text}, {"normalized": text != example["text"], "system_prompt_added": False, "roles_mapped": {},
-                                "numbers_as_text": dict(example.get("numbers_as_text", {}))}
+                                **_numbers(example)}
     changed = False
     msgs = []
     for i, m in enumerate(example["messages"]):
@@ -93,8 +93,12 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
     if "desirable" in example:
         out["desirable"] = bool(example["desirable"])
     return out, {"normalized": changed, "system_prompt_added": added,
-                 "roles_mapped": dict(example.get("roles_mapped", {})),
-                 "numbers_as_text": dict(example.get("numbers_as_text", {}))}
+                 "roles_mapped": dict(example.get("roles_mapped", {})), **_numbers(example)}
+
+
+def _numbers(example: dict[str, Any]) -> dict[str, Any]:
+    """{"numbers_as_text": {field: n}} when ``formats.to_example`` read numbers as text, else nothing."""
+    return {"numbers_as_text": dict(example["numbers_as_text"])} if example.get("numbers_as_text") else {}
 
 
 def dedupe_text(example: dict[str, Any]) -> str:
