@@ -419,7 +419,7 @@ def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
 
 def _save_checkpoint(tr: _Training) -> None:
     ckpt.save_training(tr.work / "checkpoints", tr.state, tr.raw_model, tr.optimizer, tr.scheduler, tr.best_weights,
-                       tr.accelerator, tr.recipe.train.keep_checkpoints)
+                       tr.accelerator, tr.recipe.train.keep_checkpoints, sharded_model=tr.sharded)
 
 
 # -------------------------------------------------------------------------------------------- outputs

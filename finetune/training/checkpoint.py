@@ -213,9 +213,10 @@ def load_trainable(model, state: dict[str, Any]) -> None:
 
 
 def save_training(root: Path, state: TrainState, model, optimizer, scheduler, best_weights, accelerator,
-                  keep: int) -> None:
+                  keep: int, *, sharded_model: bool = False) -> None:
     """A checkpoint of the run under ``root`` (every process calls this; the main process writes). Under FSDP2
-    the weights and optimizer state are gathered whole first: the files are the same as a data-parallel run's."""
+    (``sharded_model``) the weights and optimizer state are gathered whole first: the files are the same as a
+    data-parallel run's, by parameter name for the optimizer state."""
     import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -228,7 +229,7 @@ def save_training(root: Path, state: TrainState, model, optimizer, scheduler, be
         rng_all = [None] * accelerator.num_processes
         dist.all_gather_object(rng_all, rng)
     weights = trainable_state(model)
-    optim = sharded.optimizer_state(model, optimizer) if sharded.active(accelerator) else None
+    optim = sharded.optimizer_state(model, optimizer) if sharded_model else None
     if accelerator.is_main_process:
         def write(folder: Path) -> None:
             save_file(weights, str(folder / "trainable.safetensors"))

@@ -65,13 +65,16 @@ def _fsdp_version(accelerator) -> int | None:
 def enable_on_cpu(accelerator) -> None:
     """Under a launcher that asked for FSDP2, on the CPU: make accelerate's state FSDP with the launcher's plugin
     (see the module's docstring for why accelerate does not do it itself)."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if not requested() or accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
     state = AcceleratorState()
     state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* from the environment the launcher set
+    # Both shared states: every later AcceleratorState() (accelerate makes one per prepared optimizer) copies the
+    # PartialState's distributed type over its own.
+    PartialState().distributed_type = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
 
 
@@ -174,7 +177,12 @@ def full_model_state(model) -> dict[str, Any]:
     model's state dict: for saving a fully fine-tuned model. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied weight (lm_head = embed_tokens) is one parameter under two names; gathered, the two are separate copies
+    # that save_pretrained no longer recognises as one: keep only the first name, as an unsharded save does.
+    every = {canonical(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    first = {canonical(n) for n, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k not in every - first}
 
 
 def optimizer_state(model, optimizer) -> dict[str, Any]:
