@@ -5,8 +5,7 @@ its weights never hold MTP tensors. llama.cpp's Qwen3.5 converter, told nothing,
 and asserts that it found some: whether the converter is told "no MTP" must follow the weights, not the config.
 
 The model is the family matrix's qwen3.5 twin (scripts/twins.py) saved again by transformers from a fresh config,
-primed and taken through prepare, train and export as the matrix does (scripts/family_matrix.py). About 70 s on 2
-cores once the twin is built.
+primed and taken through prepare, train and export as the matrix does (scripts/family_matrix.py).
 """
 
 from __future__ import annotations
@@ -77,7 +76,9 @@ def test_a_qwen35_model_without_declared_mtp_trains_and_exports_with_parity(fres
     from transformers import AutoTokenizer
 
     system_ok = family_matrix.supports_system(AutoTokenizer.from_pretrained(primed["path"]))
-    recipe = recipe_mod.load(family_matrix.write_recipe(FAMILY, primed["path"], tmp_path, system_ok))
+    # the quantization table's greedy answers (24 prompts per type) prove nothing about MTP: left out for time
+    recipe = recipe_mod.load(family_matrix.write_recipe(FAMILY, primed["path"], tmp_path, system_ok),
+                             ["export.table_examples=0"])
 
     assert family_matrix.stage_prepare(recipe)["ok"]
     trained = family_matrix.stage_train(recipe)
