@@ -153,14 +153,19 @@ def plan_command(argv: list[str]) -> int:
     p = recipe_parser("plan", "Estimate training memory and time for a recipe; say whether it fits and what to change.")
     p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
                    help="plan for a GPU with N GB (e.g. 8, 12, 16, 24) instead of the detected device")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="plan N such GPUs: memory per GPU with the model sharded (FSDP2) and the launch command; "
+                        "if it does not fit, try more GPUs or fsdp_activation_checkpointing")
     p.add_argument("--config", default=None, metavar="PATH",
                    help="the model's config.json (or a folder with it); default: from the model folder or the Hub")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     ns = p.parse_args(argv)
     if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
         raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
+    if ns.gpus is not None and not (1 <= ns.gpus <= 4096):
+        raise UserError(f"--gpus: {ns.gpus} is not a number of GPUs; try 2, 4 or 8")
     recipe = load_recipe(ns)
-    result = stage.run(recipe, gpu_gb=ns.gpu_gb, config_path=ns.config)
+    result = stage.run(recipe, gpu_gb=ns.gpu_gb, config_path=ns.config, gpus=ns.gpus)
     print(json.dumps(result, indent=2) if ns.json else stage.format_plan(result))
     return 0 if result["results"][0]["fits"] else 1
 

@@ -92,8 +92,9 @@ def tokens_per_example(recipe, stats: dict[str, float] | None = None) -> tuple[f
 
 
 def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None = None,
-        cards: list[float] | None = None) -> dict:
-    """Plan a recipe for the named card (gpu_gb), else the detected device, plus the card the recipe names."""
+        cards: list[float] | None = None, gpus: int | None = None) -> dict:
+    """Plan a recipe for the named card (gpu_gb), else the detected device, plus the card the recipe names.
+    ``gpus``: that many of the first card (per GPU; sharded with FSDP2 when more than one), and the launcher."""
     config, source = load_model_config(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
                                        config_path=config_path, gated=recipe.model.gated)
     from finetune import refusals
@@ -105,6 +106,9 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
         targets.append((f"{gpu_gb:g} GB GPU", "cuda", int(gpu_gb * GiB * USABLE_SHARE)))
     else:
         budget, device, desc = detect_budget()
+        if gpus is not None and device != "cuda":
+            raise UserError(f"--gpus {gpus}: no GPU was found on this machine to size them by; add --gpu-gb X "
+                            "(the memory of each GPU, e.g. --gpu-gb 24).")
         targets.append((f"this machine: {desc}", device, int(budget * (USABLE_SHARE if device == "cuda" else 1))))
     for card in ([recipe.card_gb] if recipe.card_gb and recipe.card_gb != gpu_gb else []) + list(cards or []):
         targets.append((f"{card:g} GB GPU (card_gb)" if card == recipe.card_gb else f"{card:g} GB GPU", "cuda",
@@ -115,7 +119,8 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
     from finetune import models
 
     cpu_bf16 = models.cpu_has_fast_bf16()
-    for label, device, budget in targets:
+    launcher = None
+    for k, (label, device, budget) in enumerate(targets):
         settings = settings_for(recipe, device, cpu_fast_bf16=cpu_bf16)
         if stats and stats["max_tokens"] < settings.seq_len:
             settings = replace(settings, seq_len=int(stats["max_tokens"]))
@@ -123,6 +128,10 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
             settings = replace(settings, logit_fraction=stats["trained_fraction_p95"])
         if device == "cpu" and settings.method == "qlora":
             settings = replace(settings, method="lora")
+        if k == 0 and gpus is not None:
+            launcher = _launcher(dims, settings, budget, recipe.train.gradient_checkpointing, gpus)
+            settings = replace(settings, processes=gpus)
+            label = f"{gpus} x {label}" + (" (per GPU, FSDP2)" if gpus > 1 else "")
         r = plan_for_budget(dims, settings, budget, recipe.train.gradient_checkpointing)
         r["target"] = label
         r["device"] = device
@@ -149,6 +158,8 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
         "active_params": dims.active_params if dims.is_moe else None,
         "prepared": stats,
         "results": results,
+        "gpus": gpus,
+        "launcher": launcher,
         "time_estimate": {
             "seconds_per_1k_examples": seconds,
             "tokens_per_example": mean_tokens,
@@ -158,6 +169,25 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
                      f"{MID_RANGE_GPU_FLOPS / 1e12:.0f} TFLOP/s of bf16 training",
         },
     }
+
+
+def _launcher(dims, settings: Settings, budget: int, checkpointing: str, gpus: int) -> dict:
+    """How to launch on ``gpus`` GPUs: data-parallel when the whole model fits each GPU (no gathering: faster),
+    else FSDP2 when the sharded model fits, else nothing fits."""
+    one = plan_for_budget(dims, settings, budget, checkpointing)
+    many = plan_for_budget(dims, replace(settings, processes=gpus), budget, checkpointing) if gpus > 1 else one
+    if gpus == 1:
+        how = ("finetune train RECIPE", "one GPU") if one["fits"] else (None, "does not fit one GPU")
+    elif one["fits"]:
+        how = (f"accelerate launch --config_file recipes/accelerate/multi-gpu.yaml --num_processes {gpus} -m finetune "
+               "train RECIPE", "data-parallel: the whole model fits each GPU")
+    elif many["fits"]:
+        how = (f"accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes {gpus} -m finetune "
+               "train RECIPE", f"FSDP2: the model fits only sharded over {gpus} GPUs")
+    else:
+        how = (None, f"does not fit {gpus} GPUs even sharded")
+    return {"command": how[0], "why": how[1], "unsharded_total": one["estimate"]["total"],
+            "sharded_total": many["estimate"]["total"], "fits": how[0] is not None}
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -198,6 +228,14 @@ def format_plan(plan: dict) -> str:
                              + ("  FITS" if sug["fits"] else ""))
             if not r["suggestions"][-1]["fits"]:
                 lines.append("      still too big: pick a smaller model (see recipes/models/) or a larger card")
+    if plan.get("launcher"):
+        la = plan["launcher"]
+        lines.append("")
+        lines.append(f"  on {plan['gpus']} GPU{'s' if plan['gpus'] > 1 else ''}: {la['why']} (per GPU "
+                     f"{gib(la['sharded_total'])} sharded, "
+                     f"{gib(la['unsharded_total'])} whole)")
+        if la["command"]:
+            lines.append(f"    launch: {la['command']}")
     t = plan["time_estimate"]
     secs = t["seconds_per_1k_examples"]
     when = duration(secs)

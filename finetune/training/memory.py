@@ -65,6 +65,7 @@ class Settings:
     logit_fraction: float = 1.0           # share of positions that get logits (packed: only trained positions)
     objective: str = "sft"                # sft | dpo | kto | orpo | simpo (extra sequences and forward passes)
     lora_experts: bool = False            # LoRA on the experts' fused tensors too (train.lora.experts)
+    processes: int = 1                    # > 1: FSDP2 over that many GPUs (the estimate is per GPU)
 
 
 @dataclass
@@ -169,6 +170,8 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     per_token_logit = act + upcast + 4 + 4 + (2 * act if dims.logit_softcapping else 0)
     logits = int(tokens * min(1.0, s.logit_fraction)) * dims.vocab_size * per_token_logit
 
+    if s.processes > 1:
+        weights, adapter, gradients, optimizer = _sharded(dims, s, weights, adapter, gradients, optimizer, notes)
     subtotal = weights + adapter + gradients + optimizer + activations + logits
     if s.device == "cuda":
         framework = CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * subtotal)
@@ -177,6 +180,23 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     return MemoryEstimate(weights=int(weights), adapter=int(adapter), gradients=int(gradients), optimizer=int(optimizer),
                           activations=int(activations), logits=int(logits), framework=int(framework),
                           total_params=dims.total_params, trainable_params=int(trainable), notes=notes)
+
+
+def _sharded(dims: ModelDims, s: Settings, weights: int, adapter: int, gradients: int, optimizer: int,
+             notes: list[str]) -> tuple[int, int, int, int]:
+    """Per GPU under FSDP2 (accelerate's wrapping: a group per decoder layer, the embeddings and head together,
+    resharded after use except that tail): 1/N of weights, adapter, gradients and optimizer state, plus what is
+    gathered whole at a time: the largest layer twice (the one computing and the one prefetched) and the tail."""
+    n = s.processes
+    per_weight = (0.5 + 1 / 64) if s.method == "qlora" else DTYPE_BYTES[s.weight_dtype]
+    largest_layer = max(sum(a * b for a, b in shapes.values()) for _, shapes in dims.layer_groups())
+    other = dims.total_params - dims.linear_params  # embeddings, lm_head, norms (fp32 under QLoRA)
+    gathered = int(2 * largest_layer * per_weight + other * (4 if s.method == "qlora" else DTYPE_BYTES[s.weight_dtype]))
+    if s.method == "full":  # a layer's whole gradient exists until it is reduce-scattered
+        gathered += largest_layer * DTYPE_BYTES[s.weight_dtype]
+    notes.append(f"FSDP2 over {n} GPUs (recipes/accelerate/fsdp2.yaml): weights, gradients and optimizer state "
+                 f"split {n} ways, plus the largest decoder layer gathered twice and the embeddings/head group whole")
+    return weights // n + gathered, adapter // n, gradients // n, optimizer // n
 
 
 def _layer_activation_bytes(dims: ModelDims, targets: dict[str, tuple[int, int]], s: Settings, act: int) -> int:

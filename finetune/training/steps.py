@@ -70,7 +70,9 @@ def accumulate(model, step: batching.Step, rows, ctx: StepContext) -> tuple[floa
     work_idx = mine_idx + [step.micro_batches[0]] * (per_process - len(mine))
     local_sum = 0.0
     for i, (mb, weight) in enumerate(work):
-        sync = i == len(work) - 1
+        # DDP: gradients are all-reduced once, after the last micro-batch. FSDP2 reduce-scatters every micro-batch
+        # instead: skipping it would keep every layer's whole gradient until the step, the memory FSDP2 saves.
+        sync = i == len(work) - 1 or ctx.sharded
         with nullcontext() if sync else accelerator.no_sync(model), ctx.autocast():
             if ctx.objective == "sft":
                 loss = loss_sum = forward_loss_sum(model, collate(mb, ctx.packing, ctx.pad_id, accelerator.device))

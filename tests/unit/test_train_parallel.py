@@ -150,3 +150,31 @@ def test_resume_with_another_process_count_through_the_cli_exits_2(tmp_path, tin
     assert len(lines) == 1 and "train.grad_accum=2" in lines[0], err
     assert json.loads((found / ckpt.STATE_FILE).read_text())["processes"] == 2
     assert not (r.run_dir("train") / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------ the planner, per GPU
+def test_plan_per_gpu_under_fsdp2_and_the_launcher(repo_root):
+    """Llama-3.1-8B (its config.json snapshot) on 16 GB cards: LoRA does not fit one, fits sharded over 2 (FSDP2);
+    QLoRA fits one, so 2 GPUs train data-parallel. Sharded parts shrink with the number of GPUs."""
+    import torch
+
+    from finetune import plan
+    from finetune import recipe as recipe_mod
+
+    config = repo_root / "tests" / "fixtures" / "configs" / "meta-llama--Llama-3.1-8B-Instruct.json"
+    path = repo_root / "recipes" / "models" / "llama-3.1-8b-instruct-lora-24gb.yaml"
+    lora = {n: plan.run(recipe_mod.load(path), gpu_gb=16, config_path=config, gpus=n) for n in (1, 2, 4)}
+    assert lora[1]["launcher"]["command"] is None and not lora[1]["results"][0]["fits"]
+    assert "recipes/accelerate/fsdp2.yaml --num_processes 2" in lora[2]["launcher"]["command"]
+    assert lora[2]["results"][0]["fits"] and "per GPU, FSDP2" in lora[2]["results"][0]["target"]
+    e = {n: lora[n]["results"][0]["estimate"] for n in (1, 2, 4)}
+    assert e[1]["optimizer"] == 2 * e[2]["optimizer"] == 4 * e[4]["optimizer"]
+    assert e[1]["weights"] > e[2]["weights"] > e[4]["weights"] > e[1]["weights"] / 4  # plus what is gathered
+    assert e[1]["activations"] == e[4]["activations"]  # each GPU runs its own micro-batches
+    qlora = plan.run(recipe_mod.load(path, ["train.method=qlora"]), gpu_gb=16, config_path=config, gpus=2)
+    assert "multi-gpu.yaml --num_processes 2" in qlora["launcher"]["command"]
+    text = plan.format_plan(lora[2])
+    assert "on 2 GPUs: FSDP2" in text and "launch: accelerate launch --config_file recipes/accelerate/fsdp2.yaml" in text
+    if not torch.cuda.is_available():  # no GPU here to size them by
+        with pytest.raises(UserError, match="--gpu-gb"):
+            plan.run(recipe_mod.load(path), config_path=config, gpus=2)
