@@ -88,7 +88,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg,
                                    template=template, end_tokens=end_tokens)
 
-        per_example_scores, sources = _score_answers(answers, references, reference_calls, gen_names, variants)
+        per_example_scores, sources = _score_answers(answers, references, reference_calls, gen_names, variants,
+                                                     hub_metrics=cfg.hub_metrics)
         pref_result = None
         if pref_rows:
             pref_result = eval_preference.score(pref_rows, pref_logps, beta=recipe.train.preference.beta)
@@ -221,13 +222,16 @@ def _write_outputs(out: Path, result: dict[str, Any], example_rows: list[dict[st
 
 def _score_answers(answers: dict[str, list[dict[str, Any]]], references: list[str],
                    reference_calls: list[list[dict[str, Any]]], gen_names: list[str],
-                   variants: dict[str, dict[str, Any]]) -> tuple[dict[str, list[dict[str, float]]], dict[str, str]]:
+                   variants: dict[str, dict[str, Any]], *, hub_metrics: bool
+                   ) -> tuple[dict[str, list[dict[str, float]]], dict[str, str]]:
     """Score every variant's answers against the references: corpus scores, cut answers and answer shape go into
-    ``variants``; returns the per-example scores per variant and the metric sources."""
+    ``variants``; returns the per-example scores per variant and the metric sources (``hub_metrics``: the Hub's
+    metric modules when they can be loaded, see finetune.metrics.load)."""
     per_example_scores: dict[str, list[dict[str, float]]] = {}
     sources: dict[str, str] = {}
     for name, outs in answers.items():
-        corpus, per_example, sources = metric_lib.score_generations(gen_names, [o["text"] for o in outs], references)
+        corpus, per_example, sources = metric_lib.score_generations(gen_names, [o["text"] for o in outs], references,
+                                                                     prefer_hub=hub_metrics)
         if "tool_call_match" in gen_names:
             calls_corpus, calls_per_example = metric_lib.score_tool_calls([o["tool_calls"] for o in outs],
                                                                            reference_calls)

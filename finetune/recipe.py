@@ -215,6 +215,11 @@ class EvalConfig(Section):
         "block; tool_call_match: the called functions' names and JSON-equal arguments, on rows whose reference calls "
         "tools.",
     )
+    hub_metrics: bool = Field(
+        False, description="Score with the Hub's evaluate-metric/<name> modules instead of the local ones (needs "
+        "the network; the local ones score when the Hub cannot be reached). metrics.json's metric_sources says which "
+        "scored.",
+    )
     split: Literal["test", "validation"] = "test"
     max_examples: int | None = Field(200, ge=1, description="Score at most this many examples (None: all).")
     max_new_tokens: int = Field(128, ge=1)

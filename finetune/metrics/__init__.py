@@ -1,32 +1,24 @@
-"""Metrics for generated answers, through Hugging Face ``evaluate``, working offline.
+"""Metrics for generated answers: the local implementations by default, the Hub's ``evaluate`` modules on request.
 
-Each metric is an ``evaluate`` module. The Hub versions (``evaluate-metric/<name>``) need the network, so
-every metric also ships here as a local module folder (``finetune/metrics/<name>/<name>.py``) backed by
-the real library (sacrebleu, rouge-score, scikit-learn) with the Hub module's arguments and output keys.
-``load`` prefers the Hub module when the Hub can be reached and falls back to the local one; which one
-ran is recorded next to the numbers. Plain functions, no recipe.
+Each metric is computed here (``finetune.metrics.local``: scikit-learn, sacrebleu, rouge-score behind the Hub
+modules' arguments and output keys), so the same answers get the same scores online and offline. With
+``prefer_hub=True`` (the recipe's ``eval.hub_metrics: true``) the Hub module ``evaluate-metric/<name>`` scores
+instead, when it can be loaded; which one scored is recorded next to the numbers. Plain functions, no recipe.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
-METRICS_DIR = Path(__file__).resolve().parent
-LOCAL_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf")
+from finetune.metrics import local
+
+LOCAL_METRICS = tuple(local.METRICS)
 # Classification-style metrics compare normalised answer strings as class labels.
 LABEL_METRICS = ("accuracy", "precision", "recall", "f1")
 
-_hub_unreachable = False  # after one connection failure, stop paying for the Hub in this process
-
-
-def local_path(name: str) -> Path:
-    """The local module script of a metric, e.g. .../finetune/metrics/rouge/rouge.py."""
-    if name not in LOCAL_METRICS:
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(LOCAL_METRICS)}")
-    return METRICS_DIR / name / f"{name}.py"
+_hub_unreachable = False  # after one failed Hub load, stop paying for the Hub in this process
 
 
 def hub_offline() -> bool:
@@ -35,21 +27,25 @@ def hub_offline() -> bool:
     return hub_is_offline() or os.environ.get("HF_EVALUATE_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def load(name: str, *, prefer_hub: bool = True) -> tuple[Any, str]:
-    """(evaluate module, source) for a metric: the Hub module when reachable and wanted, else the local one.
+def load(name: str, *, prefer_hub: bool = False) -> tuple[Callable[..., dict[str, Any]], str]:
+    """(compute function, source) for a metric: the local one, or with ``prefer_hub`` the Hub module's ``compute``
+    when the Hub can be reached. Both take the same keyword arguments and return the same keys.
 
-    source is 'hub:evaluate-metric/<name>' or 'local:<path>'.
+    source is 'local:finetune.metrics.local.<name>' or 'hub:evaluate-metric/<name>'.
     """
     global _hub_unreachable
-    import evaluate as hf_evaluate
-
+    if name not in local.METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(LOCAL_METRICS)}")
     if prefer_hub and not hub_offline() and not _hub_unreachable:
+        import evaluate as hf_evaluate
+
         try:
-            return hf_evaluate.load(f"evaluate-metric/{name}"), f"hub:evaluate-metric/{name}"
-        except Exception:  # no network, a proxy, a Hub outage: the local module computes the same thing
+            return hf_evaluate.load(f"evaluate-metric/{name}").compute, f"hub:evaluate-metric/{name}"
+        except Exception as exc:  # no network, a proxy, a Hub outage: the local one scores, and says so
             _hub_unreachable = True
-    path = local_path(name)
-    return hf_evaluate.load(str(path)), f"local:{path}"
+            print(f"eval: the Hub metric evaluate-metric/{name} could not be loaded ({type(exc).__name__}: {exc}); "
+                  "scoring with the local metrics (metric_sources in metrics.json says which scored)")
+    return local.METRICS[name], f"local:finetune.metrics.local.{name}"
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -64,7 +60,7 @@ def label_of(text: str) -> str:
 
 
 def score_generations(
-    names: Sequence[str], predictions: Sequence[str], references: Sequence[str], *, prefer_hub: bool = True
+    names: Sequence[str], predictions: Sequence[str], references: Sequence[str], *, prefer_hub: bool = False
 ) -> tuple[dict[str, float], list[dict[str, float]], dict[str, str]]:
     """Score generated answers against references.
 
@@ -85,8 +81,8 @@ def score_generations(
         return corpus, per_example, sources
 
     if "exact_match" in names:
-        module, sources["exact_match"] = load("exact_match", prefer_hub=prefer_hub)
-        corpus["exact_match"] = float(module.compute(predictions=preds, references=refs)["exact_match"])
+        compute, sources["exact_match"] = load("exact_match", prefer_hub=prefer_hub)
+        corpus["exact_match"] = float(compute(predictions=preds, references=refs)["exact_match"])
         for row, p, r in zip(per_example, preds, refs, strict=True):
             row["exact_match"] = float(p == r)
 
@@ -100,31 +96,31 @@ def score_generations(
         y_true = [ids[c] for c in ref_labels]
         y_pred = [ids.get(c, -1) for c in pred_labels]
         for m in wanted_labels:
-            module, sources[m] = load(m, prefer_hub=prefer_hub)
+            compute, sources[m] = load(m, prefer_hub=prefer_hub)
             kwargs: dict[str, Any] = {} if m == "accuracy" else {"average": "macro", "labels": list(range(len(classes)))}
             if m in ("precision", "recall"):  # the Hub's f1 module has no zero_division argument
                 kwargs["zero_division"] = 0
-            corpus[m] = float(module.compute(predictions=y_pred, references=y_true, **kwargs)[m])
+            corpus[m] = float(compute(predictions=y_pred, references=y_true, **kwargs)[m])
         for row, t, p in zip(per_example, y_true, y_pred, strict=True):
             row["correct"] = float(t == p)
 
     if "rouge" in names:
-        module, sources["rouge"] = load("rouge", prefer_hub=prefer_hub)
-        scores = module.compute(predictions=preds, references=refs, use_aggregator=False)
+        compute, sources["rouge"] = load("rouge", prefer_hub=prefer_hub)
+        scores = compute(predictions=preds, references=refs, use_aggregator=False)
         for key, values in scores.items():
             corpus[key] = float(sum(values) / n)
         for row, value in zip(per_example, scores["rougeL"], strict=True):
             row["rougeL"] = float(value)
 
     if "bleu" in names:
-        module, sources["bleu"] = load("bleu", prefer_hub=prefer_hub)
-        corpus["bleu"] = float(module.compute(predictions=preds, references=[[r] for r in refs])["bleu"])
+        compute, sources["bleu"] = load("bleu", prefer_hub=prefer_hub)
+        corpus["bleu"] = float(compute(predictions=preds, references=[[r] for r in refs])["bleu"])
         for row, p, r in zip(per_example, preds, refs, strict=True):
             row["bleu"] = sacrebleu.sentence_bleu(p, [r]).score / 100.0
 
     if "chrf" in names:
-        module, sources["chrf"] = load("chrf", prefer_hub=prefer_hub)
-        corpus["chrf"] = float(module.compute(predictions=preds, references=[[r] for r in refs])["score"])
+        compute, sources["chrf"] = load("chrf", prefer_hub=prefer_hub)
+        corpus["chrf"] = float(compute(predictions=preds, references=[[r] for r in refs])["score"])
         for row, p, r in zip(per_example, preds, refs, strict=True):
             row["chrf"] = sacrebleu.sentence_chrf(p, [r]).score
     return corpus, per_example, sources
