@@ -213,7 +213,3 @@ def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:
         return Upstream(prepared=prepared, trained=trained, exported=exported)
     raise ValueError(f"unknown stage {stage!r}")
 
-
-def existing(paths: dict[str, Path]) -> dict[str, Path]:
-    """The entries whose files exist (a split prepare left empty has no tokenized folder)."""
-    return {k: p for k, p in paths.items() if p.exists()}
