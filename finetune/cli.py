@@ -119,7 +119,7 @@ def check_inputs(r) -> list[str]:
         except UserError as exc:
             problems.append(str(exc))
     produced = {r.export.outtype, *r.export.quantizations}  # the keys of the export's GGUFs, which serve looks up
-    if "quant" in r.serve.model_fields_set and r.serve.quant != "auto" and r.serve.quant not in produced:
+    if r.serve.quant != "auto" and r.serve.quant not in produced:  # set or left at its default
         problems.append(f"serve.quant: {r.serve.quant} is not a type export writes (export.outtype "
                         f"{r.export.outtype} and export.quantizations {r.export.quantizations}); add {r.serve.quant} to "
                         f"export.quantizations or set serve.quant to one of {', '.join(sorted(produced))}")
