@@ -4,7 +4,8 @@
 #      padded on CUDA, Liger kernels, the out-of-memory error) and tests/unit/test_train.py on CUDA;
 #   2. scripts/bench_train.py (with variants: Liger, transformers' sdpa mask, padded) on the GPU with SmolLM2-135M- and SmolLM2-1.7B-shaped models (random weights: the
 #      speed of a step does not depend on the values);
-#   3. scripts/profile_train.py: where the time of a step goes.
+#   3. scripts/profile_train.py: where the time of a step goes;
+#   4. FSDP2 LoRA and QLoRA through recipes/accelerate/fsdp2.yaml on the GPUs present, peak memory vs `finetune plan --gpus N`.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]
 #
@@ -65,3 +66,25 @@ timeout 140 python3 scripts/bench_train.py --base /tmp/random-smollm2-135m --exa
 
 echo "== 3. profile (135M-shaped)"
 timeout 60 python3 scripts/profile_train.py /tmp/random-smollm2-135m > "$out/profile-135m.txt" 2>&1; tail -c 300 "$out/profile-135m.txt"
+
+echo "== 4. FSDP2 (recipes/accelerate/fsdp2.yaml) on every GPU here: LoRA and QLoRA, peak memory vs the planner"
+# Not yet run on a GPU: written on a CPU-only machine, where tests/integration/test_train_fsdp.py covers the path
+# over gloo. A 1-process FSDP2 run is legal on one GPU. QLoRA stores its 4-bit weights as bf16 under FSDP2.
+ngpu=$(nvidia-smi --list-gpus | wc -l)
+PYTHONPATH="${PYTHONPATH:-$PWD}:$PWD/tests" timeout 40 python3 - "$out/fsdp" <<'EOF2' || exit 1
+import sys
+from pathlib import Path
+from train_fixtures import prepared
+out = Path(sys.argv[1])
+for method in ("lora", "qlora"):
+    prepared(out, Path("/tmp/random-smollm2-135m"), f"fsdp-{method}", n_train=256, n_val=16, method=method,
+             max_steps=20, batch_size=8, log_every=5, eval_every=20, save_every=10, model={"dtype": "bfloat16"})
+EOF2
+for method in lora qlora; do
+  timeout 150 python3 -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2.yaml --num_processes "$ngpu" \
+    -m finetune train "$out/fsdp/fsdp-$method.yaml" > "$out/fsdp-$method.log" 2>&1; echo "fsdp2 $method exit $?"
+  grep -E "FSDP2 over|trained|error" "$out/fsdp-$method.log" | head -5
+  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s[k] for k in ('processes','sharding','peak_memory_mb','tokens_per_s','final_val_loss')})" \
+    "$out/fsdp/runs/fsdp-$method/train/summary.json"
+  python3 -m finetune plan "$out/fsdp/fsdp-$method.yaml" --gpus "$ngpu" 2>&1 | grep -E "^  on .*GPU|    total|launch:" | head -4
+done
