@@ -3,7 +3,7 @@
 Readable top to bottom: ``run`` loads the data and the model, plans every optimizer step up front, then runs the
 loop (``_loop``: step, log, validate, checkpoint, stop) and writes the outputs. The maths is transformers/peft/
 torch (model, adapters, optimizers, ``get_scheduler``) and accelerate (device placement, data-parallel gradient
-sync); the loop is ours, on purpose:
+sync, FSDP2 sharding under recipes/accelerate/fsdp2.yaml: training/sharded.py); the loop is ours, on purpose:
 
 - speed: padding-free packed batches (one row, positions restarting per example, per-example causal attention)
   and logits computed only where a label is trained (``logits_to_keep``): with assistant-only loss most
@@ -15,6 +15,7 @@ sync); the loop is ours, on purpose:
   about the update.
 
 Its rooms: training/model_setup.py (the model, adapters, kernels, gradient checkpointing, optimizer),
+training/sharded.py (FSDP2: the launcher's config, what it refuses, weights gathered whole for saving),
 training/steps.py (one step, the losses, validation), training/checkpoint.py (the run's state, checkpoints,
 resuming, saving the adapter or model), training/console.py (progress bar, log, Ctrl-C).
 
