@@ -104,6 +104,28 @@ def test_layer_classes_come_from_the_model():
         sharded.layer_classes(torch.nn.Linear(2, 2))
 
 
+def test_every_config_snapshot_is_wrapped_by_its_decoder_layer(repo_root):
+    """The families whose config.json we keep (tests/fixtures/configs), built on the meta device: each gets its
+    decoder layer class (Qwen3.5's vision block, named in its _no_split_modules, is not in its text model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    found = {}
+    for path in sorted((repo_root / "tests" / "fixtures" / "configs").glob("*.json")):
+        config = AutoConfig.for_model(**json.loads(path.read_text()))
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # no causal-LM class for this config (Ministral 3's image-text config)
+            continue
+        found[path.stem] = sharded.layer_classes(model)
+    assert len(found) >= 15
+    for name, classes in found.items():
+        assert any(c.endswith(("DecoderLayer",)) for c in classes), (name, classes)
+    assert found["Qwen--Qwen3.5-4B"] == ["Qwen3_5DecoderLayer"]
+    assert "Gemma4TextDecoderLayer" in found["google--gemma-4-E4B-it"]
+
+
 # ------------------------------------------------------------------------- a resumed run, another process count
 def _checkpoint(root: Path, fingerprint: str, processes: int, micro: int) -> Path:
     """A complete checkpoint folder as save() writes it (its weights do not matter to the refusal)."""
