@@ -75,6 +75,45 @@ class Exported(Artifact):
     picked: str | None = None      # the type export.fit_gb chose (serve.quant: auto)
     quantization_chart: Path | None = field(default=None, metadata=ADDED_LATER)  # None: no measure to plot
 
+    def gguf_to_serve(self, requested: str | None = None) -> str:
+        """The type Ollama's ``Modelfile``, ``serve``, ``chat`` and eval's GGUF column use: ``requested`` when
+        given (a type, or auto: the picked one), else ``recommended_type``. Raises UserError naming what exists."""
+        types = sorted(self.gguf)
+        if requested == "auto":
+            if not self.picked:
+                raise UserError("serve.quant: auto needs export.fit_gb, so that `finetune export` picks a type (none "
+                                f"was picked); set export.fit_gb or serve.quant to one of: {', '.join(types) or 'none'}")
+            return self.picked
+        if requested is not None:
+            if requested not in self.gguf:
+                raise UserError(f"the export has no {requested} GGUF (it has: {', '.join(types) or 'none'}); ask for "
+                                f"one of those, or add {requested} to export.quantizations and export again")
+            return requested
+        return recommended_type(list(self.gguf), self.picked)
+
+
+# The type served when nothing was asked for and export picked none (serve.quant's default).
+DEFAULT_SERVE_TYPE = "Q8_0"
+
+
+def recommended_type(types: list[str], picked: str | None) -> str:
+    """The one GGUF type every consumer uses unless told otherwise: the type export picked for export.fit_gb,
+    else Q8_0 when exported, else the first quantized type, else the unquantized one (``types``: in export order,
+    the unquantized first)."""
+    if picked in types:
+        return picked  # type: ignore[return-value]
+    if DEFAULT_SERVE_TYPE in types:
+        return DEFAULT_SERVE_TYPE
+    if not types:
+        raise UserError("the export wrote no GGUF; run `finetune export RECIPE` again")
+    return types[1] if len(types) > 1 else types[0]
+
+
+def requested(section: Any, key: str) -> Any:
+    """A recipe key's value when the recipe (or an override) set it, None when it is the schema's default: a
+    default ``serve.quant: Q8_0`` does not outrank the type export picked, a written one does."""
+    return getattr(section, key) if key in section.model_fields_set else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluated(Artifact):

@@ -287,16 +287,18 @@ def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, 
     """Let the exported GGUF answer the same prompts, rendered and read back as the server does (the rows' tools,
     data.reasoning, special tokens kept); return its status (scored, or why not). ``template``: the chat template
     the transformers column's answers were read with (default: the GGUF's own)."""
-    quant = cfg.gguf_quant
     if not cfg.gguf:
         return {"status": "off", "reason": "eval.gguf is false"}
     if exported is None:
         return {"status": "absent", "reason": "export has not run: run `finetune export RECIPE`, then eval again, to "
                 "score the GGUF"}
     paths = exported.gguf
-    if quant not in paths:
-        return {"status": "absent", "reason": f"the export has no {quant} GGUF (it has: {', '.join(paths) or 'none'}); "
-                "set eval.gguf_quant to one of those"}
+    # the file served and in the Modelfile, unless eval.gguf_quant names another
+    asked = artifacts.requested(cfg, "gguf_quant") or artifacts.requested(recipe.serve, "quant")
+    try:
+        quant = exported.gguf_to_serve(asked)
+    except UserError as exc:
+        return {"status": "absent", "reason": f"{exc}; set eval.gguf_quant to one of those"}
     if not gen_names:
         return {"status": "absent", "reason": "no generation metric asked for (GGUF answers are only scored by those)"}
     path = Path(paths[quant])

@@ -38,10 +38,14 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
                  adapter_gguf: bool = True, ollama: bool = True, parity_checks: bool = True,
                  min_top1_unquantized: float = 0.99, heldout_rows: list[dict] | None = None,
                  default_quant: str | None = None, calibration: Calibration | None = None,
-                 table: TableSettings | None = None, log=print) -> dict[str, Any]:
+                 table: TableSettings | None = None, system_prompt: str | None = None,
+                 trained_tokens: int | None = None, log=print) -> dict[str, Any]:
     """Merge, convert, quantize, check and describe; returns what was written (paths, sizes, parity summary,
     quantization table).
 
+    ``default_quant``: the type asked for (serve.quant when the recipe sets it; None: ``artifacts.recommended_type``),
+    the ``Modelfile``'s. ``system_prompt``: the one the model was trained with (the Modelfile's SYSTEM; None: the
+    chat template's default). ``trained_tokens``: the longest training sequence (the Modelfile's num_ctx follows it).
     ``calibration``: text for the importance matrix of the sub-8-bit types (None: quantize without one).
     Raises UserError (after writing parity.json) when a parity check fails.
     """
@@ -91,12 +95,11 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     with _timed(timings, "table"):
         quant, chart = _quantization_table(out_dir, tokenizer, ggufs, report, heldout_rows, table,
                                            guided=set(guided), imatrix_info=imatrix_info, log=log)
-    if table.fit_gb is not None and quant["picked"]:  # with a budget, the picked type is the default
-        default_quant = quant["picked"]
-    default = default_quant if default_quant in ggufs else None
-    warnings = _modelfiles(out_dir, ggufs, tokenizer, outtype=outtype,
-                           default=default or (quantizations[0] if quantizations else outtype),
-                           log=log) if ollama else []
+    # the rule serve, chat and eval follow (Exported.gguf_to_serve): a type asked for, else the picked, else Q8_0
+    asked = quant["picked"] if default_quant == "auto" else default_quant
+    default = asked if asked in ggufs else artifacts.recommended_type(list(ggufs), quant["picked"])
+    warnings = _modelfiles(out_dir, ggufs, tokenizer, outtype=outtype, default=default, system_prompt=system_prompt,
+                           trained_tokens=trained_tokens, log=log) if ollama else []
     sizes = {q: p.stat().st_size for q, p in ggufs.items()}
     runs.atomic_write_text(out_dir / "README.md", _readme(name, ggufs, sizes, adapter_file, base_file, report, ollama,
                                                           default, merged["vision_kept"]) + _table_section(quant, chart))
@@ -248,7 +251,7 @@ def _quantization_table(out_dir: Path, tokenizer, ggufs: dict[str, Path], report
 
 
 def _modelfiles(out_dir: Path, ggufs: dict[str, Path], tokenizer, *, outtype: str, default: str,
-                log) -> list[str]:
+                system_prompt: str | None = None, trained_tokens: int | None = None, log) -> list[str]:
     """An Ollama Modelfile per GGUF (``Modelfile``: the default type's); returns the warnings."""
     from finetune.gguf import ollama as ollama_mod
     from finetune.gguf import parity, runtime
@@ -256,11 +259,12 @@ def _modelfiles(out_dir: Path, ggufs: dict[str, Path], tokenizer, *, outtype: st
     warnings: list[str] = []
     info = runtime.inspect(ggufs[outtype])
     stop = [tokenizer.convert_ids_to_tokens(i) for i in models.end_of_turn_ids(tokenizer)]
-    num_ctx = min(info["n_ctx_train"] or 4096, 32768)  # the model's context; capped: Ollama allocates it all
-    system = parity.default_system_prompt(tokenizer)
+    num_ctx = ollama_mod.context_length(trained_tokens, info["n_ctx_train"])
+    trained = system_prompt is not None
+    system = system_prompt if trained else parity.default_system_prompt(tokenizer)
     for qtype, path in ggufs.items():
         text, warning = ollama_mod.modelfile(path.name, jinja_template=info["chat_template"], stop_tokens=stop,
-                                             num_ctx=num_ctx, default_system=system)
+                                             num_ctx=num_ctx, default_system=system, trained_system=trained)
         runs.atomic_write_text(out_dir / ollama_mod.modelfile_name(path.name), text)
         if qtype == default:
             runs.atomic_write_text(out_dir / "Modelfile", text.replace(ollama_mod.modelfile_name(path.name), "Modelfile"))
@@ -448,7 +452,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
             name=recipe.name, out_dir=stage.work, base_dir=base, adapter_dir=adapter, model_dir=full,
             outtype=cfg.outtype, quantizations=list(cfg.quantizations), adapter_gguf=cfg.adapter_gguf,
             ollama=cfg.ollama, parity_checks=cfg.parity, min_top1_unquantized=cfg.min_top1_f16,
-            heldout_rows=heldout, default_quant=recipe.serve.quant,
+            heldout_rows=heldout, default_quant=artifacts.requested(recipe.serve, "quant"),
+            system_prompt=trained_system_prompt(recipe, upstream.prepared), trained_tokens=recipe.data.clean.max_tokens,
             table=TableSettings(examples=cfg.table_examples, fit_gb=cfg.fit_gb, tolerance=cfg.metric_tolerance),
             log=log, calibration=_calibration(recipe, upstream.prepared),
         )
@@ -467,6 +472,28 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+def trained_system_prompt(recipe, prepared: artifacts.Prepared | None) -> str | None:
+    """The system prompt the model learned its task with: data.system_prompt when the recipe sets it, else the one
+    more than half of the training rows carry (the quickstart's rows each hold "Summarize the ticket as JSON."),
+    else None (the chat template's default, which it inserted in training too)."""
+    if recipe.data.system_prompt:
+        return recipe.data.system_prompt
+    return dominant_system_prompt(_heldout_rows(prepared, "train") or [])
+
+
+def dominant_system_prompt(rows: list[dict]) -> str | None:
+    """The system message more than half of the rows start with, else None."""
+    from collections import Counter
+
+    counts = Counter(row["messages"][0]["content"] for row in rows
+                     if row.get("messages") and row["messages"][0].get("role") == "system"
+                     and isinstance(row["messages"][0].get("content"), str))
+    if not counts:
+        return None
+    text, n = counts.most_common(1)[0]
+    return text if n * 2 > len(rows) else None
 
 
 def _calibration(recipe, prepared: artifacts.Prepared | None) -> Calibration | None:

@@ -48,20 +48,11 @@ def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     recipe = recipe_mod.load(path, overrides)
     exported = artifacts.load(recipe, artifacts.Exported, str(path), fresh=False)  # a stale export still serves
     ggufs = exported.gguf
-    quant = recipe.serve.quant
-    if quant == "auto":  # the type export picked for export.fit_gb (export/quantization.json says why)
-        quant = exported.picked
-        if not quant:
-            raise UserError(f"serve.quant: auto needs export.fit_gb, so that `finetune export {target}` picks a type "
-                            f"(none was picked for run '{recipe.name}'); set export.fit_gb or serve.quant to one of: "
-                            f"{', '.join(sorted(ggufs)) or 'none'}")
-    if quant not in ggufs:
-        have = ", ".join(sorted(ggufs)) or "none"
-        raise UserError(
-            f"serve.quant: the export of run '{recipe.name}' has no {quant} GGUF (it has: {have}). "
-            f"Set serve.quant to one of those (e.g. `finetune serve {target} serve.quant=F16`), or add {quant} "
-            "to export.quantizations and run `finetune export` again."
-        )
+    try:  # the rule the export's Modelfile and eval follow too
+        quant = exported.gguf_to_serve(artifacts.requested(recipe.serve, "quant"))
+    except UserError as exc:
+        raise UserError(f"serve.quant: {exc} (run '{recipe.name}'; e.g. `finetune serve {target} "
+                        f"serve.quant={next(iter(ggufs), 'F16')}`)") from None
     gguf = ggufs[quant]
     if not gguf.is_file():
         raise UserError(f"{gguf} (listed in {recipe.run_dir('export')}/manifest.json) is missing; run "

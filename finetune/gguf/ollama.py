@@ -106,9 +106,20 @@ def translate_template(jinja_template: str) -> Translation:
                                    "harmony); Ollama will guess the format from the GGUF. Check `ollama show --template` and add a TEMPLATE to the Modelfile.")
 
 
+def context_length(trained_tokens: int | None, model_context: int | None) -> int:
+    """The Modelfile's num_ctx: the training sequence length rounded up to a power of two, at least 2048 (a chat
+    runs longer than one training row: a few turns and the answer; 2048 is Ollama's long-standing default), at most
+    the model's own context and 32768 (Ollama allocates the whole window up front)."""
+    wanted = 2048
+    while wanted < (trained_tokens or 0):
+        wanted *= 2
+    return min(wanted, model_context or wanted, 32768)
+
+
 def modelfile(gguf_name: str, *, jinja_template: str, stop_tokens: list[str], num_ctx: int,
-              default_system: str | None = None) -> tuple[str, str | None]:
-    """Modelfile text for ``gguf_name`` (a file next to it) and a warning, if the template could not be translated."""
+              default_system: str | None = None, trained_system: bool = False) -> tuple[str, str | None]:
+    """Modelfile text for ``gguf_name`` (a file next to it) and a warning, if the template could not be translated.
+    ``trained_system``: ``default_system`` is the system prompt of the training data, not the template's default."""
     tr = translate_template(jinja_template)
     lines = [f"# Ollama Modelfile for {gguf_name}. Use: ollama create NAME -f {_self_name(gguf_name)} && ollama run NAME",
              f"FROM ./{gguf_name}", ""]
@@ -118,7 +129,8 @@ def modelfile(gguf_name: str, *, jinja_template: str, stop_tokens: list[str], nu
     else:
         lines += [f"# WARNING: {tr.warning}", ""]
     if default_system:
-        lines += ["# The chat template's default system prompt (used when a chat has none).",
+        lines += ["# The system prompt the model was trained with (used when a chat has none)." if trained_system
+                  else "# The chat template's default system prompt (used when a chat has none).",
                   f'SYSTEM """{default_system}"""', ""]
     for tok in stop_tokens:
         lines.append(f'PARAMETER stop "{_escape(tok)}"')

@@ -30,7 +30,7 @@ def test_recipe_target_serves_the_exported_quant(tmp_path, gguf, repo_root):
     with StageRun(r, "export") as stage:
         stage.record(artifacts.Exported(merged=tmp_path / "merged", gguf={"Q4_K_M": exported}))
     with pytest.raises(UserError, match=r"no Q8_0 GGUF \(it has: Q4_K_M\)"):
-        resolve_target(recipe_path, overrides)
-    target = resolve_target(recipe_path, overrides + ["serve.quant=Q4_K_M"])
+        resolve_target(recipe_path, overrides + ["serve.quant=Q8_0"])
+    target = resolve_target(recipe_path, overrides)  # serve.quant left at its default: the type export wrote
     assert target.gguf == exported.resolve() and target.name == "quickstart-Q4_K_M"
     assert target.store_dir == tmp_path / "quickstart" / "serve"
