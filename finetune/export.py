@@ -8,7 +8,8 @@
    then quantize with llama.cpp's quantizer to each type in export.quantizations.
 3. Convert the LoRA adapter alone to a GGUF adapter (for ``Llama(lora_path=...)`` over the base GGUF).
 4. Parity checks against the HF model, in child processes, written to parity.json; any failure fails the export.
-5. An Ollama Modelfile next to each GGUF and a README.md on running them.
+5. An Ollama Modelfile next to each GGUF, and model cards (``finetune.card``): README.md (what was trained, parity,
+   the files, how to run them) and merged/README.md.
 
 Outputs in runs/<name>/export/: merged/, <name>-F16.gguf, <name>-Q8_0.gguf, ..., <name>-adapter-F16.gguf,
 <name>-base-F16.gguf, *.Modelfile, Modelfile, README.md, parity.json, manifest.json.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, image_text, models, runs
+from finetune import artifacts, card, image_text, models, runs
 from finetune.console import mib
 from finetune.errors import UserError
 from finetune.merge import checkpoint_dtype, load_chat_tokenizer, merge
@@ -114,7 +115,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         "warnings": warnings, "seconds": {k: round(v, 1) for k, v in timings.items()},
         "quantization": str(out_dir / "quantization.json"), "picked": quant["picked"],
         "quantization_chart": str(chart) if chart else None,
-        "imatrix": str(imatrix_file) if imatrix_file else None,
+        "imatrix": str(imatrix_file) if imatrix_file else None, "served": default,
     }
 
 
@@ -457,6 +458,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
             table=TableSettings(examples=cfg.table_examples, fit_gb=cfg.fit_gb, tolerance=cfg.metric_tolerance),
             log=log, calibration=_calibration(recipe, upstream.prepared),
         )
+        card.write_export_cards(recipe, trained, upstream.prepared, stage.work, served=result["served"],
+                                parity=result["parity_summary"])
         result = _relocated(result, str(stage.work), str(out))  # the paths the files have once swapped in
         stage.record(artifacts.Exported(
             merged=Path(result["merged"]), gguf={q: Path(p) for q, p in result["gguf"].items()},

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, hardware, refusals, runs
+from finetune import artifacts, card, hardware, refusals, runs
 from finetune.errors import UserError
 from finetune.training import batching, console, model_setup, preference, rows, sharded, steps
 from finetune.training import checkpoint as ckpt
@@ -130,6 +130,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
             whole = _gathered(tr) if best_full is None else None  # FSDP2: every process takes part
             if main:
                 _write_outputs(tr, summary, best_full, whole)
+                card.write_training_card(stage.work / _final_name(t.method), recipe, summary, Path(resolved.path))
         if main:
             stage.record(_trained(out, t.method, Path(resolved.path)))
             stage.extra["summary"] = summary
