@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("finetune.commands:train_command", "Train LoRA/DoRA/QLoRA or full fine-tuning on the prepared data (--resume)."),
     "export": ("finetune.commands:export_command", "Merge the adapter, convert to GGUF (F16 + quantized), check parity, write Modelfiles."),
     "run": ("finetune.commands:run_command", "Run prepare, train, export and eval in order, skipping stages that are up to date."),
+    "push": ("finetune.commands:push_command", "Upload the adapter, merged checkpoint or GGUF files with their model cards to the Hub."),
     "serve": ("serve.server:command", "Serve a model: OpenAI-compatible API and a web chat page (127.0.0.1 by default)."),
     "chat": ("finetune.chat:command", "Chat in the terminal with a model (GGUF directly, or a running server with --url)."),
     "feedback": ("finetune.feedback:command", "Export approved/corrected replies from serve/chat as training data."),

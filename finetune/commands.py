@@ -213,3 +213,32 @@ def run_command(argv: list[str]) -> int:
     print(f"  finetune serve {where}    # web chat + OpenAI-compatible API at http://127.0.0.1:{recipe.serve.port}")
     return 0
 
+
+
+def push_command(argv: list[str]) -> int:
+    from finetune import hub
+
+    p = recipe_parser("push", "Upload a run's adapter, merged checkpoint or GGUF files (each with its model card) to "
+                              "a Hugging Face model repository. Needs a token: `huggingface-cli login` or HF_TOKEN.")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository (created if missing)")
+    p.add_argument("--what", choices=hub.WHAT, default="gguf",
+                   help="adapter: train's adapter; merged: export's merged checkpoint; gguf (default): export's GGUF "
+                        "files, Modelfiles and card; all: adapter/ and merged/ as folders, the GGUF files at the root")
+    p.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                                                          "its visibility)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded where, and upload nothing")
+    ns = p.parse_intermixed_args(argv)
+    repo = hub.check_repo_id(ns.repo)
+    recipe = load_recipe(ns)
+    uploads = hub.plan(recipe, ns.what, ns.recipe)
+    print(table(["in the repository", "size", "from"],
+                [[u.path_in_repo, mib(u.size), "generated (card with eval scores)" if isinstance(u.source, bytes)
+                  else str(u.source)] for u in uploads], right=["size"], indent=2))
+    total = sum(u.size for u in uploads)
+    if ns.dry_run:
+        print(f"dry run: {len(uploads)} files, {mib(total)} would go to https://huggingface.co/{repo}"
+              + (" (private)" if ns.private else ""))
+        return 0
+    url = hub.push(repo, uploads, private=ns.private, message=f"finetune push {recipe.name} --what {ns.what}")
+    print(f"pushed {len(uploads)} files ({mib(total)}) to {url}")
+    return 0
