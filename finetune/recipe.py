@@ -91,7 +91,11 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
-        if (self.path is None) == (self.hub is None):
+        if self.path is not None and self.hub is not None:
+            raise ValueError(f"a source needs exactly one of 'path' (local file) or 'hub' (Hub dataset id), got both "
+                             f"({self.path!r} and {self.hub!r}); remove one (on the command line: hub=null or "
+                             "path=null on that source, e.g. data.sources.0.hub=null)")
+        if self.path is None and self.hub is None:
             raise ValueError("a source needs exactly one of 'path' (local file) or 'hub' (Hub dataset id)")
         if self.path is not None:
             hub_only = [k for k in ("config", "revision") if getattr(self, k) is not None]

@@ -223,14 +223,43 @@ def _set_key(data: dict[str, Any], parts: list[str], value: Any, text: str) -> N
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], schema: type[BaseModel]) -> dict[str, Any]:
-    """A copy of the raw recipe with the overrides applied (not validated); ``schema`` says which keys take text."""
+    """A copy of the raw recipe with the overrides applied (not validated); ``schema`` says which keys take text.
+    A ``path`` given to a source that reads the Hub replaces its ``hub`` (and a ``hub`` a ``path``): see
+    ``_replace_location``."""
     data = _deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, parts, value in parsed:
         if value is not None and not isinstance(value, (str, list, dict)) and _wants_text(parts, schema):
             value = text.partition("=")[2].strip()  # `model.revision=2024` is the text "2024"
         _set_key(data, parts, value, text)
+        if len(parts) == 4 and parts[:2] == ["data", "sources"] and parts[3] in ("path", "hub") and value is not None:
+            given = {p[3] for _, p, _ in parsed if len(p) == 4 and p[:3] == parts[:3]}
+            _replace_location(data, int(parts[2]) if parts[2].isdigit() else -1, parts[3], given)
     return data
+
+
+# Keys of a source that describe where a Hub dataset's rows are, and mean nothing (or else) for a local file.
+HUB_SOURCE_KEYS = ("hub", "config", "split", "revision", "streaming", "format", "columns")
+
+
+def _replace_location(data: dict[str, Any], index: int, given: str, keep: set[str]) -> None:
+    """A source given ``path`` on the command line reads that file instead of its Hub dataset: the Hub keys go
+    (the file's format is detected, its columns are its own), and ``hub`` given to a file source drops ``path``,
+    unless an override sets them too. Said in one warning line, so the recipe that runs is the one the user sees."""
+    import warnings
+
+    sources = (data.get("data") or {}).get("sources")
+    source = sources[index] if isinstance(sources, list) and 0 <= index < len(sources) else None
+    if not isinstance(source, dict):
+        return
+    other = "hub" if given == "path" else "path"
+    if source.get(other) is None:
+        return
+    dropped = {k: source.pop(k) for k in (HUB_SOURCE_KEYS if given == "path" else ("path",))
+               if k in source and k not in keep}
+    listed = ", ".join(f"{k}: {v}" for k, v in dropped.items())
+    warnings.warn(f"data.sources.{index}.{given} replaces the source's {other}; dropped {listed} (set any that still "
+                  f"applies again: data.sources.{index}.KEY=...)", stacklevel=4)
 
 
 def _deepcopy(obj: Any) -> Any:

@@ -89,6 +89,57 @@ def test_source_needs_path_or_hub(tmp_path):
         recipe.load(p)
 
 
+MODEL_RECIPE = ("name: x\ndata:\n  sources:\n    - hub: yahma/alpaca-cleaned\n      format: alpaca\n"
+                "      split: train\n      revision: abc\n      max_rows: 100\n")
+
+
+def test_a_path_override_replaces_the_hub_source_in_one_line(tmp_path):
+    """`data.sources.0.path=my.jsonl` on a model recipe (a Hub source) reads the file: hub and the keys that
+    described the Hub dataset go, said in one warning; generic keys (max_rows) stay."""
+    p = write(tmp_path, MODEL_RECIPE)
+    with pytest.warns(UserWarning) as caught:
+        r = recipe.load(p, ["data.sources.0.path=my.jsonl"])
+    src = r.data.sources[0]
+    assert (src.path, src.hub, src.revision, src.format, src.max_rows) == ("my.jsonl", None, None, "auto", 100)
+    assert len(caught) == 1
+    assert str(caught[0].message) == ("data.sources.0.path replaces the source's hub; dropped hub: yahma/alpaca-cleaned, "
+                                      "split: train, revision: abc, format: alpaca (set any that still applies "
+                                      "again: data.sources.0.KEY=...)")
+    # a key given on the command line as well is kept, in either order
+    for overrides in (["data.sources.0.format=alpaca", "data.sources.0.path=my.jsonl"],
+                      ["data.sources.0.path=my.jsonl", "data.sources.0.format=alpaca"]):
+        with pytest.warns(UserWarning, match=r"dropped hub: yahma/alpaca-cleaned, split: train, revision: abc \(set"):
+            assert recipe.load(p, overrides).data.sources[0].format == "alpaca"
+
+
+def test_a_hub_override_replaces_a_path_source(tmp_path):
+    p = write(tmp_path, "name: x\ndata:\n  sources:\n    - path: rows.jsonl\n")
+    with pytest.warns(UserWarning, match="data.sources.0.hub replaces the source's path; dropped path: rows.jsonl"):
+        r = recipe.load(p, ["data.sources.0.hub=org/rows"])
+    assert (r.data.sources[0].hub, r.data.sources[0].path) == ("org/rows", None)
+
+
+def test_both_path_and_hub_say_how_to_drop_one(tmp_path):
+    p = write(tmp_path, "name: x\ndata:\n  sources:\n    - {hub: org/rows, path: rows.jsonl}\n")
+    with pytest.raises(recipe.RecipeError, match=r"got both .*data.sources.0.hub=null"):
+        recipe.load(p)
+
+
+def test_the_path_override_through_the_cli_prints_one_warning(repo_root):
+    """Run as a user runs it (a child process: pytest's own warning capture would hide the console's)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "finetune", "show",
+                           str(repo_root / "recipes" / "models" / "qwen2.5-0.5b-instruct-lora-8gb.yaml"),
+                           "data.sources.0.path=my.jsonl"], capture_output=True, text=True, cwd=repo_root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "warning: data.sources.0.path replaces the source's hub; dropped hub: yahma/alpaca-cleaned, format: alpaca "
+        "(set any that still applies again: data.sources.0.KEY=...)"]
+    assert "path: my.jsonl" in proc.stdout and "yahma/alpaca-cleaned" not in proc.stdout
+
+
 def test_bad_yaml_names_the_line(tmp_path, cli):
     p = write(tmp_path, "name: x\ntrain:\n  lr: [1,\n")
     code, out, err = cli("validate", str(p))
