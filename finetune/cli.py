@@ -120,7 +120,8 @@ def check_inputs(r) -> list[str]:
         except UserError as exc:
             problems.append(str(exc))
     produced = {r.export.outtype, *r.export.quantizations}  # the keys of the export's GGUFs, which serve looks up
-    if r.serve.quant != "auto" and r.serve.quant not in produced:  # set or left at its default
+    # only a serve.quant the recipe sets: left at its default, serve takes the type export wrote (gguf_to_serve)
+    if "quant" in r.serve.model_fields_set and r.serve.quant != "auto" and r.serve.quant not in produced:
         problems.append(f"serve.quant: {r.serve.quant} is not a type export writes (export.outtype "
                         f"{r.export.outtype} and export.quantizations {r.export.quantizations}); add {r.serve.quant} to "
                         f"export.quantizations or set serve.quant to one of {', '.join(sorted(produced))}")

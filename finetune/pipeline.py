@@ -114,7 +114,7 @@ def sample_answer(recipe: Recipe, recipe_path: str) -> dict[str, Any] | None:
     ggufs = exported.gguf if exported is not None else {}
     if not ggufs:
         return None
-    quant = recipe.serve.quant if recipe.serve.quant in ggufs else exported.picked or next(iter(ggufs))
+    quant = exported.gguf_to_serve(artifacts.requested(recipe.serve, "quant"))  # what serve and chat answer with
     found = test_prompt(recipe)
     if found is None:
         return None

@@ -130,11 +130,13 @@ def test_serve_the_recipe(run):
     from serve.launch import ServerProcess
 
     run_dir, _, runs_dir = run
+    # the type export picked for export.fit_gb: the one the Modelfile, eval's GGUF column and serve all use
+    served = artifacts.from_folder(artifacts.Exported, run_dir / "export").gguf_to_serve()
     with ServerProcess(RECIPE, [f"runs_dir={runs_dir}", "serve.threads=1"]) as server:
         health = server.health()
-        assert health["model"] == "quickstart-Q8_0" and health["gguf"].endswith("quickstart-Q8_0.gguf")
+        assert health["model"] == f"quickstart-{served}" and health["gguf"].endswith(f"quickstart-{served}.gguf")
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        r = client.chat.completions.create(model="quickstart-Q8_0", max_tokens=16, temperature=0,
+        r = client.chat.completions.create(model=f"quickstart-{served}", max_tokens=16, temperature=0,
                                            messages=[{"role": "user", "content": "Hello"}])
         assert isinstance(r.choices[0].message.content, str)
     assert (run_dir / "serve" / "feedback.sqlite3").exists()
