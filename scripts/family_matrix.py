@@ -2,6 +2,7 @@
 
     python scripts/family_matrix.py                       # every family
     python scripts/family_matrix.py --families qwen3,gemma3 --json matrix.json
+    python scripts/family_matrix.py --jobs 2              # two families at a time, one core each
 
 For each family:
 1. prime: the random twin is fitted for a few dozen full-batch steps on a handful of chats in its own template
@@ -224,6 +225,8 @@ def adapter_refusal(family: twins.Family) -> str | None:
 def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Path:
     import yaml
 
+    from finetune import hardware
+
     chats = conversations(LORA_ANSWERS)
     if not system_ok:
         chats = without_system(chats)
@@ -236,7 +239,7 @@ def write_recipe(name: str, model_dir: Path, work: Path, system_ok: bool) -> Pat
                  "clean": {"near_dedupe": False, "dedupe": False, "max_tokens": 256}},
         "train": {"method": "lora", "lora": {"r": 8, "alpha": 16}, "lr": 3e-3, "max_steps": TRAIN_STEPS,
                   "batch_size": 8, "warmup_ratio": 0.0, "scheduler": "constant", "eval_every": TRAIN_STEPS,
-                  "save_every": TRAIN_STEPS, "log_every": 1, "threads": max(1, min(os.cpu_count() or 1, 2))},
+                  "save_every": TRAIN_STEPS, "log_every": 1, "threads": hardware.threads(cap=2)},
         # the adapter GGUF where llama.cpp can write one: elsewhere validate/train refuse it (checked in the cell)
         "export": {"quantizations": ["Q8_0"], "adapter_gguf": adapter_refusal(family_of(name)) is None},
         # n_ctx: room for the longest default system prompt (Mistral Small 3.2: ~500 tokens) plus the answer
@@ -488,6 +491,66 @@ def write_json(path: Path, results: dict, seconds: float, families: str | None) 
         "families": results}, indent=2, default=str) + "\n")
 
 
+def groups(names: list[str]) -> list[list[str]]:
+    """The rows in work units: a twin's row and its variants together (they share the twin and the primed twin)."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        out.setdefault(twin_of(name), []).append(name)
+    return list(out.values())
+
+
+def core_slots(jobs: int) -> list[set[int]]:
+    """The cores each of ``jobs`` workers runs on: this process's cores split evenly (shared when jobs > cores)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if jobs >= len(cores):
+        return [{cores[i % len(cores)]} for i in range(jobs)]
+    per = len(cores) // jobs
+    return [set(cores[i * per:(i + 1) * per]) for i in range(jobs)]
+
+
+def run_parallel(names: list[str], root: Path, jobs: int, quiet: bool) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each work unit in a child process of this script, ``jobs`` at a time, each child on its own share of the
+    cores (so the trainings, conversions and servers of two families never fight over one core's threads); the
+    children's stage lines are printed as each unit ends."""
+    import queue
+    import subprocess
+    import threading
+
+    todo: queue.Queue[list[str]] = queue.Queue()
+    for unit in groups(names):
+        todo.put(unit)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    lock = threading.Lock()
+
+    def worker(cores: set[int]) -> None:
+        while True:
+            try:
+                unit = todo.get_nowait()
+            except queue.Empty:
+                return
+            out = root / f".unit-{unit[0]}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--families", ",".join(unit), "--work", str(root),
+                   "--json", str(out), "--unit"] + (["--quiet"] if quiet else [])
+            pin = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
+            env = {**os.environ, "OMP_NUM_THREADS": str(len(cores)), "MKL_NUM_THREADS": str(len(cores))}
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, preexec_fn=pin)
+            got = json.loads(out.read_text())["families"] if out.exists() else {}
+            with lock:
+                sys.stdout.write(proc.stdout)
+                sys.stdout.flush()
+                for name in unit:
+                    results[name] = got.get(name) or {stage: {
+                        "ok": False, "figure": "worker died", "seconds": 0.0,
+                        "error": f"the worker process exited {proc.returncode}: {proc.stderr[-1500:]}"} for stage in STAGES}
+
+    threads = [threading.Thread(target=worker, args=(cores,)) for cores in core_slots(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {name: results[name] for name in names}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Take a tiny twin of each model family through prepare, train, export "
                                 "(parity), serve and Ollama; print a family x stage table; exit 1 on any failure.")
@@ -497,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="JSON", nargs="+",
                    help="print the README's table from earlier --json files (latest run of each family) and exit")
     p.add_argument("--quiet", action="store_true", help="print only the stage lines and the table, not the stages' own output")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="families run at once, each in its own process on its share of the cores (default 1)")
+    p.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker: stage lines only
     ns = p.parse_args(argv)
     if ns.markdown:
         print(markdown([json.loads(Path(f).read_text()) for f in ns.markdown]))
@@ -513,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="family-matrix-"))
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
+        if ns.jobs > 1 and len(groups(names)) > 1:
+            root.mkdir(parents=True, exist_ok=True)
+            results = run_parallel(names, root, ns.jobs, ns.quiet)
+            names = []  # done
         for name in names:
             work = root / name
             shutil.rmtree(work, ignore_errors=True)
@@ -528,10 +598,12 @@ def main(argv: list[str] | None = None) -> int:
         if not ns.work:
             shutil.rmtree(root, ignore_errors=True)
     seconds = time.time() - t0
+    failed = [n for n, cells in results.items() if not all(c["ok"] for c in cells.values())]
+    if ns.unit:
+        return 1 if failed else 0
     print()
     print(table(results))
-    failed = [n for n, cells in results.items() if not all(c["ok"] for c in cells.values())]
-    print(f"\n{len(names) - len(failed)} of {len(names)} families passed every stage in {seconds:.0f} s"
+    print(f"\n{len(results) - len(failed)} of {len(results)} families passed every stage in {seconds:.0f} s"
           + (f"; failing: {', '.join(failed)}" if failed else ""))
     if ns.json:
         write_json(Path(ns.json), results, seconds, ns.families)

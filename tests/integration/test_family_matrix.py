@@ -36,7 +36,7 @@ def matrix(tmp_path_factory):
     work = tmp_path_factory.mktemp("family-matrix")
     out = work / "matrix.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "family_matrix.py"), "--families", ",".join(SELECTED),
-                           "--work", str(work / "runs"), "--json", str(out), "--quiet"],
+                           "--work", str(work / "runs"), "--json", str(out), "--quiet", "--jobs", "2"],
                           capture_output=True, text=True, cwd=REPO, timeout=4 * 3600)
     assert out.exists(), f"the matrix wrote no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text()), proc
@@ -98,7 +98,13 @@ def _parity(merged: Path, gguf: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", family_matrix.ROWS)
-def test_planted_template_mismatch_fails_parity(matrix, name, tmp_path):
+def test_planted_template_and_end_of_turn_mismatches_fail_parity(matrix, name, tmp_path):
+    """One copy of the F16 GGUF with two plants, each of which export's parity check must name on its own: the chat
+    template's end of turn swapped for a blank line (a chat that never ends the way the model was trained), and EOS
+    moved to an ordinary word (llama.cpp would stop there, and not at the end of turn). One copy and one parity run
+    per family: the checks are independent (the template comparison, the rendered prompt ids, the EOS id)."""
+    from transformers import AutoTokenizer
+
     cells = _family(matrix, name)
     if "gguf" not in cells["export"]:
         pytest.fail(f"{name}: export did not write a GGUF: {cells['export'].get('error')}")
@@ -106,32 +112,16 @@ def test_planted_template_mismatch_fails_parity(matrix, name, tmp_path):
     template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
     eot = family_matrix.family_of(name).end_of_turn
     assert eot in template or "eos_token" in template
-    # The end of turn swapped for a blank line: a GGUF whose chat never ends the way the model was trained.
     planted = template.replace(eot, "\n\n") if eot in template else template.replace("eos_token", "'\\n\\n'")
-    bad = tmp_path / "planted-template.gguf"
-    _rewrite(Path(cells["export"]["gguf"]["F16"]), bad, "--chat-template", planted)
+    tok = AutoTokenizer.from_pretrained(merged)
+    other = tok.convert_ids_to_tokens(tok("hello", add_special_tokens=False)["input_ids"][0])
+    bad = tmp_path / "planted.gguf"
+    _rewrite(Path(cells["export"]["gguf"]["F16"]), bad, "--chat-template", planted, "--special-token", "eos", other)
     report = _parity(merged, bad, tmp_path)
     assert not report["ok"]
     assert any("chat template differs" in f for f in report["failed"]), report["failed"]
+    assert any("EOS id: GGUF" in f for f in report["failed"]), report["failed"]
     # Where prompts end a previous turn (multi-turn), the prompt ids differ too (gpt-oss ends only a final answer
     # with <|return|>, so there only the template comparison sees it).
     if family_matrix.twin_of(name) != "gpt-oss":
         assert any(f.startswith("chat_prompt:") for f in report["failed"]), report["failed"]
-
-
-@pytest.mark.parametrize("name", family_matrix.ROWS)
-def test_planted_end_of_turn_mismatch_fails_parity(matrix, name, tmp_path):
-    cells = _family(matrix, name)
-    if "gguf" not in cells["export"]:
-        pytest.fail(f"{name}: export did not write a GGUF: {cells['export'].get('error')}")
-    from transformers import AutoTokenizer
-
-    merged = Path(cells["export"]["gguf"]["F16"]).parent / "merged"
-    tok = AutoTokenizer.from_pretrained(merged)
-    # EOS moved to an ordinary word: llama.cpp would stop there, and not at the end of turn.
-    other = tok.convert_ids_to_tokens(tok("hello", add_special_tokens=False)["input_ids"][0])
-    bad = tmp_path / "planted-eos.gguf"
-    _rewrite(Path(cells["export"]["gguf"]["F16"]), bad, "--special-token", "eos", other)
-    report = _parity(merged, bad, tmp_path)
-    assert not report["ok"]
-    assert any("EOS id: GGUF" in f for f in report["failed"]), report["failed"]
