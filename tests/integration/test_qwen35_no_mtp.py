@@ -4,8 +4,9 @@ transformers writes a Qwen3.5 config without MTP keys (its Qwen3_5TextConfig has
 its weights never hold MTP tensors. llama.cpp's Qwen3.5 converter, told nothing, counts MTP layers from the tensors
 and asserts that it found some: whether the converter is told "no MTP" must follow the weights, not the config.
 
-The model is the family matrix's qwen3.5 twin (scripts/twins.py) saved again by transformers from a fresh config,
-primed and taken through prepare, train and export as the matrix does (scripts/family_matrix.py).
+The model is the family matrix's primed qwen3.5 twin (scripts/twins.py, scripts/family_matrix.py: built and primed
+once, cached) saved again by transformers from a fresh config, and taken through prepare, train and export as the
+matrix does.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ MTP_KEYS = ("mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp")
 
 @pytest.fixture(scope="module")
 def fresh_config_model(tmp_path_factory) -> Path:
-    """The twin's weights under a config that transformers built from scratch: no MTP key, no MTP tensor."""
+    """The primed twin's weights under a config that transformers built from scratch: no MTP key, no MTP tensor."""
     import torch
     import transformers
 
-    twin = twins.build(FAMILY, log=lambda *_: None)
+    twin = family_matrix.prime(FAMILY, twins.build(FAMILY, log=lambda *_: None), log=lambda *_: None)["path"]
     saved = json.loads((twin / "config.json").read_text())
     assert saved.get("mtp_num_hidden_layers") == 1  # the twin declares one, as the published config.json files do
     family = twins.FAMILIES[FAMILY]
@@ -50,7 +51,7 @@ def fresh_config_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qwen35-fresh-config") / "qwen35-no-mtp"
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     for f in twin.iterdir():  # tokenizer, chat template, generation config
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "primed.json"):
             shutil.copyfile(f, out / f.name)
     return out
 
@@ -71,13 +72,11 @@ def test_a_qwen35_model_without_declared_mtp_trains_and_exports_with_parity(fres
         assert not [n for n in st.keys() if "mtp" in n]
     assert convert.missing_mtp_layers(fresh_config_model)  # the weights decide: no MTP tensors, so none converted
 
-    primed = family_matrix.prime(FAMILY, fresh_config_model, log=lambda *_: None)
-    assert _declares_mtp(primed["path"]) == []  # what training starts from still declares none
     from transformers import AutoTokenizer
 
-    system_ok = family_matrix.supports_system(AutoTokenizer.from_pretrained(primed["path"]))
+    system_ok = family_matrix.supports_system(AutoTokenizer.from_pretrained(fresh_config_model))
     # the quantization table's greedy answers (24 prompts per type) prove nothing about MTP: left out for time
-    recipe = recipe_mod.load(family_matrix.write_recipe(FAMILY, primed["path"], tmp_path, system_ok),
+    recipe = recipe_mod.load(family_matrix.write_recipe(FAMILY, fresh_config_model, tmp_path, system_ok),
                              ["export.table_examples=0"])
 
     assert family_matrix.stage_prepare(recipe)["ok"]
