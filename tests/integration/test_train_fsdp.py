@@ -103,6 +103,21 @@ def test_fsdp2_lora_matches_one_process_with_accumulation(lora_runs, tiny_model_
     assert not torch.allclose(tuned, plain, atol=1e-4)
 
 
+def test_fsdp2_adapter_exports_with_parity(lora_runs, tiny_model_dir):
+    """export reads the FSDP2-trained adapter as any other: merged, converted to an F16 GGUF that llama.cpp answers
+    with the merged model's top tokens, and an adapter GGUF over the base GGUF."""
+    from finetune import export
+
+    _, sharded, tmp = lora_runs
+    result = export.export_model(name="fsdp", out_dir=tmp / "export", base_dir=tiny_model_dir,
+                                 adapter_dir=sharded / "adapter", quantizations=[], ollama=False,
+                                 table=export.TableSettings(examples=0), log=lambda *_: None)
+    report = json.loads(Path(result["parity"]).read_text())
+    assert report["ok"], report["failed"]
+    assert report["types"]["F16"]["logits"]["top1_agreement"] == 1.0
+    assert report["adapter"]["top1_agreement"] >= 0.97
+
+
 def test_fsdp2_run_killed_mid_run_resumes_to_the_uninterrupted_weights(lora_runs, repo_root):
     """The main process SIGKILLs itself at step 6 (checkpoint-4 written, a sharded optimizer state gathered into
     it); the launcher takes the other process down; the same command again finishes the run."""
