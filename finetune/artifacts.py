@@ -215,6 +215,13 @@ def load_if_finished(recipe: Any, cls: type[A]) -> A | None:
     return None if manifest is None else _record(recipe, cls, manifest)
 
 
+def upstream_of(recipe: Any, cls: type[Artifact], stage: str) -> str | None:
+    """The manifest id of ``stage``'s outputs that the finished ``cls.STAGE`` run read (None: not finished, or it
+    read none): whether eval scored the export that is there now, for example."""
+    manifest = runs.read_manifest(recipe.run_dir(cls.STAGE)) or {}
+    return ((manifest.get("inputs") or {}).get("upstream") or {}).get(stage)
+
+
 def _record(recipe: Any, cls: type[A], manifest: dict[str, Any]) -> A:
     return from_outputs(cls, manifest.get("outputs") or {}, recipe.run_dir(), manifest_id=runs.manifest_id(manifest),
                         where=f"{recipe.run_dir(cls.STAGE)}/manifest.json")

@@ -95,10 +95,7 @@ def _eval_metrics(recipe) -> dict | None:
     exported = artifacts.load_if_finished(recipe, artifacts.Exported)
     if evaluated is None or exported is None or not evaluated.metrics.is_file():
         return None
-    from finetune import runs
-
-    manifest = runs.read_manifest(recipe.run_dir("eval")) or {}
-    if ((manifest.get("inputs") or {}).get("upstream") or {}).get("export") != exported.manifest_id:
+    if artifacts.upstream_of(recipe, artifacts.Evaluated, "export") != exported.manifest_id:
         return None
     return json.loads(evaluated.metrics.read_text())
 
