@@ -198,7 +198,7 @@ class TrainConfig(Section):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on only when memory needs it.")
     kernels: Literal["none", "liger"] = Field(
         "none", description="liger: Liger's fused RMSNorm/SwiGLU Triton kernels (CUDA, pip install liger-kernel). "
-        "Off by default: slower for LoRA in our H200 measurements (README).")
+        "Off by default: slower for LoRA in our H200 measurements (docs/benchmarks.md).")
     eval_every: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
     save_every: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the last K checkpoints.")
