@@ -329,19 +329,26 @@ def test_prepare_reads_a_semicolon_csv_with_aliased_roles_elsewhere(cli, tmp_pat
                                              {"role": "bot", "content": f"chat reply {i} with {i * 11}"}]}) + "\n"
                     for i in range(6))
     write(tmp_path, "chats.jsonl", chats)
-    r = write(tmp_path, "r.yaml", f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tiny_model_dir}\n"
-                                  "data:\n  sources:\n    - path: qa.csv\n      columns: {prompt: question, completion: answer}\n"
-                                  "    - path: chats.jsonl\n  split: {validation: 0, test: 0}\n"
+    _, report = prepared_untouched(cli, tmp_path, tiny_model_dir,
+                                   "    - path: qa.csv\n      columns: {prompt: question, completion: answer}\n"
+                                   "    - path: chats.jsonl\n")
+    assert report["dropped"] == {"unclosed_quote": 1}
+    assert report["samples"]["unclosed_quote"][0]["origin"] == "qa.csv:10"
+    assert report["splits"]["train"] == 23 + 6
+    assert report["sources"][0]["name"] == "qa.csv (semicolon-separated)"
+
+
+def prepared_untouched(cli, tmp_path: Path, model_dir: Path, sources: str) -> tuple[str, dict]:
+    """`finetune prepare` on ``sources`` (the YAML lines under data.sources), every row to train; asserts that it
+    succeeds and leaves the input files as they were; returns (stdout, prepare's report)."""
+    r = write(tmp_path, "r.yaml", f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {model_dir}\n"
+                                  f"data:\n  sources:\n{sources}  split: {{validation: 0, test: 0}}\n"
                                   "  clean: {near_dedupe: false}\n")
     before = snapshot(tmp_path)
     code, out, err = cli("prepare", str(r))
     assert code == 0, err
     assert snapshot(tmp_path) == before
-    report = json.loads((tmp_path / "runs" / "t" / "prepare" / "report.json").read_text())
-    assert report["dropped"] == {"unclosed_quote": 1}
-    assert report["samples"]["unclosed_quote"][0]["origin"] == "qa.csv:10"
-    assert report["splits"]["train"] == 23 + 6
-    assert report["sources"][0]["name"] == "qa.csv (semicolon-separated)"
+    return out, json.loads((tmp_path / "runs" / "t" / "prepare" / "report.json").read_text())
 
 
 def test_a_mapping_chooses_the_format_it_maps_to():
@@ -392,15 +399,9 @@ def test_prepare_counts_and_names_numbers_read_as_text_in_jsonl_and_parquet(cli,
     write(tmp_path, "chats.jsonl", "".join(json.dumps(c) + "\n" for c in chats))
     pq.write_table(pa.table({"question": [f"what is {i} plus 5?" for i in range(4)], "answer": [i + 5 for i in range(4)]}),
                    tmp_path / "sums.parquet")
-    r = write(tmp_path, "r.yaml", f"name: t\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {tiny_model_dir}\n"
-                                  "data:\n  sources:\n    - path: chats.jsonl\n    - path: sums.parquet\n"
-                                  "      columns: {prompt: question, completion: answer}\n"
-                                  "  split: {validation: 0, test: 0}\n  clean: {near_dedupe: false}\n")
-    before = snapshot(tmp_path)
-    code, out, err = cli("prepare", str(r))
-    assert code == 0, err
-    assert snapshot(tmp_path) == before
-    report = json.loads((tmp_path / "runs" / "t" / "prepare" / "report.json").read_text())
+    out, report = prepared_untouched(cli, tmp_path, tiny_model_dir,
+                                     "    - path: chats.jsonl\n    - path: sums.parquet\n"
+                                     "      columns: {prompt: question, completion: answer}\n")
     assert report["numbers_as_text"] == {"messages[*].content": 3, "answer": 4}
     note = next(n for n in report["notes"] if "numbers were read as text" in n)
     assert note.startswith("7 numbers were read as text") and "chats.jsonl:1" in note and "sums.parquet:row 1" in note
