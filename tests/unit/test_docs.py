@@ -71,3 +71,14 @@ def test_every_docs_page_is_in_the_nav():
     nav = set(pages(yaml.safe_load((REPO / "mkdocs.yml").read_text(encoding="utf-8"))["nav"]))
     on_disk = {p.name for p in DOCS.glob("*.md")}
     assert on_disk == nav, f"in docs/ but not in the nav: {on_disk - nav}; in the nav but not in docs/: {nav - on_disk}"
+
+
+def test_the_site_builds_strict(tmp_path):
+    """`mkdocs build --strict`, in-process: a broken link, an anchor that is gone or a page missing from the nav
+    fails the build."""
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    config = load_config(str(REPO / "mkdocs.yml"), strict=True, site_dir=str(tmp_path / "site"))
+    build(config)
+    assert (tmp_path / "site" / "index.html").is_file()
