@@ -25,8 +25,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Per-test time limits (pytest-timeout), by tier: a hung server, child process or browser fails its test instead of
 # eating CI's 90 minutes. A unit test takes seconds on an idle machine; its limit leaves room for a machine shared
 # with other jobs (a tiny training test took over 120 s at load average 10 on 2 cores). An integration test's limit covers the module fixture it sets
-# up: the family matrix over every family (17 minutes on 2 idle cores with 7 of its 19 twins built and primed on
-# the way; a shared machine takes 2-4 times as long) and the quickstart end to end (its `finetune run` child has 45
+# up: the family matrix over every family (13 minutes on 2 idle cores, two families at a time, its twins built and
+# primed; a shared machine takes 2-4 times as long) and the quickstart end to end (its `finetune run` child has 45
 # minutes). `pytest --timeout N` (or PYTEST_TIMEOUT) replaces both; a test's own timeout marker wins over them.
 TIMEOUT_S = {"unit": 600, "integration": 3600}
 INTEGRATION = REPO / "tests" / "integration"

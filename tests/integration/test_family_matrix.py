@@ -5,9 +5,9 @@ The matrix runs once (a child process, as CI runs it) and keeps its runs; the pl
 family's exported F16 GGUF rewritten with llama.cpp's own gguf_new_metadata.py, checked with export's own
 ``parity.run_checks`` against the merged checkpoint.
 
-CI runs every family (every row of the matrix: 19 on 2026-12-02, 17 minutes on 2 cores with 7 twins built and primed
-on the way). FINETUNE_MATRIX_FAMILIES=a,b runs a subset while developing (the tests of the others are skipped,
-saying so).
+CI runs every family (every row of the matrix: 19 on 2026-12-07), two at a time (`--jobs 2`: each family's child
+process on one core; 13 minutes on 2 cores). FINETUNE_MATRIX_FAMILIES=a,b runs a subset while developing (the tests
+of the others are skipped, saying so).
 """
 
 from __future__ import annotations

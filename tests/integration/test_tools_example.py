@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tools.yaml"
-# batch 4 (the recipe trains 8): 16 steps already take the tuned model from 0 to about 0.4 tool-call match (0.42 on
-# 2026-12-07), and the quantization table proves nothing about tool calls
-BUDGET = ["train.max_steps=16", "train.batch_size=4", "train.eval_every=8", "train.save_every=8", "eval.max_examples=12",
+# the quantization table proves nothing about tool calls. Batch 4 instead of the recipe's 8 reached 0.42 tool-call
+# match, but the served model then streamed other arguments ('Olsen') than it answered whole ('Oslo'): batch 8 stays.
+BUDGET = ["train.max_steps=16", "train.eval_every=8", "train.save_every=8", "eval.max_examples=12",
           "eval.max_new_tokens=48", "export.table_examples=0"]
 
 
