@@ -19,37 +19,145 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
-    "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
-    "eval": ("finetune.commands:eval_command", "Score base vs fine-tuned (and the exported GGUF) on held-out data; write report.html."),
-    "tune": ("finetune.commands:tune_command", "Search hyperparameters (tune.space) for the lowest validation loss; write best.yaml."),
+# command -> ("module:function", one-line help), in the order `finetune --help` lists them: the pipeline's stages
+# as a run goes through them, then the tools. The function takes argv (list[str]) and returns an exit code.
+PIPELINE: dict[str, tuple[str, str]] = {
     "prepare": ("finetune.commands:prepare_command", "Load, clean, dedupe, split and tokenize the recipe's data (with a report)."),
     "train": ("finetune.commands:train_command", "Train LoRA/DoRA/QLoRA or full fine-tuning on the prepared data (--resume)."),
+    "eval": ("finetune.commands:eval_command", "Score base vs fine-tuned (and the exported GGUF) on held-out data; write report.html."),
     "export": ("finetune.commands:export_command", "Merge the adapter, convert to GGUF (F16 + quantized), check parity, write Modelfiles."),
+    "chat": ("finetune.chat:command", "Chat in the terminal with a model (GGUF directly, or a running server with --url)."),
+    "serve": ("serve.server:command", "Serve a model: OpenAI-compatible API and a web chat page (127.0.0.1 by default)."),
     "run": ("finetune.commands:run_command", "Run prepare, train, export and eval in order, skipping stages that are up to date."),
     "push": ("finetune.commands:push_command", "Upload the adapter, merged checkpoint or GGUF files with their model cards to the Hub."),
-    "serve": ("serve.server:command", "Serve a model: OpenAI-compatible API and a web chat page (127.0.0.1 by default)."),
-    "chat": ("finetune.chat:command", "Chat in the terminal with a model (GGUF directly, or a running server with --url)."),
     "feedback": ("finetune.feedback:command", "Export approved/corrected replies from serve/chat as training data."),
+}
+TOOLS: dict[str, tuple[str, str]] = {
+    "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
+    "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
     "plan": ("finetune.commands:plan_command", "Estimate memory and time; say whether it fits your GPU/CPU and what to change."),
     "doctor": ("finetune.doctor:command", "Before training: which family a model is, what each stage will do with it."),
+    "tune": ("finetune.commands:tune_command", "Search hyperparameters (tune.space) for the lowest validation loss; write best.yaml."),
 }
+COMMANDS: dict[str, tuple[str, str]] = {**PIPELINE, **TOOLS}
+# Flags every command takes, anywhere on the line (main() reads and removes them before the command parses the rest).
+GLOBAL_FLAGS = {"--debug": "show the full traceback on errors",
+                "--verbose": "show the libraries' progress bars, warnings and log lines"}
 
 EXIT_USER_ERROR = 2
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with the toolkit's manners: an option it does not know (``--lr 1e-4``) is one line naming the recipe
+    override it most likely means (``train.lr=1e-4``), exit code 2; a missing RECIPE says what goes there."""
+
+    def parse_known_args(self, args=None, namespace=None):  # parse_args and parse_intermixed_args come through here
+        args = list(sys.argv[1:] if args is None else args)
+        unknown = unknown_flag(args, self) if any(a.dest == "overrides" for a in self._actions) else None
+        if unknown is not None:
+            self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {flag_hint(*unknown)}\n")
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        required = "the following arguments are required: "
+        missing = message[len(required):].split(", ") if message.startswith(required) else []
+        if "RECIPE" in missing:
+            others = [m for m in missing if m not in ("RECIPE", "KEY=VALUE")]  # argparse lists an empty nargs="*" too
+            overrides = any(a.dest == "overrides" for a in self._actions)
+            message = ("RECIPE is required: a recipe YAML file, e.g. recipes/quickstart.yaml (`finetune recipes` lists "
+                       "them)" + ("; KEY=VALUE overrides after it are optional" if overrides else "")
+                       + (f"; also required: {', '.join(others)}" if others else ""))
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message}\n")
+
+
+def unknown_flag(args: list[str], parser: argparse.ArgumentParser) -> tuple[str, str | None] | None:
+    """The first ``--name`` (or ``--name=value``) in args that the parser has no option for, with its value (the
+    next word when that is not an option or an override); None when every option is known."""
+    known = set(parser._option_string_actions)
+    for i, word in enumerate(args):
+        if word == "--":
+            return None
+        if not word.startswith("--") or len(word) < 3:
+            continue
+        name, eq, value = word.partition("=")
+        if name in known or any(k.startswith(name) for k in known if k.startswith("--")):  # argparse takes prefixes
+            continue
+        if not eq:
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            value = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt \
+                and not nxt.endswith((".yaml", ".yml")) else None
+        return name, value
+    return None
+
+
+def flag_hint(flag: str, value: str | None) -> str:
+    """``--lr 1e-4`` -> the override it means, by the recipe schema's own key names (difflib for a near spelling,
+    other tools' names such as --learning-rate too)."""
+    import difflib
+
+    from finetune.recipe import Recipe
+    from finetune.recipe_errors import OTHER_TOOLS_KEYS
+
+    name = flag.lstrip("-").replace("-", "_")
+    by_name = schema_keys(Recipe)
+    dotted = {k for keys in by_name.values() for k in keys}
+    if name in dotted:
+        keys = [name]
+    elif name.lower() in OTHER_TOOLS_KEYS:
+        keys = [OTHER_TOOLS_KEYS[name.lower()]]
+    else:
+        close = difflib.get_close_matches(name, [*by_name, *OTHER_TOOLS_KEYS], n=1, cutoff=0.6)
+        keys = (by_name.get(close[0]) or [OTHER_TOOLS_KEYS[close[0]]]) if close else []
+    if not keys:
+        return f"{flag} is not an option of this command (see --help); recipe settings are KEY=VALUE overrides after " \
+               "the recipe, e.g. train.lr=1e-4 (docs/recipe-reference.md lists every key)"
+    shown = value if value is not None else "VALUE"
+    overrides = " or ".join(k if "=" in k else f"{k}={shown}" for k in keys)
+    return (f"{flag} is not an option; did you mean the recipe override {overrides}? (write it after the recipe, "
+            "without dashes)")
+
+
+def schema_keys(model, prefix: str = "") -> dict[str, list[str]]:
+    """Every setting of the recipe schema by its last name, as an override writes it: 'lr' -> ['train.lr'], 'path'
+    -> ['data.sources.0.path'] (a list of sections: its first item); and each choice of a setting with a few
+    choices by that choice, with its value: 'qlora' -> ['train.method=qlora']."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out: dict[str, list[str]] = {}
+    for name, field in model.model_fields.items():
+        dotted, annotation = f"{prefix}{name}", field.annotation
+        if typing.get_origin(annotation) is list:
+            annotation, dotted = typing.get_args(annotation)[0], f"{dotted}.0"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for key, paths in schema_keys(annotation, f"{dotted}.").items():
+                out.setdefault(key, []).extend(paths)
+            continue
+        out.setdefault(name, []).append(dotted)
+        for choice in typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ():
+            if isinstance(choice, str) and choice not in ("auto", "none", "on", "off"):
+                out.setdefault(choice.replace("-", "_"), []).append(f"{dotted}={choice}")
+    return out
+
+
 def recipe_parser(prog: str, description: str, *, many: bool = False) -> argparse.ArgumentParser:
     """An argument parser with RECIPE and key=value overrides, for a stage command to extend."""
-    p = argparse.ArgumentParser(prog=f"finetune {prog}", description=description)
+    p = CommandParser(prog=f"finetune {prog}", description=description)
     if many:
         p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files or folders (searched recursively)")
     else:
         p.add_argument("recipe", metavar="RECIPE", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="optional dotted overrides, e.g. train.lr=1e-4")
+    add_global_flags(p)
     return p
+
+
+def add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """--debug and --verbose in a command's --help (main() has already read them wherever they stood)."""
+    for flag, help_ in GLOBAL_FLAGS.items():
+        parser.add_argument(flag, action="store_true", help=help_)
 
 
 def load_recipe(ns: argparse.Namespace):
@@ -201,15 +309,25 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
 
 
 def usage() -> str:
-    width = max(len(c) for c in COMMANDS)
-    lines = ["usage: finetune <command> RECIPE [key=value ...] [--debug]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `finetune <command> --help` for a command's options."]
+    width = max(len(c) for c in [*COMMANDS, *GLOBAL_FLAGS])
+    lines = ["usage: finetune [--debug] [--verbose] <command> RECIPE [KEY=VALUE ...]", ""]
+    for title, group in (("the pipeline, in order", PIPELINE), ("tools", TOOLS)):
+        lines += [f"{title}:", *(f"  {name:<{width}}  {help_}" for name, (_, help_) in group.items()), ""]
+    lines += [f"  {flag:<{width}}  {help_}" for flag, help_ in GLOBAL_FLAGS.items()]
+    lines += ["", "Start with `finetune run recipes/quickstart.yaml`. Run `finetune <command> --help` for a command's "
+              "options."]
     return "\n".join(lines)
 
 
+def split_global_flags(argv: list[str]) -> tuple[list[str], set[str]]:
+    """argv without --debug and --verbose (before a ``--``), and which of them were given."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    given = {a for a in argv[:end] if a in GLOBAL_FLAGS}
+    return [a for i, a in enumerate(argv) if i >= end or a not in GLOBAL_FLAGS], given
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, given = split_global_flags(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -226,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"finetune: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    debug = "--debug" in rest or os.environ.get("FINETUNE_DEBUG") == "1"
+    debug = "--debug" in given or os.environ.get("FINETUNE_DEBUG") == "1"
     _WARNED.clear()
     if not debug:
         send_third_party_noise_to_log()

@@ -1,0 +1,89 @@
+"""A newcomer's first hour on the command line: the help in pipeline order, what a command needs, flags taken
+where the usage shows them, and a one-line did-you-mean for a flag that is really a recipe setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finetune import cli
+
+REPO = Path(__file__).resolve().parent.parent.parent
+QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """The real CLI in-process, argparse's own exits included: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_the_pipeline_in_order_then_the_tools(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    lines = out.splitlines()
+    first = [line.split()[0] for line in lines if line.startswith("  ") and line.split()]
+    pipeline = ["prepare", "train", "eval", "export", "chat", "serve"]
+    assert first[:len(pipeline)] == pipeline
+    tools_at = lines.index("tools:")
+    for tool in ("validate", "plan", "doctor", "tune"):
+        assert any(line.split()[:1] == [tool] for line in lines[tools_at:]), tool
+    assert "--debug" in out and "--verbose" in out and set(first) >= set(cli.COMMANDS)
+
+
+def test_a_command_without_its_recipe_says_recipe_is_required_and_overrides_optional(capsys):
+    code, _, err = run_cli(capsys, "train")
+    assert code == 2
+    assert "RECIPE is required" in err and "overrides after it are optional" in err
+    assert "usage: finetune train" in err and "RECIPE [KEY=VALUE ...]" in err  # the usage shows which is which
+
+
+@pytest.mark.parametrize("argv", [["--debug", "validate", QUICKSTART], ["validate", "--debug", QUICKSTART],
+                                  ["validate", QUICKSTART, "--debug"], ["--verbose", "validate", QUICKSTART],
+                                  ["validate", "--verbose", QUICKSTART]])
+def test_debug_and_verbose_are_taken_before_or_after_the_command(capsys, argv):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert out.startswith("ok ") and "1 valid, 0 invalid" in out
+
+
+@pytest.mark.parametrize(("flags", "override"), [
+    (["--lr", "1e-4"], "train.lr=1e-4"),             # the schema's own name
+    (["--learning-rate=3e-4"], "train.lr=3e-4"),     # another tool's name for it
+    (["--epoch", "3"], "train.epochs=3"),            # a near spelling (difflib)
+    (["--max-steps", "20"], "train.max_steps=20"),   # dashes for underscores
+    (["--warmup-ratio"], "train.warmup_ratio=VALUE"),  # no value given
+    (["--path", "mine.jsonl"], "data.sources.0.path=mine.jsonl"),  # a key inside a list of sections
+    (["--qlora"], "train.method=qlora"),             # one of a setting's choices
+])
+def test_an_unknown_flag_names_the_override_it_means(capsys, flags, override):
+    code, out, err = run_cli(capsys, "show", QUICKSTART, *flags)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"did you mean the recipe override {override}?" in err and err.startswith("error: finetune show: ")
+
+
+def test_train_with_an_lr_flag_exits_2_before_training(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", QUICKSTART, f"runs_dir={tmp_path}", "--lr", "1e-4")
+    assert code == 2 and out == "" and "train.lr=1e-4" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_flag_that_is_no_setting_points_to_help(capsys):
+    code, _, err = run_cli(capsys, "prepare", QUICKSTART, "--zzzz-qqqq")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--zzzz-qqqq is not an option of this command (see --help)" in err
+
+
+def test_known_flags_and_their_prefixes_still_parse():
+    parser = cli.recipe_parser("train", "t")
+    parser.add_argument("--resume", action="store_true")
+    assert cli.unknown_flag(["R", "--resume", "train.lr=1e-4"], parser) is None
+    assert cli.unknown_flag(["R", "--res"], parser) is None  # argparse takes an unambiguous prefix
+    assert cli.unknown_flag(["R", "--", "--lr"], parser) is None
+    assert cli.unknown_flag(["R", "--lr", "train.lr=1"], parser) == ("--lr", None)
