@@ -33,6 +33,7 @@ PIPELINE: dict[str, tuple[str, str]] = {
     "feedback": ("finetune.feedback:command", "Export approved/corrected replies from serve/chat as training data."),
 }
 TOOLS: dict[str, tuple[str, str]] = {
+    "recipes": ("finetune.commands:recipes_command", "List the shipped recipes; `finetune recipes copy NAME [DEST]` copies one."),
     "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
     "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
     "plan": ("finetune.commands:plan_command", "Estimate memory and time; say whether it fits your GPU/CPU and what to change."),
@@ -420,6 +421,9 @@ def run_guarded(fn: Callable[[list[str]], int], argv: list[str], *, debug: bool)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `finetune recipes | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except Exception as exc:  # an unexpected failure: still no traceback unless asked for
         if debug:
             raise

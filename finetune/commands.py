@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import runs
-from finetune.cli import load_recipe, recipe_parser
+from finetune.cli import check_inputs, load_recipe, recipe_parser
 from finetune.console import duration, mib, number, table
 from finetune.errors import UserError
 
@@ -241,4 +241,72 @@ def push_command(argv: list[str]) -> int:
         return 0
     url = hub.push(repo, uploads, private=ns.private, message=f"finetune push {recipe.name} --what {ns.what}")
     print(f"pushed {len(uploads)} files ({mib(total)}) to {url}")
+    return 0
+
+
+def recipes_command(argv: list[str]) -> int:
+    from finetune import starter
+    from finetune.cli import CommandParser, add_global_flags
+
+    p = CommandParser(prog="finetune recipes", description="List the shipped recipes, or copy one to start from.")
+    p.add_argument("action", nargs="?", choices=["list", "copy"], default="list",
+                   help="list (default) or copy")
+    p.add_argument("name", nargs="?", metavar="NAME", help="copy: the recipe, as listed (e.g. tasks/my-data)")
+    p.add_argument("dest", nargs="?", metavar="DEST", help="copy: a new .yaml file or a folder (default: here)")
+    add_global_flags(p)
+    ns = p.parse_args(argv)
+    if ns.action == "list":
+        if ns.name:
+            raise UserError(f"finetune recipes: {ns.name!r} after list; to copy a recipe: finetune recipes copy "
+                            f"{ns.name} [DEST]")
+        found = starter.shipped_recipes()
+        import shutil
+
+        print(table(["recipe", "what it does"], [[r.name, r.about] for r in found],
+                    width=max(80, shutil.get_terminal_size().columns)))
+        print(f"\n{len(found)} recipes in {starter.RECIPES_DIR}. Copy one to make it yours: "
+              "finetune recipes copy NAME [DEST]")
+        return 0
+    if not ns.name:
+        raise UserError("finetune recipes copy: which one? give NAME as listed by `finetune recipes`, e.g. "
+                        "finetune recipes copy tasks/my-data my-recipe.yaml")
+    target, missing = starter.copy_recipe(ns.name, ns.dest)
+    shown = shlex.quote(_here(target))
+    print(f"wrote {shown}")
+    for shipped, wanted in missing:
+        print(f"  it reads {shipped.name} by a path relative to itself; copy that too: mkdir -p "
+              f"{shlex.quote(_here(wanted.parent))} && cp {shlex.quote(str(shipped))} {shlex.quote(_here(wanted))}")
+    print(f"next: finetune validate {shown}, then finetune run {shown}")
+    return 0
+
+
+def _here(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def init_command(argv: list[str]) -> int:
+    from finetune import starter
+    from finetune.cli import CommandParser, add_global_flags
+
+    p = CommandParser(prog="finetune init", description="Write a recipe for your data file and a model: the format "
+                      "detected from the columns, a train/validation/test split, and the training method "
+                      "`finetune plan` says fits this machine (or --gpu-gb). An existing file is never replaced.")
+    p.add_argument("data", metavar="DATA", help="your data file (.jsonl .json .csv .tsv .parquet .txt)")
+    p.add_argument("--model", required=True, metavar="ID_OR_PATH",
+                   help="a Hub id (org/name), a local model folder, a .gguf file, or smollm2-135m-instruct")
+    p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
+                   help="choose the method for a GPU with N GB instead of this machine")
+    p.add_argument("-o", "--output", default=None, metavar="RECIPE",
+                   help="the recipe file to write (default: <data name>.yaml here)")
+    add_global_flags(p)
+    ns = p.parse_args(argv)
+    if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
+        raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
+    w = starter.init_recipe(ns.data, ns.model, check=check_inputs, out=ns.output, gpu_gb=ns.gpu_gb)
+    print(f"wrote {w.path}: {w.rows} rows, {w.format} format, train.method {w.method} ({w.why})")
+    print(f"validated like `finetune validate`. next: finetune run {shlex.quote(str(w.path))}")
     return 0

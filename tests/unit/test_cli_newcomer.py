@@ -87,3 +87,52 @@ def test_known_flags_and_their_prefixes_still_parse():
     assert cli.unknown_flag(["R", "--res"], parser) is None  # argparse takes an unambiguous prefix
     assert cli.unknown_flag(["R", "--", "--lr"], parser) is None
     assert cli.unknown_flag(["R", "--lr", "train.lr=1"], parser) == ("--lr", None)
+
+
+# ------------------------------------------------------------------------------------------ finetune recipes
+def test_recipes_lists_every_shipped_recipe_with_its_first_header_sentence(capsys, monkeypatch):
+    from finetune import starter
+
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: one line per recipe
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0
+    shipped = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix()
+                     for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+    assert sorted(r.name for r in starter.shipped_recipes()) == shipped
+    names = [line.split()[0] for line in out.splitlines()[2:] if line.strip() and not line.startswith(" ")]
+    assert [n for n in names if n in shipped] == [r.name for r in starter.shipped_recipes()]
+    about = {r.name: r.about for r in starter.shipped_recipes()}
+    assert about["quickstart"] == ("The quickstart: the embedded SmolLM2-135M-Instruct learns a skill it lacks, "
+                                   "offline, on a laptop CPU.")
+    assert all(about.values())
+
+
+def test_recipes_copy_writes_once_and_says_which_data_to_copy(capsys, tmp_path, monkeypatch):
+    import shlex
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "recipes", "copy", "quickstart")
+    assert code == 0, err
+    copy = tmp_path / "quickstart.yaml"
+    assert copy.read_text() == (REPO / "recipes" / "quickstart.yaml").read_text()
+    fix = next(line for line in out.splitlines() if "copy that too:" in line).split("copy that too: ", 1)[1]
+    assert "recipes/data/quickstart.jsonl" in fix
+    code, _, err = run_cli(capsys, "validate", str(copy))
+    assert code == 2 and "quickstart.jsonl" in err  # before the data is copied
+    subprocess.run(fix, shell=True, check=True, cwd=tmp_path)  # the printed mkdir -p ... && cp ...
+    assert shlex.split(fix)[0] == "mkdir"
+    code, out, err = run_cli(capsys, "validate", str(copy))
+    assert code == 0 and "1 valid, 0 invalid" in out, err
+
+    copy.write_text("mine\n")
+    code, _, err = run_cli(capsys, "recipes", "copy", "quickstart", str(copy))
+    assert code == 2 and "already exists and is left as it is" in err and copy.read_text() == "mine\n"
+
+
+def test_recipes_copy_into_a_folder_and_unknown_names(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "recipes", "copy", "models/qwen3-1.7b-lora-8gb", f"{tmp_path}/mine/")
+    assert code == 0 and (tmp_path / "mine" / "qwen3-1.7b-lora-8gb.yaml").is_file()
+    assert "copy that too" not in out  # a Hub dataset: nothing local to copy
+    code, _, err = run_cli(capsys, "recipes", "copy", "quikstart", str(tmp_path / "x.yaml"))
+    assert code == 2 and "did you mean quickstart?" in err and not (tmp_path / "x.yaml").exists()
