@@ -1,6 +1,6 @@
 """``finetune chat RECIPE|MODEL.gguf`` (or ``--url http://127.0.0.1:8765``): chat with the model in the terminal.
 
-Replies stream token by token. Without --url the GGUF runs in a child process (finetune/gguf/worker.py: llama.cpp
+Replies stream token by token. Without --url the GGUF runs in a child process (finetune/gguf/client.py: llama.cpp
 with the GGUF's own chat template; a native crash ends the reply with an error, not the chat), and the server
 package is not needed; with --url it talks to a running ``finetune serve`` over its OpenAI-compatible API (the
 ``openai`` client).
@@ -39,7 +39,8 @@ class LocalBackend:
 
     def __init__(self, target: Any):
         from finetune.feedback_store import FeedbackStore
-        from finetune.gguf.worker import NoChatTemplate, Worker, WorkerCrashed
+        from finetune.gguf.client import Worker
+        from finetune.gguf.worker import NoChatTemplate, WorkerCrashed
         from finetune.serve_target import worker_options
 
         self.target = target
@@ -54,44 +55,24 @@ class LocalBackend:
         self.finish_reason: str | None = None
 
     def stream(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int) -> Iterator[str]:
-        import uuid
+        from finetune.gguf.worker import RequestError
 
-        from finetune.gguf.worker import WorkerCrashed
-
-        rid = uuid.uuid4().hex
-        self.worker.send({"op": "generate", "id": rid, "mode": "chat", "messages": messages, "max_tokens": max_tokens,
-                          "temperature": temperature, "max_prompt_tokens": self.target.config.prompt_limit})
-        pieces: list[str] = []
-        finished = False
+        # a reply stopped half-way (Ctrl-C closes this iterator, which cancels it) has no stored exchange
+        previous, self.last_id = self.last_id, None
+        request = {"mode": "chat", "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                   "max_prompt_tokens": self.target.config.prompt_limit}
         try:
-            while True:
-                try:
-                    kind, _, payload = self.worker.recv()
-                except (EOFError, OSError):
-                    self.worker.restart()
-                    raise WorkerCrashed("the model worker crashed during this reply (it was restarted)") from None
-                if kind == "error":
-                    finished = True
-                    raise UserError(payload["message"])
+            for kind, payload in self.worker.stream(request):
                 if kind == "delta":
-                    pieces.append(payload)
                     yield payload
                 elif kind == "done":
-                    finished = True
                     self.finish_reason = payload["finish_reason"]
                     self.last_id = self.store.add_exchange(messages, payload["text"], model=self.name,
                                                            finish_reason=self.finish_reason, source="chat",
                                                            params={"temperature": temperature, "max_tokens": max_tokens})
-                    return
-        finally:
-            if not finished:  # Ctrl-C: stop the generation and wait for the worker to acknowledge
-                self.last_id = None
-                try:
-                    self.worker.send({"op": "cancel", "id": rid})
-                    while self.worker.recv()[0] not in ("done", "error"):
-                        pass
-                except (EOFError, OSError):
-                    self.worker.restart()
+        except RequestError as exc:
+            self.last_id = previous  # nothing was answered: the last reply is still the previous one
+            raise UserError(exc.message) from None
 
     def feedback(self, messages: list[dict[str, str]], reply: str, **kw: Any) -> str:
         self.store.add_feedback(messages=messages, reply=reply, completion_id=self.last_id, source="chat", **kw)

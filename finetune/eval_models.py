@@ -199,47 +199,43 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
     tools and reasoning as `finetune serve`. ``processes`` workers answer at once, each with its share of the
     cores (the weights are memory-mapped, so the workers share one copy); an example's reply does not depend on
     which worker answers it. Returns (replies, the GGUF's chat template)."""
-    from multiprocessing.connection import wait
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
-    from finetune.gguf.worker import Worker
+    from finetune.gguf.client import Worker
 
     processes = max(1, min(processes, len(examples)))
-    threads = hardware.threads(sharing=processes, cap=hardware.LLAMA_CPP_MAX_THREADS)
     workers = [Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
-                       "threads": threads}) for _ in range(processes)]
+                       "sharing": processes}) for _ in range(processes)]
     outs: list[dict[str, Any] | None] = [None] * len(examples)
-    todo = list(enumerate(examples))
-    busy: dict[Any, tuple[Worker, int]] = {}  # connection -> (worker, example index)
+    todo, lock, failed = iter(list(enumerate(examples))), threading.Lock(), threading.Event()
 
-    def submit(worker: Worker) -> None:
-        i, ex = todo.pop(0)
-        worker.send({"op": "generate", "id": str(i), "mode": "chat", "messages": ex["messages"][:-1],
-                     "tools": ex.get("tools"), "max_tokens": max_new_tokens, "temperature": temperature,
-                     "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
-        busy[worker.conn] = (worker, i)
+    def answer_all(worker: Worker) -> dict[str, Any]:
+        """One worker answers the next example until none is left or a worker failed."""
+        try:
+            info = worker.start()
+            while (job := next_job()) is not None:
+                i, ex = job
+                try:
+                    done = worker.answer({"mode": "chat", "messages": ex["messages"][:-1], "tools": ex.get("tools"),
+                                          "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0,
+                                          "top_k": 0, "min_p": 0.0, "seed": seed}, stall_s=stall_s)
+                except Exception as exc:
+                    raise RuntimeError(f"example {i}: {exc}") from exc
+                outs[i] = {"text": done["text"].strip(), "tokens": done["completion_tokens"],
+                           "finish_reason": "length" if done["finish_reason"] == "length" else "stop"}
+            return info
+        except Exception:
+            failed.set()
+            raise
+
+    def next_job() -> tuple[int, dict[str, Any]] | None:
+        with lock:
+            return None if failed.is_set() else next(todo, None)
 
     try:
-        info = [w.start() for w in workers][0]
-        for w in workers:
-            if todo:
-                submit(w)
-        while busy:
-            ready = wait(list(busy), timeout=stall_s)
-            if not ready:
-                raise TimeoutError(f"no reply from the llama.cpp worker in {stall_s:.0f} s "
-                                   f"(examples {sorted(i for _, i in busy.values())})")
-            for conn in ready:
-                worker, i = busy[conn]
-                kind, _, payload = worker.recv()
-                if kind == "error":
-                    raise RuntimeError(f"example {i}: {payload['message']}")
-                if kind == "done":  # (the streamed pieces before it are not needed here)
-                    reason = "length" if payload["finish_reason"] == "length" else "stop"
-                    outs[i] = {"text": payload["text"].strip(), "finish_reason": reason,
-                               "tokens": payload["completion_tokens"]}
-                    del busy[conn]
-                    if todo:
-                        submit(worker)
+        with ThreadPoolExecutor(processes) as pool:
+            info = list(pool.map(answer_all, workers))[0]
     finally:
         for w in workers:
             w.stop()

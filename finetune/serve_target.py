@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import hardware
 from finetune.errors import UserError
 from finetune.recipe import Recipe, ServeConfig
 
@@ -72,6 +71,7 @@ def worker_options(target: Target, *, threads: int | None = None) -> dict:
             raise UserError(f"serve.chat_template: {template_path} not found")
         chat_template = template_path.read_text(encoding="utf-8")
     return {"gguf": str(target.gguf), "n_ctx": config.n_ctx, "chat_template": chat_template,
-            "threads": hardware.threads(threads or config.threads, sharing=config.workers),
+            # the worker takes its share of the cores, capped (finetune.gguf.worker.llama_threads)
+            "threads": threads or config.threads, "sharing": config.workers,
             # trained and served the same way: the recipe's reasoning setting (a bare .gguf: the template's default)
             "reasoning": target.recipe.data.reasoning if target.recipe else "auto"}

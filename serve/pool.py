@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from finetune.gguf.worker import Worker
+from finetune.gguf.client import Worker
 
 log = logging.getLogger("finetune.serve")
 STALL_TIMEOUT_S = 300.0  # no token for this long: the worker is considered hung and is restarted
@@ -187,7 +187,7 @@ class Pool:
             self.jobs[rid] = queue
             self.current[index] = rid
             try:
-                self.workers[index].send({"op": "generate", **request})
+                self.workers[index].generate(request)
             except (OSError, AssertionError, AttributeError):
                 pass  # the pipe is gone: the reader thread reports the crash into our queue
             while True:
@@ -217,7 +217,7 @@ class Pool:
             if index is not None and not finished and self.current.get(index) == rid and self.healthy[index]:
                 # The client went away mid-generation: cancel, and hand the worker back once it has stopped.
                 try:
-                    self.workers[index].send({"op": "cancel", "id": rid})
+                    self.workers[index].cancel(rid)
                 except (OSError, AssertionError, AttributeError):
                     pass
                 asyncio.get_running_loop().create_task(self._drain(index, epoch, rid, queue))

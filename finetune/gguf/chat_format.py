@@ -20,11 +20,20 @@ from typing import Any
 from finetune.data.render import template_kwargs, template_messages
 
 
-def end_of_generation_ids(llm) -> list[int]:
-    """Every token of the GGUF's vocabulary that llama.cpp treats as the end of generation."""
+def vocab_of(llm):
+    """The ``llama_vocab`` pointer of a loaded ``llama_cpp.Llama``, through llama.cpp's public C API (not
+    llama-cpp-python's private ``_model``)."""
     import llama_cpp
 
-    vocab = llm._model.vocab
+    return llama_cpp.llama_model_get_vocab(llm.model)
+
+
+def end_of_generation_ids(llm) -> list[int]:
+    """Every token of the GGUF's vocabulary that llama.cpp treats as the end of generation (the renderer's
+    ``stop_ids``: the one list generation stops on)."""
+    import llama_cpp
+
+    vocab = vocab_of(llm)
     return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
 
 

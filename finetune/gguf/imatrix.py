@@ -154,6 +154,27 @@ def load(path: Path) -> dict[str, list[float]]:
     return out
 
 
+def quantize_param(path: Path):
+    """``load(path)`` as llama_model_quantize_params.imatrix: a NULL-terminated C array of {name, data, size}, and
+    the Python objects that own its memory (they must outlive the quantize call). Only in the llama.cpp process."""
+    import ctypes
+
+    import llama_cpp
+
+    entries = load(path)
+    array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    owners = [array]
+    for i, (name, values) in enumerate(entries.items()):
+        buf = (ctypes.c_float * len(values))(*values)
+        encoded = name.encode()
+        owners += [buf, encoded]
+        array[i].name = encoded
+        array[i].data = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
+        array[i].size = len(values)
+    array[len(entries)].name = None
+    return ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), owners
+
+
 # The converter's gguf-py (the same release as the runtime) knows every architecture's tensor names; it runs in a
 # child process so that its ``gguf`` package never meets the registry one imported here.
 _MAP_SCRIPT = """

@@ -1,7 +1,9 @@
-"""llama.cpp (through llama-cpp-python) in a child process: a native crash becomes a clear error, not a dead caller.
+"""One-shot llama.cpp jobs (inspect, tokenize, chat, logits, quantize) in a child process: a native crash becomes a
+clear error, not a dead caller.
 
-Every public function here starts ``python -m finetune.gguf.runtime REQUEST RESULT``, which loads the GGUF,
-does one job and writes a JSON result. The caller never imports ``llama_cpp``.
+Every public function here starts the llama.cpp worker process (``finetune.gguf.client.Worker.run``) on one job
+(or several, ``run_many``); it loads the GGUF, does the job and sends its result back. The caller never imports
+``llama_cpp``. Chat generates with the worker's own loop (``finetune.gguf.worker.Generator.sample``).
 
 Chat always uses the GGUF's own chat template (``tokenizer.chat_template``) through llama-cpp-python's Jinja
 formatter. llama-cpp-python silently falls back to the ``llama-2`` prompt format when a GGUF has no template, and
@@ -11,11 +13,8 @@ a template is refused.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from finetune import hardware
 from finetune.errors import UserError
+from finetune.gguf.worker import load_llama
 
 # llama_ftype ids (llama.h) for the types llama_model_quantize can write.
 FTYPES: dict[str, int] = {
@@ -44,12 +44,18 @@ class RuntimeCrash(UserError):
 
 
 GGUF_MAGIC = b"GGUF"
+_CHECKED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of the files check_gguf passed
 
 
 def check_gguf(path: str | Path, *, what: str = "") -> None:
     """Refuse a file that is not a GGUF before llama.cpp tries it (llama.cpp only says "Failed to load model from
-    file"): every GGUF starts with the bytes GGUF. ``what`` names the setting or argument that gave the path."""
+    file"): every GGUF starts with the bytes GGUF. ``what`` names the setting or argument that gave the path. Each
+    file is read once (again only when it changed)."""
     path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED:
+        return
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] != GGUF_MAGIC:
@@ -58,6 +64,7 @@ def check_gguf(path: str | Path, *, what: str = "") -> None:
         kind = "is empty" if not head else f"starts with {shown!r}, not GGUF"
         raise UserError(f"{what + ': ' if what else ''}{path} is not a GGUF (it {kind}): a download that saved an "
                         "error page, or another kind of file under a .gguf name? Point at a real .gguf file.")
+    _CHECKED.add(key)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -120,25 +127,11 @@ def run_many(gguf_path: str | Path, jobs: list[tuple[str, dict]], *, timeout: fl
     arguments of the function of that name. Returns [{"result": ...} | {"error": str}] in order. A native
     crash fails them all (RuntimeCrash).
     """
-    defaults = {
-        "tokenize": {"add_special": False, "parse_special": True},
-        "render_chat": {"add_generation_prompt": True, "reasoning": "auto", "tools": None},
-        "chat": {"max_tokens": 128, "temperature": 0.0, "n_ctx": 2048, "lora_path": None, "seed": 0, "threads": None,
-                 "reasoning": "auto", "tools": None},
-        "compare_logits": {"lora_path": None, "threads": None},
-        "reply_logprobs": {"threads": None},
-    }
     requests = []
     for op, kwargs in jobs:
-        if op not in _OPS or op == "quantize":
+        if op not in _BATCHABLE:
             raise ValueError(f"run_many: unknown op {op!r}")
-        kw = {**defaults.get(op, {}), **kwargs}
-        if op == "compare_logits":
-            kw["reference"] = str(kw.pop("reference_logits"))
-        for key in ("lora_path",):
-            if kw.get(key):
-                kw[key] = str(kw[key])
-        requests.append({"op": op, **kw})
+        requests.append(_BATCHABLE[op](_BATCH, **kwargs))  # the job as the function of that name builds it
     return _call("many", gguf_path, {"jobs": requests}, timeout=timeout)
 
 
@@ -162,8 +155,10 @@ def omp_wait_policy(threads: int | None = None) -> str:
     each of its threads, sleep at once (PASSIVE) when it is busy. Neither is free: spinning threads that wait for a
     core held by another process made decoding several times slower on a busy machine, and sleeping threads made it
     several times slower on an idle one (scripts/bench_export.py measures both). A policy set by the user wins."""
+    from finetune.gguf.worker import llama_threads
+
     cores = os.cpu_count() or 1  # the whole machine's, as the run-queue length it is compared with
-    threads = hardware.threads(threads, cap=hardware.LLAMA_CPP_MAX_THREADS)
+    threads = llama_threads(threads)
     load = runnable_now()
     return "ACTIVE" if load + threads <= cores + 0.5 else "PASSIVE"
 
@@ -182,7 +177,15 @@ def runnable_now() -> float:
             return float(os.cpu_count() or 1)
 
 
+_BATCH = object()  # in place of a GGUF path: _call returns the job instead of running it (run_many collects them)
+
+
 def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | None = None) -> Any:
+    from finetune.gguf.client import Worker
+    from finetune.gguf.worker import WorkerCrashed
+
+    if gguf_path is _BATCH:
+        return {"op": op, **payload}
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
@@ -191,24 +194,18 @@ def _call(op: str, gguf_path: str | Path, payload: dict, *, timeout: float | Non
         if lora:
             check_gguf(lora, what="adapter")
     with tempfile.TemporaryDirectory(prefix="finetune-llama-") as tmp:
-        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        req.write_text(json.dumps({"op": op, "gguf": str(gguf_path.resolve()), **payload}))
-        env = dict(os.environ)
-        # The child must import this checkout of finetune, whatever the caller's working directory.
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.setdefault("OMP_WAIT_POLICY", omp_wait_policy(payload.get("threads")))
+        log = Path(tmp) / "stderr.log"
         # On an assertion (GGML_ABORT) ggml forks gdb to print a backtrace; when two threads abort at once the forks
         # wait on each other and the child hangs forever instead of dying. Without it, it dies and is reported.
-        env.setdefault("GGML_NO_BACKTRACE", "1")
+        env = {"OMP_WAIT_POLICY": omp_wait_policy(payload.get("threads")), "GGML_NO_BACKTRACE": "1"}
+        worker = Worker({"gguf": str(gguf_path.resolve()), "job": {"op": op, **payload}, "env": env, "stderr": str(log)})
         try:
-            proc = subprocess.run([sys.executable, "-m", "finetune.gguf.runtime", str(req), str(res)],
-                                  capture_output=True, text=True, env=env, timeout=timeout, errors="replace")
-        except subprocess.TimeoutExpired:
-            raise RuntimeCrash(f"llama.cpp {op} on {gguf_path.name} did not finish within {timeout:.0f} s") from None
-        if proc.returncode != 0 or not res.exists():
-            raise RuntimeCrash(_crash_message(op, gguf_path, proc.returncode, proc.stderr, payload))
-        result = json.loads(res.read_text())
+            result = worker.run(timeout)
+        except WorkerCrashed as exc:
+            if exc.exitcode is None:  # it timed out
+                raise RuntimeCrash(str(exc)) from None
+            stderr = log.read_text(errors="replace") if log.exists() else ""
+            raise RuntimeCrash(_crash_message(op, gguf_path, exc.exitcode, stderr, payload)) from None
     if "error" in result:
         raise UserError(result["error"])
     return result["result"]
@@ -236,21 +233,11 @@ def _crash_message(op: str, gguf_path: Path, returncode: int, stderr: str, paylo
 
 
 # ------------------------------------------------------------------------------------------ the child
-def _load(path: str, *, n_ctx: int = 512, logits_all: bool = False, vocab_only: bool = False,
-          lora_path: str | None = None, seed: int = 0, threads: int | None = None):
-    import llama_cpp
-
-    threads = hardware.threads(threads, cap=hardware.LLAMA_CPP_MAX_THREADS)
-    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
-                           vocab_only=vocab_only, lora_path=lora_path, seed=seed, n_threads=threads,
-                           n_threads_batch=threads, verbose=False)
-
-
-def _renderer(llm, gguf: str, reasoning: str = "auto"):
+def _renderer(llm, gguf: str, reasoning: str = "auto", renderer=None):
     """The shared chat renderer (finetune.gguf.chat_format): the same prompt and stop tokens as the server."""
     from finetune.gguf.chat_format import ChatRenderer
 
-    renderer = ChatRenderer(llm, reasoning=reasoning)
+    renderer = renderer or ChatRenderer(llm, reasoning=reasoning)
     if renderer.formatter is None:
         raise UserError(
             f"{gguf} has no chat template (tokenizer.chat_template); llama-cpp-python would silently fall back to "
@@ -260,23 +247,29 @@ def _renderer(llm, gguf: str, reasoning: str = "auto"):
 
 
 def _op_inspect(req: dict) -> dict:
-    llm = _load(req["gguf"], vocab_only=True)
-    model = llm._model
-    meta = {k: v for k, v in llm.metadata.items()}
-    from finetune.gguf.chat_format import end_of_generation_ids
+    import llama_cpp
 
+    from finetune.gguf.chat_format import end_of_generation_ids, vocab_of
+
+    llm = load_llama(req["gguf"], vocab_only=True)
+    vocab = vocab_of(llm)
+    meta = {k: v for k, v in llm.metadata.items()}
     eog = end_of_generation_ids(llm)
-    bos, eos = model.token_bos(), model.token_eos()
+    bos, eos = llm.token_bos(), llm.token_eos()
+
+    def text(token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="ignore")
+
     return {
         "metadata": meta,
         "architecture": meta.get("general.architecture"),
         "chat_template": meta.get("tokenizer.chat_template"),
         "bos_id": bos, "eos_id": eos,
-        "bos_text": model.token_get_text(bos) if bos != -1 else None,
-        "eos_text": model.token_get_text(eos) if eos != -1 else None,
-        "add_bos": bool(model.add_bos_token()),
+        "bos_text": text(bos) if bos != -1 else None,
+        "eos_text": text(eos) if eos != -1 else None,
+        "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
         "eog_ids": eog,
-        "eog_texts": [model.token_get_text(t) for t in eog],
+        "eog_texts": [text(t) for t in eog],
         # vocab_only loads report 0 for n_ctx_train: read the architecture's context_length key instead.
         "n_ctx_train": int(meta.get(f"{meta.get('general.architecture')}.context_length", 0) or 0),
         "n_vocab": llm.n_vocab(),
@@ -284,13 +277,13 @@ def _op_inspect(req: dict) -> dict:
 
 
 def _op_tokenize(req: dict) -> list[list[int]]:
-    llm = _load(req["gguf"], vocab_only=True)
+    llm = load_llama(req["gguf"], vocab_only=True)
     return [llm.tokenize(t.encode("utf-8"), add_bos=req["add_special"], special=req["parse_special"])
             for t in req["texts"]]
 
 
 def _op_render_chat(req: dict) -> list[dict]:
-    llm = _load(req["gguf"], vocab_only=True)
+    llm = load_llama(req["gguf"], vocab_only=True)
     renderer = _renderer(llm, req["gguf"], req.get("reasoning", "auto"))
     out = []
     for messages in req["conversations"]:
@@ -300,22 +293,26 @@ def _op_render_chat(req: dict) -> list[dict]:
 
 
 def _op_chat(req: dict) -> list[dict]:
-    llm = _load(req["gguf"], n_ctx=req["n_ctx"], lora_path=req["lora_path"], seed=req["seed"], threads=req["threads"])
-    renderer = _renderer(llm, req["gguf"], req.get("reasoning", "auto"))
+    from finetune.gguf.worker import Generator
+
+    gen = Generator(req["gguf"], n_ctx=req["n_ctx"], threads=req["threads"], lora_path=req["lora_path"],
+                    seed=req["seed"], reasoning=req.get("reasoning", "auto"))
+    _renderer(gen.llm, req["gguf"], renderer=gen.renderer)
+    params = {"temperature": req["temperature"], "top_k": 0 if req["temperature"] == 0 else 40, "seed": req["seed"]}
     out = []
     for messages in req["conversations"]:
-        # no llm.reset(): llama-cpp-python keeps the KV cache of the longest prefix shared with the previous
-        # prompt (the template's system prompt and turn markers), so only the rest is evaluated
+        # llama-cpp-python keeps the KV cache of the longest prefix shared with the previous prompt (the template's
+        # system prompt and turn markers), so only the rest is evaluated
         started = time.perf_counter()
-        prompt, stops = renderer.render(messages, tools=req.get("tools"))
-        ids = renderer.tokenize(prompt)
-        # llama.cpp stops by itself on every end-of-generation token (renderer.stop_ids)
-        r = llm.create_completion(ids, temperature=req["temperature"], max_tokens=req["max_tokens"], stop=stops or None,
-                                  seed=req["seed"], repeat_penalty=1.0, top_k=0 if req["temperature"] == 0 else 40)
-        choice = r["choices"][0]
-        out.append({"text": choice["text"] or "", "finish_reason": choice["finish_reason"],
-                    "tokens": r["usage"]["completion_tokens"], "prompt_tokens": r["usage"]["prompt_tokens"],
-                    "seconds": time.perf_counter() - started})
+        prompt, stops = gen.render_chat(messages, req.get("tools"))
+        ids = gen.tokenize_prompt(prompt, chat=True)
+        if len(ids) >= gen.n_ctx:
+            raise UserError(f"{req['gguf']}: a prompt of {len(ids)} tokens does not fit the context ({gen.n_ctx})")
+        # the text as llama.cpp's completion gives it: without special tokens; the last step says how it ended
+        steps = list(gen.sample(ids, params, max_tokens=min(req["max_tokens"], gen.n_ctx - len(ids)), stop=stops,
+                                grammar=None, special=False))
+        out.append({"text": "".join(piece for piece, _, _ in steps), "finish_reason": steps[-1][1],
+                    "tokens": steps[-1][2], "prompt_tokens": len(ids), "seconds": time.perf_counter() - started})
     return out
 
 
@@ -325,7 +322,7 @@ def _op_compare_logits(req: dict) -> dict:
     seqs = req["sequences"]
     ref = np.load(req["reference"], mmap_mode="r")
     n_ctx = max(len(s) for s in seqs) + 8
-    llm = _load(req["gguf"], n_ctx=n_ctx, logits_all=True, lora_path=req["lora_path"], threads=req["threads"])
+    llm = load_llama(req["gguf"], n_ctx=n_ctx, logits_all=True, lora_path=req["lora_path"], threads=req["threads"])
     agree = total = decisive = decisive_agree = 0
     kl_sum = nll_ref = nll_gguf = 0.0
     row = 0
@@ -367,7 +364,7 @@ def _op_compare_logits(req: dict) -> dict:
 def _op_reply_logprobs(req: dict) -> list[dict]:
     import numpy as np
 
-    vocab = _load(req["gguf"], vocab_only=True)
+    vocab = load_llama(req["gguf"], vocab_only=True)
     renderer = _renderer(vocab, req["gguf"])
     eog = set(renderer.stop_ids)
     sequences = []
@@ -381,8 +378,8 @@ def _op_reply_logprobs(req: dict) -> list[dict]:
         rest = vocab.tokenize(whole[len(prompt):].encode("utf-8"), add_bos=False, special=True)
         end = next((i + 1 for i, t in enumerate(rest) if t in eog), len(rest))
         sequences.append((renderer.tokenize(prompt), rest[:end]))
-    llm = _load(req["gguf"], n_ctx=max(len(p) + len(r) for p, r in sequences) + 8, logits_all=True,
-                threads=req["threads"])
+    llm = load_llama(req["gguf"], n_ctx=max(len(p) + len(r) for p, r in sequences) + 8, logits_all=True,
+                     threads=req["threads"])
     out = []
     for prompt_ids, reply_ids in sequences:
         llm.reset()
@@ -409,7 +406,9 @@ def _op_quantize(req: dict) -> dict:
     params.nthread = hardware.threads(req["threads"])
     keep_alive = []
     if req.get("imatrix"):
-        params.imatrix, keep_alive = _imatrix_param(req["imatrix"])
+        from finetune.gguf import imatrix
+
+        params.imatrix, keep_alive = imatrix.quantize_param(Path(req["imatrix"]))
     dst = Path(req["dst"])
     tmp = dst.with_name(f".{dst.name}.tmp")
     rc = llama_cpp.llama_model_quantize(req["gguf"].encode(), str(tmp).encode(), params)
@@ -419,29 +418,6 @@ def _op_quantize(req: dict) -> dict:
         return {"error": f"llama_model_quantize({dst.name}) returned {rc}"}
     os.replace(tmp, dst)
     return {"size": dst.stat().st_size}
-
-
-def _imatrix_param(path: str):
-    """llama_model_quantize_params.imatrix: a NULL-terminated C array of {name, data, size}, and the Python objects
-    that own its memory (they must outlive the quantize call)."""
-    import ctypes
-
-    import llama_cpp
-
-    from finetune.gguf import imatrix
-
-    entries = imatrix.load(Path(path))
-    array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
-    owners = [array]
-    for i, (name, values) in enumerate(entries.items()):
-        buf = (ctypes.c_float * len(values))(*values)
-        encoded = name.encode()
-        owners += [buf, encoded]
-        array[i].name = encoded
-        array[i].data = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
-        array[i].size = len(values)
-    array[len(entries)].name = None
-    return ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), owners
 
 
 def _op_many(req: dict) -> list[dict]:
@@ -457,23 +433,17 @@ def _op_many(req: dict) -> list[dict]:
     return out
 
 
+_BATCHABLE = {"inspect": inspect, "tokenize": tokenize, "render_chat": render_chat, "chat": chat,
+              "compare_logits": compare_logits, "reply_logprobs": reply_logprobs}
 _OPS = {"inspect": _op_inspect, "tokenize": _op_tokenize, "render_chat": _op_render_chat, "chat": _op_chat,
         "compare_logits": _op_compare_logits, "reply_logprobs": _op_reply_logprobs, "quantize": _op_quantize,
         "many": _op_many}
 
 
-def _child_main(req_path: str, res_path: str) -> int:
-    req = json.loads(Path(req_path).read_text())
+def run_job(req: dict) -> dict:
+    """One job in the worker process (finetune.gguf.worker): {"result": ...} or {"error": message}."""
     try:
         result = _OPS[req["op"]](req)
-        payload = {"error": result["error"]} if isinstance(result, dict) and "error" in result else {"result": result}
     except UserError as exc:
-        payload = {"error": str(exc)}
-    tmp = Path(res_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, default=str))
-    os.replace(tmp, res_path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1], sys.argv[2]))
+        return {"error": str(exc)}
+    return {"error": result["error"]} if isinstance(result, dict) and "error" in result else {"result": result}

@@ -1,14 +1,17 @@
-"""The llama.cpp worker: a child process that owns ``llama_cpp.Llama`` and generates text for one request at a time.
+"""The one llama.cpp layer, child side: the process that owns ``llama_cpp.Llama`` (``load_llama``, the one place one
+is made), the one generation loop (``Generator``) and the pipe protocol. Its client, ``finetune.gguf.client.Worker``,
+is what ``finetune serve`` (serve/pool.py), ``finetune chat``, eval's GGUF column and the one-shot jobs of
+``finetune.gguf.runtime`` (parity, quantization) use. Why a child process: llama.cpp is native code. A segfault, an
+abort or an out-of-memory kill inside it would take the whole server (or chat, eval, export) down if the model lived
+in that process. Here it takes down one worker; the server answers that request with an error, starts a fresh
+worker and keeps serving, and a one-shot job reports the crash as one line.
 
-Used by ``finetune serve`` (serve/pool.py), ``finetune chat`` and eval's GGUF column. Why a child process: llama.cpp
-is native code. A segfault, an abort or an out-of-memory kill inside it would take the whole server (or chat, or
-eval) down if the model lived in that process. Here it takes down one worker; the server answers that request with
-an error, starts a fresh worker and keeps serving.
-
-The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llama objects cross the boundary):
+The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llama objects cross the boundary); only
+this module and the client speak it:
 
     parent -> child   {"op": "generate", "id": ..., "mode": "chat"|"completion", ...}   {"op": "cancel", "id": ...}
     child -> parent   ("ready", info) | ("fatal", {"code", "message"})                   once, at start
+                      ("result", {"result": ...} | {"error": str})     a one-shot job (options["job"]), then it exits
                       ("start", id, {"prompt_tokens": n})                               prompt accepted
                       ("delta", id, text)                                               streamed text
                       ("reasoning", id, text)           streamed reasoning (chat without tools), never in a delta
@@ -23,21 +26,35 @@ silent ``llama-2`` fallback llama-cpp-python would use. ``chat_template`` (a .ji
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
-import threading
-import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from finetune import hardware
 from finetune.data.toolcalls import ReplyStream, parse_reply, tool_syntax
 
 
 class NoChatTemplate(Exception):
     """The GGUF carries no ``tokenizer.chat_template`` and no template file was given."""
+
+
+class WorkerCrashed(Exception):
+    """The worker process died or stalled; ``exitcode`` is the process's (None when it was still running)."""
+
+    def __init__(self, message: str, exitcode: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class RequestError(Exception):
+    """The worker refused or failed one request: the HTTP status, an error code and a message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 def no_template_message(gguf: str | Path) -> str:
@@ -50,23 +67,36 @@ def no_template_message(gguf: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ in the child
+def llama_threads(threads: int | None = None, *, sharing: int = 1) -> int:
+    """Threads of one llama.cpp process: the user's setting when given, else its share of the cores when ``sharing``
+    processes run at once, at most LLAMA_CPP_MAX_THREADS (decoding is memory-bound: more stop paying)."""
+    return hardware.threads(threads, sharing=sharing, cap=hardware.LLAMA_CPP_MAX_THREADS)
+
+
+def load_llama(path: str, *, n_ctx: int = 512, threads: int | None = None, sharing: int = 1, logits_all: bool = False,
+               vocab_only: bool = False, lora_path: str | None = None, seed: int = 0):
+    """The one place a ``llama_cpp.Llama`` is made (in the child process only)."""
+    import llama_cpp
+
+    threads = llama_threads(threads, sharing=sharing)
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                           vocab_only=vocab_only, lora_path=lora_path, seed=seed, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
 class Generator:
     """llama.cpp generation for one model; used inside the worker process (and by tests directly)."""
 
     def __init__(self, gguf: str, *, n_ctx: int, threads: int | None, chat_template: str | None = None,
-                 lora_path: str | None = None, seed: int = 0, reasoning: str = "auto"):
-        import llama_cpp
-
+                 lora_path: str | None = None, seed: int = 0, reasoning: str = "auto", sharing: int = 1):
         from finetune.gguf.chat_format import ChatRenderer
 
         self.gguf = gguf
-        self.llm = llama_cpp.Llama(
-            model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, lora_path=lora_path,
-            seed=seed, verbose=False,
-        )
+        self.llm = load_llama(gguf, n_ctx=n_ctx, threads=threads, sharing=sharing, lora_path=lora_path, seed=seed)
         self.n_ctx = self.llm.n_ctx()
         # the renderer parity and eval use: same template variables, BOS/EOS texts and end-of-generation tokens
         self.renderer = ChatRenderer(self.llm, template=chat_template, reasoning=reasoning)
+        self.stop_ids = frozenset(self.renderer.stop_ids)
         self.eos_text, self.bos_text = self.renderer.eos_text, self.renderer.bos_text
         self.template = self.renderer.template
         self.template_source = "file" if chat_template is not None else ("gguf" if self.template else None)
@@ -202,7 +232,6 @@ class Generator:
 
         import llama_cpp
 
-        vocab = self.llm._model.vocab
         generated: list[int] = []
         sent = 0
         text = ""
@@ -213,7 +242,7 @@ class Generator:
                 presence_penalty=float(request.get("presence_penalty", 0.0)),
                 frequency_penalty=float(request.get("frequency_penalty", 0.0)),
                 logits_processor=llama_cpp.LogitsProcessorList([add_bias]) if bias else None, grammar=grammar):
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if token in self.stop_ids:
                 yield text[sent:], "stop", len(generated)
                 return
             generated.append(token)
@@ -251,16 +280,26 @@ class Generator:
 
 
 def worker_main(conn: Connection, options: dict[str, Any]) -> None:
-    """Entry point of the child process: load the model, then serve requests from the pipe until it closes."""
+    """Entry point of the child process: load the model, then serve requests from the pipe until it closes; or, with
+    ``options["job"]``, run that one finetune.gguf.runtime job, send its result and exit."""
     import signal
 
     # Ctrl-C in a terminal reaches the whole process group: the parent decides what stops (a reply or everything)
     # and tells the worker through the pipe, so the worker ignores SIGINT instead of dying mid-reply.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for key, value in (options.get("env") or {}).items():  # before llama.cpp (and its OpenMP) is loaded
+        os.environ.setdefault(key, value)
+    if options.get("stderr"):  # llama.cpp's own log, read back by the parent when the process dies
+        os.dup2(os.open(options["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    if "job" in options:
+        from finetune.gguf import runtime
+
+        conn.send(("result", runtime.run_job({**options["job"], "gguf": options["gguf"]})))
+        return
     try:
         gen = Generator(options["gguf"], n_ctx=options["n_ctx"], threads=options.get("threads"),
                         chat_template=options.get("chat_template"), lora_path=options.get("lora_path"),
-                        reasoning=options.get("reasoning", "auto"))
+                        reasoning=options.get("reasoning", "auto"), sharing=options.get("sharing", 1))
     except Exception as exc:
         conn.send(("fatal", {"code": "load_failed",
                              "message": f"could not load {options['gguf']}: {type(exc).__name__}: {exc}"}))
@@ -295,82 +334,3 @@ def worker_main(conn: Connection, options: dict[str, Any]) -> None:
         except Exception as exc:  # a Python-level failure in llama-cpp-python: report it, keep the worker
             conn.send(("error", rid, {"status": 500, "code": "generation_failed",
                                       "message": f"generation failed: {type(exc).__name__}: {exc}"}))
-
-
-# ----------------------------------------------------------------------------------------- in the parent
-class WorkerCrashed(Exception):
-    pass
-
-
-class Worker:
-    """Parent-side handle of one worker process. ``start()`` blocks until the model is loaded."""
-
-    def __init__(self, options: dict[str, Any], *, load_timeout: float = 300.0):
-        self.options = options
-        self.load_timeout = load_timeout
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.conn: Connection | None = None
-        self.info: dict[str, Any] = {}
-        self.restarts = 0
-        self.send_lock = threading.Lock()
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
-
-    def start(self) -> dict[str, Any]:
-        # spawn (not fork): a clean interpreter, no copied locks or threads from the server process.
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=worker_main, args=(child, self.options), daemon=True, name="finetune-llama-worker")
-        proc.start()
-        child.close()
-        self.process, self.conn = proc, parent
-        deadline = time.monotonic() + self.load_timeout
-        while not parent.poll(0.2):
-            if not proc.is_alive():
-                raise WorkerCrashed(f"the llama.cpp worker exited while loading {self.options['gguf']} "
-                                    f"(exit code {proc.exitcode})")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise WorkerCrashed(f"the llama.cpp worker did not load {self.options['gguf']} "
-                                    f"within {self.load_timeout:.0f} s")
-        try:
-            kind, payload = parent.recv()
-        except (EOFError, OSError):
-            raise WorkerCrashed(f"the llama.cpp worker died while loading {self.options['gguf']}") from None
-        if kind == "fatal":
-            self.stop()
-            raise (NoChatTemplate if payload["code"] == "no_chat_template" else WorkerCrashed)(payload["message"])
-        self.info = payload
-        return payload
-
-    def send(self, msg: dict[str, Any]) -> None:
-        assert self.conn is not None
-        with self.send_lock:
-            self.conn.send(msg)
-
-    def recv(self) -> tuple:
-        assert self.conn is not None
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except OSError:
-                pass
-        if self.process is not None:
-            self.process.join(timeout=3)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(timeout=3)
-        self.process, self.conn = None, None
-
-    def restart(self) -> dict[str, Any]:
-        self.stop()
-        self.restarts += 1
-        return self.start()

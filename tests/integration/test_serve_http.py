@@ -249,7 +249,7 @@ def test_gguf_without_chat_template_is_refused_not_guessed(cli, gguf_without_tem
 
 
 def test_explicit_chat_template_file_is_used(gguf_without_template, tmp_path):
-    from finetune.gguf.worker import Worker
+    from finetune.gguf.client import Worker
 
     path, template = gguf_without_template
     worker = Worker({"gguf": str(path), "n_ctx": 256, "threads": 1, "chat_template": template})
