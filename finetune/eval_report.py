@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ TABLE_METRICS = CHART_METRICS + ["rougeLsum", "loss", "perplexity", "train_sampl
                                  "preference_accuracy", "preference_accuracy_per_token", "logp_margin",
                                  "reward_accuracy", "reward_margin"]
 LOWER_IS_BETTER = {"loss", "perplexity", "train_sample_loss", "answers_cut_at_max_new_tokens", "generation_seconds"}
+# Of the table's metrics, those a column can be "best" at: the quality ones. Answer length and shape have no better
+# direction, and generation time depends on where each column ran (torch here, llama.cpp for the GGUF).
+BEST_OF = (set(TABLE_METRICS) - {"answer_words", "answer_lines", "generation_seconds"}) | {"tool_call_match"}
 LABELS = {"exact_match": "exact match", "answers_cut_at_max_new_tokens": "answers cut at max_new_tokens",
           "train_sample_loss": "loss on training examples", "generation_seconds": "generation seconds",
           "chrf": "chrF", "bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
@@ -30,7 +34,9 @@ LABELS = {"exact_match": "exact match", "answers_cut_at_max_new_tokens": "answer
           "reward_margin": "reward margin (vs base)"}
 COLORS = {"base": "#9aa5b1", "finetuned": "#2f6fde"}
 GGUF_COLOR = "#e07b39"
-SAMPLE_SIZE = 12
+SAMPLE_SIZE = 12  # side by side: every example some model got wrong, then this many more (disagreements first)
+# Per-example scores that say right or wrong (1.0 or 0.0).
+VERDICT_SCORES = ("exact_match", "correct", "tool_call_match")
 
 
 def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str, Any]],
@@ -44,6 +50,9 @@ def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str,
     loss_png = loss_curve_png(log_rows)
     metrics_png = metric_chart_png(result)
     pref_png = preference_png(result, preference_pairs or [])
+    forget_png = forgetting_png(result)
+    if forget_png:
+        _write_bytes(out_dir / "forgetting.png", forget_png)
     if loss_png:
         _write_bytes(out_dir / "loss_curves.png", loss_png)
     if metrics_png:
@@ -51,7 +60,8 @@ def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str,
     if pref_png:
         _write_bytes(out_dir / "preference.png", pref_png)
     page = render_html(result, examples, title=title, loss_png=loss_png, metrics_png=metrics_png,
-                       preference_png=pref_png, quantization=quantization, quantization_png=quantization_png)
+                       preference_png=pref_png, quantization=quantization, quantization_png=quantization_png,
+                       forgetting_png=forget_png)
     runs.atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
 
@@ -172,6 +182,47 @@ def preference_png(result: dict[str, Any], pairs: list[dict[str, Any]]) -> bytes
     return _png(plt, fig)
 
 
+def forgetting_png(result: dict[str, Any]) -> bytes | None:
+    """Two panels of the forgetting check: the fine-tuned model's top-1 agreement with the base on each general
+    prompt (the verdict's bounds drawn), and each general paragraph's perplexity, base against fine-tuned."""
+    forgot = result.get("forgetting")
+    if not forgot or not forgot.get("per_prompt"):
+        return None
+    import matplotlib
+
+    from finetune.verdict import FORGETTING_NONE, FORGETTING_STRONG
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=144)
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.set_axisbelow(True)
+    agree = sorted(p["top1_agreement"] for p in forgot["per_prompt"])
+    left.bar(range(len(agree)), agree, color=COLORS["finetuned"], width=0.8)
+    for bound, label in ((FORGETTING_NONE[0], "none above"), (FORGETTING_STRONG[0], "strong below")):
+        left.axhline(bound, color="#3d4852", linewidth=0.8, linestyle="--")
+        left.text(len(agree) - 0.5, bound + 0.01, label, ha="right", fontsize=7, color="#3d4852")
+    left.set_ylim(0, 1.05)
+    left.set_xlabel(f"general prompts, sorted (all: {forgot['top1_agreement']:.3f})")
+    left.set_ylabel("top-1 agreement with the base")
+    text = forgot["text"]
+    base = [math.exp(x) for x in text["base"]["per_paragraph"]]
+    tuned = [math.exp(x) for x in text["finetuned"]["per_paragraph"]]
+    right.scatter(base, tuned, color=COLORS["finetuned"], s=16)
+    top = max(base + tuned) * 1.05
+    right.plot([0, top], [0, top], color=COLORS["base"], linewidth=1, label="unchanged")
+    right.plot([0, top], [0, top * FORGETTING_NONE[2]], color="#3d4852", linewidth=0.8, linestyle="--",
+               label=f"+{FORGETTING_NONE[2] - 1:.0%}")
+    right.set_xlim(0, top)
+    right.set_ylim(0, top * FORGETTING_NONE[2])
+    right.set_xlabel("perplexity of the base, per general paragraph")
+    right.set_ylabel("perplexity of the fine-tuned model")
+    right.legend(frameon=False, fontsize=8, loc="upper left")
+    return _png(plt, fig)
+
+
 def _scaled(key: str, value: Any) -> float:
     if value is None:
         return 0.0
@@ -192,7 +243,8 @@ TEMPLATE = "eval_report.html.jinja"  # beside this module; the page's markup and
 
 def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title: str, loss_png: bytes | None,
                 metrics_png: bytes | None, preference_png: bytes | None = None,
-                quantization: dict[str, Any] | None = None, quantization_png: bytes | None = None) -> str:
+                quantization: dict[str, Any] | None = None, quantization_png: bytes | None = None,
+                forgetting_png: bytes | None = None) -> str:
     """report.html: the values below, laid out by the Jinja template (autoescaped, so no data becomes markup)."""
     import jinja2
 
@@ -218,10 +270,24 @@ def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title
         wilson=[f"{_variant_label(k)} {lo:.1%} to {hi:.1%}" for k, (lo, hi) in (improved.get("wilson95") or {}).items()],
         answer_columns=[_variant_label(n) for n in sample[0]["answers"]] if sample else [],
         sample=[_example_row(x, list(sample[0]["answers"])) for x in sample], examples_total=len(examples),
+        wrong_total=sum(map(_wrong_somewhere, sample)),
         rules=result.get("rules", {}), sources=result.get("metric_sources", {}),
         models=[(_variant_label(k), str(v.get("model"))) for k, v in result["models"].items()],
         quantization=quantization and _quantization_view(quantization, quantization_png),
+        forgetting=_forgetting_view(result, forgetting_png),
     )
+
+
+def _forgetting_view(result: dict[str, Any], png: bytes | None) -> dict[str, Any] | None:
+    """The forgetting check's verdict, figures, plot and the general prompts where the models agree least."""
+    forgot, found = result.get("forgetting"), result["verdict"].get("forgetting")
+    if not forgot or not found:
+        return None
+    worst = sorted(forgot["per_prompt"], key=lambda p: p["top1_agreement"])[:5]
+    return {"status": found["status"], "summary": found["summary"], "prompts": forgot["prompts"],
+            "tokens": forgot["answer_tokens"], "paragraphs": forgot["paragraphs"], "max_tokens": forgot["answer_max_tokens"],
+            "worst": [(p["prompt"], f"{p['top1_agreement']:.2f}", f"{p['kl']:.3f}") for p in worst],
+            "plot": _plot("Forgetting: general prompts and general text", png, "Nothing to plot.")}
 
 
 def _quantization_view(quant: dict[str, Any], png: bytes | None) -> dict[str, Any]:
@@ -259,6 +325,8 @@ def _notes(result: dict[str, Any], verdict: dict[str, Any], improved: dict[str, 
         notes.append(("loss", verdict["loss"]["summary"]))
     if "preference" in verdict and verdict["preference"] is not improved:
         notes.append(("preferences", verdict["preference"]["summary"]))
+    if "forgetting" in verdict:
+        notes.append((f"forgetting: {verdict['forgetting']['status']}", verdict["forgetting"]["summary"]))
     if "gguf" in verdict:
         notes.append(("GGUF", verdict["gguf"]["summary"]))
     elif result["gguf"]["status"] != "scored":
@@ -272,18 +340,27 @@ def _plot(caption: str, png: bytes | None, missing: str) -> dict[str, str | None
 
 def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per metric any model has: its label and per model the shown value (None: not measured) and whether
-    it is the best of several."""
+    it is the best of several (BEST_OF metrics only)."""
     models = result["models"]
     names = list(models)
     rows = []
-    for k in (k for k in TABLE_METRICS if any(models[n].get(k) is not None for n in names)):
-        values = [models[n].get(k) for n in names]
+    for k in (k for k in TABLE_METRICS if any(_metric(models[n], k) is not None for n in names)):
+        values = [_metric(models[n], k) for n in names]
         present = [v for v in values if isinstance(v, (int, float))]
-        best = (min(present) if k in LOWER_IS_BETTER else max(present)) if len(present) > 1 else None
-        rows.append({"label": LABELS.get(k, k), "cells": [
-            {"text": _cell(k, v), "best": best is not None and v == best and k != "generation_seconds"}
-            for v in values]})
+        best = (min(present) if k in LOWER_IS_BETTER else max(present)) if len(present) > 1 and k in BEST_OF else None
+        label = LABELS.get(k, k)
+        if k == "generation_seconds" and any(models[n].get("runtime") == "llama.cpp" for n in names):
+            label += " (GGUF: with loading it)"
+        rows.append({"label": label, "cells": [{"text": _cell(k, v), "best": best is not None and v == best}
+                                               for v in values]})
     return rows
+
+
+def _metric(model: dict[str, Any], key: str) -> Any:
+    """A model's value of a metric; a GGUF column's generation time is its whole time (it only generates)."""
+    if key == "generation_seconds" and model.get("runtime") == "llama.cpp":
+        return model.get("generation_seconds", model.get("seconds"))
+    return model.get(key)
 
 
 def _cell(key: str, value: Any) -> str | None:
@@ -297,10 +374,21 @@ def _cell(key: str, value: Any) -> str | None:
 
 
 def pick_sample(examples: list[dict[str, Any]], k: int = SAMPLE_SIZE) -> list[dict[str, Any]]:
-    """A readable sample: examples where base and fine-tuned disagree first, then the rest, in file order."""
-    differ = [x for x in examples if len(set(x["answers"].values())) > 1]
-    same = [x for x in examples if len(set(x["answers"].values())) <= 1]
-    return (differ + same)[:k]
+    """The side-by-side rows: every example some model got wrong (exact match, accuracy or tool-call match), then
+    up to ``k`` more, those where the models' answers differ first, in file order."""
+    wrong = [x for x in examples if _wrong_somewhere(x)]
+    rest = [x for x in examples if not any(x is w for w in wrong)]
+    differ = [x for x in rest if len(set(x["answers"].values())) > 1]
+    same = [x for x in rest if len(set(x["answers"].values())) <= 1]
+    return wrong + (differ + same)[:k]
+
+
+def _wrong_somewhere(x: dict[str, Any]) -> bool:
+    return any(_missed(scores) for scores in x.get("scores", {}).values())
+
+
+def _missed(scores: dict[str, float]) -> bool:
+    return any(scores.get(key) is not None and not scores[key] for key in VERDICT_SCORES)
 
 
 def _example_row(x: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -310,7 +398,8 @@ def _example_row(x: dict[str, Any], names: list[str]) -> dict[str, Any]:
     answers = []
     for n in names:
         scores = x["scores"].get(n, {})
-        match = scores.get("exact_match", scores.get("correct"))
+        verdicts = [scores[key] for key in VERDICT_SCORES if scores.get(key) is not None]
+        match = all(verdicts) if verdicts else None
         cut = " (cut at max_new_tokens)" if x.get("finish_reason", {}).get(n) == "length" else ""
         answers.append({"text": _clip(x["answers"][n]), "match": "" if match is None else ("ok" if match else "miss"),
                         "scores": ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + cut})

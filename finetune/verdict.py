@@ -16,6 +16,10 @@ from typing import Any
 PRIMARY_ORDER = [("tool_call_match", "tool_call_match"), ("exact_match", "exact_match"), ("accuracy", "correct"),
                  ("rouge", "rougeL"), ("chrf", "chrf"), ("bleu", "bleu")]
 SATURATED_DROP = 0.01  # nats: a smaller fall over the last third of training is not "still falling"
+# Forgetting (eval.forgetting): (top-1 agreement at least, KL nats/token at most, perplexity ratio at most) for "none",
+# and the bounds past which it is "strong"; anything between is "mild".
+FORGETTING_NONE = (0.90, 0.10, 1.05)
+FORGETTING_STRONG = (0.75, 0.50, 1.25)
 
 VERDICT_RULES = {
     "improved": "Improved when the 95% paired-bootstrap interval of (fine-tuned - base) on the primary metric "
@@ -28,6 +32,12 @@ VERDICT_RULES = {
                     "when training and validation loss were both still falling at the end (the last third of "
                     "the logged training loss fell by more than 5% and 0.01 nats, and the last validation loss was the "
                     "best).",
+    "forgetting": "Forgetting is none when, on the base model's own greedy answers to the shipped general prompts, "
+                  f"the fine-tuned model's top-1 next token agrees with the base's at >= {FORGETTING_NONE[0]:.0%} of "
+                  f"positions, the mean KL(base || fine-tuned) is <= {FORGETTING_NONE[1]} nats/token and the "
+                  f"perplexity on the shipped general text rose by <= {FORGETTING_NONE[2] - 1:.0%}; strong when "
+                  f"agreement < {FORGETTING_STRONG[0]:.0%}, KL > {FORGETTING_STRONG[1]} nats/token or perplexity up "
+                  f"by > {FORGETTING_STRONG[2] - 1:.0%}; mild otherwise.",
 }
 
 
@@ -120,6 +130,24 @@ def make_verdict(variants: dict[str, dict[str, Any]], scores: dict[str, list[dic
                        f"{boot['high']:+.3f}).",
         }
     return verdict
+
+
+def forgetting(measures: dict[str, Any]) -> dict[str, Any]:
+    """none / mild / strong from the forgetting check's measures (finetune.eval_forgetting): top1_agreement, kl and
+    perplexity of the base and the fine-tuned model on the general text; the rule in VERDICT_RULES["forgetting"]."""
+    agree, kl = measures["top1_agreement"], measures["kl"]
+    ratio = measures["perplexity"]["finetuned"] / measures["perplexity"]["base"]
+    if agree >= FORGETTING_NONE[0] and kl <= FORGETTING_NONE[1] and ratio <= FORGETTING_NONE[2]:
+        status = "none"
+    elif agree < FORGETTING_STRONG[0] or kl > FORGETTING_STRONG[1] or ratio > FORGETTING_STRONG[2]:
+        status = "strong"
+    else:
+        status = "mild"
+    summary = (f"Forgetting: {status} (general prompts: top-1 agreement with the base {agree:.3f}, KL(base || "
+               f"fine-tuned) {kl:.3f} nats/token; general text perplexity {measures['perplexity']['base']:.2f} → "
+               f"{measures['perplexity']['finetuned']:.2f}, x{ratio:.3f}).")
+    return {"status": status, "top1_agreement": agree, "kl": kl, "perplexity_ratio": ratio,
+            "summary": summary, "rule": VERDICT_RULES["forgetting"]}
 
 
 def improvement(metric: str, boot: dict[str, float], *, higher_is_better: bool, base: float,
