@@ -69,11 +69,11 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
     cannot write one; without a recipe that is a finding, not a refusal)."""
     from transformers import AutoConfig
 
-    from finetune import image_text, refusals
+    from finetune import image_text, models, refusals
 
     path = metadata_folder(model_id, revision, base_dir=base_dir)
     report = Report(model_id, path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = models.read_config(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     arch = (raw.get("architectures") or ["?"])[0]
     report.add("model", "architecture", f"{arch} (model_type {raw.get('model_type')})")

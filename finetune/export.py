@@ -148,7 +148,7 @@ def _preflight(name: str, out_dir: Path, *, base_dir: Path | None, adapter_dir: 
     weights = base_dir if adapter_dir else (model_dir or base_dir)
     convert.check_architecture(weights)
     if adapter_gguf and not _is_dora(adapter_dir):
-        convert.check_adapter_gguf(json.loads((Path(base_dir) / "config.json").read_text()))
+        convert.check_adapter_gguf(models.read_config(base_dir))
     load_chat_tokenizer(adapter_dir or model_dir or base_dir)
     weight_bytes = sum(p.stat().st_size for p in Path(weights).glob("*.safetensors"))
     n_est = weight_bytes // (4 if checkpoint_dtype(weights).itemsize == 4 else 2)
@@ -339,18 +339,14 @@ def _table_section(quant: dict, chart: Path | None) -> str:
 
 
 def _renderable(tokenizer, conversations: list[list[dict]]) -> list[list[dict]]:
-    """The conversations as the chat template accepts them: a template that refuses system messages (Gemma 2 raises
-    "System role not supported") gets them without, instead of failing every check that renders them."""
+    """The conversations as the chat template accepts them (``parity.accepted_messages``), each once."""
+    from finetune.gguf import parity
+
     out = []
     for conv in conversations:
-        for candidate in (conv, [m for m in conv if m["role"] != "system"]):
-            try:
-                tokenizer.apply_chat_template(candidate, tokenize=False, add_generation_prompt=True)
-            except Exception:  # jinja2 TemplateError or the template's raise_exception (ValueError)
-                continue
-            if candidate not in out:
-                out.append(candidate)
-            break
+        candidate = parity.accepted_messages(tokenizer, conv, add_generation_prompt=True)
+        if candidate is not None and candidate not in out:
+            out.append(candidate)
     return out
 
 

@@ -17,7 +17,7 @@ from finetune.errors import UserError
 def checkpoint_dtype(model_dir: Path):
     import torch
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = models.read_config(model_dir)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
@@ -79,7 +79,7 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(model_dir) / "config.json").read_text())
+    return models.read_config(model_dir)
 
 
 def _generation_config(old, *, bos: int | None, eos: list[int], pad: int):

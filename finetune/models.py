@@ -132,14 +132,9 @@ REMOTE_CODE_HINT = ("If you trust its authors, set model.trust_remote_code: true
 
 def check_remote_code(path: Path, trust_remote_code: bool, hub_id: str | None = None) -> None:
     """A checkpoint whose architecture exists only as Python code shipped with it needs trust_remote_code."""
-    import json
-
     if trust_remote_code:
         return
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.id: {Path(path) / 'config.json'} cannot be read ({exc})") from None
+    config = read_config(path)
     if not config.get("auto_map"):
         return
     from transformers import CONFIG_MAPPING
@@ -402,8 +397,7 @@ def load_causal_lm(folder: Path | str, **kwargs):
 
     from finetune import image_text
 
-    config = Path(folder) / "config.json"
-    spec = image_text.text_model(json.loads(config.read_text())) if config.is_file() else None
+    spec = image_text.text_model(read_config(folder)) if (Path(folder) / "config.json").is_file() else None
     if spec is not None:
         return image_text.load_text_model(Path(folder), spec, **kwargs)
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
@@ -443,12 +437,12 @@ def load_model_config(model_id: str, revision: str | None = None, *, base_dir: P
         return _read_json(p), str(p)
     kind, local = locate(model_id, base_dir=base_dir)
     if kind in ("embedded", "gguf"):  # converted once into a checkpoint folder (cached)
-        return _read_json(resolve(model_id, base_dir=base_dir).path / "config.json"), (
+        return read_config(resolve(model_id, base_dir=base_dir).path), (
             f"embedded {model_id}" if kind == "embedded" else str(local))
     if kind == "local":
         if not (local / "config.json").exists():
             raise UserError(f"model.id: {local} has no config.json")
-        return _read_json(local / "config.json"), str(local / "config.json")
+        return read_config(local), str(local / "config.json")
     return _hub_config(model_id, revision, gated=gated), f"hub {model_id}" + (f"@{revision}" if revision else "")
 
 
@@ -471,6 +465,12 @@ def _hub_config(repo_id: str, revision: str | None, *, gated: bool) -> dict[str,
         raise UserError(f"model.id: {repo_id}'s config.json is not cached and {where}. {tail} "
                         f"({type(exc).__name__})") from None
     return _read_json(Path(path))
+
+
+def read_config(folder: Path | str) -> dict[str, Any]:
+    """A checkpoint folder's config.json as a dict: the one place it is read raw (architecture, dtype, layer counts,
+    auto_map), with one error when it is missing or broken."""
+    return _read_json(Path(folder) / "config.json")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def _resolve_model(recipe, *, main: bool) -> tuple[Any, bool, str | None]:
     from finetune import models, refusals
 
     resolved = models.resolve_model(recipe.model, recipe.base_dir)
-    config = json.loads((resolved.path / "config.json").read_text())
+    config = models.read_config(resolved.path)
     # refused now, not at export after the training
     refusals.check(config, method=recipe.train.method, adapter_gguf=recipe.export.adapter_gguf)
     packing, packing_off = model_setup.packing(resolved.path, recipe.train.packing, main=main,

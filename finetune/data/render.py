@@ -21,6 +21,7 @@ of the reply; ``reasoning`` chooses what happens to it (``REASONING``), and ``te
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,13 +225,14 @@ def _apply(tokenizer, conversations: list[list[dict[str, Any]]], *, add_generati
         raise RenderError(f"the chat template refused the conversation: {exc}") from None
 
 
-_FAST: dict[int, Any] = {}
+# Per tokenizer object, dropped with it (an id() key could be reused by a later tokenizer and serve its stale entry)
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fast_renderer(tokenizer):
     """The compiled template called directly: about 3x faster than apply_chat_template, which converts every
     message on every call. Used only after it rendered a probe conversation exactly like apply_chat_template."""
-    key = id(tokenizer)
+    key = tokenizer
     state = (tokenizer.chat_template, repr(sorted(tokenizer.special_tokens_map.items())))
     if key in _FAST and _FAST[key][0] == state:  # the same tokenizer object, unchanged
         return _FAST[key][1]
@@ -398,11 +400,11 @@ def _end_of_tool_turn(text: str, content_end: int, conv: Messages, i: int, token
     return _end_of_turn(text, start, pos, tokens, special)
 
 
-_CLOSER_CACHE: dict[int, frozenset[int]] = {}
+_CLOSER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _closer_ids(tokenizer) -> frozenset[int]:
-    key = id(tokenizer)
+    key = tokenizer
     if key not in _CLOSER_CACHE:
         ids = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS}
         ids = {i for i in ids if i is not None and i != tokenizer.unk_token_id}
@@ -412,11 +414,11 @@ def _closer_ids(tokenizer) -> frozenset[int]:
     return _CLOSER_CACHE[key]
 
 
-_SPECIAL_CACHE: dict[int, frozenset[int]] = {}
+_SPECIAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _special_ids(tokenizer) -> frozenset[int]:
-    key = id(tokenizer)
+    key = tokenizer
     if key not in _SPECIAL_CACHE:
         # Added tokens count too: some tokenizers do not flag their end-of-turn token as special.
         ids = set(tokenizer.all_special_ids)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from finetune import models
 from finetune.errors import UserError
 from finetune.gguf import sdist
 
@@ -49,7 +50,7 @@ _CONVERTER_LAYER_TYPES = {"granitemoehybrid": {"linear_attention": "mamba", "ful
 def _as_the_converter_reads_it(model_dir: Path) -> contextlib.AbstractContextManager[Path]:
     """``model_dir`` itself, or, where its config.json's layer_types need the converter's words, a temporary folder
     of the same name with links to its files and such a config.json (the checkpoint itself is never rewritten)."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = models.read_config(model_dir)
     words = _CONVERTER_LAYER_TYPES.get(config.get("model_type"), {})
     layer_types = config.get("layer_types") or []
     spelt = [words.get(t, t) for t in layer_types]
@@ -88,7 +89,7 @@ def _text_model_map(src: str) -> dict[str, str]:
 
 def check_architecture(model_dir: Path) -> str:
     """The checkpoint's architecture, or a clear error when llama.cpp's converter does not know it."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = models.read_config(model_dir)
     archs = config.get("architectures") or []
     if not archs:
         raise UserError(f"{model_dir}/config.json has no 'architectures' entry; cannot tell the converter what it is")
@@ -197,7 +198,7 @@ def missing_mtp_layers(model_dir: Path) -> bool:
     them either (its Qwen3_5Config has no ``mtp_num_hidden_layers``), where llama.cpp's Qwen3.5 converter, told
     nothing, counts MTP layers from the tensors and asserts that it found some. Only the weights tell."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = models.read_config(model_dir)
     layers = [int(c["num_hidden_layers"]) for c in (config.get("text_config") or {}, config)
               if isinstance(c.get("num_hidden_layers"), int)]
     return not any(_is_mtp_tensor(name, layers[0] if layers else None) for name in _tensor_names(model_dir))

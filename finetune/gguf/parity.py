@@ -91,15 +91,25 @@ def hf_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> l
     return list(out)
 
 
+def accepted_messages(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[dict] | None:
+    """``messages`` as the chat template accepts them: a template that refuses system messages (Gemma 2 raises
+    "System role not supported") gets them without; None when neither renders."""
+    for candidate in (messages, [m for m in messages if m["role"] != "system"]):
+        try:
+            tokenizer.apply_chat_template(candidate, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception:  # jinja2 TemplateError or the template's raise_exception (ValueError)
+            continue
+        return candidate
+    return None
+
+
 def heldout_sequences(tokenizer, rows: list[dict], *, max_sequences: int = 8, max_tokens: int = 256) -> list[list[int]]:
     """Token ids of held-out rows (chat rows through the template, text rows as text), truncated."""
     seqs: list[list[int]] = []
     for row in rows:
         if "messages" in row:
-            try:
-                ids = hf_ids(tokenizer, row["messages"], add_generation_prompt=False)
-            except Exception:  # a template that refuses system messages (Gemma 2): the row without them
-                ids = hf_ids(tokenizer, [m for m in row["messages"] if m["role"] != "system"], add_generation_prompt=False)
+            messages = accepted_messages(tokenizer, row["messages"], add_generation_prompt=False) or row["messages"]
+            ids = hf_ids(tokenizer, messages, add_generation_prompt=False)
         else:
             ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"]
         ids = ids[:max_tokens]

@@ -1,7 +1,7 @@
 """Attention for padding-free (packed) batches, registered through transformers' AttentionInterface.
 
 A packed row holds several examples one after another. transformers' sdpa/eager paths handle that by building
-a dense block-diagonal mask over the whole row (and silently skip it when a cache is active: NOTES.md), so
+a dense block-diagonal mask over the whole row (and silently skip it when a cache is active), so
 attention costs (sum of lengths)^2. This function costs sum(length^2) and never materialises a mask: the same
 maths as padded batches, without the padding.
 

@@ -62,8 +62,8 @@ def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool
     model = _load_base(recipe, resolved, dtype, attn, device=f"cuda:{local_index}" if device_type == "cuda" else "cpu",
                        sharded=sharded)
     attn = getattr(model.config, "_attn_implementation", attn)
-    # NOTES.md: with use_cache=True a cache is built even in training and the packed mask is skipped:
-    # examples then attend to each other silently.
+    # With use_cache=True transformers builds a cache even in training and then skips the packed mask: the examples
+    # of a packed row would attend to each other silently.
     model.config.use_cache = False
     kernels = None
     if t.kernels == "liger":
