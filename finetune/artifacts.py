@@ -238,24 +238,31 @@ def from_folder(cls: type[A], stage_dir: Path) -> A:
 
 
 def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:
-    """What ``stage`` reads, each fresh: train <- prepare; export <- train (and prepare's splits when there);
-    eval <- prepare, train and (when it has run) export. Each upstream stage's freshness is checked once."""
-    checked: set[str] = set()
-    if stage in ("prepare", "plan"):
+    """What ``stage`` reads, as the stage graph (``freshness.STAGES``) says: its upstream stages fresh (an optional
+    one only when it has run, fresh while its recipe key is on), its ``also_reads`` when finished. Each upstream
+    stage's freshness is checked once."""
+    from finetune import freshness
+    from finetune.recipe import get_key
+
+    if stage == "plan":
         return Upstream()
-    if stage in ("tune", "train"):
-        return Upstream(prepared=load(recipe, Prepared, recipe_path))
-    if stage == "export":  # prepare's splits (not its freshness) serve the parity checks and the calibration text
-        return Upstream(trained=load(recipe, Trained, recipe_path), prepared=load_if_finished(recipe, Prepared))
-    if stage == "eval":
-        prepared = load(recipe, Prepared, recipe_path, checked=checked)
-        trained = load(recipe, Trained, recipe_path, checked=checked)
-        exported = None
-        if runs.read_manifest(recipe.run_dir("export")) is not None:
-            try:  # recorded even when eval.gguf is off, so that a later export makes eval stale as before
-                exported = load(recipe, Exported, recipe_path, fresh=recipe.eval.gguf, checked=checked)
+    if stage not in freshness.BY_NAME:
+        raise ValueError(f"unknown stage {stage!r}")
+    spec = freshness.BY_NAME[stage]
+    optional = dict(spec.optional)
+    checked: set[str] = set()
+    records: dict[str, Artifact | None] = {}
+    for name in spec.upstream:
+        if name not in optional:
+            records[name] = load(recipe, RECORDS[name], recipe_path, checked=checked)
+        elif runs.read_manifest(recipe.run_dir(name)) is not None:
+            key = optional[name]
+            try:
+                records[name] = load(recipe, RECORDS[name], recipe_path, fresh=bool(get_key(recipe.to_dict(), key)),
+                                     checked=checked)
             except UserError as exc:
-                raise UserError(f"{exc}; or score without the GGUF: eval.gguf=false") from None
-        return Upstream(prepared=prepared, trained=trained, exported=exported)
-    raise ValueError(f"unknown stage {stage!r}")
+                raise UserError(f"{exc}; or go on without it: {key}=false") from None
+    for name in spec.also_reads:
+        records[name] = load_if_finished(recipe, RECORDS[name])
+    return Upstream(prepared=records.get("prepare"), trained=records.get("train"), exported=records.get("export"))
 

@@ -24,15 +24,22 @@ class Stage:
     name: str          # folder under runs/<name>/ and the CLI command
     module: str        # the module whose run(recipe, upstream) does the work
     sections: tuple[str, ...]   # recipe keys whose change makes the stage stale
-    upstream: tuple[str, ...]   # stages whose outputs it reads
+    upstream: tuple[str, ...]   # stages whose outputs it reads (fresh), and whose reruns make it stale
+    # upstream stages read only when they have run, and needed fresh only while this recipe key is on
+    optional: tuple[tuple[str, str], ...] = ()
+    also_reads: tuple[str, ...] = ()  # read when finished, freshness not checked (and no staleness from them)
 
 
 STAGES = (
     # prepare depends on the model only through its tokenizer, whose files it fingerprints (prepare_inputs.stale_inputs)
     Stage("prepare", "finetune.prepare", ("data", "seed"), ()),
     Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
-    Stage("export", "finetune.export", ("model", "export"), ("train",)),
-    Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train", "export")),
+    # export: prepare's splits (not their freshness) give the parity checks' held-out rows and the calibration text
+    Stage("export", "finetune.export", ("model", "export"), ("train",), also_reads=("prepare",)),
+    # eval: the export is read (and recorded, so a later export makes eval stale) whenever it has run; it must be
+    # fresh only while eval.gguf scores it
+    Stage("eval", "finetune.evaluate", ("model", "eval", "seed"), ("prepare", "train", "export"),
+          optional=(("export", "eval.gguf"),)),
 )
 STAGE_NAMES = [s.name for s in STAGES]
 BY_NAME = {s.name: s for s in STAGES} | {"tune": Stage("tune", "finetune.tune", ("tune",), ("prepare",))}
