@@ -34,6 +34,7 @@ PIPELINE: dict[str, tuple[str, str]] = {
 }
 TOOLS: dict[str, tuple[str, str]] = {
     "recipes": ("finetune.commands:recipes_command", "List the shipped recipes; `finetune recipes copy NAME [DEST]` copies one."),
+    "init": ("finetune.commands:init_command", "Write a recipe from your data file and a model (format, split and method chosen)."),
     "validate": ("finetune.cli:validate_command", "Check one or many recipes; report every problem at once."),
     "show": ("finetune.cli:show_command", "Print the resolved recipe (defaults and overrides applied) as YAML."),
     "plan": ("finetune.commands:plan_command", "Estimate memory and time; say whether it fits your GPU/CPU and what to change."),

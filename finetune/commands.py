@@ -307,6 +307,7 @@ def init_command(argv: list[str]) -> int:
     if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
         raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
     w = starter.init_recipe(ns.data, ns.model, check=check_inputs, out=ns.output, gpu_gb=ns.gpu_gb)
-    print(f"wrote {w.path}: {w.rows} rows, {w.format} format, train.method {w.method} ({w.why})")
-    print(f"validated like `finetune validate`. next: finetune run {shlex.quote(str(w.path))}")
+    shown = shlex.quote(_here(w.path))
+    print(f"wrote {shown}: {w.rows} rows, {w.format} format; train: {w.why}")
+    print(f"it passes `finetune validate`; next: finetune run {shown}")
     return 0

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from finetune.errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -120,7 +122,7 @@ def split_for(rows: int) -> tuple[float, float]:
         raise UserError(f"{rows} rows: too few to split into training, validation and test examples; fine-tuning "
                         "needs at least 20 (a few hundred to learn a skill)")
     share = 0.05 if rows >= 1000 else max(0.1, min(0.2, 50 / rows))
-    return round(share, 3), round(share, 3)
+    return round(share, 2), round(share, 2)
 
 
 def init_recipe(data: str, model: str, *, check: Callable[[Any], list[str]], out: str | None = None,
@@ -128,26 +130,53 @@ def init_recipe(data: str, model: str, *, check: Callable[[Any], list[str]], out
     """Write a recipe for ``data`` (a local file) and ``model`` to ``out`` (default: <data stem>.yaml in the
     current folder) if ``check`` (``finetune validate``'s checks: a loaded recipe -> its problems) finds no problem;
     an existing file is never replaced."""
-    from finetune.data import formats, load
+    from finetune.data import load
 
     data_path = Path(data).expanduser()
-    loaded = load.read_local(data_path, where="DATA")
+    loaded = load.read_local(data_path, where="finetune init DATA")
     if not loaded.rows:
         raise UserError(f"{data}: no rows to train on")
-    fmt = "text" if data_path.suffix.lower() == ".txt" else formats.detect_format(
-        (r.record for r in loaded.rows[:100]), {}, source=loaded.name, where="DATA")
+    fmt, columns = ("text", {}) if data_path.suffix.lower() == ".txt" else detect(
+        [r.record for r in loaded.rows[:100]], loaded.name)
     target = Path(out) if out else Path.cwd() / f"{_name(data_path.stem)}.yaml"
     if target.exists():
         raise UserError(f"{target}: already exists and is left as it is; give another name with -o")
     validation, test = split_for(len(loaded.rows))
-    fields = {"name": _name(target.stem), "model": model, "data": os.path.relpath(data_path.resolve(),
-                                                                                   target.parent.resolve()),
-              "format": fmt, "validation": validation, "test": test,
-              "objective": {"preference": "dpo", "kto": "kto"}.get(fmt, "sft"), "card_gb": gpu_gb}
-    method, why = choose_method(fields, target.parent, gpu_gb)
-    text = recipe_text(fields, method, why, rows=len(loaded.rows))
+    source: dict[str, Any] = {"path": _relative(data_path, target.parent), "format": fmt}
+    if columns:
+        source["columns"] = columns
+    raw: dict[str, Any] = {"name": _name(target.stem),
+                           **({"card_gb": int(gpu_gb)} if gpu_gb is not None and gpu_gb == int(gpu_gb) else {}),
+                           "model": {"id": model},
+                           "data": {"sources": [source], "split": {"validation": validation, "test": test}},
+                           "train": {"method": "lora"}}
+    if fmt in ("preference", "kto"):
+        raw["train"]["objective"] = "dpo" if fmt == "preference" else "kto"
+    why = fit_to_memory(raw, target.parent, gpu_gb)
+    header = [f"{raw['name']}: {model} fine-tuned on {data_path.name} ({len(loaded.rows)} rows, {fmt} format"
+              + (f", columns {columns}" if columns else "") + "), written by `finetune init`.",
+              f"train: {why}.", "Next: `finetune run` on this file (or prepare, train, eval, export one by one). Every "
+              "key not set here has its default (docs/recipe-reference.md)."]
+    text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
     _write_checked(text, target, check)
-    return Written(target, len(loaded.rows), fmt, method, why)
+    return Written(target, len(loaded.rows), fmt, raw["train"]["method"], why)
+
+
+def detect(records: list[dict], name: str) -> tuple[str, dict[str, str]]:
+    """The rows' format and column mapping: prepare's detection; for other columns, the question-like and
+    answer-like ones it would suggest (formats.PROMPT_LIKE, ANSWER_LIKE) as prompt and completion."""
+    from finetune.data import formats
+
+    try:
+        return formats.detect_format(records, {}, source=name, where="finetune init"), {}
+    except UserError:
+        lower = {k.lower(): k for k in formats.column_names(records)}
+        prompt = next((lower[c] for c in formats.PROMPT_LIKE if c in lower), None)
+        answer = next((lower[c] for c in formats.ANSWER_LIKE if c in lower and lower[c] != prompt), None)
+        if not (prompt and answer):
+            raise
+    columns = {"prompt": prompt, "completion": answer}
+    return formats.detect_format(records, columns, source=name, where="finetune init"), columns
 
 
 def _name(stem: str) -> str:
@@ -155,69 +184,42 @@ def _name(stem: str) -> str:
     return name or "my-recipe"
 
 
-def _recipe(fields: dict, method: str, base_dir: Path):
-    from finetune import recipe
-
-    data = {"name": fields["name"], "model": {"id": fields["model"]},
-            "data": {"sources": [{"path": fields["data"], "format": fields["format"]}],
-                     "split": {"validation": fields["validation"], "test": fields["test"]}},
-            "train": {"method": method, "objective": fields["objective"]}}
-    return recipe.validate_dict(data, source="finetune init", base_dir=base_dir)
+def _relative(path: Path, folder: Path) -> str:
+    """The data file as the recipe names it: relative to the recipe's folder when it is inside it, else absolute."""
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
 
 
-def choose_method(fields: dict, base_dir: Path, gpu_gb: float | None) -> tuple[str, str]:
-    """LoRA when the planner says it fits this machine (or the named card); else QLoRA on a GPU when that fits;
-    else LoRA with what the planner says to change. A model whose config cannot be read leaves LoRA unplanned."""
-    from finetune import plan
+def fit_to_memory(raw: dict[str, Any], base_dir: Path, gpu_gb: float | None) -> str:
+    """Let `finetune plan` size the raw recipe for this machine (or a ``gpu_gb`` card): LoRA as it is when it fits,
+    else with the planner's changes up to the first that fits, in its order of least quality cost (a smaller
+    micro-batch with more accumulation, gradient checkpointing, 8-bit AdamW, QLoRA on a GPU, shorter sequences),
+    written into ``raw``. Returns what was decided, in words."""
+    from finetune import plan, recipe
 
-    where = f"a {gpu_gb:g} GB GPU" if gpu_gb is not None else "this machine"
-    tried, lora = [], None
-    for method in ("lora", "qlora"):
-        try:
-            result = plan.run(_recipe(fields, method, base_dir), gpu_gb=gpu_gb)["results"][0]
-        except UserError as exc:
-            return "lora", f"not planned ({exc}); run `finetune plan` on the recipe once the model's config is at hand"
-        lora = lora or result
-        total = plan.gib(result["estimate"]["total"])
-        if result["fits"]:
-            return method, f"`finetune plan` estimates {total} peak on {where} ({plan.gib(result['budget'])} usable)"
-        tried.append(f"{method} {total}")
-        if result["device"] != "cuda":
-            break  # qlora needs a CUDA GPU
-    fix = []  # the planner's suggestions apply each on top of the previous: all of them up to the first that fits
-    for suggestion in lora["suggestions"]:
-        fix += suggestion["overrides"]
-        if suggestion["fits"]:
-            break
-    else:
-        fix = []
-    return "lora", (f"does not fit {where} by `finetune plan` ({', '.join(tried)}); "
-                    + (f"it fits with the overrides {' '.join(fix)}" if fix else "pick a smaller model or a larger card"))
-
-
-def recipe_text(fields: dict, method: str, why: str, *, rows: int) -> str:
-    """The recipe's YAML: a header saying how it was made, then only the keys init chose (the rest are defaults,
-    listed in docs/recipe-reference.md)."""
-    card = f"card_gb: {fields['card_gb']:g}\n" if fields["card_gb"] is not None and fields["card_gb"] == int(
-        fields["card_gb"]) else ""
-    return (f"# {fields['name']}: {fields['model']} fine-tuned on {Path(fields['data']).name} ({rows} rows, "
-            f"{fields['format']} format), written by `finetune init`.\n"
-            f"# train.method {method}: {why}.\n"
-            f"# Next: finetune run {fields['name']}.yaml  (or prepare, train, eval, export one by one); every key "
-            "not set here has its default (docs/recipe-reference.md).\n"
-            f"name: {fields['name']}\n{card}"
-            f"model:\n  id: {_quote(fields['model'])}\n"
-            f"data:\n  sources:\n    - path: {_quote(fields['data'])}   # relative to this file\n"
-            f"      format: {fields['format']}   # detected from the columns\n"
-            f"  split:\n    validation: {fields['validation']}\n    test: {fields['test']}\n"
-            f"train:\n  method: {method}\n" + (f"  objective: {fields['objective']}\n"
-                                               if fields["objective"] != "sft" else ""))
-
-
-def _quote(value: str) -> str:
-    import json
-
-    return json.dumps(value)
+    where = f"a GPU with {gpu_gb:g} GB" if gpu_gb is not None else "this machine"
+    try:
+        result = plan.run(recipe.validate_dict(raw, source="finetune init", base_dir=base_dir),
+                          gpu_gb=gpu_gb)["results"][0]
+    except UserError as exc:
+        return f"LoRA, not sized for {where} ({exc}); run `finetune plan` on this file once the model's config is at hand"
+    budget = plan.gib(result["budget"])
+    if result["fits"]:
+        return f"LoRA; `finetune plan` estimates {plan.gib(result['estimate']['total'])} of {budget} on {where}"
+    if not result["suggestions"] or not result["suggestions"][-1]["fits"]:
+        return (f"LoRA, which does not fit {where} by `finetune plan` ({plan.gib(result['estimate']['total'])} of "
+                f"{budget}, and no change it knows makes it fit); pick a smaller model or a larger card")
+    changes = [o for s in result["suggestions"] for o in s["overrides"]]
+    for change in changes:  # each on top of the previous: a later value of the same key wins
+        key, _, value = change.partition("=")
+        recipe.set_key(raw, key, yaml.safe_load(value))
+    final = dict(c.partition("=")[::2] for c in changes)
+    method = {"lora": "LoRA", "qlora": "QLoRA"}.get(raw["train"]["method"], raw["train"]["method"])
+    return (f"{method}, sized by `finetune plan` for {where}: "
+            f"{' '.join(f'{k}={v}' for k, v in final.items())} ({plan.gib(result['suggestions'][-1]['total'])} of "
+            f"{budget})")
 
 
 def _write_checked(text: str, target: Path, check: Callable[[Any], list[str]]) -> None:

@@ -136,3 +136,71 @@ def test_recipes_copy_into_a_folder_and_unknown_names(capsys, tmp_path):
     assert "copy that too" not in out  # a Hub dataset: nothing local to copy
     code, _, err = run_cli(capsys, "recipes", "copy", "quikstart", str(tmp_path / "x.yaml"))
     assert code == 2 and "did you mean quickstart?" in err and not (tmp_path / "x.yaml").exists()
+
+
+# --------------------------------------------------------------------------------------------- finetune init
+def _qa_csv(path: Path, rows: int) -> Path:
+    path.write_text("question,answer\n" + "".join(f"What is {i} plus 1?,{i + 1}\n" for i in range(rows)))
+    return path
+
+
+def test_init_writes_a_recipe_that_validates_and_never_overwrites(capsys, tmp_path, tiny_model_dir):
+    import yaml
+
+    data = _qa_csv(tmp_path / "my data.csv", 60)
+    out = tmp_path / "recipes" / "mine.yaml"
+    code, printed, err = run_cli(capsys, "init", str(data), "--model", str(tiny_model_dir), "-o", str(out))
+    assert code == 0, err
+    assert "60 rows, prompt_completion format" in printed and "passes `finetune validate`" in printed
+    written = yaml.safe_load(out.read_text())
+    source = written["data"]["sources"][0]
+    assert source["format"] == "prompt_completion"
+    assert source["columns"] == {"prompt": "question", "completion": "answer"}  # the CSV's own column names
+    assert written["data"]["split"] == {"validation": 0.2, "test": 0.2} and written["train"]["method"] == "lora"
+    assert out.read_text().startswith("# mine: ") and "written by `finetune init`" in out.read_text()
+    code, printed, err = run_cli(capsys, "validate", str(out))
+    assert code == 0 and "1 valid, 0 invalid" in printed, err
+
+    before = out.read_text()
+    code, _, err = run_cli(capsys, "init", str(data), "--model", str(tiny_model_dir), "-o", str(out))
+    assert code == 2 and "already exists and is left as it is" in err and out.read_text() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mine.yaml"]  # no temporary file left behind
+
+
+def test_init_refuses_what_it_cannot_read_in_one_line(capsys, tmp_path, tiny_model_dir):
+    odd = tmp_path / "odd.csv"
+    odd.write_text("colour,size\n" + "red,3\n" * 30)
+    code, _, err = run_cli(capsys, "init", str(odd), "--model", str(tiny_model_dir), "-o", str(tmp_path / "r.yaml"))
+    assert code == 2 and "cannot tell the row format" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "init", str(_qa_csv(tmp_path / "few.csv", 5)), "--model", str(tiny_model_dir),
+                           "-o", str(tmp_path / "r.yaml"))
+    assert code == 2 and "5 rows: too few" in err and not (tmp_path / "r.yaml").exists()
+
+
+def test_init_sizes_the_recipe_for_a_card_by_the_planner(monkeypatch, tmp_path):
+    """Offline, the planner reads the model's bundled config snapshot; the recipe init writes carries the planner's
+    changes, so that `finetune plan` says it fits the card."""
+    import json
+
+    from finetune import plan, recipe, starter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": "a"}]}) + "\n"
+                            for i in range(100)))
+    out = tmp_path / "chats.yaml"
+    written = starter.init_recipe(str(data), "Qwen/Qwen2.5-1.5B-Instruct", check=lambda r: [], out=str(out),
+                                  gpu_gb=8)
+    assert written.format == "messages" and "sized by `finetune plan` for a GPU with 8 GB" in written.why
+    r = recipe.load(out)
+    assert r.card_gb == 8 and r.data.sources[0].path == "chats.jsonl"
+    planned = plan.run(r, gpu_gb=8)
+    assert planned["results"][0]["fits"] and "snapshot" in planned["config_source"]
+    assert (r.train.batch_size, r.train.grad_accum) != (8, 1)  # the defaults did not fit 8 GB
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(100)))
+    written = starter.init_recipe(str(pairs), "Qwen/Qwen2.5-1.5B-Instruct", check=lambda r: [],
+                                  out=str(tmp_path / "pairs.yaml"), gpu_gb=24)
+    assert written.format == "preference" and recipe.load(tmp_path / "pairs.yaml").train.objective == "dpo"
