@@ -122,15 +122,9 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
             return error_response(400, str(exc), "invalid_request", param="messages" if "messages" in str(exc)
                                   else "tools")
         job = job_for(settings, body, mode="chat", messages=messages, tools=tools)
-        if body.response_format is not None and body.response_format.type != "text":
-            if body.response_format.type == "json_schema":
-                schema = (body.response_format.json_schema or {}).get("schema")
-                if not isinstance(schema, dict):
-                    return error_response(400, "response_format.json_schema.schema: expected a JSON schema object",
-                                          "invalid_request", param="response_format")
-                job["json_schema"] = schema
-            else:
-                job["json_schema"] = {}  # any JSON object
+        refused = constrain_output(job, body.response_format)
+        if refused is not None:
+            return refused
         cid = f"chatcmpl-{uuid.uuid4().hex}"
 
         def log_exchange(result: dict[str, Any]) -> None:
@@ -150,6 +144,29 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         return await respond(pool, settings.model_name, request, body, job, f"cmpl-{uuid.uuid4().hex}", chat=False,
                              on_done=None, echo=body.prompt if body.echo else "")
 
+    add_feedback_routes(app, store)
+    return app
+
+
+def constrain_output(job: dict[str, Any], response_format) -> JSONResponse | None:
+    """``response_format`` as the job's JSON constraint (json_schema: that schema; json_object: any JSON object);
+    the 400 when its schema is not an object."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type != "json_schema":
+        job["json_schema"] = {}  # any JSON object
+        return None
+    schema = (response_format.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        return error_response(400, "response_format.json_schema.schema: expected a JSON schema object",
+                              "invalid_request", param="response_format")
+    job["json_schema"] = schema
+    return None
+
+
+def add_feedback_routes(app: FastAPI, store: FeedbackStore | None) -> None:
+    """POST /api/feedback stores a rating or correction; GET /api/feedback counts them (503 without a store)."""
+
     @app.post("/api/feedback")
     async def feedback(body: FeedbackRequest):
         if store is None:
@@ -167,8 +184,6 @@ def create_app(pool: Pool, settings: ServerSettings, store: FeedbackStore | None
         if store is None:
             return error_response(503, "this server was started without a feedback store", "no_store")
         return {"store": str(store.path), **store.counts()}
-
-    return app
 
 
 def unknown_model(settings: ServerSettings, name: str | None) -> JSONResponse | None:
