@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, eval_models, eval_preference, hardware, models, runs, verdict
+from finetune import artifacts, eval_models, eval_preference, eval_reward, hardware, models, runs, verdict
 from finetune import metrics as metric_lib
 from finetune.console import duration
 from finetune.errors import UserError
@@ -90,6 +90,9 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
 
         per_example_scores, sources = _score_answers(answers, references, reference_calls, gen_names, variants,
                                                      hub_metrics=cfg.hub_metrics)
+        if recipe.train.objective == "grpo" and answers:  # the rewards it was trained on (finetune/eval_reward.py)
+            eval_reward.score(recipe.train.rewards, recipe.base_dir, answers, prompts, references, variants,
+                              per_example_scores, template=template)
         pref_result = None
         if pref_rows:
             pref_result = eval_preference.score(pref_rows, pref_logps, beta=recipe.train.preference.beta)

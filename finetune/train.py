@@ -27,7 +27,6 @@ previous adapter as it was, and its checkpoints stay in .train.partial/ to resum
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from typing import Any
 
 from finetune import artifacts, card, hardware, refusals, runs
 from finetune.errors import UserError
-from finetune.training import batching, console, model_setup, preference, rows, sharded, steps
+from finetune.training import batching, console, grpo, model_setup, preference, rows, sharded, steps
 from finetune.training import checkpoint as ckpt
 from finetune.training.model_setup import ADAPTER_METHODS
 
@@ -193,6 +192,7 @@ class _Training:
     best_weights: dict[str, Any] | None = None  # adapters: the best validation step's, kept in memory
     log: console.RunLog | None = None
     progress: console.Progress | None = None
+    grpo: grpo.Runtime | None = None  # GRPO: rollouts, rewards, reference (training/grpo.py)
 
     @property
     def main(self) -> bool:
@@ -221,7 +221,8 @@ def _setup(recipe, resolved, tokenizer, accelerator, packing: bool, train_rows, 
     optimizer = model_setup.optimizer(t.optimizer, built.model, t.lr, t.weight_decay,
                                       "cpu" if sharded.offloads(accelerator) else device_type)
     warmup = math.ceil(t.warmup_ratio * n_steps)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, n_steps))
+    updates = n_steps * (t.grpo.iterations if t.objective == "grpo" else 1)  # GRPO: iterations per batch
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=max(1, updates))
     wrapped = sharded.prepare_wrapping(accelerator, built.model) if shard else None
     model, optimizer = accelerator.prepare(built.model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -229,34 +230,17 @@ def _setup(recipe, resolved, tokenizer, accelerator, packing: bool, train_rows, 
                             preference.Settings(t.objective, t.preference.beta, t.preference.desirable_weight,
                                                 t.preference.undesirable_weight, t.preference.gamma), sharded=shard)
     if t.objective in preference.NEEDS_REFERENCE:
-        ctx = _with_reference(ctx, raw_model, t.method, t.batch_size, train_rows, val_rows)
+        ctx = steps.with_reference(ctx, raw_model, adapters=t.method in ADAPTER_METHODS, batch_size=t.batch_size,
+                                   train_rows=train_rows, val_rows=val_rows)
     if shard and accelerator.is_main_process:
         print(f"train: FSDP2 over {accelerator.num_processes} processes, one group per {', '.join(wrapped)}"
               + (", activation checkpointing" if gc_on else "")
               + (", parameters offloaded to the CPU" if sharded.offloads(accelerator) else ""), file=sys.stderr)
+    rt = grpo.runtime(t, recipe.base_dir, tokenizer, raw_model, adapters=t.method in ADAPTER_METHODS,
+                      device=accelerator.device, packing=packing, seed=recipe.seed, autocast=ctx.autocast,
+                      sharded=shard) if t.objective == "grpo" else None
     return _Training(recipe, accelerator, model, raw_model, optimizer, scheduler, ctx, tokenizer, built, gc_on,
-                     n_trainable, work, sharded=shard, wrapped=wrapped)
-
-
-def _with_reference(ctx: steps.StepContext, raw_model, method: str, batch_size: int, train_rows, val_rows
-                    ) -> steps.StepContext:
-    """DPO and KTO score against the model before training: adapters are switched off for the reference pass;
-    full fine-tuning (no second copy of the weights) computes the base's log-probabilities once, up front."""
-    def reference(adapters: bool) -> preference.Reference:
-        return preference.Reference(raw_model, adapters=adapters, packing=ctx.packing, pad_id=ctx.pad_id,
-                                    device=ctx.accelerator.device, autocast=ctx.autocast)
-
-    ref = reference(method in ADAPTER_METHODS)
-    if method != "full":
-        return dataclasses.replace(ctx, reference=ref, val_reference=ref)
-    if ctx.accelerator.is_main_process:
-        print(f"train: reference log-probabilities of {len(train_rows) + len(val_rows)} {ctx.objective} rows "
-              "(full fine-tuning: computed once, before the first update)", file=sys.stderr)
-    ref.precompute(train_rows, ctx.objective, batch_size)
-    val_ref = reference(False)
-    if val_rows:
-        val_ref.precompute(val_rows, ctx.objective, batch_size)
-    return dataclasses.replace(ctx, reference=ref, val_reference=val_ref)
+                     n_trainable, work, sharded=shard, wrapped=wrapped, grpo=rt)
 
 
 # -------------------------------------------------------------------------------------------- the loop
@@ -334,6 +318,10 @@ def _train_step(tr: _Training, step: batching.Step, rows) -> tuple[float, int, i
     import torch
 
     t = tr.recipe.train
+    if tr.grpo is not None:  # rollouts, rewards and its own optimizer steps (train.grpo.iterations)
+        return grpo.train_step(tr.model, tr.raw_model, tr.accelerator, tr.state.step, step.micro_batches, rows,
+                               tr.grpo, lambda: steps.optimizer_step(tr.model, tr.optimizer, tr.scheduler,
+                                                                     tr.accelerator, t.max_grad_norm))
     for attempt in (1, 2):
         try:
             local_sum, targets, tokens = steps.accumulate(tr.model, step, rows, tr.ctx)
@@ -386,7 +374,8 @@ def _log_window(tr: _Training, window: _Window, epoch: float) -> None:
     st.window_loss = window.loss / max(window.targets, 1)
     _record(tr, {"step": st.step, "epoch": round(epoch, 4), "loss": st.window_loss, "val_loss": None,
                  "lr": tr.scheduler.get_last_lr()[0], "tokens": st.tokens,
-                 "tokens_per_s": round(window.tokens / max(window.seconds, 1e-9), 2), "time": round(st.elapsed, 2)})
+                 "tokens_per_s": round(window.tokens / max(window.seconds, 1e-9), 2), "time": round(st.elapsed, 2),
+                 **(tr.grpo.drain() if tr.grpo is not None else {})})
 
 
 def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
@@ -394,7 +383,11 @@ def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
     weights (adapters: in memory; full fine-tuning: on disk)."""
     t, st = tr.recipe.train, tr.state
     extra: dict[str, Any] = {}
-    if tr.ctx.objective == "sft":
+    if tr.grpo is not None:  # minus the held-out reward: lower is better, as for a loss
+        extra = grpo.held_out_reward(tr.raw_model, val_rows, tr.grpo, t.grpo.eval_examples, t.batch_size,
+                                     tr.accelerator)
+        val, st.last_val_reward = -extra["val_reward"], extra
+    elif tr.ctx.objective == "sft":
         val = steps.validation_loss(tr.raw_model, val_rows, tr.ctx, t.batch_size, t.batch_tokens)
     else:
         val, extra = steps.validation_preference(tr.raw_model, val_rows, tr.ctx, t.batch_size, t.batch_tokens)
@@ -404,7 +397,8 @@ def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
                  "lr": tr.scheduler.get_last_lr()[0], "tokens": st.tokens, "tokens_per_s": None,
                  "time": round(st.elapsed, 2), **extra})
     tr.progress.note(f"step {st.step}: validation loss {val:.4f}" + (
-        f", reward accuracy {extra['reward_accuracy']:.3f}, margin {extra['reward_margin']:.4f}" if extra else ""))
+        f", reward accuracy {extra['reward_accuracy']:.3f}, margin {extra['reward_margin']:.4f}"
+        if "reward_margin" in extra else f", held-out reward {extra['val_reward']:.4f}" if extra else ""))
     if st.best_val_loss is None or val < st.best_val_loss:
         st.best_val_loss, st.best_step, st.bad_evals = val, st.step, 0
         if t.method in ADAPTER_METHODS:

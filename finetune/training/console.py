@@ -13,6 +13,7 @@ from typing import Any
 
 # log entry key -> TensorBoard tag
 SCALARS = {"loss": "train/loss", "val_loss": "eval/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s"}
+GRPO_SCALARS = ("reward", "val_reward", "kl", "clip_fraction", "completion_length", "generation_s", "loss_s")
 
 
 class StopSignal:
@@ -131,3 +132,6 @@ class RunLog:
         for key, tag in SCALARS.items():
             if entry.get(key) is not None:
                 self.writer.add_scalar(tag, entry[key], entry["step"])
+        for key, value in entry.items():  # GRPO's per-step metrics (training/grpo.py) and held-out reward
+            if key.startswith(GRPO_SCALARS) and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"grpo/{key}", value, entry["step"])

@@ -38,6 +38,12 @@ def load_sft_rows(path: Path, split: str) -> list[tuple[Any, Any]]:
 
 def load_splits(paths: dict[str, Path], objective: str) -> tuple[list, list, list[int]]:
     """(training rows, validation rows, the training rows' lengths) of the tokenized splits, for the objective."""
+    if objective == "grpo":  # prompts (+ references) of the same rows (training/rollout.py)
+        from finetune.training import rollout
+
+        train_rows = rollout.load_rows(paths["train"], "train")
+        val_rows = rollout.load_rows(paths["validation"], "validation") if paths.get("validation") else []
+        return train_rows, val_rows, [r.length for r in train_rows]
     if objective != "sft":
         train_rows = preference.load_rows(paths["train"], "train", objective)
         val_rows = (preference.load_rows(paths["validation"], "validation", objective)

@@ -7,7 +7,9 @@ examples). Accumulation and data parallelism change nothing about the update.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,27 @@ class StepContext:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.accelerator.device.type, dtype=self.autocast_dtype)
+
+
+def with_reference(ctx: StepContext, raw_model, *, adapters: bool, batch_size: int, train_rows, val_rows
+                   ) -> StepContext:
+    """DPO and KTO score against the model before training: adapters are switched off for the reference pass;
+    full fine-tuning (no second copy of the weights) computes the base's log-probabilities once, up front."""
+    def reference(adapters: bool) -> preference.Reference:
+        return preference.Reference(raw_model, adapters=adapters, packing=ctx.packing, pad_id=ctx.pad_id,
+                                    device=ctx.accelerator.device, autocast=ctx.autocast)
+
+    ref = reference(adapters)
+    if adapters:
+        return dataclasses.replace(ctx, reference=ref, val_reference=ref)
+    if ctx.accelerator.is_main_process:
+        print(f"train: reference log-probabilities of {len(train_rows) + len(val_rows)} {ctx.objective} rows "
+              "(full fine-tuning: computed once, before the first update)", file=sys.stderr)
+    ref.precompute(train_rows, ctx.objective, batch_size)
+    val_ref = reference(False)
+    if val_rows:
+        val_ref.precompute(val_rows, ctx.objective, batch_size)
+    return dataclasses.replace(ctx, reference=ref, val_reference=val_ref)
 
 
 # ------------------------------------------------------------------------------------------- one step
