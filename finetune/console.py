@@ -8,8 +8,10 @@ only when stdout is a terminal, so piped output, logs and tests stay plain.
 from __future__ import annotations
 
 import io
+import logging
 import sys
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 MISSING = "-"
@@ -79,3 +81,20 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
     while lines and not lines[0]:
         lines.pop(0)
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ library output
+@contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Inside: the Hub client's retry and warning lines ("Retrying in 1s [Retry 1/5]", "couldn't connect") are
+    not printed, even with --verbose; for a call whose failure we report in our own words (plan and doctor
+    offline)."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    logger = hub_logging.get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -3,6 +3,8 @@
     finetune doctor Qwen/Qwen3-1.7B          # a Hub id (config and tokenizer files only are fetched)
     finetune doctor ./my-model               # a local Hugging Face folder
     finetune doctor recipes/quickstart.yaml  # the recipe's model.id
+    finetune doctor model.gguf               # a GGUF file, from its header (nothing converted)
+    finetune doctor --config config.json     # a config.json alone (offline; no tokenizer checks)
 
 It says which family the model is, whether each stage supports it (train: LoRA targets, packing; export:
 llama.cpp's converter, multi-token-prediction layers; serve: chat template, end of turn), what its template's
@@ -12,7 +14,6 @@ with the reason and what to do, exit code 2 - never at export after hours of tra
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,27 +55,45 @@ def metadata_folder(model_id: str, revision: str | None = None, *, base_dir: Pat
         return models.resolve(model_id, revision, base_dir=base_dir).path
     from huggingface_hub import snapshot_download
 
+    from finetune.console import quiet_hub
+
     try:
-        return Path(snapshot_download(model_id, revision=revision, allow_patterns=_METADATA_PATTERNS,
-                                      local_files_only=models.hub_offline()))
+        with quiet_hub():
+            return Path(snapshot_download(model_id, revision=revision, allow_patterns=_METADATA_PATTERNS,
+                                          local_files_only=models.hub_offline()))
     except Exception as exc:  # noqa: BLE001 - the Hub's errors are many; each becomes one line
-        raise UserError(f"{model_id}: could not read its config from the Hub ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}). Offline (HF_HUB_OFFLINE=1) it must be in the cache; "
-                        "gated models need `hf auth login` and the license accepted.") from None
+        where = "HF_HUB_OFFLINE is set and they are not in the cache" if models.hub_offline() else (
+            f"{type(exc).__name__}: {one_line(exc)}")
+        raise UserError(f"{model_id}: could not read its config and tokenizer files from the Hub ({where}). Gated "
+                        f"models need `hf auth login` and the license accepted. Without the Hub: {config_hint(model_id)}"
+                        ) from None
 
 
-def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None = None,
-            trust_remote_code: bool = False, adapter_gguf: bool = False) -> Report:
+def examine(model_id: str | None, revision: str | None = None, *, base_dir: Path | None = None,
+            trust_remote_code: bool = False, adapter_gguf: bool = False, chat_template: Path | None = None,
+            config_path: Path | None = None) -> Report:
     """The findings for a model. ``adapter_gguf``: a recipe asks for the LoRA adapter GGUF (refused where llama.cpp
-    cannot write one; without a recipe that is a finding, not a refusal)."""
+    cannot write one; without a recipe that is a finding, not a refusal). ``chat_template``: the recipe's
+    model.chat_template as a file (a built-in name's or a .jinja), checked in place of the model's own.
+    ``config_path``: the model's config.json given by hand (``--config``: offline, or a model not at hand); the
+    tokenizer is checked only when its files are beside it."""
     from transformers import AutoConfig
 
     from finetune import image_text, models, refusals
 
-    path = metadata_folder(model_id, revision, base_dir=base_dir)
-    report = Report(model_id, path)
-    raw = models.read_config(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config_path is None:
+        path = metadata_folder(model_id, revision, base_dir=base_dir)
+        config_file, raw = path / "config.json", models.read_config(path)
+    else:  # read as `finetune plan --config` reads it
+        raw, source = models.load_model_config(model_id or "", config_path=config_path)
+        config_file = Path(source)
+        path = config_file.parent
+    report = Report(model_id or str(config_file), path)
+    try:
+        config = AutoConfig.from_pretrained(path if config_path is None else config_file,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_file}: not a config transformers can read ({one_line(exc)})") from None
     arch = (raw.get("architectures") or ["?"])[0]
     report.add("model", "architecture", f"{arch} (model_type {raw.get('model_type')})")
     if image_text.is_image_text(raw):
@@ -92,7 +111,10 @@ def examine(model_id: str, revision: str | None = None, *, base_dir: Path | None
         report.refuse("export", "shared key/value layers", layout)
     if not _model_findings(report, config, arch, trust_remote_code):
         return report
-    if not _template_findings(report, path, trust_remote_code):
+    if config_path is not None and not (path / "tokenizer_config.json").is_file():
+        report.add("prepare", "chat template", "not checked: --config gives the config only (the tokenizer and its "
+                   "template come with the model)")
+    elif not _template_findings(report, path, trust_remote_code, raw.get("model_type"), chat_template):
         return report
     _export_findings(report, arch, raw, adapter_gguf)
     return report
@@ -112,7 +134,7 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         report.refuse("train", "transformers class", f"transformers cannot build {arch} as a causal LM "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); upgrade transformers or pick "
+                      f"({type(exc).__name__}: {one_line(exc)}); upgrade transformers or pick "
                       "a supported model")
         return False
     total = sum(p.numel() for p in model.parameters())
@@ -143,22 +165,39 @@ def _model_findings(report: Report, config: Any, arch: str, trust_remote_code: b
     return True
 
 
-def _template_findings(report: Report, path: Path, trust_remote_code: bool) -> bool:
-    """The tokenizer, its chat template, end of turn and BOS; False when the tokenizer does not load (refused)."""
-    from finetune import models
+def _template_findings(report: Report, path: Path, trust_remote_code: bool, model_type: str | None,
+                       chat_template: Path | None = None) -> bool:
+    """The tokenizer, its chat template (``chat_template``: the recipe's model.chat_template as a file), end of turn
+    and BOS; False when the tokenizer does not load (refused)."""
+    from finetune import models, templates
 
     try:
-        tok = models.load_tokenizer(path, trust_remote_code=trust_remote_code)
+        tok = models.load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)
+    except UserError as exc:
+        report.refuse("prepare", "chat template", str(exc))
+        return False
     except Exception as exc:  # noqa: BLE001
         report.refuse("prepare", "tokenizer", f"the tokenizer does not load ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:160]})")
+                      f"{one_line(exc)})")
         return False
+    builtin = templates.builtin_of(chat_template)
     if not tok.chat_template:
-        report.refuse("prepare", "chat template", "the tokenizer has no chat template, so conversations cannot be "
-                      "rendered the way the model will be served; pick the instruct model, or set "
-                      "data.chat_template to a .jinja file")
+        name, missing = templates.fitting(tok, model_type)
+        adds = (f"adds the turn tokens {', '.join(missing)} and trains their embedding rows" if missing else
+                "its turn tokens are already in the vocabulary")
+        report.refuse("prepare", "chat template", "the tokenizer has no chat template (a base model?), so "
+                      f"conversations cannot be rendered: set model.chat_template: {name} "
+                      f"({templates.TEMPLATES[name].family}; {adds}); built-in: {', '.join(templates.NAMES)}; "
+                      "or a .jinja file")
     else:
-        report.add("prepare", "chat template", f"yes ({len(tok.chat_template)} characters)")
+        added = templates.new_token_ids(tok, models.load_tokenizer(path, trust_remote_code=trust_remote_code)
+                                        ) if builtin is not None else []
+        report.add("prepare", "chat template",
+                   (f"model.chat_template {builtin.name}" if builtin else
+                    f"model.chat_template {chat_template.name}" if chat_template else "yes")
+                   + f" ({len(tok.chat_template)} characters)"
+                   + (f"; adds the turn tokens {', '.join(tok.convert_ids_to_tokens(added))} (their embedding rows "
+                      "are trained)" if added else ""))
         try:
             eot = models.end_of_turn_ids(tok)
             report.add("serve", "end of turn", ", ".join(repr(tok.convert_ids_to_tokens(i)) for i in eot) +
@@ -201,6 +240,22 @@ def _export_findings(report: Report, arch: str, raw: dict[str, Any], adapter_ggu
                f"data below 8 bits), {adapter}Ollama Modelfile, parity report")
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's whole message on one line (no cut: the end of a message is often the part that says why)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def config_hint(model_id: str) -> str:
+    """How to go on without the Hub: the bundled config.json snapshot of this model when there is one, else
+    --config."""
+    from finetune.plan import bundled_config
+
+    snapshot = bundled_config(model_id)
+    if snapshot is None:
+        return "give its config.json with --config PATH (a file, or a folder that has one)"
+    return f"--config {snapshot} (the config.json snapshot shipped with finetune)"
+
+
 def _installed_llama() -> bool:
     import importlib.util
 
@@ -214,24 +269,94 @@ def format_report(report: Report) -> str:
     return f"{findings}\n{verdict}\n"
 
 
+def gguf_report(path: Path) -> Report:
+    """A GGUF file from its header alone (the ``gguf`` package maps the file and reads its metadata and tensor list;
+    nothing is converted or copied): architecture, size, tensor types, context, chat template, end of turn, and what
+    the stages will do with it."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from finetune.console import mib
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: its reader's words, on one line
+        raise UserError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {one_line(exc)})") from None
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture") or "?"
+    report = Report(str(value("general.name") or path.name), path)
+    report.add("model", "architecture", f"{arch} (GGUF v{value('GGUF.version')}, {mib(path.stat().st_size)})")
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    report.add("model", "parameters", f"{count(sum(int(t.n_elements) for t in reader.tensors))} in "
+               f"{len(reader.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in types.most_common())})")
+    context = value(f"{arch}.context_length")
+    report.add("model", "context", f"{context} tokens" if context else "not stated")
+    tokens = value("tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str:
+        i = value(key)
+        return repr(tokens[i]) if isinstance(i, int) and 0 <= i < len(tokens) else "none"
+
+    template = value("tokenizer.chat_template")
+    if template:
+        report.add("prepare", "chat template", f"yes ({len(template)} characters)")
+    else:
+        report.refuse("prepare", "chat template", "the GGUF carries no chat template, so conversations cannot be "
+                      "rendered the way the model will be served; set model.chat_template to a .jinja file")
+    report.add("prepare", "BOS", token("tokenizer.ggml.bos_token_id"))
+    report.add("serve", "end of turn (EOS)", token("tokenizer.ggml.eos_token_id"))
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if arch.replace("-", "") in {a.replace("-", "") for a in GGUF_SUPPORTED_ARCHITECTURES}:
+        report.add("train", "weights", "converted once into a float32 Hugging Face checkpoint in the cache when a "
+                   f"stage first loads it (about {mib(4 * sum(int(t.n_elements) for t in reader.tensors))}); the GGUF "
+                   "itself is left as it is")
+    else:
+        report.refuse("train", "weights", f"transformers cannot read a {arch} GGUF back into a checkpoint to train "
+                      "(it reads " + ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES)) + "); start from the model's "
+                      "Hugging Face repository instead")
+    report.add("serve", "as it is", f"finetune serve / finetune chat {path.name} run it directly with llama.cpp")
+    return report
+
+
 def command(argv: list[str]) -> int:
+    import argparse
+
     p = argparse.ArgumentParser(prog="finetune doctor", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a Hub id, a local model folder, a .gguf file, or a recipe (its model.id)")
+    p.add_argument("model", nargs="?", help="a Hub id, a local model folder, a .gguf file, or a recipe (its model.id)")
+    p.add_argument("--config", type=Path, default=None, metavar="CONFIG.json",
+                   help="the model's config.json (or a folder with it): no Hub, no weights; the tokenizer is checked "
+                        "when its files are beside it")
     p.add_argument("--revision", help="a Hub revision")
     p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' progress bars, warnings and log lines")
     ns = p.parse_args(argv)
+    if ns.model is None and ns.config is None:
+        raise UserError("finetune doctor: give a MODEL (a Hub id, a folder, a .gguf file or a recipe) or "
+                        "--config CONFIG.json")
     model_id, revision, base_dir, remote = ns.model, ns.revision, Path.cwd(), ns.trust_remote_code
     adapter_gguf = False
-    if ns.model.endswith((".yaml", ".yml")):
+    if model_id and model_id.endswith((".yaml", ".yml")):
         from finetune import recipe
 
-        r = recipe.load(ns.model)
+        r = recipe.load(model_id)
         model_id, revision, base_dir = r.model.id, revision or r.model.revision, r.base_dir
         remote = remote or r.model.trust_remote_code
         adapter_gguf = r.export.adapter_gguf and r.train.method in ("lora", "qlora")
-    report = examine(model_id, revision, base_dir=base_dir, trust_remote_code=remote, adapter_gguf=adapter_gguf)
+    if model_id and ns.config is None and Path(model_id).suffix.lower() == ".gguf":
+        from finetune import models
+
+        report = gguf_report(models.locate(model_id, base_dir=base_dir)[1])
+    else:
+        report = examine(model_id, revision, base_dir=base_dir, trust_remote_code=remote, adapter_gguf=adapter_gguf,
+                         config_path=ns.config)
     if ns.json:
         print(json.dumps({"model": report.model, "path": str(report.path),
                           "findings": [dict(zip(("stage", "check", "finding"), r, strict=True)) for r in report.rows],
@@ -239,4 +364,3 @@ def command(argv: list[str]) -> int:
     else:
         print(format_report(report), end="")
     return 2 if report.refusals else 0
-

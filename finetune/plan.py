@@ -33,6 +33,10 @@ from finetune.training.memory import (  # noqa: F401  (plan.X names kept for scr
     train_flops_per_token,
 )
 
+# config.json snapshots of the models the shipped recipes name (<org>--<name>.json): plan reads one when the Hub's copy
+# cannot be read (offline, no login for a gated model), and says so in its "config from" line.
+CONFIG_SNAPSHOTS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "configs"
+
 # A named card (8, 12, 16, 24 "GB") is treated as that many GiB (an "8 GB" card reports 8192 MiB), and we
 # keep this share of it as the budget: drivers, a desktop session and fragmentation take the rest.
 USABLE_SHARE = 0.95
@@ -54,6 +58,38 @@ def detect_budget() -> tuple[int, str, str]:
 
     avail = int(psutil.virtual_memory().available)
     return avail, "cpu", f"CPU RAM ({avail / GiB:.1f} GiB available)"
+
+
+# ------------------------------------------------------------------------------------------------- config
+def bundled_config(model_id: str) -> Path | None:
+    """The config.json snapshot of a Hub model in CONFIG_SNAPSHOTS (shown relative to the current folder when it
+    is below it), or None."""
+    if model_id.count("/") != 1:
+        return None
+    path = CONFIG_SNAPSHOTS / f"{model_id.replace('/', '--')}.json"
+    if not path.is_file():
+        return None
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def model_config(recipe, config_path: str | Path | None) -> tuple[dict, str]:
+    """The model's config and where it came from: --config, the model folder or the Hub (the Hub client's retry
+    and warning lines kept off the console), else this model's bundled snapshot."""
+    from finetune.console import quiet_hub
+
+    try:
+        with quiet_hub():
+            return load_model_config(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
+                                     config_path=config_path, gated=recipe.model.gated)
+    except UserError:
+        snapshot = bundled_config(recipe.model.id) if config_path is None else None
+        if snapshot is None:
+            raise
+    config, _ = load_model_config(recipe.model.id, config_path=snapshot)
+    return config, f"the snapshot {snapshot}, as the Hub's copy could not be read; --config PATH to give another"
 
 
 # ---------------------------------------------------------------------------------------------- recipe glue
@@ -95,8 +131,7 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
         cards: list[float] | None = None, gpus: int | None = None) -> dict:
     """Plan a recipe for the named card (gpu_gb), else the detected device, plus the card the recipe names.
     ``gpus``: that many of the first card (per GPU; sharded with FSDP2 when more than one), and the launcher."""
-    config, source = load_model_config(recipe.model.id, recipe.model.revision, base_dir=recipe.base_dir,
-                                       config_path=config_path, gated=recipe.model.gated)
+    config, source = model_config(recipe, config_path)
     from finetune import refusals
 
     refusals.check(config, method=recipe.train.method, adapter_gguf=recipe.export.adapter_gguf)

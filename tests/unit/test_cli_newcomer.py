@@ -204,3 +204,58 @@ def test_init_sizes_the_recipe_for_a_card_by_the_planner(monkeypatch, tmp_path):
     written = starter.init_recipe(str(pairs), "Qwen/Qwen2.5-1.5B-Instruct", check=lambda r: [],
                                   out=str(tmp_path / "pairs.yaml"), gpu_gb=24)
     assert written.format == "preference" and recipe.load(tmp_path / "pairs.yaml").train.objective == "dpo"
+
+
+# ------------------------------------------------------------------------------------------ plan and doctor offline
+SNAPSHOTS = REPO / "tests" / "fixtures" / "configs"
+
+
+def test_the_hub_clients_retry_lines_are_kept_off_the_console_inside_quiet_hub(capfd):
+    from huggingface_hub.utils import logging as hub_logging
+
+    from finetune.console import quiet_hub
+
+    http = hub_logging.get_logger("huggingface_hub.utils._http")
+    with quiet_hub():
+        http.warning("Retrying in 1s [Retry 1/5].")
+    assert "Retrying" not in capfd.readouterr().err
+    http.warning("Retrying in 2s [Retry 2/5].")  # outside: the library's own handler prints it, as before
+    assert "Retrying in 2s" in capfd.readouterr().err
+
+
+def test_plan_offline_reads_the_bundled_snapshot_and_says_so(capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(REPO)
+    code = cli.main(["plan", "recipes/models/qwen3-1.7b-lora-8gb.yaml", "--gpu-gb", "8"])
+    out, err = capfd.readouterr()
+    assert code == 0 and err == ""
+    assert out.splitlines()[0].endswith("config from the snapshot tests/fixtures/configs/Qwen--Qwen3-1.7B.json, as "
+                                        "the Hub's copy could not be read; --config PATH to give another)")
+
+
+def test_doctor_offline_names_the_snapshot_and_reads_it_with_config(capfd, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(REPO)
+    code = cli.main(["doctor", "Qwen/Qwen3-1.7B", "--revision", "no-such-revision"])  # never in a cache
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith("--config tests/fixtures/configs/Qwen--Qwen3-1.7B.json (the config.json snapshot "
+                                "shipped with finetune)")
+    code = cli.main(["doctor", "--config", "tests/fixtures/configs/Qwen--Qwen3-1.7B.json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert "Qwen3ForCausalLM (model_type qwen3)" in out and "1.72B" in out and "not checked: --config" in out
+
+
+def test_doctor_reads_a_gguf_from_its_header_without_converting_it(capsys, monkeypatch, tmp_path, gguf):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(capsys, "doctor", str(gguf), "--json")
+    assert code == 0, err
+    import json
+
+    findings = {(f["stage"], f["check"]): f["finding"] for f in json.loads(out)["findings"]}
+    assert findings[("model", "architecture")].startswith("llama (GGUF v3")
+    assert findings[("model", "parameters")].startswith("134.5M in 272 tensors")
+    assert findings[("serve", "end of turn (EOS)")] == "'<|im_end|>'" and findings[("model", "context")] == "8192 tokens"
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in written) < 1_000_000  # no converted checkpoint in the cache
