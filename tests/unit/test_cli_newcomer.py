@@ -259,3 +259,54 @@ def test_doctor_reads_a_gguf_from_its_header_without_converting_it(capsys, monke
     assert findings[("serve", "end of turn (EOS)")] == "'<|im_end|>'" and findings[("model", "context")] == "8192 tokens"
     written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in written) < 1_000_000  # no converted checkpoint in the cache
+
+
+# ------------------------------------------------------------------------------------------------ the eval report
+def _report_result(examples_n: int) -> tuple[dict, list[dict]]:
+    """A result with a torch-scored pair of columns and a GGUF column (as eval writes them: the GGUF's time is its
+    'seconds'), and examples where each column misses now and then."""
+    models = {"base": {"model": "b", "exact_match": 0.2, "answer_words": 9.0, "generation_seconds": 3.5, "loss": 2.0},
+              "finetuned": {"model": "f", "exact_match": 0.9, "answer_words": 4.0, "generation_seconds": 2.5,
+                            "loss": 1.0},
+              "gguf-Q8_0": {"model": "g", "exact_match": 0.8, "answer_words": 3.0, "runtime": "llama.cpp",
+                            "seconds": 1.25}}
+    result = {"models": models, "examples": examples_n, "split": "test", "verdict": {}, "gguf": {"status": "scored"},
+              "generation": {"greedy": True, "temperature": 0.0, "max_new_tokens": 32}}
+    examples = []
+    for i in range(examples_n):
+        wrong = {"base": i % 4 == 0, "finetuned": i == 7, "gguf-Q8_0": i == 11}
+        examples.append({"id": f"ex{i}", "prompt": f"prompt {i}", "reference": str(i),
+                         "answers": {n: (f"no {i}" if miss else str(i)) if n != "base" or i % 3 else f"{i} !"
+                                     for n, miss in wrong.items()},
+                         "scores": {n: {"exact_match": 0.0 if miss else 1.0} for n, miss in wrong.items()}})
+    return result, examples
+
+
+def test_the_report_lists_every_example_some_column_got_wrong_then_disagreements():
+    from finetune import eval_report
+
+    result, examples = _report_result(60)
+    wrong = [x["id"] for x in examples if any(not s["exact_match"] for s in x["scores"].values())]
+    assert len(wrong) > eval_report.SAMPLE_SIZE  # more misses than a sample of 12 has room for
+    picked = eval_report.pick_sample(examples)
+    ids = [x["id"] for x in picked]
+    assert ids[:len(wrong)] == wrong  # every miss, any column's, first and in file order
+    rest = picked[len(wrong):]
+    assert len(rest) == eval_report.SAMPLE_SIZE
+    differ = [len(set(x["answers"].values())) > 1 for x in rest]
+    assert differ == sorted(differ, reverse=True) and differ[0]  # then disagreements, then agreements
+    page = eval_report.render_html(result, examples, title="t", loss_png=None, metrics_png=None)
+    assert f"all {len(wrong)} that some model got wrong" in page
+    assert all(f"<pre>prompt {i}</pre>" in page for i in (7, 11, 48))  # the fine-tuned and the GGUF column's misses
+
+
+def test_best_only_where_higher_or_lower_is_better_and_every_column_has_a_generation_time():
+    from finetune import eval_report
+
+    result, _ = _report_result(20)
+    rows = {r["label"]: r["cells"] for r in eval_report.metric_rows(result)}
+    assert [c["best"] for c in rows["exact match"]] == [False, True, False]
+    assert [c["best"] for c in rows["loss"]] == [False, True, False]
+    assert not any(c["best"] for c in rows["answer length (words)"])  # shorter is not better, nor longer
+    times = next(cells for label, cells in rows.items() if label.startswith("generation seconds"))
+    assert [c["text"] for c in times] == ["3.50", "2.50", "1.25"] and not any(c["best"] for c in times)
