@@ -40,23 +40,17 @@ class LocalBackend:
     def __init__(self, target: Any):
         from finetune.feedback_store import FeedbackStore
         from finetune.gguf.client import Worker
-        from finetune.gguf.worker import NoChatTemplate, WorkerCrashed
         from finetune.serve_target import worker_options
 
         self.target = target
         self.name = target.name
         self.worker = Worker(worker_options(target))
-        try:
-            self.worker.start()
-        except (NoChatTemplate, WorkerCrashed) as exc:
-            raise UserError(str(exc)) from None
+        self.worker.start()  # no chat template, or a crash while loading: a UserError
         self.store = FeedbackStore(target.store_dir)
         self.last_id: str | None = None
         self.finish_reason: str | None = None
 
     def stream(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int) -> Iterator[str]:
-        from finetune.gguf.worker import RequestError
-
         # a reply stopped half-way (Ctrl-C closes this iterator, which cancels it) has no stored exchange
         previous, self.last_id = self.last_id, None
         request = {"mode": "chat", "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
@@ -70,9 +64,9 @@ class LocalBackend:
                     self.last_id = self.store.add_exchange(messages, payload["text"], model=self.name,
                                                            finish_reason=self.finish_reason, source="chat",
                                                            params={"temperature": temperature, "max_tokens": max_tokens})
-        except RequestError as exc:
+        except UserError:  # refused, or the worker crashed (it was restarted): the reply ends with the error
             self.last_id = previous  # nothing was answered: the last reply is still the previous one
-            raise UserError(exc.message) from None
+            raise
 
     def feedback(self, messages: list[dict[str, str]], reply: str, **kw: Any) -> str:
         self.store.add_feedback(messages=messages, reply=reply, completion_id=self.last_id, source="chat", **kw)

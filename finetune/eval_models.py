@@ -199,6 +199,7 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
     tools and reasoning as `finetune serve`. ``processes`` workers answer at once, each with its share of the
     cores (the weights are memory-mapped, so the workers share one copy); an example's reply does not depend on
     which worker answers it. Returns (replies, the GGUF's chat template)."""
+    import queue
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -207,39 +208,36 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
     processes = max(1, min(processes, len(examples)))
     workers = [Worker({"gguf": str(path), "n_ctx": n_ctx, "chat_template": None, "reasoning": reasoning,
                        "sharing": processes}) for _ in range(processes)]
-    outs: list[dict[str, Any] | None] = [None] * len(examples)
-    todo, lock, failed = iter(list(enumerate(examples))), threading.Lock(), threading.Event()
+    free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+    failed = threading.Event()
 
-    def answer_all(worker: Worker) -> dict[str, Any]:
-        """One worker answers the next example until none is left or a worker failed."""
+    def answer(i: int, ex: dict[str, Any]) -> dict[str, Any] | None:
+        worker = free.get()  # one of the workers, each answering one example at a time
         try:
-            info = worker.start()
-            while (job := next_job()) is not None:
-                i, ex = job
-                try:
-                    done = worker.answer({"mode": "chat", "messages": ex["messages"][:-1], "tools": ex.get("tools"),
-                                          "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0,
-                                          "top_k": 0, "min_p": 0.0, "seed": seed}, stall_s=stall_s)
-                except Exception as exc:
-                    raise RuntimeError(f"example {i}: {exc}") from exc
-                outs[i] = {"text": done["text"].strip(), "tokens": done["completion_tokens"],
-                           "finish_reason": "length" if done["finish_reason"] == "length" else "stop"}
-            return info
-        except Exception:
+            if failed.is_set():  # another example failed: this column has no result
+                return None
+            done = worker.answer({"mode": "chat", "messages": ex["messages"][:-1], "tools": ex.get("tools"),
+                                  "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": 0,
+                                  "min_p": 0.0, "seed": seed}, stall_s=stall_s)
+        except Exception as exc:
             failed.set()
-            raise
+            raise RuntimeError(f"example {i}: {exc}") from exc
+        finally:
+            free.put(worker)
+        return {"text": done["text"].strip(), "finish_reason": "length" if done["finish_reason"] == "length" else "stop",
+                "tokens": done["completion_tokens"]}
 
-    def next_job() -> tuple[int, dict[str, Any]] | None:
-        with lock:
-            return None if failed.is_set() else next(todo, None)
-
+    pool = ThreadPoolExecutor(processes)
     try:
-        with ThreadPoolExecutor(processes) as pool:
-            info = list(pool.map(answer_all, workers))[0]
+        info = list(pool.map(Worker.start, workers))[0]
+        for worker in workers:
+            free.put(worker)
+        outs = list(pool.map(answer, range(len(examples)), examples))
     finally:
+        pool.shutdown(cancel_futures=True)
         for w in workers:
             w.stop()
-    return [o for o in outs if o is not None], info.get("template") or ""
+    return outs, info.get("template") or ""
 
 
 def read_answer(output: dict[str, Any], template: str, tools: list[dict[str, Any]] | None = None,

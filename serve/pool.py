@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from finetune.gguf.client import Worker
+from finetune.gguf.worker import RequestError
 
 log = logging.getLogger("finetune.serve")
 STALL_TIMEOUT_S = 300.0  # no token for this long: the worker is considered hung and is restarted
@@ -40,12 +41,7 @@ class Unavailable(Exception):
     """No worker became free in time, or the model could not be (re)loaded (-> HTTP 503)."""
 
 
-class RequestFailed(Exception):
-    """The worker refused or failed the request; carries the HTTP status, an error code and a message."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+RequestFailed = RequestError  # the worker refused or failed the request: HTTP status, error code and message
 
 
 class Pool:

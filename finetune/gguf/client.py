@@ -71,9 +71,7 @@ class Worker:
         """The one-shot job: {"result": ...} or {"error": message}. A crash or timeout raises WorkerCrashed."""
         try:
             return self._first_message(timeout, f"{self.options['job']['op']} on {self.options['gguf']}")[1]
-        finally:
-            if self.process is not None and self.process.is_alive():  # interrupted: the job stops with its caller
-                self.process.kill()
+        finally:  # interrupted (Ctrl-C), the job stops with its caller
             self.stop()
 
     def send(self, msg: dict[str, Any]) -> None:

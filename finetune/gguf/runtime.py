@@ -233,16 +233,14 @@ def _crash_message(op: str, gguf_path: Path, returncode: int, stderr: str, paylo
 
 
 # ------------------------------------------------------------------------------------------ the child
-def _renderer(llm, gguf: str, reasoning: str = "auto", renderer=None):
+def _renderer(llm, gguf: str, reasoning: str = "auto"):
     """The shared chat renderer (finetune.gguf.chat_format): the same prompt and stop tokens as the server."""
     from finetune.gguf.chat_format import ChatRenderer
+    from finetune.gguf.worker import NoChatTemplate, no_template_message
 
-    renderer = renderer or ChatRenderer(llm, reasoning=reasoning)
+    renderer = ChatRenderer(llm, reasoning=reasoning)
     if renderer.formatter is None:
-        raise UserError(
-            f"{gguf} has no chat template (tokenizer.chat_template); llama-cpp-python would silently fall back to "
-            "the llama-2 format. Export from a tokenizer with a chat template (finetune export writes it)."
-        )
+        raise NoChatTemplate(no_template_message(gguf))
     return renderer
 
 
@@ -297,20 +295,16 @@ def _op_chat(req: dict) -> list[dict]:
 
     gen = Generator(req["gguf"], n_ctx=req["n_ctx"], threads=req["threads"], lora_path=req["lora_path"],
                     seed=req["seed"], reasoning=req.get("reasoning", "auto"))
-    _renderer(gen.llm, req["gguf"], renderer=gen.renderer)
     params = {"temperature": req["temperature"], "top_k": 0 if req["temperature"] == 0 else 40, "seed": req["seed"]}
     out = []
     for messages in req["conversations"]:
         # llama-cpp-python keeps the KV cache of the longest prefix shared with the previous prompt (the template's
         # system prompt and turn markers), so only the rest is evaluated
         started = time.perf_counter()
-        prompt, stops = gen.render_chat(messages, req.get("tools"))
-        ids = gen.tokenize_prompt(prompt, chat=True)
-        if len(ids) >= gen.n_ctx:
-            raise UserError(f"{req['gguf']}: a prompt of {len(ids)} tokens does not fit the context ({gen.n_ctx})")
-        # the text as llama.cpp's completion gives it: without special tokens; the last step says how it ended
-        steps = list(gen.sample(ids, params, max_tokens=min(req["max_tokens"], gen.n_ctx - len(ids)), stop=stops,
-                                grammar=None, special=False))
+        _, ids, stop, max_tokens, _ = gen.prepare({"mode": "chat", "messages": messages, "tools": req.get("tools"),
+                                                   "max_tokens": req["max_tokens"]})
+        # the text as llama.cpp's completion gives it (without special tokens); the last step says how it ended
+        steps = list(gen.sample(ids, params, max_tokens=max_tokens, stop=stop, grammar=None, special=False))
         out.append({"text": "".join(piece for piece, _, _ in steps), "finish_reason": steps[-1][1],
                     "tokens": steps[-1][2], "prompt_tokens": len(ids), "seconds": time.perf_counter() - started})
     return out

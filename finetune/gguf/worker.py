@@ -1,13 +1,10 @@
-"""The one llama.cpp layer, child side: the process that owns ``llama_cpp.Llama`` (``load_llama``, the one place one
-is made), the one generation loop (``Generator``) and the pipe protocol. Its client, ``finetune.gguf.client.Worker``,
-is what ``finetune serve`` (serve/pool.py), ``finetune chat``, eval's GGUF column and the one-shot jobs of
-``finetune.gguf.runtime`` (parity, quantization) use. Why a child process: llama.cpp is native code. A segfault, an
-abort or an out-of-memory kill inside it would take the whole server (or chat, eval, export) down if the model lived
-in that process. Here it takes down one worker; the server answers that request with an error, starts a fresh
-worker and keeps serving, and a one-shot job reports the crash as one line.
+"""The llama.cpp worker process, the one llama.cpp layer of finetune: the one place a ``llama_cpp.Llama`` is made
+(``load_llama``), the one generation loop (``Generator``) and the pipe protocol its client speaks
+(``finetune.gguf.client.Worker``, what serve, chat, eval and ``finetune.gguf.runtime`` use). Why a child process:
+llama.cpp is native code; a segfault, an abort or an out-of-memory kill inside it takes down one worker (the server
+answers that request with an error and starts a fresh one; a one-shot job reports it as one line), not the caller.
 
-The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llama objects cross the boundary); only
-this module and the client speak it:
+The protocol over a ``multiprocessing`` pipe is plain tuples (picklable, no llama objects cross the boundary):
 
     parent -> child   {"op": "generate", "id": ..., "mode": "chat"|"completion", ...}   {"op": "cancel", "id": ...}
     child -> parent   ("ready", info) | ("fatal", {"code", "message"})                   once, at start
@@ -35,13 +32,14 @@ from typing import Any
 
 from finetune import hardware
 from finetune.data.toolcalls import ReplyStream, parse_reply, tool_syntax
+from finetune.errors import UserError
 
 
-class NoChatTemplate(Exception):
+class NoChatTemplate(UserError):
     """The GGUF carries no ``tokenizer.chat_template`` and no template file was given."""
 
 
-class WorkerCrashed(Exception):
+class WorkerCrashed(UserError):
     """The worker process died or stalled; ``exitcode`` is the process's (None when it was still running)."""
 
     def __init__(self, message: str, exitcode: int | None = None):
@@ -49,7 +47,7 @@ class WorkerCrashed(Exception):
         self.exitcode = exitcode
 
 
-class RequestError(Exception):
+class RequestError(UserError):
     """The worker refused or failed one request: the HTTP status, an error code and a message."""
 
     def __init__(self, status: int, code: str, message: str):
@@ -133,57 +131,53 @@ class Generator:
             return self.renderer.tokenize(prompt)
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
+    def prepare(self, request: dict[str, Any]) -> tuple[str, list[int], list[str], int, Any]:
+        """(prompt, its tokens, stop strings, max new tokens, grammar) of a generation request; RequestError when the
+        request cannot be answered as asked."""
+        chat = request["mode"] == "chat"
+        if chat and request.get("tools") and tool_syntax(self.template) is None:
+            raise RequestError(400, "tools_unsupported", "tools: this model's chat template has no tool-call format "
+                               "finetune can read (Qwen2.5/Qwen3 <tool_call>, Qwen3.5 XML, Llama 3.1 JSON, Mistral "
+                               "[TOOL_CALLS]); serve a model whose template has one, or pass one with "
+                               "--chat-template FILE.jinja (the model must be trained with it)")
+        try:
+            prompt, stops = self.render_chat(request["messages"], request.get("tools")) if chat else (request["prompt"], [])
+        except NoChatTemplate as exc:
+            raise RequestError(400, "no_chat_template", str(exc)) from None
+        except Exception as exc:  # a template that raises (e.g. "roles must alternate") is the client's error
+            raise RequestError(400, "invalid_messages", f"the model's chat template rejected the messages: {exc}") from None
+        tokens = self.tokenize_prompt(prompt, chat=chat)
+        limit = request.get("max_prompt_tokens") or self.n_ctx
+        if len(tokens) > limit:
+            raise RequestError(400, "context_length_exceeded", f"the prompt has {len(tokens)} tokens; this server "
+                               f"accepts at most {limit}. Shorten the conversation (start a new chat) or the prompt.")
+        room = self.n_ctx - len(tokens)
+        if room < 1:
+            raise RequestError(400, "context_length_exceeded",
+                               f"the prompt ({len(tokens)} tokens) fills the context ({self.n_ctx})")
+        vocab = self.llm.n_vocab()
+        outside = [t for t in request.get("logit_bias") or {} if not 0 <= int(t) < vocab]
+        if outside:
+            raise RequestError(400, "invalid_logit_bias", f"logit_bias: token id {outside[0]} is not in this model's "
+                               f"vocabulary (ids 0..{vocab - 1})")
+        try:
+            grammar = self.json_grammar(request["json_schema"]) if request.get("json_schema") is not None else None
+        except Exception as exc:  # llama.cpp's schema converter or grammar parser refused it
+            raise RequestError(400, "invalid_json_schema",
+                               f"response_format: llama.cpp cannot enforce this JSON schema: {exc}") from None
+        stop = list(dict.fromkeys(stops + list(request.get("stop") or [])))
+        return prompt, tokens, stop, min(int(request.get("max_tokens") or 256), room), grammar
+
     def generate(self, request: dict[str, Any], emit: Callable[[tuple], None],
                  cancelled: Callable[[], bool]) -> None:
         rid = request["id"]
         chat = request["mode"] == "chat"
-        if chat and request.get("tools") and tool_syntax(self.template) is None:
-            emit(("error", rid, {"status": 400, "code": "tools_unsupported",
-                                 "message": "tools: this model's chat template has no tool-call format finetune can "
-                                            "read (Qwen2.5/Qwen3 <tool_call>, Qwen3.5 XML, Llama 3.1 JSON, Mistral "
-                                            "[TOOL_CALLS]); serve a model whose template has one, or pass one with "
-                                            "--chat-template FILE.jinja (the model must be trained with it)"}))
-            return
         try:
-            if chat:
-                prompt, stops = self.render_chat(request["messages"], request.get("tools"))
-            else:
-                prompt, stops = request["prompt"], []
-        except NoChatTemplate as exc:
-            emit(("error", rid, {"status": 400, "code": "no_chat_template", "message": str(exc)}))
-            return
-        except Exception as exc:  # a template that raises (e.g. "roles must alternate") is the client's error
-            emit(("error", rid, {"status": 400, "code": "invalid_messages",
-                                 "message": f"the model's chat template rejected the messages: {exc}"}))
-            return
-        tokens = self.tokenize_prompt(prompt, chat=chat)
-        limit = request.get("max_prompt_tokens") or self.n_ctx
-        if len(tokens) > limit:
-            emit(("error", rid, {"status": 400, "code": "context_length_exceeded",
-                                 "message": f"the prompt has {len(tokens)} tokens; this server accepts at most "
-                                            f"{limit}. Shorten the conversation (start a new chat) or the prompt."}))
-            return
-        room = self.n_ctx - len(tokens)
-        if room < 1:
-            emit(("error", rid, {"status": 400, "code": "context_length_exceeded",
-                                 "message": f"the prompt ({len(tokens)} tokens) fills the context ({self.n_ctx})"}))
-            return
-        max_tokens = min(int(request.get("max_tokens") or 256), room)
-        vocab = self.llm.n_vocab()
-        outside = [t for t in request.get("logit_bias") or {} if not 0 <= int(t) < vocab]
-        if outside:
-            emit(("error", rid, {"status": 400, "code": "invalid_logit_bias",
-                                 "message": f"logit_bias: token id {outside[0]} is not in this model's vocabulary "
-                                            f"(ids 0..{vocab - 1})"}))
-            return
-        try:
-            grammar = self.json_grammar(request["json_schema"]) if request.get("json_schema") is not None else None
-        except Exception as exc:  # llama.cpp's schema converter or grammar parser refused it
-            emit(("error", rid, {"status": 400, "code": "invalid_json_schema",
-                                 "message": f"response_format: llama.cpp cannot enforce this JSON schema: {exc}"}))
+            prompt, tokens, stop, max_tokens, grammar = self.prepare(request)
+        except RequestError as exc:
+            emit(("error", rid, {"status": exc.status, "code": exc.code, "message": exc.message}))
             return
         emit(("start", rid, {"prompt_tokens": len(tokens)}))
-        stop = list(dict.fromkeys(stops + list(request.get("stop") or [])))
         # Chat replies keep their special tokens (gpt-oss's channels, Mistral's [TOOL_CALLS], Llama's
         # <|python_tag|>): they are what the reply is read back by. Without tools, reasoning streams apart.
         reading = ReplyStream(self.template, prompt) if chat and not request.get("tools") else None

@@ -147,3 +147,20 @@ def test_a_llama_cpp_crash_names_its_likely_cause():
     assert "reinstall llama-cpp-python" in runtime._crash_message("many", path, -signal.SIGSEGV, "load\n", {})
     lora = runtime._crash_message("many", path, -signal.SIGSEGV, "", {"lora_path": "/x/a-adapter-F16.gguf"})
     assert "a-adapter-F16.gguf" in lora and "export.adapter_gguf: false" in lora
+
+
+def test_the_gguf_magic_is_read_once_per_file_and_again_when_it_changes(tmp_path):
+    """Every llama.cpp call checks its GGUF; an unchanged file is not read again, a replaced one is."""
+    import os
+
+    from finetune.gguf import runtime
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(12))
+    runtime.check_gguf(path)
+    runtime.check_gguf(path)
+    assert sum(key[0] == str(path.resolve()) for key in runtime._CHECKED) == 1
+    path.write_text("<html>404 Not Found</html>\n")
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(UserError, match=r"m.gguf is not a GGUF \(it starts with '<html>404 No'"):
+        runtime.check_gguf(path, what="serve.quant Q4_K_M")
