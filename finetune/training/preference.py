@@ -137,11 +137,13 @@ def simpo_losses(chosen_mean_logps, rejected_mean_logps, beta: float, gamma: flo
 def sequence_logps(model, sequences: Sequence[Seq], *, packing: bool, pad_id: int, device):
     """(sum of log-probabilities of the trained tokens, number of trained tokens) of each sequence.
 
-    Packed: every sequence in one row (positions restart per sequence, per-sequence attention), logits only at
-    positions whose next token is trained. Padded: right-padded rows with an attention mask."""
+    Packed: every sequence in one row (positions restart per sequence, per-sequence attention), the vocabulary
+    projected only at positions whose next token is trained. Padded: right-padded rows with an attention mask. The
+    projection runs a chunk of tokens at a time (training/loss.py)."""
     import torch
+    import torch.nn.functional as F
 
-    from finetune.training import batching
+    from finetune.training import batching, loss
 
     seqs = [(list(ids), list(labels)) for ids, labels in sequences]
     n = len(seqs)
@@ -151,21 +153,15 @@ def sequence_logps(model, sequences: Sequence[Seq], *, packing: bool, pad_id: in
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         targets = batch.pop("labels")[0, 1:]
         keep = (targets != IGNORE_INDEX).nonzero().flatten()
-        out = model(**batch, logits_to_keep=keep, use_cache=False)
-        logits = out.logits[0].float()
-        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        token_logps = loss.trained_logps(model, batch, targets[keep][None], logits_to_keep=keep)
         seq_of = owner[keep]
     else:
         batch = batching.collate_padded(seqs, pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")[:, 1:]
-        out = model(**batch, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        mask = labels != IGNORE_INDEX
-        safe = labels.masked_fill(~mask, 0)
-        all_logps = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        rows = torch.arange(n, device=device).unsqueeze(1).expand_as(labels)
-        token_logps, seq_of = all_logps[mask], rows[mask]
+        targets = F.pad(batch.pop("labels")[:, 1:], (0, 1), value=IGNORE_INDEX)  # the last position: no next token
+        token_logps = loss.trained_logps(model, batch, targets)
+        rows = torch.arange(n, device=device).unsqueeze(1).expand_as(targets)
+        seq_of = rows[targets != IGNORE_INDEX]
     sums = torch.zeros(n, device=token_logps.device, dtype=token_logps.dtype).index_add(0, seq_of, token_logps)
     counts = torch.zeros(n, device=token_logps.device, dtype=token_logps.dtype).index_add(
         0, seq_of, torch.ones_like(token_logps))

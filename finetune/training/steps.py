@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.data.render import IGNORE_INDEX
-from finetune.training import batching, preference
+from finetune.training import batching, loss, preference
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,13 @@ def preference_batch(model, raw_model, rows_mb, indices, all_rows, ctx: StepCont
                                  no_grad_forward=no_grad_forward)
 
 
-def forward_loss_sum(model, batch: dict[str, Any]):
+def forward_loss_sum(model, batch: dict[str, Any], *, chunked: bool = True):
     """Sum of next-token cross-entropy over the trained positions of a batch (packed or padded).
 
-    Packed batches ask the model for logits only at positions whose next token is trained
-    (``logits_to_keep`` with indices), which skips most of the vocabulary projection.
+    Packed batches ask the model for the final hidden states only at positions whose next token is trained
+    (``logits_to_keep`` with indices); the vocabulary projection and the loss then run a chunk of tokens at a time
+    (training/loss.py), never at tokens x vocabulary. ``chunked=False``: the full logits (scripts/bench_train.py's
+    baseline).
     """
     import torch
     import torch.nn.functional as F
@@ -164,17 +166,12 @@ def forward_loss_sum(model, batch: dict[str, Any]):
     if "position_ids" in batch:  # packed: a single row
         targets = labels[0, 1:]
         keep = (targets != IGNORE_INDEX).nonzero().flatten()
-        if keep.numel() == 0:
-            # still run the whole graph (data-parallel processes expect gradients for every parameter)
-            out = model(**batch, logits_to_keep=torch.zeros(1, dtype=torch.long, device=labels.device),
-                        use_cache=False)
-            return out.logits.float().sum() * 0.0
-        out = model(**batch, logits_to_keep=keep, use_cache=False)
-        return F.cross_entropy(out.logits[0].float(), targets[keep], reduction="sum")
-    out = model(**batch, use_cache=False)
-    logits = out.logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+        if keep.numel() == 0:  # still run the whole graph (data-parallel processes expect every gradient)
+            keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+        return loss.nll_sum(model, batch, targets[keep][None], logits_to_keep=keep, chunked=chunked)
+    # padded: the head sees every position; the last one has no next token
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return loss.nll_sum(model, batch, targets, chunked=chunked)
 
 
 def collate(examples, packing: bool, pad_id: int | None, device) -> dict[str, Any]:
