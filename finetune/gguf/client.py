@@ -2,6 +2,7 @@
 llama.cpp. ``finetune serve``'s pool sends requests and routes their events itself (``generate``, ``cancel``,
 ``recv``); ``finetune chat`` streams one reply at a time (``stream``); eval's GGUF column takes whole answers
 (``answer``); ``finetune.gguf.runtime`` runs one-shot jobs (``run``). No caller builds or reads a pipe message.
+The process is started by multiprocessing's spawn: a script that uses it needs the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from finetune.gguf.worker import NoChatTemplate, RequestError, WorkerCrashed, wo
 
 
 class Worker:
-    """The client of one worker process: ``start()`` blocks until the model is loaded, then ``generate``/``cancel``
-    send requests and ``recv`` reads their events (serve's pool routes them), or ``stream``/``answer`` run one
-    request to its end (chat, eval). ``run()`` instead runs the one-shot job of ``options["job"]``."""
+    """One worker process (``options``: see ``worker_main``); ``start()`` blocks until the model is loaded."""
 
     def __init__(self, options: dict[str, Any], *, load_timeout: float = 300.0):
         self.options = options

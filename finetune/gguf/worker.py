@@ -274,8 +274,10 @@ class Generator:
 
 
 def worker_main(conn: Connection, options: dict[str, Any]) -> None:
-    """Entry point of the child process: load the model, then serve requests from the pipe until it closes; or, with
-    ``options["job"]``, run that one finetune.gguf.runtime job, send its result and exit."""
+    """Entry point of the child process: load the model (``options``: gguf, n_ctx, threads or its ``sharing`` of the
+    cores, chat_template, lora_path, reasoning), then serve requests from the pipe until it closes; or, with ``job``,
+    run that one finetune.gguf.runtime job, send its result and exit. ``env``: variables set before llama.cpp loads;
+    ``stderr``: a file for its log."""
     import signal
 
     # Ctrl-C in a terminal reaches the whole process group: the parent decides what stops (a reply or everything)
