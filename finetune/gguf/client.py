@@ -96,7 +96,11 @@ class Worker:
         """Run one request, blocking: its (kind, payload) events up to and including ("done", payload). A refusal
         raises RequestError; a crash restarts the worker and raises WorkerCrashed; no event for ``stall_s`` raises
         TimeoutError. Closing the iterator early cancels the generation and waits until the worker has stopped."""
-        rid = self.generate(request)
+        try:
+            rid = self.generate(request)
+        except OSError:  # the process died since the last request (killed while idle): a fresh one answers
+            self.restart()
+            rid = self.generate(request)
         finished = False
         try:
             while not finished:

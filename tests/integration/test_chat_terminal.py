@@ -98,3 +98,27 @@ def test_chat_cli_against_a_server(server, finetune):
 def test_chat_cli_with_a_wrong_key_says_so(server, finetune):
     proc = finetune("chat", "--url", server.url, "--api-key", "nope", input="Hi\n", timeout=60)
     assert proc.returncode == 2 and "HTTP 401" in proc.stderr and "API key" in proc.stderr
+
+
+def test_a_worker_crash_ends_the_reply_with_an_error_not_the_chat(gguf, tmp_path):
+    """The worker dies mid-reply: that reply ends with a one-line error, the worker is restarted and answers the next
+    message; a worker that died between two messages is restarted before the next one."""
+    from finetune.errors import UserError
+    from finetune.serve_target import resolve_target
+
+    target = dataclasses.replace(resolve_target(str(gguf), ["serve.threads=1", "serve.n_ctx=512"]),
+                                 store_dir=tmp_path / "store")
+    backend = LocalBackend(target)
+    try:
+        reply = backend.stream([{"role": "user", "content": "Tell me a long story."}], temperature=0, max_tokens=200)
+        assert next(reply)
+        backend.worker.process.kill()
+        with pytest.raises(UserError, match=r"crashed during this reply \(it was restarted\)"):
+            list(reply)
+        assert "".join(backend.stream([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3))
+        backend.worker.process.kill()
+        backend.worker.process.join()
+        assert "".join(backend.stream([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=3))
+        assert backend.worker.restarts == 2
+    finally:
+        backend.close()
