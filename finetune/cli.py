@@ -347,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
     debug = "--debug" in given or os.environ.get("FINETUNE_DEBUG") == "1"
+    loud = debug or "--verbose" in given  # the libraries' own output on the console, as they print it
     _WARNED.clear()
-    if not debug:
+    if not loud:
         send_third_party_noise_to_log()
+    from finetune.console import library_output
+
+    library_output(verbose=loud)
     return run_guarded(_resolve(COMMANDS[command][0]), rest, debug=debug)
 
 
@@ -371,8 +375,8 @@ def send_third_party_noise_to_log() -> None:
     """Third-party warnings (FutureWarning, DeprecationWarning, UserWarnings raised inside a library) and the
     log lines of THIRD_PARTY_LOGGERS (bitsandbytes' "Failed to load CPU gemm_4bit_forward ... No module named
     'kernels'") go to third_party_log() instead of the console. Our own warnings still print. Set once per
-    process, before any command module is imported; `--debug` (or FINETUNE_DEBUG=1) leaves everything on the
-    console."""
+    process, before any command module is imported; `--verbose`, `--debug` (or FINETUNE_DEBUG=1) leave everything on
+    the console."""
     log = logging.getLogger("finetune.third_party")
     if log.handlers:
         return
@@ -391,8 +395,8 @@ def send_third_party_noise_to_log() -> None:
         library = logging.getLogger(name)
         library.addHandler(handler)
         library.propagate = False
-    # transformers prints through its own handler, set up when it is first imported: its own switch quiets it.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers, huggingface_hub and datasets print through handlers of their own: console.library_output
+    # sets their levels.
 
     def show(message, category, filename, lineno, file=None, line=None):
         ours = str(filename).startswith(OUR_PACKAGES)

@@ -2,13 +2,15 @@
 
 Numbers: floats to 4 significant digits, durations as "1.2 s" or "3 min 4 s", memory in GiB, files in MiB,
 parameter counts as "494.0M" or "8.03B", a missing value as "-". Tables: `rich` tables rendered to text, styled
-only when stdout is a terminal, so piped output, logs and tests stay plain.
+only when stdout is a terminal, so piped output, logs and tests stay plain. What the libraries print themselves
+(progress bars, log lines) is set here too: off unless the user asks for it with --verbose.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,6 +86,41 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
 
 
 # ------------------------------------------------------------------------------------------ library output
+# Each library's own switches for its progress bars and log level, read when it is imported: (variable, quiet value).
+QUIET_LIBRARIES = {
+    "huggingface_hub": [("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_VERBOSITY", "error")],
+    "transformers": [("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")],
+    "datasets": [("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("DATASETS_VERBOSITY", "error")],
+}
+
+
+def library_output(verbose: bool) -> None:
+    """The libraries' progress bars (downloads, "Loading weights", datasets' map and filter) and their info and
+    warning lines: shown with --verbose, else off (errors still print). The one place that sets them, before the
+    command imports the libraries (through the variables each one reads at import); a library already imported
+    is set through its logging module as well. A variable the user set keeps its value."""
+    if verbose:
+        return
+    for variable, value in (pair for pairs in QUIET_LIBRARIES.values() for pair in pairs):
+        os.environ.setdefault(variable, value)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hub_logging
+
+        disable_progress_bars()
+        hub_logging.set_verbosity_error()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        from datasets.utils import logging as datasets_logging
+
+        datasets_logging.disable_progress_bar()
+        datasets_logging.set_verbosity_error()
+
+
 @contextmanager
 def quiet_hub() -> Iterator[None]:
     """Inside: the Hub client's retry and warning lines ("Retrying in 1s [Retry 1/5]", "couldn't connect") are

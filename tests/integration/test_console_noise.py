@@ -34,3 +34,35 @@ def test_third_party_warnings_go_to_the_log_file_and_ours_stay_on_the_console(tm
     assert "a library's deprecation" in log and "a library's notice" in log and "our own warning" not in log
     if "gemm_4bit" not in log:  # this bitsandbytes says nothing here: then it says nothing without the filter either
         assert "gemm_4bit" not in run("loud")
+
+
+BARS = """
+import sys
+from finetune.console import library_output
+library_output(verbose=sys.argv[1] == "loud")  # as the CLI does before a command imports the libraries
+from transformers.utils import logging as transformers_logging
+list(transformers_logging.tqdm(range(3), desc="transformers bar"))
+transformers_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+from huggingface_hub.utils import tqdm as hub_tqdm
+list(hub_tqdm(range(3), desc="hub bar"))
+import datasets
+datasets.Dataset.from_dict({"a": [1, 2, 3]}).map(lambda row: row, desc="datasets bar")
+"""
+
+
+def test_library_progress_bars_and_warnings_only_with_verbose(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "DATASETS_"))}
+    env.update(PYTHONPATH=str(repo_root), HF_HOME=str(tmp_path / "hf"))
+
+    def run(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", BARS, mode], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    loud, quiet = run("loud"), run("quiet")
+    for line in ("transformers bar", "hub bar", "datasets bar", "a transformers warning"):
+        assert line in loud and line not in quiet, (line, quiet)

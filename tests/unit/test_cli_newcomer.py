@@ -216,11 +216,16 @@ def test_the_hub_clients_retry_lines_are_kept_off_the_console_inside_quiet_hub(c
     from finetune.console import quiet_hub
 
     http = hub_logging.get_logger("huggingface_hub.utils._http")
-    with quiet_hub():
-        http.warning("Retrying in 1s [Retry 1/5].")
-    assert "Retrying" not in capfd.readouterr().err
-    http.warning("Retrying in 2s [Retry 2/5].")  # outside: the library's own handler prints it, as before
-    assert "Retrying in 2s" in capfd.readouterr().err
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_warning()  # as with --verbose (an earlier in-process command may have quieted it)
+    try:
+        with quiet_hub():
+            http.warning("Retrying in 1s [Retry 1/5].")
+        assert "Retrying" not in capfd.readouterr().err
+        http.warning("Retrying in 2s [Retry 2/5].")  # outside: the library's own handler prints it, as before
+        assert "Retrying in 2s" in capfd.readouterr().err
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 def test_plan_offline_reads_the_bundled_snapshot_and_says_so(capfd, monkeypatch):
@@ -310,3 +315,20 @@ def test_best_only_where_higher_or_lower_is_better_and_every_column_has_a_genera
     assert not any(c["best"] for c in rows["answer length (words)"])  # shorter is not better, nor longer
     times = next(cells for label, cells in rows.items() if label.startswith("generation seconds"))
     assert [c["text"] for c in times] == ["3.50", "2.50", "1.25"] and not any(c["best"] for c in times)
+
+
+# ------------------------------------------------------------------------------------------------- --verbose
+def test_the_libraries_are_quiet_unless_verbose(capsys, monkeypatch):
+    """The switches each library reads at import are set by the CLI before a command runs, and only without
+    --verbose (the libraries' own output in a fresh process: tests/integration/test_console_noise.py)."""
+    import os
+
+    from finetune.console import QUIET_LIBRARIES
+
+    switches = [pair for pairs in QUIET_LIBRARIES.values() for pair in pairs]
+    for variable, _ in switches:
+        monkeypatch.delenv(variable, raising=False)
+    assert run_cli(capsys, "--verbose", "validate", QUICKSTART)[0] == 0
+    assert not any(variable in os.environ for variable, _ in switches)
+    assert run_cli(capsys, "validate", QUICKSTART)[0] == 0
+    assert all(os.environ.get(variable) == value for variable, value in switches)
