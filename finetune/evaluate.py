@@ -32,6 +32,7 @@ from finetune import artifacts, eval_models, eval_preference, eval_reward, hardw
 from finetune import metrics as metric_lib
 from finetune.console import duration
 from finetune.errors import UserError
+from finetune.training import model_setup
 
 GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf",
                       "tool_call_match")
@@ -173,6 +174,7 @@ def _transformers_columns(load: Any, base_path: Path, adapter_dir: Path | None, 
     per_example_loss: dict[str, list[float]] = {}
     pref_logps: dict[str, list[tuple[float, int]]] = {}
     model = eval_models.load_causal_lm(base_path, load)
+    model_setup.grow_embeddings(model, len(tokenizer))  # turn tokens a built-in model.chat_template added
     for name in ("base", "finetuned"):
         if name == "finetuned":
             model = eval_models.attach_finetuned(model, load, adapter_dir, full_dir)

@@ -195,6 +195,10 @@ def _adapter_ggufs(name: str, out_dir: Path, adapter_dir: Path, base_dir: Path, 
     if _adapter_config(adapter_dir).get("target_parameters"):
         log("export: LoRA on expert tensors (train.lora.experts) has no llama.cpp GGUF adapter; use the merged GGUFs")
         return None, None
+    if _adapter_config(adapter_dir).get("trainable_token_indices"):
+        log("export: the adapter trains the rows of turn tokens a built-in model.chat_template added, which the base "
+            "GGUF has no rows for: no llama.cpp GGUF adapter; use the merged GGUFs")
+        return None, None
     log("export: converting the LoRA adapter to a GGUF adapter (and the base model, to load it over)")
     adapter_file = convert.convert_lora(adapter_dir, base_dir, out_dir / f"{name}-adapter-F16.gguf", "F16")
     base_file = convert.convert_model(base_dir, out_dir / f"{name}-base-F16.gguf", "F16", model_name=base_name)

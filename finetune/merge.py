@@ -12,6 +12,7 @@ from typing import Any
 
 from finetune import image_text, models, runs
 from finetune.errors import UserError
+from finetune.training import model_setup
 
 
 def checkpoint_dtype(model_dir: Path):
@@ -47,8 +48,7 @@ def merge(*, base_dir: Path | None, adapter_dir: Path | None, model_dir: Path | 
     if adapter_dir is not None:
         from peft import PeftModel
 
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+        model_setup.grow_embeddings(model, len(tokenizer))  # turn tokens a built-in model.chat_template added
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     model = model.to(save_dtype)
     n_params = model.num_parameters()

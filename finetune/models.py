@@ -370,9 +370,10 @@ def read_chat_template(path: Path) -> str:
 
 def load_tokenizer(path: Path, *, trust_remote_code: bool = False, chat_template: Path | None = None,
                    pad_with_eos: bool = True):
-    """The tokenizer in a model folder, as every stage loads it: ``chat_template`` (model.chat_template, a .jinja
-    file) replaces its own template when given; one without a pad token pads with its EOS unless ``pad_with_eos``
-    is off (export writes the tokenizer back as training saved it)."""
+    """The tokenizer in a model folder, as every stage loads it: ``chat_template`` (model.chat_template as a file,
+    ``Recipe.chat_template_path``) replaces its own template when given, and a built-in template's turn tokens the
+    tokenizer lacks are added as special tokens (``finetune.templates``); one without a pad token pads with its EOS
+    unless ``pad_with_eos`` is off (export writes the tokenizer back as training saved it)."""
     from transformers import AutoTokenizer
 
     try:
@@ -385,7 +386,12 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False, chat_template
     if pad_with_eos and tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if chat_template is not None:
+        from finetune import templates
+
         tok.chat_template = read_chat_template(chat_template)
+        builtin = templates.builtin_of(chat_template)
+        if builtin is not None:  # a base model's tokenizer may lack the named template's turn tokens
+            templates.add_turn_tokens(tok, builtin)
     return tok
 
 

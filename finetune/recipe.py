@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from finetune import recipe_yaml
+from finetune import recipe_yaml, templates
 from finetune.models import EMBEDDED_MODEL
 from finetune.recipe_errors import OVERRIDE_PREFIX, RecipeError, problems
 from finetune.recipe_yaml import (
@@ -31,6 +31,7 @@ from finetune.recipe_yaml import (
     recipe_files,
     set_key,
 )
+from finetune.templates import NAMES as TEMPLATE_NAMES
 
 # Besides the schema and load/validate_dict/dump/with_overrides, other modules take RecipeError and the dotted-key
 # helpers from here (their homes: recipe_errors, recipe_yaml).
@@ -58,10 +59,22 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gated: bool = Field(False, description="The Hub model is license-gated: accept its license and `hf auth login`.")
     chat_template: str | None = Field(
-        None, description="A .jinja chat template (relative to the recipe) used instead of the model's own in prepare, "
-        "train, eval, export (it goes into the GGUF) and serve; e.g. a tool-calling template for a model whose own "
-        "template has no tool section. It must use the model's own turn tokens.",
+        None, description="A chat template used instead of the model's own in prepare, train, eval, export (it goes "
+        f"into the GGUF) and serve: a built-in name ({', '.join(TEMPLATE_NAMES)}; the family's own template, for a "
+        "base model without one: turn tokens its tokenizer lacks are added as special tokens and their embedding "
+        "rows trained) or a .jinja file (relative to the recipe; it must use the model's own turn tokens), e.g. a "
+        "tool-calling template for a model whose own template has no tool section.",
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name_or_file(cls, value: str | None) -> str | None:
+        if value is None or value in TEMPLATE_NAMES or value.endswith(".jinja"):
+            return value
+        close = difflib.get_close_matches(value, TEMPLATE_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{value!r} is neither a built-in template{hint} ({', '.join(TEMPLATE_NAMES)}) nor a "
+                         ".jinja file")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -465,8 +478,12 @@ class Recipe(Section):
         return path if path.is_absolute() else (self._base_dir / path).resolve()
 
     def chat_template_path(self) -> Path | None:
-        """model.chat_template resolved against the recipe's folder (None: the model's own template)."""
-        return self.resolve_path(self.model.chat_template) if self.model.chat_template else None
+        """model.chat_template as a file: a built-in name's, or a path resolved against the recipe's folder (None: the
+        model's own template)."""
+        name = self.model.chat_template
+        if name is None:
+            return None
+        return templates.path(name) if templates.is_name(name) else self.resolve_path(name)
 
     def run_dir(self, stage: str | None = None) -> Path:
         root = Path(self.runs_dir).expanduser() / self.name

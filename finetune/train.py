@@ -208,8 +208,13 @@ def _setup(recipe, resolved, tokenizer, accelerator, packing: bool, train_rows, 
     device_type = accelerator.device.type
     shard = sharded.active(accelerator)
     set_seed(recipe.seed)  # adapter initialisation (and dropout) follow the recipe's seed
+    new_tokens = model_setup.new_token_ids(recipe, resolved, tokenizer)
+    if new_tokens and accelerator.is_main_process:
+        print(f"train: model.chat_template {recipe.model.chat_template} added {len(new_tokens)} turn tokens the model "
+              f"lacked ({', '.join(tokenizer.convert_ids_to_tokens(new_tokens))}); their embedding rows are trained",
+              file=sys.stderr)
     built = model_setup.build(recipe, resolved, device_type, accelerator.local_process_index, packing=packing,
-                              sharded=shard)
+                              sharded=shard, new_tokens=new_tokens)
     if shard:  # activation checkpointing is the FSDP2 config's (applied by accelerate's prepare, layer by layer)
         gc_on = bool(accelerator.state.fsdp_plugin.activation_checkpointing)
     else:

@@ -205,9 +205,10 @@ def template_messages(messages: Messages, template: str, reasoning: str = "auto"
 def _apply(tokenizer, conversations: list[list[dict[str, Any]]], *, add_generation_prompt: bool,
            tools: Sequence[list[dict[str, Any]] | None] | None = None, kwargs: dict[str, Any] | None = None) -> list[str]:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise RenderError(
-            "the tokenizer has no chat template; use a chat/instruct model, or set data format to 'text' for raw text"
-        )
+        from finetune.templates import names_hint
+
+        raise RenderError(f"the tokenizer has no chat template (a base model?): {names_hint()}; or use a chat/instruct "
+                          "model, or set data format to 'text' for raw text")
     tools = list(tools) if tools is not None else [None] * len(conversations)
     kwargs = kwargs or {}
     try:
@@ -376,8 +377,13 @@ def _end_of_tool_turn(text: str, content_end: int, conv: Messages, i: int, token
         function = call.get("function", call)
         at = text.find(function.get("name", ""), pos)
         if at < 0:
+            from finetune.templates import TEMPLATES
+
+            with_tools = ", ".join(t.name for t in TEMPLATES.values() if t.tools)
             raise RenderError(f"message {i}: the tool call {function.get('name')!r} does not appear in the text the "
-                              "chat template renders (the template has no place for tool calls?)")
+                              "chat template renders (the template has no place for tool calls?); set "
+                              f"model.chat_template to a template with a tool section: a built-in one ({with_tools}) "
+                              "of the model's family, or a .jinja file")
         pos = at + len(function["name"])
         arguments = function.get("arguments")
         for value in (arguments.values() if isinstance(arguments, dict) else [arguments]):

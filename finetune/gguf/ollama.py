@@ -1,7 +1,7 @@
 """Ollama Modelfiles: the GGUF's Jinja chat template translated to Ollama's Go TEMPLATE.
 
 Ollama does not run Jinja; a Modelfile needs the prompt format written as a Go template. Only formats whose
-translation is known exactly are written (ChatML, Llama 3, Gemma 2/3, Gemma 4, Phi-3, Mistral v0.3/Nemo,
+translation is known exactly are written (ChatML, Llama 3, Gemma 2/3, Gemma 4, Phi-3, Phi-4, Mistral v0.3/Nemo,
 Mistral 3, Granite 4, gpt-oss harmony); for any other template the Modelfile
 says so and Ollama falls back to its own detection from the GGUF metadata - the export reports it as a warning.
 """
@@ -75,9 +75,15 @@ Reasoning: medium
 <|end|>{{ end }}{{- range .Messages }}{{- if eq .Role "user" }}<|start|>user<|message|>{{ .Content }}<|end|>
 {{- else if eq .Role "assistant" }}<|start|>assistant<|channel|>final<|message|>{{ .Content }}<|end|>{{ end }}{{ end }}<|start|>assistant"""
 
+# Phi-4 (14B): ChatML's turn tokens with <|im_sep|> after the role instead of a newline.
+_PHI4 = """{{- if .System }}<|im_start|>system<|im_sep|>{{ .System }}<|im_end|>{{ end }}
+{{- range .Messages }}{{- if eq .Role "user" }}<|im_start|>user<|im_sep|>{{ .Content }}<|im_end|>
+{{- else if eq .Role "assistant" }}<|im_start|>assistant<|im_sep|>{{ .Content }}<|im_end|>{{ end }}{{ end }}<|im_start|>assistant<|im_sep|>"""
+
 # family -> (markers that must all be in the Jinja template, Go template); the first match wins.
 _FAMILIES: list[tuple[str, tuple[str, ...], str]] = [
     ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), _LLAMA3),
+    ("phi4", ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), _PHI4),
     ("chatml", ("<|im_start|>", "<|im_end|>"), _CHATML),
     ("gemma", ("<start_of_turn>", "<end_of_turn>"), _GEMMA),
     ("gemma4", ("<|turn>", "<turn|>"), _GEMMA4),

@@ -48,9 +48,12 @@ class Model:
     kernels: str | None        # fused kernels applied: "liger" or None
 
 
-def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool, sharded: bool = False) -> Model:
+def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool, sharded: bool = False,
+          new_tokens: list[int] | None = None) -> Model:
     """Load the base model in the training dtype and wrap it for the method (train.method); ``sharded``: for FSDP2
-    (QLoRA's 4-bit weights are then stored in the compute dtype, which FSDP can shard)."""
+    (QLoRA's 4-bit weights are then stored in the compute dtype, which FSDP can shard). ``new_tokens``: ids of turn
+    tokens a built-in chat template added (``new_token_ids``): the embeddings grow to hold them and an adapter trains
+    just their rows."""
     import torch
 
     t = recipe.train
@@ -62,6 +65,8 @@ def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool
     model = _load_base(recipe, resolved, dtype, attn, device=f"cuda:{local_index}" if device_type == "cuda" else "cpu",
                        sharded=sharded)
     attn = getattr(model.config, "_attn_implementation", attn)
+    if new_tokens:
+        grow_embeddings(model, max(new_tokens) + 1)
     # With use_cache=True transformers builds a cache even in training and then skips the packed mask: the examples
     # of a packed row would attend to each other silently.
     model.config.use_cache = False
@@ -75,7 +80,7 @@ def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool
         for p in model.parameters():
             p.requires_grad_(True)
         return Model(model, attn, autocast_dtype, kernels)
-    model = _add_adapter(model, t)
+    model = _add_adapter(model, t, new_tokens)
     base_dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
     if device_type == "cpu" and t.method in ("lora", "dora") and base_dtype in (torch.bfloat16, torch.float16):
         # Mixed precision, as a GPU run with bf16=True does: the adapter maths runs in the base dtype under
@@ -116,8 +121,40 @@ def _load_base(recipe, resolved, dtype: str, attn: str, *, device: str, sharded:
                              attn_implementation=attn, quantization_config=quant)
 
 
-def _add_adapter(model, t):
-    """The PEFT wrapper for train.method lora/dora/qlora with the train.lora settings ``t.lora``."""
+def new_token_ids(recipe, resolved, tokenizer) -> list[int]:
+    """Ids of the turn tokens a built-in model.chat_template added to ``tokenizer`` (``finetune.templates``): tokens
+    the base model's own tokenizer lacks. Empty for the model's own template or a .jinja file."""
+    from finetune import models, templates
+
+    if templates.builtin_of(recipe.chat_template_path()) is None:
+        return []
+    base = models.load_tokenizer(resolved.path, trust_remote_code=recipe.model.trust_remote_code, pad_with_eos=False)
+    return templates.new_token_ids(tokenizer, base)
+
+
+def grow_embeddings(model, rows: int) -> None:
+    """Give the model at least ``rows`` embedding rows (tokens a chat template added). transformers initialises new
+    rows from the mean and covariance of the old ones, so a new token starts as an ordinary one."""
+    if model.get_input_embeddings().weight.shape[0] < rows:
+        model.resize_token_embeddings(rows)
+
+
+def _trainable_tokens(model, ids: list[int] | None) -> dict[str, list[int]] | None:
+    """peft's trainable tokens for the new token ids: their rows of the input embedding, and of an untied output
+    head too (a tied one follows the embedding), so the model learns to read and to write them."""
+    if not ids:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {names[id(model.get_input_embeddings())]: list(ids)}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        out[names[id(head)]] = list(ids)
+    return out
+
+
+def _add_adapter(model, t, new_tokens: list[int] | None = None):
+    """The PEFT wrapper for train.method lora/dora/qlora with the train.lora settings ``t.lora``; the rows of
+    ``new_tokens`` trained as peft's trainable tokens (not the whole embedding)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if t.method == "qlora":
@@ -131,7 +168,7 @@ def _add_adapter(model, t):
                         "false")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
                         target_parameters=experts, use_rslora=lora.rslora, use_dora=t.method == "dora",
-                        task_type="CAUSAL_LM")
+                        trainable_token_indices=_trainable_tokens(model, new_tokens), task_type="CAUSAL_LM")
     try:
         # peft keeps adapter weights in fp32 over a bf16/fp16 base (autocast_adapter_dtype): stable updates
         return get_peft_model(model, config)
