@@ -28,7 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, eval_models, eval_preference, eval_reward, hardware, models, runs, verdict
+from finetune import (
+    artifacts,
+    eval_forgetting,
+    eval_models,
+    eval_preference,
+    eval_reward,
+    hardware,
+    models,
+    runs,
+    verdict,
+)
 from finetune import metrics as metric_lib
 from finetune.console import duration
 from finetune.errors import UserError
@@ -79,11 +89,15 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         "export": exported.manifest_id if exported else None, "split": str(split_file),
     }, upstream=upstream.ids(), aside=True) as stage:
         print(f"eval: {len(examples)} {cfg.split} examples, {device}, base model {base_path}")
+        forgetting = eval_forgetting.ForgettingCheck(
+            tokenizer, base_dir=base_path, device=device, reasoning=recipe.data.reasoning,
+            cache_from=recipe.run_dir("eval"), cache_to=stage.work, batch_size=cfg.batch_size, seed=recipe.seed,
+        ) if cfg.forgetting and template else None
         columns = _transformers_columns(
             load, base_path, adapter_dir, full_dir, tokenizer, prompts, examples, device=device,
             loss_splits=(tok_split, tok_train) if want_loss else None, max_examples=cfg.max_examples,
             generate=gen_kwargs if gen_names else None, template=template, end_tokens=end_tokens,
-            pref_sequences=pref_rows["sequences"] if pref_rows else None)
+            pref_sequences=pref_rows["sequences"] if pref_rows else None, forgetting=forgetting)
         variants, answers, per_example_loss, pref_logps = columns
 
         gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg,
@@ -102,6 +116,10 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
 
         log_rows = read_train_log(trained.log)
         found = _verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names, gguf_status, pref_result)
+        forgot = forgetting.result() if forgetting else None
+        if forgot:
+            found["forgetting"] = verdict.forgetting(forgot)
+            print(f"eval: {found['forgetting']['summary']} ({duration(forgot['seconds'])})")
 
         result = {
             "run": recipe.name, "split": cfg.split, "examples": len(examples),
@@ -111,6 +129,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
             "models": variants, "metric_sources": sources, "gguf": gguf_status, "verdict": found,
             "rules": verdict.VERDICT_RULES,
         }
+        if forgot:
+            result["forgetting"] = forgot
         if pref_result:
             result["preference"] = {k: v for k, v in pref_result.items() if k != "per_pair"}
         example_rows = _example_rows(examples, prompts, references, answers, per_example_scores)
@@ -165,9 +185,11 @@ def _transformers_columns(load: Any, base_path: Path, adapter_dir: Path | None, 
                           prompts: list[str], examples: list[dict[str, Any]], *, device: str,
                           loss_splits: tuple[Path, Path] | None, max_examples: int | None,
                           generate: dict[str, Any] | None, template: str, end_tokens: tuple[str, ...],
-                          pref_sequences: list[Any] | None) -> tuple[dict, dict, dict, dict]:
+                          pref_sequences: list[Any] | None,
+                          forgetting: eval_forgetting.ForgettingCheck | None = None) -> tuple[dict, dict, dict, dict]:
     """The base model, then the fine-tuned one (the adapter attached to the same loaded base): held-out loss (and the
-    fine-tuned model's loss on a training sample), answers to the prompts, preference log-probabilities.
+    fine-tuned model's loss on a training sample), answers to the prompts, preference log-probabilities, and what
+    the forgetting check measures of each.
     Returns (variants, answers, per-example loss, preference log-probabilities), each by model name."""
     variants: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[dict[str, Any]]] = {}
@@ -197,6 +219,8 @@ def _transformers_columns(load: Any, base_path: Path, adapter_dir: Path | None, 
         if pref_sequences:
             pref_logps[name] = eval_preference.sequence_logps(model, pref_sequences, pad_id=tokenizer.pad_token_id,
                                                               device=device)
+        if forgetting is not None:
+            forgetting.observe(name, model)
         entry["seconds"] = round(time.time() - t0, 2)
         variants[name] = entry
         print(f"eval: {name} done in {duration(entry['seconds'])}")

@@ -58,6 +58,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
                                       chat_template=recipe.chat_template_path())
     with runs.StageRun(recipe, "prepare", inputs=inputs, upstream={}, aside=True) as stage:
         report = build(recipe, tokenizer, stage.work)
+        if report["mix"]:
+            stage.extra["mix"] = report["mix"]
         stage.record(artifacts.Prepared(
             splits={s: out / "splits" / f"{s}.jsonl" for s in artifacts.SPLITS},
             tokenized={s: out / "tokenized" / s for s in artifacts.SPLITS},
@@ -131,6 +133,8 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     if not final["train"]:
         raise UserError(_no_training_rows(recipe, rows_in, dropped, examples, pool, leakage, sources_report))
     notes += _split_notes(data, pool, final)
+    mix = _replay(recipe, tokenizer, out, final, notes) if data.mix.general > 0 else None
+    clock.lap("replay")
 
     # 6. write
     report = {
@@ -153,6 +157,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "notes": notes,
         "train_on": data.train_on,
         "max_tokens": data.clean.max_tokens,
+        "mix": mix,
         "seconds": clock.laps,
         "cpu_seconds": clock.cpu,
     }
@@ -226,6 +231,25 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
                      "conversations has its own system message, which wins. Remove data.system_prompt, or the rows' "
                      "system messages")
     return examples, sources_report
+
+
+def _replay(recipe, tokenizer, out: Path, final: dict[str, list[Example]], notes: list[str]) -> dict[str, Any]:
+    """Blend data.mix.general's replay rows (finetune.data.replay) into the training split; what was added."""
+    from finetune import eval_models, hardware, models
+    from finetune.data import replay
+    from finetune.data.encode import render_examples
+
+    data, m = recipe.data, recipe.model
+    base, device = models.resolve_model(m, recipe.base_dir).path, hardware.device()
+    options = eval_models.LoadOptions(device, m.dtype, m.trust_remote_code, m.attn_implementation)
+    render = lambda rows: render_examples(  # noqa: E731  (as the task rows were rendered)
+        rows, tokenizer, train_on=data.train_on, reasoning=data.reasoning, max_tokens=data.clean.max_tokens,
+        min_tokens=data.clean.min_tokens, overlong=data.clean.overlong, dropped=[], counters=Counter())
+    mix = replay.blend(final["train"], tokenizer, render, fraction=data.mix.general, base_dir=base, device=device,
+                       load_model=lambda: eval_models.load_causal_lm(base, options), reasoning=data.reasoning,
+                       cache_from=recipe.run_dir("prepare"), cache_to=out, seed=recipe.seed)
+    notes.append(mix["note"])
+    return mix
 
 
 def _resample(examples: list[Example], data, seed: int) -> tuple[dict[str, list[Example]], Counter[str]]:
