@@ -17,6 +17,7 @@ from finetune.console import count, duration, gib, table
 from finetune.data.render import IGNORE_INDEX
 from finetune.errors import UserError
 from finetune.models import load_model_config
+from finetune.training import loss
 from finetune.training.memory import (  # noqa: F401  (plan.X names kept for scripts and tests)
     MID_RANGE_GPU_FLOPS,
     GiB,
@@ -153,10 +154,11 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
     results = []
     from finetune import models
 
-    cpu_bf16 = models.cpu_has_fast_bf16()
+    cpu_bf16, arch = models.cpu_has_fast_bf16(), config.get("architectures")
     launcher = None
     for k, (label, device, budget) in enumerate(targets):
         settings = settings_for(recipe, device, cpu_fast_bf16=cpu_bf16)
+        settings = replace(settings, chunked_loss=settings.chunked_loss and loss.chunkable_architecture(arch))
         if stats and stats["max_tokens"] < settings.seq_len:
             settings = replace(settings, seq_len=int(stats["max_tokens"]))
         if stats and settings.packed:
@@ -177,6 +179,8 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
             r["estimate"]["notes"].append(
                 f"logits only at trained positions: {settings.logit_fraction:.0%} of a sequence (95th percentile "
                 "measured by prepare; packed batches)")
+        r["estimate"]["notes"].append(f"loss: logits {loss.chunk_tokens(dims.vocab_size)} tokens at a time" if
+                                      settings.chunked_loss else "loss: full logits (LoRA on lm_head, or an unknown class)")
         if device == "cpu" and recipe.train.method == "qlora":
             r["estimate"]["notes"].append("qlora needs a CUDA GPU (bitsandbytes 4-bit): this is the estimate for "
                                           "train.method=lora, what this machine can run")

@@ -9,7 +9,10 @@ Estimates the peak memory of one training step from the model's config.json alon
   activations  what autograd keeps for the backward pass at batch_size x max_tokens (worst case: every
                sequence at data.clean.max_tokens), all layers, or one layer plus layer inputs with
                gradient checkpointing
-  logits/loss  batch x seq x vocab logits, their fp32 upcast and the log-softmax the loss keeps
+  logits/loss  the vocabulary projection of one chunk of trained tokens (training/loss.py: chunk x vocab logits,
+               their fp32 upcast and the softmax's temporaries) plus what the chunked loss keeps per trained token;
+               where the loss cannot be chunked (LoRA on lm_head, an architecture outside loss.HEADS), batch x seq x
+               vocab logits, their fp32 upcast, the log-softmax the loss keeps and their gradient
   framework    CUDA context and allocator slack on a GPU; interpreter and libraries on a CPU
 
 The model's shapes (ModelDims, every kind of layer and its linear modules) are read from config.json by
@@ -66,6 +69,7 @@ class Settings:
     objective: str = "sft"                # sft | dpo | kto | orpo | simpo (extra sequences and forward passes)
     lora_experts: bool = False            # LoRA on the experts' fused tensors too (train.lora.experts)
     processes: int = 1                    # > 1: FSDP2 over that many GPUs (the estimate is per GPU)
+    chunked_loss: bool = True             # the loss projects a chunk of tokens at a time (training/loss.py)
 
 
 @dataclass
@@ -164,11 +168,7 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
         # DoRA builds the full adapted weight to take its norm: one fp32 matrix at a time
         activations += max(a * b for _, targets in adapted for a, b in targets.values()) * 4
 
-    # logits: lm_head output in the compute dtype, its fp32 upcast for the loss, the log-softmax kept by
-    # cross-entropy, and the fp32 gradient of the logits in backward
-    upcast = 0 if act == 4 else 4
-    per_token_logit = act + upcast + 4 + 4 + (2 * act if dims.logit_softcapping else 0)
-    logits = int(tokens * min(1.0, s.logit_fraction)) * dims.vocab_size * per_token_logit
+    logits = _logits_bytes(dims, s, act, int(tokens * min(1.0, s.logit_fraction)))
 
     if s.processes > 1:
         weights, adapter, gradients, optimizer = _sharded(dims, s, weights, adapter, gradients, optimizer, notes)
@@ -180,6 +180,24 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     return MemoryEstimate(weights=int(weights), adapter=int(adapter), gradients=int(gradients), optimizer=int(optimizer),
                           activations=int(activations), logits=int(logits), framework=int(framework),
                           total_params=dims.total_params, trainable_params=int(trainable), notes=notes)
+
+
+def _logits_bytes(dims: ModelDims, s: Settings, act: int, trained: int) -> int:
+    """The loss's peak at ``trained`` positions with logits."""
+    upcast = 0 if act == 4 else 4
+    if not s.chunked_loss:
+        # lm_head output in the compute dtype, its fp32 upcast for the loss, the log-softmax kept by
+        # cross-entropy, and the fp32 gradient of the logits in backward
+        per_token_logit = act + upcast + 4 + 4 + (2 * act if dims.logit_softcapping else 0)
+        return trained * dims.vocab_size * per_token_logit
+    from finetune.training import loss
+
+    # one chunk: the projection in the compute dtype, its fp32 upcast, the exponentials of the log-sum-exp, the
+    # softmax (in place) cast back for the backward product; soft-capping's tanh and its derivative
+    chunk = min(trained, loss.chunk_tokens(dims.vocab_size))
+    per_chunk_logit = act + upcast + 4 + (act if act != 4 else 0) + (8 if dims.logit_softcapping else 0)
+    # per trained token: the gathered hidden state and d log p / d hidden (a frozen head), in the compute dtype
+    return chunk * dims.vocab_size * per_chunk_logit + trained * dims.hidden_size * 2 * act
 
 
 def _sharded(dims: ModelDims, s: Settings, weights: int, adapter: int, gradients: int, optimizer: int,
@@ -337,7 +355,9 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
         else gradient_checkpointing
     # a micro-batch of pairs holds two sequences per row (chosen and rejected): twice the activations
     sequences = 2 if t.objective in ("dpo", "orpo", "simpo") else 1
-    return Settings(method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
+    # LoRA on the output layer: the loss takes the full logits (training/loss.py)
+    head_adapted = t.method != "full" and isinstance(t.lora.target_modules, list) and "lm_head" in t.lora.target_modules
+    return Settings(chunked_loss=not head_adapted, method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
                     batch_size=t.batch_size * sequences, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
                     objective=t.objective, lora_experts=t.lora.experts,
                     gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, compute_dtype=compute,

@@ -24,6 +24,7 @@ import twins  # noqa: E402
 
 VOCAB = 320
 CHUNK_LOGITS = 7 * VOCAB  # 7 tokens a chunk
+SHIPPED_CHUNK_LOGITS = loss.CHUNK_LOGITS
 
 
 @pytest.fixture(autouse=True)
@@ -264,3 +265,49 @@ def test_bias_and_bf16_autocast():
     torch.testing.assert_close(chunked, full, rtol=2e-2, atol=0)
     g_full, g_chunked = full_grads["model.embed_tokens.weight"].float(), chunked_grads["model.embed_tokens.weight"].float()
     assert torch.nn.functional.cosine_similarity(g_full.flatten(), g_chunked.flatten(), dim=0) > 0.99
+
+
+def test_the_planner_counts_one_chunk_of_logits(monkeypatch):
+    """memory.estimate: the loss's share at 262k vocabulary and 2k trained tokens is one chunk's logits, not 2k
+    tokens' (and the full logits where the loss is not chunked); every model of the planner's snapshots is chunked."""
+    import json
+
+    from finetune.training import memory
+
+    monkeypatch.setattr(loss, "CHUNK_LOGITS", SHIPPED_CHUNK_LOGITS)
+    configs = REPO / "tests" / "fixtures" / "configs"
+    for path in configs.glob("*.json"):
+        assert loss.chunkable_architecture(json.loads(path.read_text()).get("architectures")), path.name
+    assert not loss.chunkable_architecture(["SomeRemoteCodeForCausalLM"])
+    dims = memory.ModelDims.from_config(json.loads((configs / "google--gemma-4-E4B-it.json").read_text()))
+    assert dims.vocab_size == 262144
+    settings = memory.Settings(batch_size=1, seq_len=2048, weight_dtype="bfloat16")
+    full = memory.estimate(dims, memory.Settings(**{**settings.__dict__, "chunked_loss": False})).logits
+    chunked = memory.estimate(dims, settings).logits
+    per_logit = 2 + 4 + 4 + 2 + (8 if dims.logit_softcapping else 0)  # see memory._logits_bytes
+    assert chunked == 128 * 262144 * per_logit + 2048 * dims.hidden_size * 2 * 2  # 128 tokens a chunk
+    assert full >= 2048 * 262144 * 14 and chunked < full / 10
+
+
+def test_liger_fused_linear_cross_entropy_on_cuda():
+    """On CUDA with liger-kernel installed, the SFT loss is Liger's fused linear cross-entropy: the same loss and
+    gradients as the chunked computation (soft-capped Gemma 2 head, fp32). Skipped elsewhere, which includes CI."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    pytest.importorskip("liger_kernel")
+    f = twins.FAMILIES["gemma2"]
+    model = _model(f.arch, {**twins.TINY, **f.config}, dtype=torch.float32).cuda()
+    batch = {k: v.cuda() for k, v in batching.collate_padded(_examples([21, 21, 21]), pad_id=0).items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        value = (loss.nll_sum(model, inputs, targets) if fused
+                 else -loss.trained_logps(model, inputs, targets).sum())
+        value.backward()
+        results.append((value.detach(), _grads(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    _assert_grads(results[0][1], results[1][1], 1e-4)
