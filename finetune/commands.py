@@ -249,12 +249,14 @@ def recipes_command(argv: list[str]) -> int:
     from finetune.cli import CommandParser, add_global_flags
 
     p = CommandParser(prog="finetune recipes", description="List the shipped recipes, or copy one to start from.")
-    p.add_argument("action", nargs="?", choices=["list", "copy"], default="list",
-                   help="list (default) or copy")
+    p.add_argument("action", nargs="?", default="list", metavar="list|copy", help="list (default) or copy")
     p.add_argument("name", nargs="?", metavar="NAME", help="copy: the recipe, as listed (e.g. tasks/my-data)")
     p.add_argument("dest", nargs="?", metavar="DEST", help="copy: a new .yaml file or a folder (default: here)")
     add_global_flags(p)
     ns = p.parse_args(argv)
+    if ns.action not in ("list", "copy"):
+        raise UserError(f"finetune recipes: {ns.action!r} is not list or copy; to copy that recipe: finetune recipes "
+                        f"copy {ns.action} [DEST]")
     if ns.action == "list":
         if ns.name:
             raise UserError(f"finetune recipes: {ns.name!r} after list; to copy a recipe: finetune recipes copy "

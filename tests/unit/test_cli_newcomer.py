@@ -136,6 +136,8 @@ def test_recipes_copy_into_a_folder_and_unknown_names(capsys, tmp_path):
     assert "copy that too" not in out  # a Hub dataset: nothing local to copy
     code, _, err = run_cli(capsys, "recipes", "copy", "quikstart", str(tmp_path / "x.yaml"))
     assert code == 2 and "did you mean quickstart?" in err and not (tmp_path / "x.yaml").exists()
+    code, _, err = run_cli(capsys, "recipes", "quickstart")
+    assert code == 2 and "finetune recipes copy quickstart [DEST]" in err
 
 
 # --------------------------------------------------------------------------------------------- finetune init
