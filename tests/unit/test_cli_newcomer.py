@@ -254,18 +254,42 @@ def test_doctor_offline_names_the_snapshot_and_reads_it_with_config(capfd, monke
     assert "Qwen3ForCausalLM (model_type qwen3)" in out and "1.72B" in out and "not checked: --config" in out
 
 
-def test_doctor_reads_a_gguf_from_its_header_without_converting_it(capsys, monkeypatch, tmp_path, gguf):
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    code, out, err = run_cli(capsys, "doctor", str(gguf), "--json")
-    assert code == 0, err
+def _tiny_gguf(path: Path, arch: str = "llama") -> Path:
+    """A small GGUF written with the gguf package: a header like a converted chat model's, two tensors."""
+    import gguf as gguf_lib
+    import numpy as np
+
+    writer = gguf_lib.GGUFWriter(str(path), arch)
+    writer.add_name("tiny chat")
+    writer.add_context_length(4096)
+    writer.add_token_list(["<s>", "<|im_start|>", "<|im_end|>", "hello", "world"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")
+    writer.add_tensor("token_embd.weight", np.zeros((5, 8), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_doctor_reads_a_gguf_from_its_header_without_converting_it(capsys, monkeypatch, tmp_path):
     import json
 
-    findings = {(f["stage"], f["check"]): f["finding"] for f in json.loads(out)["findings"]}
-    assert findings[("model", "architecture")].startswith("llama (GGUF v3")
-    assert findings[("model", "parameters")].startswith("134.5M in 272 tensors")
-    assert findings[("serve", "end of turn (EOS)")] == "'<|im_end|>'" and findings[("model", "context")] == "8192 tokens"
-    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in written) < 1_000_000  # no converted checkpoint in the cache
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(capsys, "doctor", str(_tiny_gguf(tmp_path / "tiny.gguf")), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    findings = {(f["stage"], f["check"]): f["finding"] for f in report["findings"]}
+    assert report["model"] == "tiny chat" and findings[("model", "architecture")].startswith("llama (GGUF v3")
+    assert findings[("model", "parameters")] == "0.0M in 2 tensors (1 F32, 1 F16)"
+    assert findings[("prepare", "BOS")] == "'<|im_start|>'" and findings[("serve", "end of turn (EOS)")] == "'<|im_end|>'"
+    assert findings[("model", "context")] == "4096 tokens" and "converted once" in findings[("train", "weights")]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing converted, nothing cached
+    code, out, _ = run_cli(capsys, "doctor", str(_tiny_gguf(tmp_path / "odd.gguf", arch="no-such-arch")))
+    assert code == 2 and "transformers cannot read a no-such-arch GGUF back into a checkpoint" in out
 
 
 # ------------------------------------------------------------------------------------------------ the eval report
