@@ -47,6 +47,8 @@ def render_examples(examples: list[Example], tokenizer, *, train_on: str, reason
             else:
                 dropped.append(Dropped(e.origin, why[0], why[1], excerpt(e.example)))
     refused = [d for d in dropped if d.reason == "template_error"]
+    if refused and not kept and not getattr(tokenizer, "chat_template", None):  # a base model: say only that
+        raise UserError(f"{refused[0].detail} ({len(refused)} rows, e.g. {refused[0].origin})")
     if refused and not kept:  # the template refuses every row: one clear error beats a report of drops
         raise UserError(f"the model's chat template refused all {len(refused)} rows, e.g. {refused[0].origin}: "
                         f"{refused[0].detail}. Some templates reject a system message or non-alternating turns; "

@@ -205,18 +205,37 @@ def test_training_learns_only_the_new_token_rows(base_tokenizer_dir, tied):
     assert not torch.equal(after_out[new], before_out[new])  # an untied head learns to write them too
 
 
-def test_doctor_names_the_template_that_fits(tiny_model_dir, base_tokenizer_dir, tmp_path):
+@pytest.fixture(scope="module")
+def base_model_dir(tiny_model_dir, base_tokenizer_dir, tmp_path_factory) -> Path:
+    """The tiny random Llama with the template-less tokenizer: a base model."""
     import shutil
 
-    from finetune import doctor
-
-    folder = tmp_path / "base"
-    shutil.copytree(tiny_model_dir, folder)
-    for f in folder.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            f.unlink()
+    folder = tmp_path_factory.mktemp("base-model")
+    for f in tiny_model_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
     for f in base_tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_prepare_on_a_base_model_says_which_option_to_set(cli, base_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+            for i in range(6)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: b\nruns_dir: {tmp_path / 'runs'}\nmodel:\n  id: {base_model_dir}\n"
+                      "data:\n  sources:\n    - path: chat.jsonl\n")
+    code, _, err = cli("prepare", str(recipe))
+    assert code == 2 and "Traceback" not in err
+    assert "set model.chat_template to a built-in template name (chatml, llama3, gemma" in err
+    assert "(6 rows, e.g. chat.jsonl:1)" in err
+
+
+def test_doctor_names_the_template_that_fits(base_model_dir):
+    from finetune import doctor
+
+    folder = base_model_dir
     report = doctor.examine(str(folder))
     assert any("model.chat_template: chatml" in r for r in report.refusals), report.refusals
     report = doctor.examine(str(folder), chat_template=templates.path("gemma"))
