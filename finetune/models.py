@@ -78,7 +78,9 @@ def resolve(model_id: str, revision: str | None = None, *, base_dir: Path | None
         key = _short_hash(gguf)
         return ResolvedModel(gguf_to_checkpoint(gguf, name=EMBEDDED_MODEL, key=key), model_id, "embedded", key)
     if kind == "gguf":
-        check_gguf_file(candidate)
+        from finetune.gguf.runtime import check_gguf
+
+        check_gguf(candidate, what="model.id")
         key = _short_hash(candidate)
         return ResolvedModel(gguf_to_checkpoint(candidate.resolve(), key=key), model_id, "gguf", key)
     if kind == "local":
@@ -114,15 +116,6 @@ def locate(model_id: str, *, base_dir: Path | None = None) -> tuple[str, Path | 
     raise UserError(
         f"model.id: {model_id!r} is not a folder, a .gguf file, a Hub id (org/name) or '{EMBEDDED_MODEL}'"
     )
-
-
-def check_gguf_file(path: Path) -> None:
-    """A .gguf file starts with the bytes GGUF; anything else (a text file, an HTML error page) is refused."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"GGUF":
-        raise UserError(f"model.id: {path} is not a GGUF file (it starts with {head!r}, not b'GGUF'; a download "
-                        "that saved an error page?). Point model.id at a real .gguf file, a model folder or a Hub id.")
 
 
 REMOTE_CODE_HINT = ("If you trust its authors, set model.trust_remote_code: true (this runs Python code from the "

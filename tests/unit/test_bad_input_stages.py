@@ -284,7 +284,8 @@ def test_a_text_file_named_gguf_as_the_model(cli, project):
     (tmp / "model.gguf").write_text("<html>404 Not Found</html>\n")
     recipe = write(model={"id": "model.gguf"})
     code, _, err = cli("prepare", str(recipe))
-    assert code == 2 and "model.gguf is not a GGUF file" in one_line_error(err)
+    line = one_line_error(err)
+    assert code == 2 and "model.id: " in line and "model.gguf is not a GGUF (it starts with '<html>404 No'" in line
     assert (tmp / "model.gguf").read_text() == "<html>404 Not Found</html>\n"
 
 
