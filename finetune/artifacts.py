@@ -11,6 +11,7 @@ stage to run again, never a guessed default path.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
@@ -266,3 +267,34 @@ def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:
         records[name] = load_if_finished(recipe, RECORDS[name])
     return Upstream(prepared=records.get("prepare"), trained=records.get("train"), exported=records.get("export"))
 
+
+# ------------------------------------------------------------------------------------- prepared rows
+def split_rows(prepared: Prepared | None, split: str = "test") -> list[dict] | None:
+    """The rows of one of prepare's splits (None when prepare has not run or the split is empty)."""
+    path = prepared.splits.get(split) if prepared is not None else None
+    if path is None or not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows or None
+
+
+def trained_system_prompt(system_prompt: str | None, prepared: Prepared | None) -> str | None:
+    """The system prompt the model learned its task with: ``system_prompt`` (data.system_prompt) when the recipe sets it, else the one
+    more than half of the training rows carry (the quickstart's rows each hold "Summarize the ticket as JSON."),
+    else None (the chat template's default, which it inserted in training too)."""
+    if system_prompt:
+        return system_prompt
+    return dominant_system_prompt(split_rows(prepared, "train") or [])
+
+
+def dominant_system_prompt(rows: list[dict]) -> str | None:
+    """The system message more than half of the rows start with, else None."""
+    from collections import Counter
+
+    counts = Counter(row["messages"][0]["content"] for row in rows
+                     if row.get("messages") and row["messages"][0].get("role") == "system"
+                     and isinstance(row["messages"][0].get("content"), str))
+    if not counts:
+        return None
+    text, n = counts.most_common(1)[0]
+    return text if n * 2 > len(rows) else None

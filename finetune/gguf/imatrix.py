@@ -206,3 +206,19 @@ def _gguf_names(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
         if proc.returncode != 0:
             raise UserError(f"export.imatrix: mapping tensor names failed: {proc.stderr.strip()[-400:]}")
         return json.loads(out_file.read_text())
+
+
+def from_calibration(tokenizer, merged_dir: Path, f16: Path, out_file: Path, calibration, log) -> dict:
+    """The importance matrix of ``merged_dir`` measured on ``calibration``'s rows (chat rows through the chat template,
+    text rows as text), written to ``out_file`` with the tensor names of the GGUF ``f16``."""
+    sequences = []
+    for row in calibration.rows:
+        if row.get("messages"):
+            sequences.append(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
+        elif row.get("text"):
+            sequences.append(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+    log(f"export: importance matrix from {', '.join(calibration.sources)} (up to {calibration.max_tokens} tokens)")
+    importance = collect(merged_dir, sequences, max_tokens=calibration.max_tokens)
+    info = write(importance, gguf_model=f16, out_file=out_file, datasets=calibration.sources)
+    info["unmapped"] = info["unmapped"][:20]
+    return info

@@ -129,29 +129,27 @@ def test_num_ctx_follows_the_training_length(trained, model, num_ctx):
 
 
 def test_the_dominant_system_prompt_of_the_training_rows():
-    from finetune import export
+    from finetune import artifacts
 
     def row(system):
         return {"messages": ([{"role": "system", "content": system}] if system else [])
                 + [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
-    assert export.dominant_system_prompt([row("Summarize."), row("Summarize."), row(None)]) == "Summarize."
-    assert export.dominant_system_prompt([row("Summarize."), row("Other."), row(None)]) is None
-    assert export.dominant_system_prompt([{"text": "plain"}]) is None
+    assert artifacts.dominant_system_prompt([row("Summarize."), row("Summarize."), row(None)]) == "Summarize."
+    assert artifacts.dominant_system_prompt([row("Summarize."), row("Other."), row(None)]) is None
+    assert artifacts.dominant_system_prompt([{"text": "plain"}]) is None
 
 
 def test_the_trained_system_prompt_prefers_the_recipes(tmp_path):
-    from finetune import artifacts, export
-    from finetune import recipe as recipe_mod
+    from finetune import artifacts
 
     train = tmp_path / "train.jsonl"
     train.write_text('{"messages": [{"role": "system", "content": "From the rows."}, {"role": "user", "content": "q"}]}\n')
     prepared = artifacts.Prepared(splits={"train": train}, tokenized={}, rows={"train": 1}, report=tmp_path / "r",
                                   lengths_png=tmp_path / "l")
-    assert export.trained_system_prompt(recipe_mod.validate_dict({"name": "a"}), prepared) == "From the rows."
-    assert export.trained_system_prompt(recipe_mod.validate_dict(
-        {"name": "a", "data": {"system_prompt": "Set."}}), prepared) == "Set."
-    assert export.trained_system_prompt(recipe_mod.validate_dict({"name": "a"}), None) is None
+    assert artifacts.trained_system_prompt(None, prepared) == "From the rows."
+    assert artifacts.trained_system_prompt("Set.", prepared) == "Set."  # data.system_prompt, when the recipe sets it
+    assert artifacts.trained_system_prompt(None, None) is None
 
 
 def test_modelfile_carries_the_trained_system_prompt_and_context(tmp_path, gguf, tokenizer_dir):
