@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune import hardware
 from finetune.errors import UserError
 
 if TYPE_CHECKING:
@@ -292,62 +293,13 @@ def stop_ids(tokenizer, configured_eos: int | list[int] | None = None) -> list[i
     return ids
 
 
-def dtype_name(name: str, device: str = "cpu", *, fast_bf16: bool | None = None) -> str:
-    """model.dtype on a device, the one "auto" rule: bfloat16 where it is fast and supported (a CUDA GPU with bf16,
-    a CPU with AMX/AVX512-BF16), float16 on older GPUs, else float32. ``fast_bf16`` says whether the device computes
-    in bf16 (default: ask this machine; ``finetune plan`` passes it for a device it is not running on)."""
-    if name != "auto":
-        return name
-    cuda = device.startswith("cuda")
-    if fast_bf16 is None:
-        if cuda:
-            import torch
-
-            fast_bf16 = torch.cuda.is_bf16_supported()
-        else:
-            fast_bf16 = cpu_has_fast_bf16()
-    if cuda:
-        return "bfloat16" if fast_bf16 else "float16"
-    return "bfloat16" if fast_bf16 else "float32"
-
-
-def training_dtypes(name: str, method: str, device: str = "cpu", *,
-                    fast_bf16: bool | None = None) -> tuple[str, str | None]:
-    """(weights dtype, autocast dtype or None) for training: model.dtype as set, "auto" by ``dtype_name``'s rule,
-    except full fine-tuning, which keeps fp32 master weights (pure bf16 weights lose small updates) and, on a GPU
-    with bf16, runs the maths under bf16 autocast. Train loads by it; ``finetune plan`` estimates by it."""
-    if name == "auto" and method == "full":
-        cuda = device.startswith("cuda")
-        if cuda and fast_bf16 is None:
-            import torch
-
-            fast_bf16 = torch.cuda.is_bf16_supported()
-        return "float32", ("bfloat16" if cuda and fast_bf16 else None)
-    return dtype_name(name, device, fast_bf16=fast_bf16), None
-
-
-def torch_dtype(name: str, device: str = "cpu"):
-    """model.dtype on a device as a torch dtype (``dtype_name``'s rule for "auto")."""
-    import torch
-
-    return getattr(torch, dtype_name(name, device))
-
-
 def four_bit_config(dtype: str):
     """The 4-bit base of QLoRA (NF4, double quantization, CUDA only): train loads it and eval evaluates a QLoRA
     adapter on the same base, so both take it from here."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch_dtype(dtype, "cuda"))
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+                              bnb_4bit_compute_dtype=hardware.torch_dtype(dtype, "cuda"))
 
 
 def read_chat_template(path: Path) -> str:
@@ -405,7 +357,7 @@ def load_causal_lm(folder: Path | str, **kwargs):
 def load_model(resolved: ResolvedModel, dtype: str = "auto", *, device: str = "cpu",
                trust_remote_code: bool = False, attn_implementation: str = "auto", quantization_config=None):
     check_attention(attn_implementation, device.split(":")[0])
-    kwargs = dict(dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True)
+    kwargs = dict(dtype=hardware.torch_dtype(dtype, device), trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:

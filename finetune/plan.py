@@ -152,9 +152,9 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
     stats = prepared_stats(recipe)
     mean_tokens, mean_source = tokens_per_example(recipe, stats)
     results = []
-    from finetune import models
+    from finetune import hardware
 
-    cpu_bf16, arch = models.cpu_has_fast_bf16(), config.get("architectures")
+    cpu_bf16, arch = hardware.cpu_has_fast_bf16(), config.get("architectures")
     launcher = None
     for k, (label, device, budget) in enumerate(targets):
         settings = settings_for(recipe, device, cpu_fast_bf16=cpu_bf16)

@@ -72,16 +72,16 @@ def training_notes(recipe, device_type: str, plan: list, micro_batches_per_step:
     """One line per setting that trains, but not as the user likely expects: a half-precision dtype that this CPU
     only emulates, and a grad_accum that leaves one optimizer step per epoch. ``plan`` is the run's optimizer
     steps (``finetune.training.batching.schedule``)."""
-    from finetune import models
+    from finetune import hardware
 
     t = recipe.train
     found = []
-    dtype = models.training_dtypes(recipe.model.dtype, t.method, device_type)[0]
+    dtype = hardware.training_dtypes(recipe.model.dtype, t.method, device_type)[0]
     if device_type == "cpu" and dtype == "float16":
         found.append("model.dtype float16 on a CPU: most CPUs emulate float16 matrix products, so training runs "
                      "many times slower than in float32 (about 3 tokens/s was seen on a 135M model); set "
                      "model.dtype: auto (float32, or bfloat16 where the CPU computes it)")
-    elif device_type == "cpu" and dtype == "bfloat16" and not models.cpu_has_fast_bf16():
+    elif device_type == "cpu" and dtype == "bfloat16" and not hardware.cpu_has_fast_bf16():
         found.append("model.dtype bfloat16 on a CPU without AMX or AVX512-BF16: bfloat16 matrix products are "
                      "emulated, so training runs many times slower than in float32; set model.dtype: auto")
     if plan and plan[0].steps_in_epoch == 1 and len(plan[0].micro_batches) < micro_batches_per_step:

@@ -157,7 +157,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from finetune import artifacts, models
+    from finetune import artifacts, hardware
 
     exported = None
     if ns.gguf:
@@ -179,7 +179,7 @@ def main() -> int:
             "transformers fp32": {"runtime": "transformers", "model": merged, "dtype": "float32", **common}}
     if ns.llama_cpp_build:
         arms[f"llama.cpp ({Path(ns.llama_cpp_build).name})"] = {**arms["llama.cpp"], "pythonpath": ns.llama_cpp_build}
-    if models.cpu_has_fast_bf16():
+    if hardware.cpu_has_fast_bf16():
         arms["transformers bf16"] = {"runtime": "transformers", "model": merged, "dtype": "bfloat16", **common}
     conditions = ["idle"] + ([f"busy x{ns.busy}"] if ns.busy else [])
     print(f"{Path(gguf).name} vs {merged}: {ns.tokens} new tokens, {ns.threads} threads, {os.cpu_count()} cores")

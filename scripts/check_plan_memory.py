@@ -29,11 +29,11 @@ def child(batch: int, seq: int, ckpt: bool, r: int, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune import models
+    from finetune import hardware, models
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     resolved = models.resolve(models.EMBEDDED_MODEL)
-    dtype = models.torch_dtype("auto", "cpu")
+    dtype = hardware.torch_dtype("auto", "cpu")
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, use_safetensors=True)
     model.config.use_cache = False
     if ckpt:

@@ -52,7 +52,7 @@ def collect(model_dir: Path, sequences: list[list[int]], *, chunk: int = 512, ma
         raise UserError("export.imatrix: the calibration data has no tokens; check data.sources or export.imatrix_files")
     # bf16 where the device computes it fast; the squares are summed in fp32
     device = hardware.device()
-    model = models.load_causal_lm(model_dir, dtype=models.torch_dtype("auto", device)).to(device)
+    model = models.load_causal_lm(model_dir, dtype=hardware.torch_dtype("auto", device)).to(device)
     model.config.use_cache = False
     model.eval()
     sums: dict[str, torch.Tensor] = {}

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from finetune import models
+from finetune import hardware
 from finetune.training.model_dims import ModelDims  # noqa: F401  (memory.ModelDims kept for callers)
 
 GiB = 1024**3
@@ -345,11 +345,11 @@ def suggest(dims: ModelDims, settings: Settings, budget_bytes: int) -> list[Sugg
 def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = None,
                  cpu_fast_bf16: bool = False) -> Settings:
     """The memory-relevant settings of a recipe on a device ('cuda' or 'cpu'); the one place that reads them
-    from a recipe. ``cpu_fast_bf16``: the CPU computes in bf16 natively (``models.cpu_has_fast_bf16()``), so a
+    from a recipe. ``cpu_fast_bf16``: the CPU computes in bf16 natively (``hardware.cpu_has_fast_bf16()``), so a
     CPU run loads the weights in bf16."""
     t = recipe.train
     # fp16 on pre-Ampere cards has bf16's size: the estimate takes bf16 for any GPU
-    dtype, compute = models.training_dtypes(recipe.model.dtype, t.method, device,
+    dtype, compute = hardware.training_dtypes(recipe.model.dtype, t.method, device,
                                             fast_bf16=device == "cuda" or cpu_fast_bf16)
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, False) if gradient_checkpointing is None \
         else gradient_checkpointing

@@ -57,9 +57,9 @@ def build(recipe, resolved, device_type: str, local_index: int, *, packing: bool
     import torch
 
     t = recipe.train
-    from finetune import models
+    from finetune import hardware
 
-    dtype, compute = models.training_dtypes(recipe.model.dtype, t.method, device_type)
+    dtype, compute = hardware.training_dtypes(recipe.model.dtype, t.method, device_type)
     autocast_dtype = getattr(torch, compute) if compute else None
     attn = _attention(recipe.model.attn_implementation, device_type, packing)
     model = _load_base(recipe, resolved, dtype, attn, device=f"cuda:{local_index}" if device_type == "cuda" else "cpu",

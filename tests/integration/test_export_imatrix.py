@@ -42,9 +42,9 @@ def test_importance_is_the_mean_squared_input_of_each_linear_layer(wide_model, t
     importance = imatrix.collect(model_dir, sequences, chunk=256, max_tokens=512)
     assert (importance.tokens, importance.chunks) == (512, 2)
     # the same sums, by hand, for one layer: the input of layer 1's down projection (in the dtype collect runs in)
-    from finetune import models
+    from finetune import hardware
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype("auto", "cpu"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=hardware.torch_dtype("auto", "cpu"))
     seen = []
     model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0][0]))
     stream = [t for s in sequences for t in s][:512]
