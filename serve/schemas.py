@@ -145,7 +145,7 @@ class FeedbackRequest(BaseModel):
 def agent_messages(body: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The request's messages and tools as the chat template takes them (and as training rendered them): tool
     calls with parsed arguments, tool results, reasoning of earlier answers. Raises ValueError naming the field."""
-    from finetune.data.formats import RowError, read_conversation
+    from finetune.data.conversation import RowError, read_conversation
 
     raw = []
     for m in body.messages:

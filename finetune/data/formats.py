@@ -6,28 +6,18 @@ preference tuning, pairs (``prompt``/``chosen``/``rejected``, strings or message
 message lists' shared beginning is the prompt, as in Hub datasets like UltraFeedback) and KTO's unpaired rows
 (``prompt``/``completion``/``label``, the label a boolean).
 A recipe can force the format and map its own column names onto a format's fields (``columns:``).
-Role names are normalised the same way in every format (case-insensitive, common aliases: human -> user,
-gpt/bot/model -> assistant, function/ipython -> tool), and each mapping is counted.
-
-Agent conversations (OpenAI's shape) are validated field by field: a ``tools`` column (a list of function
-definitions, or that list as JSON text), assistant ``tool_calls`` (``arguments`` a JSON object or its text; kept
-as a parsed object, which is what chat templates expect), ``tool`` messages answering a call (``tool_call_id``
-must name a call of the assistant turn they follow), and reasoning: a ``reasoning_content`` field (aliases
-``reasoning``, ``thinking``) or inline ``<think>...</think>`` / ``[THINK]...[/THINK]`` at the start of the content,
-which is moved into ``reasoning_content`` so the recipe's ``data.reasoning`` setting can act on it.
+Each row's turns are read by ``finetune.data.conversation`` (role names, text, tool calls, reasoning), the
+same way in every format.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
-import re
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from typing import Any
 
+from finetune.data import conversation
+from finetune.data.conversation import RowError
 from finetune.errors import UserError
 
 # format -> (required fields, optional fields)
@@ -40,38 +30,8 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ("system",)),
     "text": (("text",), ()),
 }
-# Role names seen in chat datasets (OpenAI, ShareGPT, Gemini, LangChain), lower-cased -> our role.
-ROLE_ALIASES = {"system": "system", "developer": "system",
-                "user": "user", "human": "user",
-                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
-                "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-                "tool": "tool", "function": "tool", "ipython": "tool"}
-ROLES = ("system", "user", "assistant", "tool")
-# Fields an assistant turn may carry its reasoning in (datasets differ); stored as reasoning_content.
-REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
-# Inline reasoning at the start of an assistant reply: (opening marker, closing marker).
-INLINE_REASONING = (("<think>", "</think>"), ("[THINK]", "[/THINK]"))
-# Column names that usually hold a question or an answer: used to suggest a `columns:` mapping.
 PROMPT_LIKE = ("question", "query", "prompt", "input", "instruction", "context", "source", "q", "user", "request")
 ANSWER_LIKE = ("answer", "response", "output", "completion", "target", "reply", "a", "assistant", "label", "summary")
-
-
-@dataclass
-class _Seen:
-    """What reading one row changed, for the report: role names mapped ("human->user": 1) and numbers read as text
-    by field ("messages[*].content": 1)."""
-
-    roles: Counter[str] = dataclass_field(default_factory=Counter)
-    numbers: Counter[str] = dataclass_field(default_factory=Counter)
-
-
-class RowError(ValueError):
-    """A row that cannot be used. ``reason`` is a stable key for the report."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def check_columns(fmt: str, columns: dict[str, str], where: str) -> None:
@@ -197,7 +157,7 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
 
     When a role name was mapped (``human`` -> ``user``), the example also holds ``"roles_mapped":
     {"human->user": 1, ...}``; ``clean.clean_example`` moves that count into its changes."""
-    seen = _Seen()
+    seen = conversation.Seen()
 
     def get(name: str, required: bool = True) -> Any:
         col = columns.get(name, name)
@@ -211,7 +171,7 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
         return value
 
     if fmt == "text":
-        return _with_mapped({"text": _text(get("text"), columns.get("text", "text"), seen)}, seen)
+        return _with_mapped({"text": conversation.text(get("text"), columns.get("text", "text"), seen)}, seen)
     if fmt == "preference":
         return _with_mapped(_pair(get, columns, seen), seen)
     if fmt == "kto":
@@ -224,48 +184,51 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
         return _with_mapped(_with_system({"messages": prompt + completion, "desirable": label}, get, columns, seen), seen)
     if fmt == "messages":
         # A `messages` column may hold ShareGPT-style turns too (from/value): accept both.
-        tools = _tools(get("tools", required=False), columns.get("tools", "tools"))
-        msgs = _turns(get("messages"), columns.get("messages", "messages"), seen)
-        check_tool_flow(msgs, tools, columns.get("messages", "messages"))
+        tools = conversation.tools_of(get("tools", required=False), columns.get("tools", "tools"))
+        msgs = conversation.turns(get("messages"), columns.get("messages", "messages"), seen)
+        conversation.check_tool_flow(msgs, tools, columns.get("messages", "messages"))
         return _with_mapped({"messages": msgs, **({"tools": tools} if tools else {})}, seen)
     if fmt == "sharegpt":
-        msgs = _turns(get("conversations"), columns.get("conversations", "conversations"), seen)
+        msgs = conversation.turns(get("conversations"), columns.get("conversations", "conversations"), seen)
     elif fmt == "alpaca":
-        instruction = _text(get("instruction"), columns.get("instruction", "instruction"), seen)
+        instruction = conversation.text(get("instruction"), columns.get("instruction", "instruction"), seen)
         extra = get("input", required=False)
-        extra = default_input if extra is None else _text(extra, columns.get("input", "input"), seen)
+        extra = default_input if extra is None else conversation.text(extra, columns.get("input", "input"), seen)
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         msgs = [{"role": "user", "content": user},
-                {"role": "assistant", "content": _text(get("output"), columns.get("output", "output"), seen)}]
+                {"role": "assistant", "content": conversation.text(get("output"), columns.get("output", "output"), seen)}]
     elif fmt == "prompt_completion":
         prompt, completion = get("prompt"), get("completion")
         # TRL's conversational prompt/completion: both are lists of messages
-        p = _turns(prompt, "prompt", seen) if isinstance(prompt, list) else [
-            {"role": "user", "content": _text(prompt, columns.get("prompt", "prompt"), seen)}]
-        c = _turns(completion, "completion", seen) if isinstance(completion, list) else [
-            {"role": "assistant", "content": _text(completion, columns.get("completion", "completion"), seen)}]
+        p = conversation.turns(prompt, "prompt", seen) if isinstance(prompt, list) else [
+            {"role": "user", "content": conversation.text(prompt, columns.get("prompt", "prompt"), seen)}]
+        c = conversation.turns(completion, "completion", seen) if isinstance(completion, list) else [
+            {"role": "assistant",
+             "content": conversation.text(completion, columns.get("completion", "completion"), seen)}]
         msgs = p + c
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return _with_mapped(_with_system({"messages": msgs}, get, columns, seen), seen)
 
 
-def _prompt_turns(value: Any, name: str, seen: _Seen) -> list[dict[str, Any]]:
-    return _turns(value, name, seen) if isinstance(value, list) else [{"role": "user", "content": _text(value, name, seen)}]
-
-
-def _reply_turns(value: Any, name: str, seen: _Seen) -> list[dict[str, Any]]:
+def _prompt_turns(value: Any, name: str, seen: conversation.Seen) -> list[dict[str, Any]]:
     if isinstance(value, list):
-        return _turns(value, name, seen)
-    return [{"role": "assistant", "content": _text(value, name, seen)}]
+        return conversation.turns(value, name, seen)
+    return [{"role": "user", "content": conversation.text(value, name, seen)}]
 
 
-def _with_system(example: dict[str, Any], get, columns: dict[str, str], seen: _Seen) -> dict[str, Any]:
+def _reply_turns(value: Any, name: str, seen: conversation.Seen) -> list[dict[str, Any]]:
+    if isinstance(value, list):
+        return conversation.turns(value, name, seen)
+    return [{"role": "assistant", "content": conversation.text(value, name, seen)}]
+
+
+def _with_system(example: dict[str, Any], get, columns: dict[str, str], seen: conversation.Seen) -> dict[str, Any]:
     """The row's `system` column as its first turn (unless its turns have one)."""
     system = get("system", required=False)
     if system is None:
         return example
-    system = _text(system, columns.get("system", "system"), seen)
+    system = conversation.text(system, columns.get("system", "system"), seen)
     msgs = example["messages"]
     if system.strip() and not any(m["role"] == "system" for m in msgs):
         example["messages"] = [{"role": "system", "content": system}] + msgs
@@ -274,7 +237,7 @@ def _with_system(example: dict[str, Any], get, columns: dict[str, str], seen: _S
     return example
 
 
-def _pair(get, columns: dict[str, str], seen: _Seen) -> dict[str, Any]:
+def _pair(get, columns: dict[str, str], seen: conversation.Seen) -> dict[str, Any]:
     """A preference pair as two whole conversations sharing their prompt: {"messages": prompt + chosen,
     "rejected": prompt + rejected}."""
     c_name, r_name = columns.get("chosen", "chosen"), columns.get("rejected", "rejected")
@@ -284,7 +247,7 @@ def _pair(get, columns: dict[str, str], seen: _Seen) -> dict[str, Any]:
         prompt = _prompt_turns(prompt_value, columns.get("prompt", "prompt"), seen)
     elif isinstance(chosen, list) and isinstance(rejected, list):
         # Hub shape: whole conversations; the prompt is their shared beginning up to the last assistant turn
-        c_all, r_all = _turns(chosen, c_name, seen), _turns(rejected, r_name, seen)
+        c_all, r_all = conversation.turns(chosen, c_name, seen), conversation.turns(rejected, r_name, seen)
         n = 0
         while n < min(len(c_all), len(r_all)) - 1 and c_all[n] == r_all[n]:
             n += 1
@@ -302,233 +265,10 @@ def _pair(get, columns: dict[str, str], seen: _Seen) -> dict[str, Any]:
     return _with_system(example, get, columns, seen)
 
 
-def _with_mapped(example: dict[str, Any], seen: _Seen) -> dict[str, Any]:
+def _with_mapped(example: dict[str, Any], seen: conversation.Seen) -> dict[str, Any]:
     if seen.roles:
         example["roles_mapped"] = dict(seen.roles)
     if seen.numbers:
         example["numbers_as_text"] = dict(seen.numbers)
     return example
 
-
-def normalize_role(name: Any) -> str | None:
-    """Our role for a dataset's role name (case-insensitive, common aliases), or None when unknown."""
-    return ROLE_ALIASES.get(str(name).strip().lower()) if isinstance(name, str) else None
-
-
-def _text(value: Any, name: str, seen: _Seen) -> str:
-    """A text field's value. A number (JSON 42, a Parquet integer column) is read as its text ("42") in every
-    format, and counted by field in ``seen.numbers`` so prepare's report says so; anything else that is not text
-    (true/false, a list, an object) is refused."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seen.numbers[re.sub(r"\[\d+\]", "[*]", name)] += 1
-        return str(value)
-    raise RowError("bad_field_type", f"field {name!r} should be text, got {type(value).__name__}")
-
-
-def _turns(value: Any, name: str, seen: _Seen) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        kind = "an empty list" if isinstance(value, list) else type(value).__name__
-        raise RowError("bad_field_type", f"field {name!r} should be a non-empty list of turns, got {kind}")
-    out = []
-    for i, turn in enumerate(value):
-        if not isinstance(turn, dict):
-            raise RowError("bad_field_type", f"{name}[{i}] should be an object, got {type(turn).__name__}")
-        if "role" in turn:
-            given, content = turn.get("role"), turn.get("content")
-        elif "from" in turn:
-            given, content = turn.get("from"), turn.get("value")
-        else:
-            raise RowError("missing_field", f"{name}[{i}] has neither role/content nor from/value keys "
-                                            f"(keys: {', '.join(map(str, turn))})")
-        role = normalize_role(given)
-        if role is None:
-            raise RowError("unknown_role", f"{name}[{i}] has role {given!r}; expected one of {', '.join(ROLES)} "
-                                           f"(or an alias: {', '.join(a for a in ROLE_ALIASES if a not in ROLES)})")
-        if given != role:
-            seen.roles[f"{given}->{role}"] += 1
-        calls = turn.get("tool_calls")
-        if content is None and not (role == "assistant" and calls):
-            raise RowError("empty_turn", f"{name}[{i}] ({role}) has no content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-                else:
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise RowError("unsupported_content", f"{name}[{i}] has a {kind!r} part; only text is supported")
-            content = "".join(parts)
-        message: dict[str, Any] = {"role": role, "content": "" if content is None else
-                                   _text(content, f"{name}[{i}].content", seen)}
-        if role == "assistant":
-            reasoning = _reasoning(turn, message, f"{name}[{i}]")
-            if reasoning is not None:
-                message["reasoning_content"] = reasoning
-            if calls is not None:
-                parsed = _tool_calls(calls, f"{name}[{i}].tool_calls")
-                if parsed:
-                    message["tool_calls"] = parsed
-        elif calls:
-            raise RowError("bad_tool_call", f"{name}[{i}].tool_calls: only assistant turns make tool calls, this is "
-                                            f"a {role} turn")
-        if role == "tool":
-            for key in ("tool_call_id", "name"):
-                if turn.get(key) is not None:
-                    if not isinstance(turn[key], str):
-                        raise RowError("bad_tool_result", f"{name}[{i}].{key} should be text, got "
-                                                          f"{type(turn[key]).__name__}")
-                    message[key] = turn[key]
-        out.append(message)
-    return out
-
-
-def _reasoning(turn: dict[str, Any], message: dict[str, Any], where: str) -> str | None:
-    """The reasoning of an assistant turn: from a reasoning field, or split off inline markers at the start of
-    the content (the content keeps only the answer)."""
-    fields = [f for f in REASONING_FIELDS if turn.get(f) is not None]
-    if len(fields) > 1:
-        raise RowError("bad_reasoning", f"{where} has reasoning in both {fields[0]!r} and {fields[1]!r}; keep one")
-    if fields:
-        value = turn[fields[0]]
-        if not isinstance(value, str):
-            raise RowError("bad_reasoning", f"{where}.{fields[0]} should be text, got {type(value).__name__}")
-        if any(opening in message["content"] for opening, _ in INLINE_REASONING):
-            raise RowError("bad_reasoning", f"{where} has reasoning in {fields[0]!r} and inline reasoning markers in "
-                                            "its content; keep one")
-        return value
-    content = message["content"]
-    for opening, closing in INLINE_REASONING:
-        stripped = content.lstrip()
-        if stripped.startswith(opening) or (closing in content and opening not in content):
-            if closing not in content:
-                raise RowError("bad_reasoning", f"{where}.content opens {opening} but never closes it with {closing}")
-            before, _, after = content.partition(closing)
-            if opening in after or closing in after:
-                raise RowError("bad_reasoning", f"{where}.content has more than one {opening}...{closing} block; "
-                                                "put one reasoning block at the start of the reply")
-            message["content"] = after.lstrip("\n")
-            return before.split(opening, 1)[-1].strip("\n")
-        if closing in content:
-            raise RowError("bad_reasoning", f"{where}.content has {closing} after text; reasoning goes first, "
-                                            f"as {opening}...{closing} at the start of the reply")
-    return None
-
-
-def _json_object(value: Any, where: str, reason: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise RowError(reason, f"{where} is not valid JSON ({exc.msg} at column {exc.colno}): "
-                                   f"{value[:80]!r}") from None
-    if not isinstance(value, dict):
-        raise RowError(reason, f"{where} should be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
-    """OpenAI tool calls, checked: [{"id"?, "type": "function", "function": {"name", "arguments"}}].
-
-    Bare {"name", "arguments"} entries (a common dataset shape) are accepted too; arguments are kept parsed."""
-    if not isinstance(value, list):
-        raise RowError("bad_tool_call", f"{where} should be a list of calls, got {type(value).__name__}")
-    calls = []
-    for k, call in enumerate(value):
-        at = f"{where}[{k}]"
-        if not isinstance(call, dict):
-            raise RowError("bad_tool_call", f"{at} should be an object, got {type(call).__name__}")
-        function = call.get("function", call)
-        if call.get("type", "function") != "function":
-            raise RowError("bad_tool_call", f"{at}.type is {call.get('type')!r}; only 'function' calls are supported")
-        if not isinstance(function, dict):
-            raise RowError("bad_tool_call", f"{at}.function should be an object, got {type(function).__name__}")
-        name = function.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise RowError("bad_tool_call", f"{at}.function.name is missing or not text")
-        if "arguments" not in function:
-            raise RowError("bad_tool_call", f"{at}.function.arguments is missing (use {{}} for a call without any)")
-        arguments = _json_object(function["arguments"], f"{at}.function.arguments", "bad_tool_arguments")
-        out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
-        if call.get("id") is not None:
-            if not isinstance(call["id"], str):
-                raise RowError("bad_tool_call", f"{at}.id should be text, got {type(call['id']).__name__}")
-            out["id"] = call["id"]
-        calls.append(out)
-    return calls
-
-
-def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
-    """The row's tool definitions (OpenAI: [{"type": "function", "function": {"name", "description",
-    "parameters"}}]), given as a list or as its JSON text."""
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise RowError("bad_tools", f"field {where!r} is not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(value, list):
-        raise RowError("bad_tools", f"field {where!r} should be a list of tool definitions, got {type(value).__name__}")
-    tools = []
-    for k, tool in enumerate(value):
-        at = f"{where}[{k}]"
-        if not isinstance(tool, dict):
-            raise RowError("bad_tools", f"{at} should be an object, got {type(tool).__name__}")
-        if "function" not in tool and "name" in tool:  # a bare function definition
-            tool = {"type": "function", "function": tool}
-        function = tool.get("function")
-        if tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise RowError("bad_tools", f"{at} should be {{\"type\": \"function\", \"function\": {{...}}}}")
-        if not isinstance(function.get("name"), str) or not function["name"].strip():
-            raise RowError("bad_tools", f"{at}.function.name is missing or not text")
-        if "parameters" in function:
-            function = {**function, "parameters": _json_object(function["parameters"], f"{at}.function.parameters",
-                                                               "bad_tools")}
-        tools.append({"type": "function", "function": function})
-    return tools
-
-
-def check_tool_flow(msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None, name: str) -> None:
-    """Every call names a defined tool (when tools are given); every tool message answers a call of the
-    assistant turn before it (by tool_call_id when the calls have ids), at most one answer per call."""
-    known = {t["function"]["name"] for t in tools} if tools else None
-    pending: dict[str, str] = {}  # call id -> function name, for the last assistant turn with calls
-    unanswered = 0
-    for i, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            calls = m.get("tool_calls", [])
-            for k, call in enumerate(calls):
-                fn = call["function"]["name"]
-                if known is not None and fn not in known:
-                    raise RowError("unknown_tool", f"{name}[{i}].tool_calls[{k}] calls {fn!r}, which is not in the "
-                                                   f"row's tools ({', '.join(sorted(known))})")
-            pending = {c["id"]: c["function"]["name"] for c in calls if "id" in c}
-            unanswered = len(calls)
-        elif m["role"] == "tool":
-            if unanswered == 0:
-                raise RowError("unmatched_tool_result", f"{name}[{i}] is a tool result, but no tool call of the "
-                                                        "assistant turn before it is left to answer")
-            call_id = m.get("tool_call_id")
-            if pending:
-                if call_id is None:
-                    raise RowError("unmatched_tool_result", f"{name}[{i}] has no tool_call_id; the calls it may "
-                                                            f"answer have ids {', '.join(sorted(pending))}")
-                if call_id not in pending:
-                    raise RowError("unmatched_tool_result", f"{name}[{i}].tool_call_id {call_id!r} matches no call "
-                                                            f"of the assistant turn before it (ids: "
-                                                            f"{', '.join(sorted(pending))})")
-                del pending[call_id]
-            unanswered -= 1
-        elif m["role"] == "user":
-            pending, unanswered = {}, 0
-
-
-def read_conversation(messages: Any, tools: Any, name: str = "messages") -> tuple[list[dict[str, Any]],
-                                                                                  list[dict[str, Any]] | None]:
-    """(messages, tools) of one agent conversation, validated as a data row is (the server takes requests so)."""
-    msgs = _turns(messages, name, _Seen())
-    parsed = _tools(tools, "tools")
-    check_tool_flow(msgs, parsed, name)
-    return msgs, parsed
