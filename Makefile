@@ -27,8 +27,8 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q tests/unit
-	$(BIN)/python -m pytest -q tests/integration
+	$(BIN)/python -m pytest -q --durations=10 tests/unit
+	$(BIN)/python -m pytest -q --durations=25 tests/integration
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
