@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_train.py --examples 32 --rounds 2
     python scripts/bench_train.py --base DIR --examples 256    # any local model folder (a GPU: scripts/gpu_check.sh)
     python scripts/bench_train.py --variant no-liger="train.kernels=none" --variant padded="train.packing=false"
+    .venv/bin/python scripts/bench_train.py --large-vocab      # the loss on a 262k vocabulary: full vs chunked logits
 
 Both arms train the same LoRA (r=16, alpha=32, all linear layers, AdamW, lr 2e-4, linear schedule, no warmup,
 batch 8, one epoch, assistant-only loss) on the same variable-length chat data (1-6 support tickets per
@@ -17,6 +18,14 @@ loop's wall time (Trainer: ``train_runtime``; finetune: ``summary['seconds']``),
 
 With CUDA both arms train on the GPU (the Trainer's default fp32 there too; finetune's bf16 base weights, packed
 rows, and Liger kernels when installed); peak memory is then the GPU's (``torch.cuda.max_memory_allocated``).
+
+``--large-vocab``: the training loss on a big vocabulary, alone. A random Gemma-3-270M-shaped model (262,144-token
+vocabulary, width 640, tied embeddings; ``--lv-layers`` decoder layers; fp32 on a CPU, bf16 under autocast on
+CUDA) with LoRA (r=16, all linear layers) and finetune's packed attention trains ``--lv-steps`` steps on packed micro-batches of ``--lv-batch`` random sequences of ``--lv-seq`` tokens
+(the first tenth of each a prompt, not trained): once with the full logits (``forward_loss_sum(chunked=False)``,
+the loss before training/loss.py) and once chunked, each arm in its own process, the same weights and batches.
+Prints tokens/s (after one warm-up step), the peak memory of the training steps (peak RSS above the RSS of the
+loaded model, Linux's VmHWM reset after loading; on CUDA ``max_memory_allocated`` above the allocated model), the ratios, and the first losses of both (equal to ~1e-6).
 
 On a shared machine speeds are noisy: ``--rounds 2`` alternates the arms and keeps each arm's best round.
 
@@ -186,6 +195,114 @@ def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] |
             "heldout_loss": quality}
 
 
+# ------------------------------------------------------------------------------------------ large vocabulary
+LARGE_VOCAB = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=256, tie_word_embeddings=True, query_pre_attn_scalar=256,
+                   max_position_embeddings=32768, final_logit_softcapping=None, sliding_window=512)
+
+
+def arm_large_vocab(chunked: bool, layers: int, seq: int, batch: int, n_steps: int) -> dict:
+    """One arm of --large-vocab in this process: build, warm up one step, time ``n_steps``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from finetune import hardware
+    from finetune.training import attention, batching, steps
+
+    torch.set_num_threads(hardware.threads())
+    cuda = torch.cuda.is_available()
+    config = Gemma3TextConfig(**LARGE_VOCAB, num_hidden_layers=layers,
+                              layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM._from_config(config, attn_implementation=attention.register(),
+                                           dtype=torch.bfloat16 if cuda else torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=HYPER["r"], lora_alpha=HYPER["alpha"], target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    device = "cuda" if cuda else "cpu"
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=HYPER["lr"])
+    rng = random.Random(1)
+
+    def micro_batch():
+        rows = []
+        for _ in range(batch):
+            ids = [rng.randrange(3, LARGE_VOCAB["vocab_size"]) for _ in range(seq)]
+            rows.append((ids, [-100] * (seq // 10) + ids[seq // 10:]))
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batching.collate_packed(rows).items()}
+
+    def step(b):
+        with torch.autocast(device, dtype=torch.bfloat16) if cuda else torch.autocast(device, enabled=False):
+            loss = steps.forward_loss_sum(model, b, chunked=chunked)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss) / int((b["labels"][0, 1:] != -100).sum())
+
+    batches = [micro_batch() for _ in range(n_steps + 1)]
+    loaded_rss = _reset_peak_rss()  # the loaded model: the steps' peak is measured above it
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        loaded = torch.cuda.memory_allocated()
+    losses = [step(batches[0])]  # warm-up: first allocations (its memory counts, its time does not)
+    started = time.perf_counter()
+    for b in batches[1:]:
+        losses.append(step(b))
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    out = {"arm": "chunked" if chunked else "full", "tokens_per_s": n_steps * batch * seq / seconds,
+           "seconds": seconds, "losses": losses, "rss_after_load_mb": loaded_rss, "peak_rss_mb": _status_mb("VmHWM")}
+    out["step_peak_mb"] = out["peak_rss_mb"] - loaded_rss
+    if cuda:
+        out["step_peak_mb"] = (torch.cuda.max_memory_allocated() - loaded) / 2**20
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def _reset_peak_rss() -> float:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5); returns that RSS in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def large_vocab(ns) -> None:
+    import platform
+
+    print(f"large vocabulary: {LARGE_VOCAB['vocab_size']:,} tokens, width {LARGE_VOCAB['hidden_size']}, "
+          f"{ns.lv_layers} layers, LoRA r={HYPER['r']}; micro-batch {ns.lv_batch} x {ns.lv_seq} tokens packed, "
+          f"{ns.lv_steps} timed steps; cores {os.cpu_count()}, {platform.processor() or platform.machine()}")
+    results = {}
+    for arm in ("full", "chunked"):
+        proc = subprocess.run([sys.executable, __file__, "--child", f"lv-{arm}", "--lv-layers", str(ns.lv_layers),
+                               "--lv-seq", str(ns.lv_seq), "--lv-batch", str(ns.lv_batch), "--lv-steps",
+                               str(ns.lv_steps)], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"{arm} arm failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        res = results[arm] = json.loads(lines[-1].removeprefix("RESULT "))
+        print(f"{arm:8s} {res['tokens_per_s']:8.1f} tok/s  step peak {res['step_peak_mb']:8.0f} MB  "
+              f"(peak RSS {res['peak_rss_mb']:.0f} MB, {res['rss_after_load_mb']:.0f} MB after loading)  "
+              f"losses {' '.join(f'{x:.6f}' for x in res['losses'])}", flush=True)
+    full, chunked = results["full"], results["chunked"]
+    diff = max(abs(a - b) for a, b in zip(full["losses"], chunked["losses"], strict=True))
+    print(f"\nchunked / full: speed {chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x, step peak memory "
+          f"{chunked['step_peak_mb'] / full['step_peak_mb']:.2f}x ({full['step_peak_mb']:.0f} -> "
+          f"{chunked['step_peak_mb']:.0f} MB), largest loss difference {diff:.2e}")
+    if ns.json:
+        ns.json.write_text(json.dumps(results, indent=1))
+
+
 def child(arm: str, data_path: Path, model_path: str, overrides: list[str]) -> None:
     data = json.loads(data_path.read_text())
     with tempfile.TemporaryDirectory() as work:
@@ -228,13 +345,26 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=OVERRIDES",
                    help="also time finetune with these recipe overrides (space-separated key=value), e.g. "
                         "no-liger='train.kernels=none'; repeatable")
+    p.add_argument("--large-vocab", action="store_true",
+                   help="time the loss on a 262k-vocabulary model instead: full logits vs chunked")
+    p.add_argument("--lv-layers", type=int, default=4, help="--large-vocab: decoder layers")
+    p.add_argument("--lv-seq", type=int, default=1024, help="--large-vocab: tokens per sequence")
+    p.add_argument("--lv-batch", type=int, default=2, help="--large-vocab: sequences per micro-batch")
+    p.add_argument("--lv-steps", type=int, default=3, help="--large-vocab: timed steps (after one warm-up)")
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
-    p.add_argument("--child", choices=["vanilla", "finetune"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["vanilla", "finetune", "lv-full", "lv-chunked"], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     ns = p.parse_args()
+    if ns.child in ("lv-full", "lv-chunked"):
+        res = arm_large_vocab(ns.child == "lv-chunked", ns.lv_layers, ns.lv_seq, ns.lv_batch, ns.lv_steps)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
     if ns.child:
         child(ns.child, ns.data, ns.model, ns.set)
+        return
+    if ns.large_vocab:
+        large_vocab(ns)
         return
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "data.json"

@@ -5,20 +5,22 @@ step: at 2k tokens, 2 GiB per fp32 copy, and the loss keeps several (the head's 
 log-softmax, the gradient). Here the model runs as usual up to its output layer; a forward pre-hook on that layer
 takes the final hidden states of the positions whose next token is trained, and
 
-- ``TrainedLogps`` (an autograd Function) projects them onto the vocabulary a chunk of tokens at a time (``chunk_tokens``: about
-  ``CHUNK_LOGITS`` logits at once), applying the family's transform of the logits (Gemma 2/3/4's final soft-capping,
-  Granite's division, Cohere's scale), and keeps one log-probability per token. When the head's weights are frozen
-  (LoRA, DoRA, QLoRA) the forward pass also keeps each token's gradient with respect to its hidden state (d log p /
-  d h: hidden-size numbers a token), so the backward pass is one multiplication and costs no second projection;
-  when they train (full fine-tuning, tied embeddings) the backward pass recomputes the logits chunk by chunk.
+- ``TrainedLogps`` (an autograd Function) projects them onto the vocabulary a chunk of tokens at a time
+  (``chunk_tokens``: about ``CHUNK_LOGITS`` logits at once), applying the family's transform of the logits (Gemma
+  2/3/4's final soft-capping, Granite's division, Cohere's scale), and keeps one log-probability per token. When the
+  head's weights are frozen (LoRA, DoRA, QLoRA) the forward pass also keeps each token's gradient with respect to its
+  hidden state (d log p / d h: hidden-size numbers a token), so the backward pass is one multiplication and costs no
+  second projection; when they train (full fine-tuning, tied embeddings) the backward pass recomputes the logits
+  chunk by chunk.
 - on CUDA with liger-kernel installed, the SFT loss (a sum, no per-token values) is Liger's fused linear
   cross-entropy instead, which does the same in Triton.
 
-The output layer then runs on no position at all. Inside the model's own forward call, this works unchanged
-through DDP, FSDP2 (the head's weights are gathered while the model's forward runs) and peft wrappers.
+The output layer then runs on no position at all. Inside the model's own forward call (the hook runs after FSDP2's
+gathering of the head's weights), this works unchanged through DDP, FSDP2 and peft wrappers; under FSDP2 a trained
+head (full fine-tuning) takes the full logits, as its sharded weights are not gathered again for this backward.
 
 It applies to the causal LM classes in ``HEADS`` (each checked against the full logits by
-tests/unit/test_train_loss_chunked.py) whose output layer is a plain ``nn.Linear``; other classes (remote code)
+tests/unit/test_train_loss_chunked.py) whose output layer is an ``nn.Linear``; other classes (remote code)
 and an adapted head (LoRA on lm_head, modules_to_save) take the full-logits path, ``full_logps``.
 """
 
@@ -85,7 +87,11 @@ def head_of(model) -> Head | None:
     # FSDP2 swaps the class for a subclass of it: look along the class hierarchy
     kind = next((HEADS[c.__name__] for c in type(base).__mro__ if c.__name__ in HEADS), None)
     linear = base.get_output_embeddings() if kind is not None else None
-    if linear is None or type(linear) is not torch.nn.Linear:  # an adapted head: peft's own layer, modules_to_save
+    if linear is None or not isinstance(linear, torch.nn.Linear):  # adapted: peft's own layer, modules_to_save
+        return None
+    if type(linear) is not torch.nn.Linear and linear.weight.requires_grad:
+        # its own FSDP2 unit (accelerate shards lm_head apart): its weights are gathered for its forward call only,
+        # while a trained head's gradient would need them again in backward
         return None
     config = base.config
     if kind == "softcap":

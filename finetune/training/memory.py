@@ -185,7 +185,7 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
 def _logits_bytes(dims: ModelDims, s: Settings, act: int, trained: int) -> int:
     """The loss's peak at ``trained`` positions with logits."""
     upcast = 0 if act == 4 else 4
-    if not s.chunked_loss:
+    if not s.chunked_loss or (s.processes > 1 and s.method == "full"):  # see training/loss.py
         # lm_head output in the compute dtype, its fp32 upcast for the loss, the log-softmax kept by
         # cross-entropy, and the fp32 gradient of the logits in backward
         per_token_logit = act + upcast + 4 + 4 + (2 * act if dims.logit_softcapping else 0)
