@@ -98,3 +98,19 @@ def say_training_notes(recipe, device_type: str, plan: list, micro_batches_per_s
 
     for note in training_notes(recipe, device_type, plan, micro_batches_per_step) if main else []:
         print(f"train: note: {note}", file=sys.stderr)
+
+
+def check_settings(recipe, device_type: str) -> None:
+    """Settings this machine cannot run, refused before any data is read or any output touched."""
+    from finetune import models
+    from finetune.training import model_setup
+
+    t = recipe.train
+    if t.method == "qlora" and device_type != "cuda":
+        raise UserError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); none was found. "
+                        "Use train.method=lora on this machine (it fits: the CPU has system memory).")
+    if t.optimizer == "adamw_8bit" and device_type != "cuda":
+        raise UserError("train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes); use train.optimizer=adamw.")
+    if t.kernels == "liger" and (device_type != "cuda" or not model_setup.installed("liger_kernel")):
+        raise UserError("train.kernels: liger needs a CUDA GPU and `pip install liger-kernel`; use train.kernels=none.")
+    models.check_attention(recipe.model.attn_implementation, device_type)

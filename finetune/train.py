@@ -27,10 +27,8 @@ previous adapter as it was, and its checkpoints stay in .train.partial/ to resum
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -42,11 +40,9 @@ from typing import Any
 
 from finetune import artifacts, card, hardware, refusals, runs
 from finetune.errors import UserError
-from finetune.training import batching, console, grpo, model_setup, preference, rows, sharded, steps
+from finetune.training import batching, console, grpo, model_setup, outputs, preference, rows, sharded, steps
 from finetune.training import checkpoint as ckpt
 from finetune.training.model_setup import ADAPTER_METHODS
-
-BEST_FULL_DIR = "best-model"  # full fine-tuning: the best validation step's weights, until the run ends
 
 
 def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = False,
@@ -77,7 +73,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(hardware.threads(t.threads, sharing=local_procs))
     device_type = accelerator.device.type
-    check_settings(recipe, device_type)
+    refusals.check_settings(recipe, device_type)
     sharded.check(recipe, accelerator, device_type)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
@@ -124,14 +120,14 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
         with console.RunLog(stage.work, tr.state.history, purge_step=tr.state.step if start_ckpt else None,
                             enabled=main) as tr.log:
             stop_reason = _train(tr, plan, train_rows, val_rows, on_eval)
-            weights_step, best_full = _best_weights(tr)
-            summary = _summary(tr, plan, stop_reason, packing_off, val_rows, weights_step)
-            whole = _gathered(tr) if best_full is None else None  # FSDP2: every process takes part
+            weights_step, best_full = outputs.best_weights(tr)
+            summary = outputs.summary(tr, plan, stop_reason, packing_off, val_rows, weights_step)
+            whole = outputs.gathered(tr) if best_full is None else None  # FSDP2: every process takes part
             if main:
-                _write_outputs(tr, summary, best_full, whole)
-                card.write_training_card(stage.work / _final_name(t.method), recipe, summary, Path(resolved.path))
+                outputs.write_outputs(tr, summary, best_full, whole)
+                card.write_training_card(stage.work / outputs.final_name(t.method), recipe, summary, Path(resolved.path))
         if main:
-            stage.record(_trained(out, t.method, Path(resolved.path)))
+            stage.record(outputs.trained_record(out, t.method, Path(resolved.path)))
             stage.extra["summary"] = summary
     accelerator.wait_for_everyone()
     return summary
@@ -409,9 +405,9 @@ def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
         if t.method in ADAPTER_METHODS:
             tr.best_weights = ckpt.trainable_state(tr.raw_model)
         else:  # a full model is too big to keep in memory: the best one so far goes to disk
-            whole = _gathered(tr)
+            whole = outputs.gathered(tr)
             if tr.main:
-                ckpt.save_model_dir(tr.raw_model, tr.tokenizer, tr.work / BEST_FULL_DIR, tr.built.attn, step=st.step,
+                ckpt.save_model_dir(tr.raw_model, tr.tokenizer, tr.work / outputs.BEST_FULL_DIR, tr.built.attn, step=st.step,
                                     state_dict=whole)
     else:
         st.bad_evals += 1
@@ -421,101 +417,6 @@ def _validate(tr: _Training, val_rows, epoch: float) -> float | None:
 def _save_checkpoint(tr: _Training) -> None:
     ckpt.save_training(tr.work / "checkpoints", tr.state, tr.raw_model, tr.optimizer, tr.scheduler, tr.best_weights,
                        tr.accelerator, tr.recipe.train.keep_checkpoints, sharded_model=tr.sharded)
-
-
-# -------------------------------------------------------------------------------------------- outputs
-def _best_weights(tr: _Training) -> tuple[int, Path | None]:
-    """Put the best validation step's weights in place: (their step, the saved full model folder to use, if any)."""
-    t, st = tr.recipe.train, tr.state
-    if tr.best_weights is not None and st.best_step != st.step:
-        ckpt.load_trainable(tr.raw_model, tr.best_weights)
-        return st.best_step, None
-    if t.method == "full" and st.best_step not in (None, st.step):
-        marker = tr.work / BEST_FULL_DIR / "finetune_step.json"
-        if marker.exists() and json.loads(marker.read_text()).get("step") == st.best_step:
-            return st.best_step, tr.work / BEST_FULL_DIR
-    return st.step, None
-
-
-def _summary(tr: _Training, plan, stop_reason: str, packing_off: str | None, val_rows, weights_step: int
-             ) -> dict[str, Any]:
-    t, st, built = tr.recipe.train, tr.state, tr.built
-    raw = tr.raw_model
-    return {
-        "steps": st.step, "planned_steps": len(plan), "tokens_seen": st.tokens,
-        "seconds": round(st.elapsed, 2), "train_seconds": round(st.train_seconds, 2),
-        "tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 2),
-        "peak_memory_mb": _peak_memory_mb(tr.accelerator.device.type),
-        "best_step": st.best_step, "best_val_loss": st.best_val_loss,
-        "final_train_loss": st.window_loss if st.window_loss is not None else st.last_loss,
-        "final_val_loss": st.last_val_loss,
-        "stopped_early": stop_reason not in ("completed",), "stop_reason": stop_reason, "weights_step": weights_step,
-        "method": t.method, "trainable_params": tr.n_trainable, "device": str(tr.accelerator.device),
-        "processes": tr.accelerator.num_processes, "sharding": "fsdp2" if tr.sharded else None,
-        "fsdp_wrapped_layers": tr.wrapped,
-        "attn_implementation": built.attn, "kernels": built.kernels, "packing": tr.ctx.packing,
-        "packing_off_reason": packing_off,
-        "autocast_dtype": str(built.autocast_dtype).removeprefix("torch.") if built.autocast_dtype else None,
-        "gradient_checkpointing": bool(tr.gc_on),
-        "base_dtype": "nf4" if t.method == "qlora" else _dtype_name(p for p in raw.parameters() if not p.requires_grad),
-        "trainable_dtype": _dtype_name(p for p in raw.parameters() if p.requires_grad),
-        "validation_rows": len(val_rows), "objective": t.objective,
-        "validation_reward": st.last_val_reward,
-        "validation": "on" if val_rows else "off: the validation split is empty (no validation loss, early stopping "
-                                             "or best-step selection; the final step's weights are saved)",
-    }
-
-
-def _final_name(method: str) -> str:
-    return "model" if method == "full" else "adapter"
-
-
-def _gathered(tr: _Training) -> dict[str, Any] | None:
-    """FSDP2: the weights to save, gathered whole (every process must call this; the main process gets them):
-    the adapter's trainable weights, or the full model's state dict. None when nothing is sharded."""
-    if not tr.sharded:
-        return None
-    if tr.recipe.train.method in ADAPTER_METHODS:
-        return ckpt.trainable_state(tr.raw_model)
-    return sharded.full_model_state(tr.raw_model)
-
-
-def _write_outputs(tr: _Training, summary: dict[str, Any], best_full: Path | None,
-                   state_dict: dict[str, Any] | None = None) -> None:
-    """The adapter or model folder and summary.json, in the work folder (main process); ``state_dict``: the
-    weights gathered whole (FSDP2), an ordinary peft adapter or Hugging Face checkpoint once saved."""
-    final_dir = tr.work / _final_name(tr.recipe.train.method)
-    if best_full is not None:
-        shutil.rmtree(final_dir, ignore_errors=True)
-        best_full.rename(final_dir)
-        (final_dir / "finetune_step.json").unlink(missing_ok=True)
-    else:
-        ckpt.save_model_dir(tr.raw_model, tr.tokenizer, final_dir, tr.built.attn, state_dict=state_dict)
-    shutil.rmtree(tr.work / BEST_FULL_DIR, ignore_errors=True)
-    runs.atomic_write_json(tr.work / "summary.json", summary)
-
-
-def _trained(out: Path, method: str, base_model: Path) -> artifacts.Trained:
-    final = out / _final_name(method)
-    return artifacts.Trained(method=method, adapter=final if method != "full" else None,
-                             model=final if method == "full" else None, base_model=base_model,
-                             log=out / "log.jsonl", summary=out / "summary.json", tensorboard=out / "tb")
-
-
-# -------------------------------------------------------------------------------------------- checks
-def check_settings(recipe, device_type: str) -> None:
-    """Settings this machine cannot run, refused before any data is read or any output touched."""
-    from finetune import models
-
-    t = recipe.train
-    if t.method == "qlora" and device_type != "cuda":
-        raise UserError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); none was found. "
-                        "Use train.method=lora on this machine (it fits: the CPU has system memory).")
-    if t.optimizer == "adamw_8bit" and device_type != "cuda":
-        raise UserError("train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes); use train.optimizer=adamw.")
-    if t.kernels == "liger" and (device_type != "cuda" or not model_setup.installed("liger_kernel")):
-        raise UserError("train.kernels: liger needs a CUDA GPU and `pip install liger-kernel`; use train.kernels=none.")
-    models.check_attention(recipe.model.attn_implementation, device_type)
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -535,18 +436,3 @@ def _say_no_validation(recipe) -> None:
            else "too few rows or groups to carve one; see prepare's notes")
     print(f"train: the validation split is empty ({why}): training runs without validation loss, so early "
           "stopping and best-step selection are off; the final step's weights are saved.", file=sys.stderr)
-
-
-# -------------------------------------------------------------------------------------------- small things
-def _peak_memory_mb(device_type: str) -> float:
-    if device_type == "cuda":
-        import torch
-
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-def _dtype_name(params) -> str | None:
-    p = next(iter(params), None)
-    return None if p is None else str(p.dtype).removeprefix("torch.")
-

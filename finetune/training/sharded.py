@@ -91,7 +91,7 @@ def offloads(accelerator) -> bool:
 
 def check(recipe, accelerator, device_type: str) -> None:
     """Settings that cannot work under this FSDP2 config: one line naming the setting and the fix. (QLoRA without
-    CUDA is refused before, by train.check_settings, as without FSDP.)"""
+    CUDA is refused before, by refusals.check_settings, as without FSDP.)"""
     if not active(accelerator):
         return
     t, plugin = recipe.train, accelerator.state.fsdp_plugin
