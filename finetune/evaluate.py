@@ -52,9 +52,6 @@ GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "r
 def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE") -> dict[str, Any]:
     """Score base, fine-tuned and (if exported) GGUF models; write metrics.json, examples.jsonl, report.html.
     ``upstream``: the prepared data, trained model and export to score (default: this recipe's, fresh)."""
-
-    from finetune.data.render import prompt_text
-
     cfg = recipe.eval
     upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "eval", recipe_path)
     prepared, trained, exported = upstream.prepared, upstream.trained, upstream.exported
@@ -67,14 +64,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
 
     device = hardware.device()
     method, adapter_dir, full_dir, base_path = trained.method, trained.adapter, trained.model, trained.base_model
-    # the tokenizer the answers are rendered and read with, model.chat_template as prepare and train used it
-    tokenizer = models.load_tokenizer(adapter_dir or full_dir or base_path,
-                                      trust_remote_code=recipe.model.trust_remote_code,
-                                      chat_template=recipe.chat_template_path())
-    if examples and not getattr(tokenizer, "chat_template", None):
-        raise UserError("the model's tokenizer has no chat template; eval renders prompts with it (as training does)")
-    prompts = [prompt_text(tokenizer, ex["messages"][:-1], tools=ex.get("tools"), reasoning=recipe.data.reasoning)
-               for ex in examples]
+    tokenizer, prompts = _prompts(recipe, adapter_dir or full_dir or base_path, examples)
     references, reference_calls = _references(examples)
     template = tokenizer.chat_template or ""
     end_tokens = tuple(t for t in (tokenizer.eos_token, tokenizer.pad_token) if t)
@@ -127,19 +117,29 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
                            "greedy": cfg.temperature == 0, "batch_size": cfg.batch_size, "padding": "left",
                            "device": device},
             "models": variants, "metric_sources": sources, "gguf": gguf_status, "verdict": found,
-            "rules": verdict.VERDICT_RULES,
+            "rules": verdict.VERDICT_RULES, **({"forgetting": forgot} if forgot else {}),
         }
-        if forgot:
-            result["forgetting"] = forgot
         if pref_result:
             result["preference"] = {k: v for k, v in pref_result.items() if k != "per_pair"}
         example_rows = _example_rows(examples, prompts, references, answers, per_example_scores)
         _write_outputs(stage.work, result, example_rows, log_rows, pref_result, title=f"{recipe.name}: evaluation",
                        exported=exported)
-        final = stage.dir
-        stage.record(artifacts.Evaluated(metrics=final / "metrics.json", examples=final / "examples.jsonl",
-                                         report=final / "report.html", variants=list(variants)))
+        stage.record(artifacts.Evaluated(metrics=stage.dir / "metrics.json", examples=stage.dir / "examples.jsonl",
+                                         report=stage.dir / "report.html", variants=list(variants)))
     return result
+
+
+def _prompts(recipe, tokenizer_dir: Path, examples: list[dict[str, Any]]) -> tuple[Any, list[str]]:
+    """The tokenizer the answers are rendered and read with (model.chat_template as prepare and train used it) and
+    each example's prompt, rendered as training rendered it."""
+    from finetune.data.render import prompt_text
+
+    tokenizer = models.load_tokenizer(tokenizer_dir, trust_remote_code=recipe.model.trust_remote_code,
+                                      chat_template=recipe.chat_template_path())
+    if examples and not getattr(tokenizer, "chat_template", None):
+        raise UserError("the model's tokenizer has no chat template; eval renders prompts with it (as training does)")
+    return tokenizer, [prompt_text(tokenizer, ex["messages"][:-1], tools=ex.get("tools"),
+                                   reasoning=recipe.data.reasoning) for ex in examples]
 
 
 def _references(examples: list[dict[str, Any]]) -> tuple[list[str], list[list[dict[str, Any]]]]:

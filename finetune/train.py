@@ -56,27 +56,10 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
     Everything that can be checked (settings vs this machine, fresh prepared data, the model) is checked
     before anything is written.
     """
-    import torch
-    from accelerate import Accelerator
-
     t = recipe.train
     out = Path(out_dir) if out_dir is not None else recipe.run_dir("train")
-    # Without CUDA, train on the CPU (accelerate only sets up multi-process gloo training when told cpu=True).
-    # Precision is finetune's (model.dtype, autocast), not an accelerate config's mixed_precision.
-    try:
-        accelerator = Accelerator(cpu=hardware.device() == "cpu", mixed_precision="no")
-        sharded.refuse_unsupported(accelerator)
-        sharded.enable_on_cpu(accelerator)  # FSDP2 asked by the launcher, on the CPU (training/sharded.py)
-    except ValueError as exc:  # accelerate's own checks of an FSDP config (plugin settings that contradict)
-        raise UserError(f"accelerate config: {exc}") from None
-    main = accelerator.is_main_process
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(hardware.threads(t.threads, sharing=local_procs))
-    device_type = accelerator.device.type
-    refusals.check_settings(recipe, device_type)
-    sharded.check(recipe, accelerator, device_type)
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
+    accelerator = _accelerator(recipe)
+    main, device_type = accelerator.is_main_process, accelerator.device.type
 
     # ---- data: tokenized by prepare; nothing is tokenized here
     upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "train", recipe_path)
@@ -131,6 +114,28 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
             stage.extra["summary"] = summary
     accelerator.wait_for_everyone()
     return summary
+
+
+def _accelerator(recipe):
+    """The run's accelerate Accelerator, with what this machine and launch cannot run refused first. Without CUDA it
+    trains on the CPU (accelerate sets up multi-process gloo training only when told cpu=True); precision is
+    finetune's (model.dtype, autocast), not an accelerate config's mixed_precision."""
+    import torch
+    from accelerate import Accelerator
+
+    try:
+        accelerator = Accelerator(cpu=hardware.device() == "cpu", mixed_precision="no")
+        sharded.refuse_unsupported(accelerator)
+        sharded.enable_on_cpu(accelerator)  # FSDP2 asked by the launcher, on the CPU (training/sharded.py)
+    except ValueError as exc:  # accelerate's own checks of an FSDP config (plugin settings that contradict)
+        raise UserError(f"accelerate config: {exc}") from None
+    torch.set_num_threads(hardware.threads(recipe.train.threads, sharing=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    device_type = accelerator.device.type
+    refusals.check_settings(recipe, device_type)
+    sharded.check(recipe, accelerator, device_type)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the summary's peak memory is this run's
+    return accelerator
 
 
 def _resolve_model(recipe, *, main: bool) -> tuple[Any, bool, str | None]:
