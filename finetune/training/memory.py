@@ -112,27 +112,7 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
               else [(n, {}) for n, _ in dims.layer_groups()])
     adapted = groups + [(1, dims.lora_model_targets(s.target_modules) if s.method != "full" else {})]
 
-    # weights
-    linear = dims.linear_params
-    other = dims.total_params - linear  # embeddings, lm_head, norms: never quantized
-    if s.method == "qlora":
-        # NF4: 4 bits a weight + one absmax per 64 weights; double quantization stores the absmax in 8 bits with
-        # one fp32 constant per 256 blocks: 0.5 + 1/64 + 4/(64*256) bytes per weight.
-        # The rest (embeddings, lm_head, norms) is upcast to fp32 by prepare_model_for_kbit_training.
-        weights = int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + other * 4
-        if dims.is_moe:
-            notes.append("mixture of experts: the experts are fused weight tensors, which bitsandbytes does not "
-                         "quantize; under QLoRA they are held in fp32 like the embeddings")
-        # each 4-bit matrix is dequantized to the compute dtype for its matmul: the largest one is transient
-        everything = [*dims.layer_groups(), (1, dims.lora_model_targets("all-linear"))]
-        weights += max(a * b for _, shapes in everything for a, b in shapes.values()) * 2
-        notes.append("weights: 4-bit NF4 with double quantization; embeddings, lm_head and norms upcast to fp32 "
-                     "(peft prepare_model_for_kbit_training)")
-    else:
-        weights = dims.total_params * wbytes
-        if s.compute_dtype and s.compute_dtype != s.weight_dtype:
-            # autocast keeps a compute-dtype copy of every weight it casts for the step
-            weights += dims.total_params * DTYPE_BYTES[s.compute_dtype]
+    weights = _weight_bytes(dims, s, wbytes, notes)
 
     # trainable parameters
     if s.method == "full":
@@ -180,6 +160,32 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     return MemoryEstimate(weights=int(weights), adapter=int(adapter), gradients=int(gradients), optimizer=int(optimizer),
                           activations=int(activations), logits=int(logits), framework=int(framework),
                           total_params=dims.total_params, trainable_params=int(trainable), notes=notes)
+
+
+def _weight_bytes(dims: ModelDims, s: Settings, wbytes: int, notes: list[str]) -> int:
+    """The weights in memory: 4-bit NF4 linear layers and fp32 others under QLoRA (with the largest matrix
+    dequantized for its matmul), else every weight in its dtype (plus autocast's copies)."""
+    linear = dims.linear_params
+    other = dims.total_params - linear  # embeddings, lm_head, norms: never quantized
+    if s.method == "qlora":
+        # NF4: 4 bits a weight + one absmax per 64 weights; double quantization stores the absmax in 8 bits with
+        # one fp32 constant per 256 blocks: 0.5 + 1/64 + 4/(64*256) bytes per weight.
+        # The rest (embeddings, lm_head, norms) is upcast to fp32 by prepare_model_for_kbit_training.
+        weights = int(linear * (0.5 + 1 / 64 + 4 / (64 * 256))) + other * 4
+        if dims.is_moe:
+            notes.append("mixture of experts: the experts are fused weight tensors, which bitsandbytes does not "
+                         "quantize; under QLoRA they are held in fp32 like the embeddings")
+        # each 4-bit matrix is dequantized to the compute dtype for its matmul: the largest one is transient
+        everything = [*dims.layer_groups(), (1, dims.lora_model_targets("all-linear"))]
+        weights += max(a * b for _, shapes in everything for a, b in shapes.values()) * 2
+        notes.append("weights: 4-bit NF4 with double quantization; embeddings, lm_head and norms upcast to fp32 "
+                     "(peft prepare_model_for_kbit_training)")
+    else:
+        weights = dims.total_params * wbytes
+        if s.compute_dtype and s.compute_dtype != s.weight_dtype:
+            # autocast keeps a compute-dtype copy of every weight it casts for the step
+            weights += dims.total_params * DTYPE_BYTES[s.compute_dtype]
+    return weights
 
 
 def _logits_bytes(dims: ModelDims, s: Settings, act: int, trained: int) -> int:
