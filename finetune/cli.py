@@ -99,7 +99,7 @@ def flag_hint(flag: str, value: str | None) -> str:
     import difflib
 
     from finetune.recipe import Recipe
-    from finetune.recipe_errors import OTHER_TOOLS_KEYS
+    from finetune.recipe.errors import OTHER_TOOLS_KEYS
 
     name = flag.lstrip("-").replace("-", "_")
     by_name = schema_keys(Recipe)

@@ -13,10 +13,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
 from finetune.cli import check_inputs, load_recipe, recipe_parser
 from finetune.console import duration, mib, number, table
 from finetune.errors import UserError
+from finetune.run import runs
 
 
 def prepare_command(argv: list[str]) -> int:
@@ -171,8 +171,8 @@ def plan_command(argv: list[str]) -> int:
 
 
 def run_command(argv: list[str]) -> int:
-    from finetune import pipeline as stage
-    from finetune.freshness import STAGE_NAMES
+    from finetune.run import pipeline as stage
+    from finetune.run.freshness import STAGE_NAMES
 
     p = recipe_parser("run", "Run prepare, train, export and eval in order; stages that are up to date are skipped.")
     p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")

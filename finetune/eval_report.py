@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
+from finetune.run import runs
 
 # Metrics shown in the bar chart, all on a 0..1 scale (chrF is divided by 100 there).
 CHART_METRICS = ["exact_match", "accuracy", "f1", "precision", "recall", "rouge1", "rouge2", "rougeL", "bleu", "chrf"]

@@ -28,20 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import (
-    artifacts,
-    eval_forgetting,
-    eval_models,
-    eval_preference,
-    eval_reward,
-    hardware,
-    models,
-    runs,
-    verdict,
-)
+from finetune import eval_forgetting, eval_models, eval_preference, eval_reward, hardware, models, verdict
 from finetune import metrics as metric_lib
 from finetune.console import duration
 from finetune.errors import UserError
+from finetune.run import artifacts, runs
 from finetune.training import model_setup
 
 GENERATION_METRICS = ("exact_match", "accuracy", "precision", "recall", "f1", "rouge", "bleu", "chrf",

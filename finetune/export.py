@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, card, models, runs
+from finetune import card, models
 from finetune.errors import UserError
 from finetune.merge import checkpoint_dtype, load_chat_tokenizer, merge
+from finetune.run import artifacts, runs
 
 GREEDY_MAX_TOKENS = 128  # the greedy-chat check: an answer that has not ended by then "did not stop"
 

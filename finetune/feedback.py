@@ -30,7 +30,7 @@ def kto_path(out: Path) -> Path:
 
 
 def export_preferences(store_folder: Path, out: Path) -> dict[str, Any]:
-    from finetune.runs import atomic_write_text
+    from finetune.run.runs import atomic_write_text
 
     store = open_store(store_folder)
     try:
@@ -43,7 +43,7 @@ def export_preferences(store_folder: Path, out: Path) -> dict[str, Any]:
 
 
 def export(store_folder: Path, out: Path, *, train_on: str = "assistant") -> dict[str, Any]:
-    from finetune.runs import atomic_write_text
+    from finetune.run.runs import atomic_write_text
 
     store = open_store(store_folder)
     try:

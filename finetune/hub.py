@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import artifacts
 from finetune.errors import UserError
+from finetune.run import artifacts
 
 WHAT = ("adapter", "merged", "gguf", "all")
 LOGIN_HINT = "run `huggingface-cli login` (or `hf auth login`) or set HF_TOKEN"

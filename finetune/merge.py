@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune import image_text, models, runs
+from finetune import image_text, models
 from finetune.errors import UserError
+from finetune.run import runs
 from finetune.training import model_setup
 
 

@@ -205,7 +205,7 @@ def download_from_hub(repo_id: str, revision: str | None, *, gated: bool = False
 def _short_hash(path: Path) -> str:
     """The GGUF's identity for its converted copy in the cache: its content (sha256: 1.6 s per GiB measured here, ~0.2 s
     for the embedded model), never a modification time, which a replaced or restored file can carry unchanged."""
-    from finetune.runs import file_fingerprint
+    from finetune.run.runs import file_fingerprint
 
     return file_fingerprint(path)[:16]
 
@@ -218,7 +218,7 @@ def gguf_to_checkpoint(gguf: Path, name: str | None = None, key: str | None = No
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from finetune.runs import atomic_dir
+    from finetune.run.runs import atomic_dir
 
     folder, file = str(gguf.parent), gguf.name
     try:

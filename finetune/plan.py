@@ -98,7 +98,7 @@ def prepared_stats(recipe) -> dict[str, float] | None:
     """From prepare's tokenized train split (when it has run): mean tokens per example and the 95th percentile
     of the share of an example's positions that are trained (finetune train computes logits only there). None when
 prepare has not run or its output is stale for this recipe."""
-    from finetune import artifacts
+    from finetune.run import artifacts
 
     try:  # prepared from other data or settings (stale): its lengths say nothing about this recipe
         tokenized = artifacts.load(recipe, artifacts.Prepared).tokenized["train"]

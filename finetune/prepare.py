@@ -27,12 +27,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, runs
 from finetune.data import tokenized
 from finetune.data.example import Example, row_kind
 from finetune.data.formats import RowError
 from finetune.errors import UserError
 from finetune.prepare_inputs import fingerprint_inputs
+from finetune.run import artifacts, runs
 
 SAMPLES_PER_REASON = 5
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
 from finetune.errors import UserError
+from finetune.run import runs
 
 # Bump when the output of prepare changes for the same inputs, so old caches are rebuilt.
 PREPARE_VERSION = 2

@@ -25,10 +25,10 @@ class Target:
 
 def resolve_target(target: str, overrides: list[str] | None = None) -> Target:
     """A recipe (its exported GGUF) or a .gguf file -> what to serve, with which settings, storing where."""
-    from finetune import artifacts
     from finetune import recipe as recipe_mod
     from finetune.feedback_store import gguf_store_dir
     from finetune.gguf import runtime
+    from finetune.run import artifacts
 
     path = Path(target)
     if path.suffix == ".gguf":

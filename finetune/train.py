@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, card, hardware, refusals, runs
+from finetune import card, hardware, refusals
 from finetune.errors import UserError
+from finetune.run import artifacts, runs
 from finetune.training import batching, console, grpo, model_setup, outputs, preference, rows, sharded, steps
 from finetune.training import checkpoint as ckpt
 from finetune.training.model_setup import ADAPTER_METHODS

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
 from finetune.console import table
 from finetune.errors import UserError
+from finetune.run import artifacts, runs
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 EVALS_PER_TRIAL = 4  # validations per trial when the recipe's eval_every is too sparse for the trial budget

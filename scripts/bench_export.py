@@ -79,8 +79,9 @@ def eval_columns(export: Path, exported, quant: str, n: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import artifacts, eval_models
+    from finetune import eval_models
     from finetune.data.render import prompt_text
+    from finetune.run import artifacts
     split = artifacts.from_folder(artifacts.Prepared, Path(export).parent / "prepare").splits["test"]
     rows = [json.loads(x) for x in split.read_text().splitlines() if x.strip()][:n] if split.exists() else []
     rows = [r for r in rows if r.get("messages") and r["messages"][-1]["role"] == "assistant"]
@@ -157,7 +158,8 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from finetune import artifacts, hardware
+    from finetune import hardware
+    from finetune.run import artifacts
 
     exported = None
     if ns.gguf:

@@ -38,9 +38,9 @@ def main() -> int:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args()
-    from finetune import artifacts
     from finetune import recipe as recipe_mod
     from finetune.data import tokenized
+    from finetune.run import artifacts
 
     recipe = recipe_mod.load(ns.recipe, ns.overrides)
     prepared = artifacts.load(recipe, artifacts.Prepared, ns.recipe)

@@ -161,8 +161,9 @@ def arm_vanilla(data: dict, model_path: str, work: Path) -> dict:
 def arm_finetune(data: dict, model_path: str, work: Path, overrides: list[str] | None = None) -> dict:
     from datasets import Dataset
 
-    from finetune import artifacts, runs, train
     from finetune import recipe as recipe_mod
+    from finetune import train
+    from finetune.run import artifacts, runs
 
     recipe = recipe_mod.validate_dict(recipe_mod.apply_overrides({
         "name": "bench", "runs_dir": str(work / "runs"), "seed": 42, "model": {"id": model_path},

@@ -163,7 +163,7 @@ def prime(name: str, twin: Path, log=print) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import runs
+    from finetune.run import runs
 
     out = twin.parent / f"{twin.name}-primed-{prime_key()}"
     done = out / "primed.json"

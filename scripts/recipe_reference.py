@@ -1,4 +1,4 @@
-"""Write docs/recipe-reference.md from the recipe schema (the pydantic models in finetune/recipe.py).
+"""Write docs/recipe-reference.md from the recipe schema (the pydantic models in finetune/recipe/).
 
 Every section, key, type, default, bound and description comes from the schema itself, so the reference cannot say
 something the validator does not do. tests/unit/test_docs.py checks that the committed file equals what this script
@@ -33,7 +33,7 @@ OUT = ROOT / "docs" / "recipe-reference.md"
 HEADER = """\
 # Recipe reference
 
-<!-- Written by `python scripts/recipe_reference.py` from the schema in finetune/recipe.py: do not edit by hand.
+<!-- Written by `python scripts/recipe_reference.py` from the schema in finetune/recipe/: do not edit by hand.
      tests/unit/test_docs.py fails when this file and the schema disagree. -->
 
 A recipe is one YAML file; this page lists every key it can hold, section by section, with its type, its default

@@ -257,7 +257,7 @@ def llama_cpp_models() -> Path:
 
 def build(name: str, *, log=print) -> Path:
     """The twin's folder (built on first use)."""
-    from finetune import runs
+    from finetune.run import runs
 
     family = FAMILIES[name]
     out = twin_dir(name)

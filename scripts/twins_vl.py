@@ -58,7 +58,7 @@ def key(name: str) -> str:
 
 def build(name: str, text_twin: Path, *, log=print) -> Path:
     """The image-text twin wrapping ``text_twin`` (a twins.py folder, primed or not), built once next to it."""
-    from finetune import runs
+    from finetune.run import runs
 
     out = text_twin.parent / f"{text_twin.name}-vl-{key(name)}"
     if (out / "config.json").exists():

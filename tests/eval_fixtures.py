@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
+from finetune.run import artifacts, runs
 
 
 def arithmetic_rows(n: int, offset: int = 0) -> list[dict]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from finetune import artifacts, runs
 from finetune import recipe as recipe_mod
+from finetune.run import artifacts, runs
 
 
 def synthetic_rows(n: int, seed: int, *, min_len: int = 6, max_len: int = 40) -> dict[str, list]:

@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from finetune import runs
 from finetune.data.example import Example, row_kind
 from finetune.data.render import IGNORE_INDEX
+from finetune.run import runs
 
 
 def column_arrays(ds: Any, name: str) -> list[Any]:

@@ -29,7 +29,7 @@ def read_lines(path: Path, key: str) -> list[str]:
 def answers_key(base_dir: Path, prompts: list[str], *, template: str, max_new_tokens: int, reasoning: str) -> str:
     """What the base model's greedy answers depend on. Weight files count by name and size (hashing gigabytes on
     every eval would cost more than generating the answers); everything else in the folder by content."""
-    from finetune import runs
+    from finetune.run import runs
 
     files: dict[str, Any] = {}
     for p in sorted(Path(base_dir).iterdir()):
@@ -78,6 +78,6 @@ def cached_answers(cached: Path | None, key: str, n: int) -> list[dict[str, Any]
 
 def write_answers(path: Path, key: str, answers: list[dict[str, Any]]) -> None:
     """Store answers for ``base_answers`` to read back (atomically)."""
-    from finetune import runs
+    from finetune.run import runs
 
     runs.atomic_write_json(path, {"key": key, "answers": answers})

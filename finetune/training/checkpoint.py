@@ -85,7 +85,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def save(root: Path, step: int, write_files: Callable[[Path], None], state: dict[str, Any], keep: int) -> Path:
     """Write a checkpoint atomically: ``write_files(tmp)`` fills the folder, then state.json, then one rename."""
-    from finetune.runs import atomic_dir
+    from finetune.run.runs import atomic_dir
 
     final = Path(root) / f"checkpoint-{step}"
     # atomic_dir's temporary folder is a hidden '.checkpoint-<step>.*.tmp' sibling: never taken for a checkpoint,
@@ -133,7 +133,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------- resuming a run
 def resume_fingerprint(recipe, data_fp: dict[str, str], micro_per_step: int) -> str:
     """What a checkpoint must match to be continued: every setting that changes the computation, and the data."""
-    from finetune import runs
+    from finetune.run import runs
 
     train = recipe.train.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
     return runs.fingerprint_json({"train": train, "model": recipe.model.model_dump(mode="json"), "seed": recipe.seed,
@@ -270,7 +270,7 @@ def save_model_dir(model, tokenizer, final_dir: Path, attn: str, step: int | Non
                    state_dict: dict[str, Any] | None = None) -> None:
     """Save the adapter or model (atomically); ``step`` marks a snapshot taken during training. ``state_dict``:
     the weights gathered whole (FSDP2), saved instead of the model's own (sharded) ones."""
-    from finetune import runs
+    from finetune.run import runs
     from finetune.training import attention
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -113,7 +113,7 @@ class RunLog:
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            from finetune import runs
+            from finetune.run import runs
 
             runs.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=self.purge_step)

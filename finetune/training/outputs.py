@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune import artifacts, runs
+from finetune.run import artifacts, runs
 from finetune.training import checkpoint as ckpt
 from finetune.training import sharded
 from finetune.training.model_setup import ADAPTER_METHODS

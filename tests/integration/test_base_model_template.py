@@ -66,9 +66,9 @@ def test_base_model_trains_with_a_named_template(finetune, tokenizer_dir, tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from finetune import artifacts
     from finetune import recipe as recipe_mod
     from finetune.gguf import runtime
+    from finetune.run import artifacts
 
     base = _base_twin(tokenizer_dir, tmp_path / "base", tied=tied)
     path = _recipe(tmp_path, base, template)

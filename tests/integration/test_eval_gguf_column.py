@@ -7,8 +7,8 @@ from pathlib import Path
 
 from eval_fixtures import arithmetic_rows, make_recipe
 
-from finetune import artifacts
 from finetune import evaluate as ft_eval
+from finetune.run import artifacts
 
 
 def exported(gguf: dict[str, Path]) -> artifacts.Exported:

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import artifacts, eval_models
+from finetune import eval_models
 from finetune import evaluate as ft_eval
 from finetune import recipe as recipe_mod
 from finetune.commands import summary_table
+from finetune.run import artifacts
 
 WORDS = ["apple", "river", "stone", "cloud", "purple", "seven", "window", "garden", "silver", "tiger", "paper",
          "music", "orange", "candle", "forest", "winter"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import artifacts
+from finetune.run import artifacts
 
 SYSTEM = {"role": "system", "content": "Be brief."}  # short: the template's default system prompt is long
 CONVERSATIONS = [
@@ -60,7 +60,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune import recipe as recipe_mod
-    from finetune import runs
+    from finetune.run import runs
 
     root = tmp_path_factory.mktemp("export-run")
     torch.manual_seed(0)

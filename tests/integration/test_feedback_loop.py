@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import artifacts
+from finetune.run import artifacts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

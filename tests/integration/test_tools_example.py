@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import artifacts
+from finetune.run import artifacts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""The typed hand-offs between stages (finetune.artifacts): round trips, relative paths, refusals, and that no
+"""The typed hand-offs between stages (finetune.run.artifacts): round trips, relative paths, refusals, and that no
 module reads another stage's manifest except through them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import artifacts, runs
 from finetune.errors import UserError
+from finetune.run import artifacts, runs
 
 
 def trained(root: Path, base: Path) -> artifacts.Trained:
@@ -67,7 +67,7 @@ def test_from_folder_reads_a_finished_stage_and_refuses_an_unfinished_one(tmp_pa
 # its outputs; train checks whether its own folder holds a finished run.
 READERS = re.compile(r"read_manifest\(|require_stage\(|require_fresh\(|\[[\"']outputs[\"']\]|\.get\([\"']outputs[\"']"
                      r"|json\.loads\([^)]*manifest")
-HOMES = {"finetune/artifacts.py", "finetune/freshness.py", "finetune/runs.py"}
+HOMES = {"finetune/run/artifacts.py", "finetune/run/freshness.py", "finetune/run/runs.py"}
 OWN_MANIFEST = {"finetune/prepare.py": 2}  # _reusable: prepare's own manifest and outputs
 
 

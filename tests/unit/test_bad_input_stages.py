@@ -230,7 +230,7 @@ def test_a_failed_train_keeps_the_previous_adapter(cli, project, tiny_model_dir)
 
 def test_a_failed_export_keeps_the_previous_export(cli, project):
     from finetune import recipe as recipe_mod
-    from finetune import runs
+    from finetune.run import runs
 
     write, tmp = project
     write_jsonl(tmp / "data.jsonl", [chat(i) for i in range(10)])

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from finetune import artifacts, card
+from finetune import card
 from finetune import recipe as recipe_mod
+from finetune.run import artifacts
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

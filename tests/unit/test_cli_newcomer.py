@@ -224,8 +224,9 @@ def test_the_hub_clients_retry_lines_are_kept_off_the_console_inside_quiet_hub(c
         with quiet_hub():
             http.warning("Retrying in 1s [Retry 1/5].")
         assert "Retrying" not in capfd.readouterr().err
-        http.warning("Retrying in 2s [Retry 2/5].")  # outside: the library's own handler prints it, as before
-        assert "Retrying in 2s" in capfd.readouterr().err
+        # outside, the library's level is back as it was (its own handler prints the line again; where that handler
+        # writes depends on what earlier in-process commands did to it, so the level is what is checked)
+        assert http.isEnabledFor(hub_logging.WARNING)
     finally:
         hub_logging.set_verbosity(level)
 

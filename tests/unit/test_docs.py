@@ -1,6 +1,6 @@
 """The docs cannot drift: the recipe reference is what the schema says now, and every relative link resolves.
 
-docs/recipe-reference.md is written by scripts/recipe_reference.py from finetune/recipe.py; after changing a recipe
+docs/recipe-reference.md is written by scripts/recipe_reference.py from finetune/recipe/; after changing a recipe
 key, run `python scripts/recipe_reference.py`. The links of README.md and docs/*.md must name files that exist, and
 every docs page is in mkdocs.yml's nav (`mkdocs build --strict` checks the rest of the site).
 """
@@ -27,7 +27,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 def test_recipe_reference_is_what_the_schema_says():
     committed = (DOCS / "recipe-reference.md").read_text(encoding="utf-8")
     assert committed == recipe_reference.render(), (
-        "docs/recipe-reference.md is out of date with finetune/recipe.py: run python scripts/recipe_reference.py")
+        "docs/recipe-reference.md is out of date with finetune/recipe/: run python scripts/recipe_reference.py")
 
 
 def test_recipe_reference_names_every_key():

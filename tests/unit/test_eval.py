@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from eval_fixtures import arithmetic_rows, make_recipe, write_prepared
 
-from finetune import artifacts, eval_models, runs, verdict
+from finetune import eval_models, verdict
 from finetune import evaluate as ft_eval
 from finetune.data.render import prompt_text
+from finetune.run import artifacts, runs
 
 
 def _write_trained(recipe, model_dir, log_rows):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from eval_fixtures import arithmetic_rows, make_recipe, write_prepared
 
-from finetune import artifacts, general, runs, verdict
 from finetune import eval_forgetting as ef
+from finetune import general, verdict
+from finetune.run import artifacts, runs
 
 
 def _small_sets(tmp: Path) -> tuple[Path, Path]:

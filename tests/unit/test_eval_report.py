@@ -65,8 +65,9 @@ def test_eval_takes_the_quantization_chart_from_the_export_record(tmp_path):
     """evaluate inlines the chart the export record names (an older record without one: the table alone)."""
     import json
 
-    from finetune import artifacts, evaluate
+    from finetune import evaluate
     from finetune.gguf import quant_table
+    from finetune.run import artifacts
 
     result, examples, log = result_and_examples()
     rows = [{"type": "F16", "file": "a-F16.gguf", "bytes": 270 * 2**20, "imatrix": False, "top1_agreement": 1.0,

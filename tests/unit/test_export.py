@@ -44,7 +44,7 @@ def test_a_folder_without_adapter_config_reads_as_an_empty_config(tmp_path):
 
 # ------------------------------------------------------------------- one GGUF for Ollama, serve, chat and eval
 def _exported(tmp_path, types, picked=None):
-    from finetune import artifacts
+    from finetune.run import artifacts
 
     return artifacts.Exported(merged=tmp_path / "merged", gguf={t: tmp_path / f"m-{t}.gguf" for t in types},
                               picked=picked)
@@ -72,8 +72,8 @@ def test_asking_for_a_type_the_export_lacks_names_what_it_has(tmp_path):
 
 
 def test_only_a_written_key_counts_as_asked_for(tmp_path):
-    from finetune import artifacts
     from finetune import recipe as recipe_mod
+    from finetune.run import artifacts
 
     default = recipe_mod.validate_dict({"name": "a"})
     written = recipe_mod.validate_dict({"name": "a", "serve": {"quant": "Q8_0"}})
@@ -84,9 +84,10 @@ def test_only_a_written_key_counts_as_asked_for(tmp_path):
 def test_serve_and_eval_use_the_picked_type_unless_told_otherwise(tmp_path, gguf, repo_root):
     """The quickstart's export picks Q4_K_M for export.fit_gb: serve, chat and eval's GGUF column take it (as the
     Modelfile does) while serve.quant is left at its default; an explicit serve.quant or eval.gguf_quant wins."""
-    from finetune import artifacts, evaluate
+    from finetune import evaluate
     from finetune import recipe as recipe_mod
-    from finetune.runs import StageRun
+    from finetune.run import artifacts
+    from finetune.run.runs import StageRun
     from finetune.serve_target import resolve_target
 
     recipe_path = str(repo_root / "recipes" / "quickstart.yaml")
@@ -129,7 +130,7 @@ def test_num_ctx_follows_the_training_length(trained, model, num_ctx):
 
 
 def test_the_dominant_system_prompt_of_the_training_rows():
-    from finetune import artifacts
+    from finetune.run import artifacts
 
     def row(system):
         return {"messages": ([{"role": "system", "content": system}] if system else [])
@@ -141,7 +142,7 @@ def test_the_dominant_system_prompt_of_the_training_rows():
 
 
 def test_the_trained_system_prompt_prefers_the_recipes(tmp_path):
-    from finetune import artifacts
+    from finetune.run import artifacts
 
     train = tmp_path / "train.jsonl"
     train.write_text('{"messages": [{"role": "system", "content": "From the rows."}, {"role": "user", "content": "q"}]}\n')

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import artifacts, hub
+from finetune import hub
 from finetune import recipe as recipe_mod
-from finetune.runs import StageRun
+from finetune.run import artifacts
+from finetune.run.runs import StageRun
 
 
 @pytest.fixture

@@ -11,13 +11,14 @@ import time
 
 import pytest
 
-from finetune import freshness, pipeline, recipe
+from finetune import recipe
 from finetune.errors import UserError
+from finetune.run import freshness, pipeline
 
 STAGE_MODULE = textwrap.dedent('''
     import dataclasses, typing
     from pathlib import Path
-    from finetune import artifacts, runs
+    from finetune.run import artifacts, runs
 
     def run(recipe, upstream=None, recipe_path="RECIPE"):
         upstream = upstream if upstream is not None else artifacts.for_stage(recipe, "{name}", recipe_path)
@@ -139,7 +140,8 @@ def test_a_data_override_makes_prepared_data_stale_for_every_later_stage(toy):
 def test_reading_eval_inputs_checks_each_upstream_stage_once(toy, monkeypatch):
     """eval reads prepare, train and export; prepare's data fingerprints (sha256 of every data file) are computed
     once for the three, not once per record."""
-    from finetune import artifacts, prepare_inputs
+    from finetune import prepare_inputs
+    from finetune.run import artifacts
 
     load, _, go, data = toy
     go()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import artifacts
 from finetune import recipe as recipe_mod
 from finetune.errors import UserError
+from finetune.run import artifacts
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from finetune import recipe, runs
+from finetune import recipe
+from finetune.run import runs
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

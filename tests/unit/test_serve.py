@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune import artifacts
+from finetune.run import artifacts
 
 
 def test_non_loopback_host_needs_an_api_key(cli, gguf, monkeypatch):
@@ -17,7 +17,7 @@ def test_non_loopback_host_needs_an_api_key(cli, gguf, monkeypatch):
 def test_recipe_target_serves_the_exported_quant(tmp_path, gguf, repo_root):
     from finetune import recipe as recipe_mod
     from finetune.errors import UserError
-    from finetune.runs import StageRun
+    from finetune.run.runs import StageRun
     from finetune.serve_target import resolve_target
 
     recipe_path = str(repo_root / "recipes" / "quickstart.yaml")

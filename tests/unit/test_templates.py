@@ -101,7 +101,7 @@ def load_tokenizer(gguf: str):
 
     from finetune import models
     from finetune.gguf import sdist
-    from finetune.runs import atomic_dir
+    from finetune.run.runs import atomic_dir
 
     models_dir = _llama_cpp_models()
     if not (models_dir / gguf).exists():

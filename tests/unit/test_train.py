@@ -8,8 +8,9 @@ import math
 import pytest
 from train_fixtures import example_pairs, load_model, prepared, synthetic_rows, train_losses, val_losses
 
-from finetune import artifacts, train
+from finetune import train
 from finetune.errors import UserError
+from finetune.run import artifacts
 from finetune.training import attention, batching, steps
 
 # Loss of the first four steps on the tiny seeded model (fp32, batch 4, lr 1e-2, constant schedule, seed 42).

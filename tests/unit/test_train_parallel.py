@@ -159,7 +159,7 @@ def test_resume_with_another_process_count(tmp_path):
 def test_resume_with_another_process_count_through_the_cli_exits_2(tmp_path, tiny_model_dir, cli):
     """`finetune train` (one process here) over the checkpoint of a 2-process run with the same grad_accum:
     exit 2, one line, the checkpoint kept."""
-    from finetune import runs
+    from finetune.run import runs
 
     r = prepared(tmp_path, tiny_model_dir, "t", max_steps=4, batch_size=4, grad_accum=1)
     tokenized = r.run_dir("prepare") / "tokenized"

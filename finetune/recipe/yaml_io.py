@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from finetune.recipe_errors import OVERRIDE_PREFIX, RecipeError, _section_type
+from finetune.recipe.errors import OVERRIDE_PREFIX, RecipeError, _section_type
 
 
 class YamlLoader(yaml.SafeLoader):

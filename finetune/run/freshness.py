@@ -4,7 +4,7 @@ A stage is up to date when its manifest exists, the recipe sections it reads are
 manifest records the resolved recipe), what it was built from has not changed since - for prepare, the content
 of the local data files and the tokenizer (sha256, never modification times); for the others, the manifests of
 the stages upstream of it, recorded in its own manifest when it ran - and the same holds for those upstream
-stages. Every reader of a stage's outputs goes through ``require_fresh`` (via ``finetune.artifacts.load``), so a
+stages. Every reader of a stage's outputs goes through ``require_fresh`` (via ``finetune.run.artifacts.load``), so a
 stage run by hand refuses stale inputs instead of using them, with the command that rebuilds them.
 """
 
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from finetune import prepare_inputs, runs
+from finetune import prepare_inputs
 from finetune.errors import UserError
 from finetune.recipe import Recipe, get_key
+from finetune.run import runs
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """``finetune run RECIPE``: prepare -> train -> export -> eval, skipping the stages that are already up to date.
 
 Export runs before eval so that the report scores the exported GGUF next to the base and fine-tuned models. Which
-stages are up to date is decided by ``finetune.freshness``; each stage gets what it reads as typed records
-(``finetune.artifacts.for_stage``), exactly as when its command runs alone. A stage that runs makes the stages reading
+stages are up to date is decided by ``finetune.run.freshness``; each stage gets what it reads as typed records
+(``finetune.run.artifacts.for_stage``), exactly as when its command runs alone. A stage that runs makes the stages reading
 its outputs stale, not the others: a new eval section re-runs eval only. The run ends with a real answer from the
 fine-tuned GGUF on one test prompt and the commands to chat with it and serve it.
 """
@@ -15,11 +15,11 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts, runs
 from finetune.console import duration, number, table
 from finetune.errors import UserError
-from finetune.freshness import STAGES, Stage, why_stale
 from finetune.recipe import Recipe
+from finetune.run import artifacts, runs
+from finetune.run.freshness import STAGES, Stage, why_stale
 
 STATE_FILE = "pipeline.json"
 

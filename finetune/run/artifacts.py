@@ -2,7 +2,7 @@
 
 A stage builds its record and writes it with ``StageRun.record(...)``; a later stage (or ``plan``, ``serve``, the
 pipeline's sample answer) reads it with ``load(recipe, Trained, recipe_path)``, which refuses a stage that has not
-finished or whose outputs are stale (``finetune.freshness``) and returns the record with absolute paths. Paths are
+finished or whose outputs are stale (``finetune.run.freshness``) and returns the record with absolute paths. Paths are
 stored relative to the run folder (``runs/<name>/``), so a run folder can be moved; a path outside it (the base model
 in the cache) is stored as it is. Nothing else reads a manifest's outputs: a missing key is an error that says which
 stage to run again, never a guessed default path.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_type_hints
 
-from finetune import runs
 from finetune.errors import UserError
+from finetune.run import runs
 
 SPLITS = ("train", "validation", "test")
 # The metadata of a field added after manifests without it were written: those read as the field's default.
@@ -203,7 +203,7 @@ def load(recipe: Any, cls: type[A], recipe_path: str = "RECIPE", *, fresh: bool 
     """The finished record of ``cls.STAGE`` for this recipe's run. ``fresh``: its outputs must still match the
     recipe and their inputs (``freshness.require_fresh``: "prepared data is stale because ... run ...");
     ``checked`` holds the stages already found fresh by the same reader, which are not checked again."""
-    from finetune import freshness
+    from finetune.run import freshness
 
     manifest = (freshness.require_fresh(recipe, cls.STAGE, recipe_path, checked=checked) if fresh
                 else runs.require_stage(recipe, cls.STAGE, recipe_path))
@@ -242,8 +242,8 @@ def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:
     """What ``stage`` reads, as the stage graph (``freshness.STAGES``) says: its upstream stages fresh (an optional
     one only when it has run, fresh while its recipe key is on), its ``also_reads`` when finished. Each upstream
     stage's freshness is checked once."""
-    from finetune import freshness
     from finetune.recipe import get_key
+    from finetune.run import freshness
 
     if stage == "plan":
         return Upstream()

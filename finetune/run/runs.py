@@ -222,7 +222,7 @@ class StageRun:
     (``run.work`` is ``run.dir``), whose manifest is removed first so a half-written folder never looks finished.
     ``upstream``: {stage: manifest id} of the records the stage read (``artifacts.Upstream.ids()``), recorded so
     that a later run of those stages makes this one stale. ``record(artifact)`` sets the outputs from the stage's
-    typed record (``finetune.artifacts``).
+    typed record (``finetune.run.artifacts``).
     """
 
     def __init__(self, recipe: Any, stage: str, inputs: dict[str, Any] | None = None, *,
@@ -262,7 +262,7 @@ class StageRun:
             shutil.rmtree(self.work, ignore_errors=True)
 
     def record(self, artifact: Any) -> None:
-        """The stage's outputs: its ``finetune.artifacts`` record, paths relative to the run folder."""
+        """The stage's outputs: its ``finetune.run.artifacts`` record, paths relative to the run folder."""
         self.outputs = artifact.to_outputs(self.recipe.run_dir())
 
     def manifest(self) -> dict[str, Any]:
