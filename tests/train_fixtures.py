@@ -89,3 +89,18 @@ def val_losses(log_path: Path) -> list[tuple[int, float]]:
 
     lines = [json.loads(x) for x in Path(log_path).read_text().splitlines()]
     return [(x["step"], x["val_loss"]) for x in lines if x["val_loss"] is not None]
+
+
+def tiny_llama(tokenizer_dir):
+    """A 2-layer random Llama (width 64, tied embeddings, fp32, seed 0) over the tokenizer in ``tokenizer_dir``: the
+    model the objective tests compare with TRL on. Returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float(), tok

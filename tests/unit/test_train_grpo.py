@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_fixtures import record_prepared
+from train_fixtures import record_prepared, tiny_llama
 
 from finetune import recipe as recipe_mod
 from finetune import train
@@ -21,19 +21,6 @@ from finetune.training import attention, grpo, rewards, rollout
 TOLERANCE = 1e-6
 
 
-def _tiny(tokenizer_dir):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float(), tok
-
-
 def _trl_trainer(tokenizer_dir, reward_funcs=None, **config):
     """TRL's GRPOTrainer on a tiny Llama with a LoRA adapter whose B weights are perturbed (policy != base)."""
     import torch
@@ -41,7 +28,7 @@ def _trl_trainer(tokenizer_dir, reward_funcs=None, **config):
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    model, tok = _tiny(tokenizer_dir)
+    model, tok = tiny_llama(tokenizer_dir)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in ("2+2?", "Name a colour", "Hi")])
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False, fp16=False,
                       **{"per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 8, **config})

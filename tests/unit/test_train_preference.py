@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_fixtures import record_prepared
+from train_fixtures import record_prepared, tiny_llama
 
 from finetune import recipe as recipe_mod
 from finetune import train
@@ -23,19 +23,6 @@ from finetune.training import attention, preference
 pytest.importorskip("trl", reason="TRL is the reference implementation these tests compare with (pip install trl)")
 
 TOLERANCE = 1e-5
-
-
-def _tiny(tokenizer_dir):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).float(), tok
 
 
 def _perturb_adapter(model) -> None:
@@ -95,7 +82,7 @@ def test_dpo_loss_equals_trl(tokenizer_dir, packing):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    model, tok = _tiny(tokenizer_dir)
+    model, tok = tiny_llama(tokenizer_dir)
     ds = Dataset.from_list([
         {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
          "rejected": [{"role": "assistant", "content": "It is five, I think."}]},
@@ -126,7 +113,7 @@ def test_kto_loss_equals_trl(tokenizer_dir, packing):
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
-    model, tok = _tiny(tokenizer_dir)
+    model, tok = tiny_llama(tokenizer_dir)
     rows_in = [("What is 2+2?", "4", True), ("Name a colour", "Seven, obviously", False), ("Say hi", "Hi!", True),
                ("Spell cat", "k a t", False)]
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
@@ -160,7 +147,7 @@ def test_orpo_loss_equals_trl(tokenizer_dir, packing):
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    model, tok = _tiny(tokenizer_dir)
+    model, tok = tiny_llama(tokenizer_dir)
     tok.bos_token = None
     ds = Dataset.from_list([{"prompt": "Hi", "chosen": " there, friend.", "rejected": " go away"},
                             {"prompt": "Yes", "chosen": " it is true", "rejected": " no"},
@@ -198,7 +185,7 @@ def test_simpo_loss_equals_trl(tokenizer_dir, packing):
     from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    model, tok = _tiny(tokenizer_dir)
+    model, tok = tiny_llama(tokenizer_dir)
     ds = Dataset.from_list([{"prompt": "Hi", "chosen": " there, friend.", "rejected": " go away"},
                             {"prompt": "Is it", "chosen": " true", "rejected": " no, it is not the case"},
                             {"prompt": "Why", "chosen": " because the sky scatters blue light", "rejected": " ok"}])
