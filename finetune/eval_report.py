@@ -138,22 +138,30 @@ def metric_chart_png(result: dict[str, Any]) -> bytes | None:
     return _png(plt, fig)
 
 
+def _two_panels(*, grid: bool):
+    """pyplot (Agg backend), a figure and its two side-by-side axes in the report's style (no top/right spines;
+    ``grid``: light horizontal grid lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=144)
+    for ax in axes:
+        ax.spines[["top", "right"]].set_visible(False)
+        if grid:
+            ax.grid(axis="y", color="#e6e9ee", linewidth=0.8)
+        ax.set_axisbelow(True)
+    return plt, fig, axes
+
+
 def preference_png(result: dict[str, Any], pairs: list[dict[str, Any]]) -> bytes | None:
     """Two panels: how often each model prefers the chosen reply (summed and per-token log-probability, and the
     fine-tuned model's reward accuracy against the base); the distribution of the reward margins per pair."""
     pref = result.get("preference")
     if not pref or not pref.get("pairs"):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=144)
-    for ax in (left, right):
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.grid(axis="y", color="#e6e9ee", linewidth=0.8)
-        ax.set_axisbelow(True)
+    plt, fig, (left, right) = _two_panels(grid=True)
     keys = [("preference_accuracy", "chosen more likely\n(summed log-prob)"),
             ("preference_accuracy_per_token", "chosen more likely\n(per token)"),
             ("reward_accuracy", "reward accuracy\n(vs base)")]
@@ -188,17 +196,9 @@ def forgetting_png(result: dict[str, Any]) -> bytes | None:
     forgot = result.get("forgetting")
     if not forgot or not forgot.get("per_prompt"):
         return None
-    import matplotlib
-
     from finetune.verdict import FORGETTING_NONE, FORGETTING_STRONG
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=144)
-    for ax in (left, right):
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.set_axisbelow(True)
+    plt, fig, (left, right) = _two_panels(grid=False)
     agree = sorted(p["top1_agreement"] for p in forgot["per_prompt"])
     left.bar(range(len(agree)), agree, color=COLORS["finetuned"], width=0.8)
     for bound, label in ((FORGETTING_NONE[0], "none above"), (FORGETTING_STRONG[0], "strong below")):
