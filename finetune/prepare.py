@@ -5,7 +5,8 @@ Steps, in order (each one counted in report.json, every dropped row with its rea
   1. read every source (local files or the Hub) and detect its format (messages, sharegpt, alpaca,
      prompt_completion, text) unless the recipe names it;
   2. turn rows into messages, normalise text, drop unusable rows (malformed, empty turns, unknown roles,
-     not ending with an assistant turn...), add the default system prompt;
+     not ending with an assistant turn...), add the default system prompt; for reward-driven training
+     (train.objective grpo) keep prompt-only rows and the columns the reward functions receive;
   3. drop exact duplicates, then near duplicates (MinHash LSH);
   4. render with the chat template and tokenize; drop (or truncate) by length;
   5. split train/validation/test by seed (group-aware), then remove train rows that duplicate or nearly
@@ -16,6 +17,12 @@ Outputs are reused when the source files, the data section, the seed and the tok
 content: sha256, measured 1.6 s per GiB of data on a shared 2-core machine). The same fingerprint tells later stages when the prepared data
 is stale (``finetune.prepare_inputs``). A new build is made beside the finished one and replaces it only when complete.
 Prepare never finishes with an empty training split: it stops and says where the rows went.
+
+Prompt-only rows (TRL's prompt-only datasets: a prompt, or a conversation ending with the user's turn, and no reply)
+are kept only when train.objective is grpo: rendered up to the generation prompt with no trained token, and with
+every column their format does not read (``extra_columns``), which training and eval pass to the reward functions
+as keyword arguments. Any other objective refuses a source of such rows in one line naming the file and line.
+
 The data algorithms are in finetune.data: cleaning and dedupe (clean), rendering and the length filter (encode),
 the split and the leakage check (split); this module runs them in order and writes what they produced.
 """
@@ -51,7 +58,7 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     out = recipe.run_dir("prepare")
     runs.make_dir(recipe.run_dir())
     if not force and inputs.get("reusable"):
-        cached = _reusable(out, inputs["fingerprint"])
+        cached = _reusable(out, inputs["fingerprint"], keeps_prompts(recipe))
         if cached is not None:
             cached["reused"] = True
             return cached
@@ -70,11 +77,19 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     return report
 
 
+def keeps_prompts(recipe) -> bool:
+    """Whether prepare keeps prompt-only rows and the reward functions' columns: for reward-driven training."""
+    return recipe.train.objective == "grpo"
+
+
 # ------------------------------------------------------------------------------------------------ caching
-def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
+def _reusable(out: Path, fingerprint: str, prompts: bool) -> dict[str, Any] | None:
     manifest = runs.read_manifest(out)
     if not manifest or manifest.get("inputs", {}).get("fingerprint") != fingerprint:
         return None
+    report = out / "report.json"
+    if report.is_file() and json.loads(report.read_text()).get("prompt_only", {}).get("kept", False) != prompts:
+        return None  # prepared for another objective: prompt-only rows and reward columns kept or not
     try:
         prepared = artifacts.from_outputs(artifacts.Prepared, manifest.get("outputs") or {}, out.parent)
     except UserError:  # written by an older finetune: prepare again
@@ -134,6 +149,7 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
     if not final["train"]:
         raise UserError(_no_training_rows(recipe, rows_in, dropped, examples, pool, leakage, sources_report))
     notes += _split_notes(data, pool, final)
+    notes += _prompt_notes(final)
     mix = _replay(recipe, tokenizer, out, final, notes) if data.mix.general > 0 else None
     clock.lap("replay")
 
@@ -156,6 +172,9 @@ def build(recipe, tokenizer, out: Path) -> dict[str, Any]:
         "tokens": {},
         "samples": _samples(dropped),
         "notes": notes,
+        "prompt_only": {"kept": keeps_prompts(recipe),
+                        "rows": {s: sum(bool(e.example.get("prompt_only")) for e in v) for s, v in final.items()}},
+        "extra_columns": sorted({k for v in final.values() for e in v for k in e.example.get("extra_columns", {})}),
         "train_on": data.train_on,
         "max_tokens": data.clean.max_tokens,
         "mix": mix,
@@ -177,11 +196,13 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
     from finetune.data.load import Dropped, excerpt
 
     data = recipe.data
+    prompts = keeps_prompts(recipe)
     sources_report = []
     examples: list[Example] = []
     columns_seen: set[str] = set()
     for i, src in enumerate(data.sources):
         loaded, fmt = read_source(recipe, i)
+        without_reply: list[str] = []  # rows dropped for having no assistant turn (prompt-only rows, kept by grpo)
         dropped += loaded.dropped
         if src.format == "auto":
             note = formats.unused_label_note((r.record for r in loaded.rows[:100]), (r.origin for r in loaded.rows),
@@ -194,10 +215,15 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
                 ex = _convert(row.record, fmt, src, data)
                 ex, changes = clean.clean_example(
                     ex, unicode=data.clean.normalize_unicode, whitespace=data.clean.strip_whitespace,
-                    require_assistant_last=data.clean.require_assistant_last, system_prompt=data.system_prompt)
+                    require_assistant_last=data.clean.require_assistant_last, system_prompt=data.system_prompt,
+                    prompt_only=prompts)
             except RowError as exc:
                 dropped.append(Dropped(row.origin, exc.reason, exc.detail, excerpt(row.record)))
+                if exc.reason == "no_assistant_turn":
+                    without_reply.append(row.origin)
                 continue
+            if prompts and "messages" in ex and (extra := _extra_columns(row, fmt, src, i)):
+                ex["extra_columns"] = extra
             counters["normalized"] += changes["normalized"]
             counters["system_prompt_added"] += changes["system_prompt_added"]
             roles_mapped.update(changes.get("roles_mapped") or {})
@@ -215,6 +241,9 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
                 group = "prompt:" + clean.exact_key(prompt)[:16]
             examples.append(Example(ex, row.origin, i, src.role, "" if group is None else f"g:{group}"))
             kept += 1
+        if not kept and without_reply and len(without_reply) == len(loaded.rows):
+            raise UserError(_prompt_only_refusal(recipe, i, without_reply[0], "its conversation has no assistant "
+                                                 f"reply, like all {len(without_reply)} rows of {loaded.name}", []))
         sources_report.append({"name": loaded.name, "format": fmt, "role": src.role,
                                "rows_in": len(loaded.rows) + len(loaded.dropped), "kept_after_cleaning": kept})
         del loaded  # the raw rows are no longer needed: free them before the next source
@@ -232,6 +261,43 @@ def _read_and_clean(recipe, dropped: list, counters: Counter[str], roles_mapped:
                      "conversations has its own system message, which wins. Remove data.system_prompt, or the rows' "
                      "system messages")
     return examples, sources_report
+
+
+def _extra_columns(row, fmt: str, src, i: int) -> dict[str, Any]:
+    """The row's columns that its format does not read, as JSON values: what the reward functions receive."""
+    from finetune.data import formats
+
+    extra = formats.extra_columns(row.record, fmt, src.columns)
+    taken = next((k for k in extra if k in formats.REWARD_ARGUMENTS), None)
+    if taken is not None:
+        raise UserError(f"data.sources[{i}]: {row.origin}: column {taken!r} would reach the reward functions as "
+                        f"{taken}=, a name they already receive (docs/grpo.md); rename the column.")
+    return json.loads(json.dumps(extra, ensure_ascii=False, default=str))
+
+
+def _prompt_only_refusal(recipe, i: int, origin: str, what: str, keys: list[str]) -> str:
+    """The one line that refuses prompt-only rows for an objective that learns from replies."""
+    from finetune.data import formats
+
+    mapping = formats.reply_mapping(keys)
+    reply = f"give the rows their reply (e.g. {mapping})" if mapping else "give the rows their assistant reply"
+    return (f"data.sources[{i}]: {origin} is a prompt-only row ({what}), and train.objective "
+            f"{recipe.train.objective} learns from replies: {reply}, or train from rewards with "
+            "train.objective: grpo and train.rewards (docs/grpo.md).")
+
+
+def _prompt_notes(final: dict[str, list[Example]]) -> list[str]:
+    """What prepare says about prompt-only rows and the columns the reward functions receive."""
+    n = {s: sum(bool(e.example.get("prompt_only")) for e in v) for s, v in final.items()}
+    names = sorted({k for v in final.values() for e in v for k in e.example.get("extra_columns", {})})
+    notes = []
+    if sum(n.values()):
+        notes.append(f"{sum(n.values())} prompt-only rows (no reply: " + ", ".join(f"{k} {v}" for k, v in n.items())
+                     + "); the rewards score their completions, and a reward that compares with a reference "
+                     "(exact_match, numeric_match, tool_call_match) cannot")
+    if names:
+        notes.append(f"columns passed to the reward functions as keyword arguments: {', '.join(names)}")
+    return notes
 
 
 def _replay(recipe, tokenizer, out: Path, final: dict[str, list[Example]], notes: list[str]) -> dict[str, Any]:
@@ -277,6 +343,9 @@ DROP_FIXES = {
     "near_duplicate": "the rows are near copies: add distinct examples (or set data.clean.near_dedupe: false)",
     "not_ending_with_assistant": "end each conversation with an assistant turn (or set "
                                  "data.clean.require_assistant_last: false)",
+    "no_assistant_turn": "give each conversation its assistant reply; prompt-only rows train with "
+                         "train.objective: grpo and train.rewards (docs/grpo.md)",
+    "reply_in_prompt": "end each prompt with the turn the model answers; put replies in a completion column",
     "missing_field": "name the columns with data.sources[N].columns, or set data.sources[N].format",
     "null_field": "fill the empty fields, or map other columns with data.sources[N].columns",
     "unknown_role": "use the roles system, user and assistant",
@@ -384,6 +453,9 @@ def read_source(recipe, i: int):
     if is_txt and fmt not in ("auto", "text"):
         raise UserError(f"{where}: {loaded.name} is a .txt file, which holds raw text; set format: text (or auto)")
     formats.check_columns("text" if is_txt else fmt, src.columns, where)
+    if fmt == "prompt" and loaded.rows and not keeps_prompts(recipe):
+        raise UserError(_prompt_only_refusal(recipe, i, loaded.rows[0].origin, "format prompt: a prompt, no reply",
+                                             formats.column_names(r.record for r in loaded.rows[:100])))
     if fmt not in ("auto", "text") and loaded.rows:
         # a misspelled mapped column would otherwise drop every row as missing_field and "finish"
         formats.check_fields_present((r.record for r in loaded.rows), fmt, src.columns, source=loaded.name,
@@ -395,7 +467,10 @@ def read_source(recipe, i: int):
             fmt = "messages"  # nothing to detect from; every row was dropped already (reported)
         else:
             fmt = formats.detect_format((r.record for r in loaded.rows[:100]), src.columns, source=loaded.name,
-                                        where=where)
+                                        where=where, prompts=True)  # refused below unless train.objective is grpo
+        if fmt == "prompt" and not keeps_prompts(recipe):
+            raise UserError(_prompt_only_refusal(recipe, i, loaded.rows[0].origin, "a prompt, no reply",
+                                                 formats.column_names(r.record for r in loaded.rows[:100])))
     return loaded, fmt
 
 

@@ -8,6 +8,7 @@ of the comparison: it is usually the same in every row and would make all rows l
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 import zlib
@@ -38,13 +39,17 @@ def normalize_text(text: str, *, unicode: bool = True, whitespace: bool = True) 
 
 
 def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, require_assistant_last: bool,
-                  system_prompt: str | None) -> tuple[dict[str, Any], dict[str, bool]]:
+                  system_prompt: str | None, prompt_only: bool = False) -> tuple[dict[str, Any], dict[str, bool]]:
     """Normalised copy of one example and what was changed ({"normalized": ..., "system_prompt_added": ...,
     "roles_mapped": {"human->user": 1, ...}, and, when there were any, "numbers_as_text":
     {"completion": 1}}: the role names ``formats.to_example`` mapped and the numbers it read as text, by field).
 
     Raises RowError for empty turns, a conversation without a user or assistant turn, a system message that
     is not first, or one that does not end with an assistant turn (when required).
+
+    ``prompt_only`` (reward-driven training): a conversation that ends with the turn the model answers (user or
+    tool) is kept as a prompt-only row, ``"prompt_only": True``, and so is a row of the prompt format; without it
+    such a row is refused as before (no_assistant_turn, not_ending_with_assistant, prompt_only).
     """
     if "text" in example:
         text = normalize_text(example["text"], unicode=unicode, whitespace=whitespace)
@@ -72,15 +77,24 @@ def clean_example(example: dict[str, Any], *, unicode: bool, whitespace: bool, r
         raise RowError("system_not_first", f"a system message at position {roles.index('system', 1)}; it must come first")
     if "user" not in roles:
         raise RowError("no_user_turn", "the conversation has no user turn")
-    if "assistant" not in roles:
+    flagged = bool(example.get("prompt_only"))  # the prompt format: never a reply
+    if flagged and roles[-1] == "assistant":
+        raise RowError("reply_in_prompt", "the prompt ends with an assistant turn; a prompt-only row ends with the "
+                                          "turn the model answers (a reply goes in a completion column)")
+    if flagged and not prompt_only:
+        raise RowError("prompt_only", "a prompt-only row (no reply to train on)")
+    is_prompt = prompt_only and roles[-1] != "assistant"
+    if not is_prompt and "assistant" not in roles:
         raise RowError("no_assistant_turn", "the conversation has no assistant turn")
-    if require_assistant_last and roles[-1] != "assistant":
+    if not is_prompt and require_assistant_last and roles[-1] != "assistant":
         raise RowError("not_ending_with_assistant", f"the last turn is {roles[-1]!r}, not 'assistant'")
     added = False
     if system_prompt and roles[0] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
         added = True
     out: dict[str, Any] = {"messages": msgs}
+    if is_prompt:
+        out["prompt_only"] = True
     if example.get("tools"):
         out["tools"] = example["tools"]
     if "rejected" in example:  # a preference pair: the rejected conversation is cleaned the same way
@@ -110,6 +124,8 @@ def dedupe_text(example: dict[str, Any]) -> str:
         text += "\x1d" + _turn_text(example["rejected"][-1])
     if "desirable" in example:
         text += "\x1d" + ("desirable" if example["desirable"] else "undesirable")
+    if example.get("extra_columns"):  # rows that differ only in what the rewards check are different rows
+        text += "\x1d" + json.dumps(example["extra_columns"], sort_keys=True, ensure_ascii=False, default=str)
     return text
 
 

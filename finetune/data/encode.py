@@ -2,7 +2,8 @@
 
 Chat rows are rendered with their tools and the reasoning setting (finetune.data.render); preference rows train
 (and compare) the final reply only, and a pair's two conversations must render the same prompt tokens; raw text
-rows get BOS + text + EOS. Token arrays are numpy int32: a tenth of the memory of Python int lists.
+rows get BOS + text + EOS; prompt-only rows (reward-driven training) end with the template's generation prompt and
+train no token. Token arrays are numpy int32: a tenth of the memory of Python int lists.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from finetune.data.example import Example, row_kind
 from finetune.data.load import Dropped, excerpt
-from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_text
+from finetune.data.render import IGNORE_INDEX, RenderError, render_batch, render_prompts, render_text
 from finetune.errors import UserError
 
 RENDER_CHUNK = 512
@@ -62,7 +63,9 @@ def _render_chunk(chunk: list[Example], tokenizer, *, train_on: str, reasoning: 
     # Preference rows train (and compare) the final reply only: earlier assistant turns are prompt.
     pref_on = "completion" if train_on == "completion" else "last_assistant"
     prefs = [e for e in chunk if row_kind(e.example) != "sft"]
-    chats = [e for e in chunk if "messages" in e.example and row_kind(e.example) == "sft"]
+    chats = [e for e in chunk if "messages" in e.example and row_kind(e.example) == "sft"
+             and not e.example.get("prompt_only")]
+    prompts = [e for e in chunk if e.example.get("prompt_only")]
     texts = [e for e in chunk if "text" in e.example]
     got: dict[int, Any] = {}
     if prefs:
@@ -76,6 +79,11 @@ def _render_chunk(chunk: list[Example], tokenizer, *, train_on: str, reasoning: 
         for e, r in zip(chats, render_batch(tokenizer, [e.example["messages"] for e in chats], train_on=train_on,
                                             reasoning=reasoning, tools=[e.example.get("tools") for e in chats]),
                         strict=True):
+            got[id(e)] = r
+    if prompts:
+        for e, r in zip(prompts, render_prompts(tokenizer, [e.example["messages"] for e in prompts],
+                                                tools=[e.example.get("tools") for e in prompts],
+                                                reasoning=reasoning), strict=True):
             got[id(e)] = r
     if texts:
         for e, r in zip(texts, render_text(tokenizer, [e.example["text"] for e in texts]), strict=True):
@@ -102,14 +110,17 @@ def _fit(e: Example, rendered: tuple, *, max_tokens: int, min_tokens: int, overl
         e.prompt_length = next((k for k, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
     if len(ids) < min_tokens:
         return "too_short", f"{len(ids)} tokens < min_tokens {min_tokens}"
+    prompt_only = bool(e.example.get("prompt_only"))
     if len(ids) > limit:
         if overlong == "drop":
             return "too_long", f"{len(ids)} tokens > max_tokens {limit}"
+        if prompt_only:  # a cut prompt would lose the turn the model answers and the generation prompt
+            return "too_long", f"a prompt of {len(ids)} tokens > max_tokens {limit} (a prompt is never cut)"
         ids, labels = ids[:limit], labels[:limit]
         counters["truncated"] += 1
     # int32 arrays: a tenth of the memory of Python int lists (100k rows: ~3 GB -> well under 1 GB)
     ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
-    if not (labels != IGNORE_INDEX).any():
+    if not prompt_only and not (labels != IGNORE_INDEX).any():
         return "no_trained_tokens", "no token left to train on (truncation cut the whole reply)"
     if e.rejected_labels is not None and not (e.rejected_labels != IGNORE_INDEX).any():
         return "no_trained_tokens", "truncation cut the whole rejected reply"

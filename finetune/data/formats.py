@@ -1,7 +1,9 @@
 """Row formats: detect which one a source uses and turn each row into chat messages (or raw text).
 
 Supported: OpenAI-style ``messages`` (role/content; content may be a list of text parts), ShareGPT
-``conversations`` (from/value), Alpaca (instruction/input/output), prompt/completion, and raw ``text``; for
+``conversations`` (from/value), Alpaca (instruction/input/output), prompt/completion, raw ``text`` and, for
+reward-driven training (``train.objective: grpo``), TRL's prompt-only rows (``prompt``: a text or a list of messages,
+no reply; the row's other columns go to the reward functions, ``extra_columns``); for
 preference tuning, pairs (``prompt``/``chosen``/``rejected``, strings or message lists; without ``prompt`` the
 message lists' shared beginning is the prompt, as in Hub datasets like UltraFeedback) and KTO's unpaired rows
 (``prompt``/``completion``/``label``, the label a boolean).
@@ -28,8 +30,11 @@ FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sharegpt": (("conversations",), ("system",)),
     "alpaca": (("instruction", "output"), ("input", "system")),
     "prompt_completion": (("prompt", "completion"), ("system",)),
+    "prompt": (("prompt",), ("system",)),
     "text": (("text",), ()),
 }
+# Names the reward functions already receive (training/rewards.py): a data column of that name cannot be passed too.
+REWARD_ARGUMENTS = ("prompts", "completions", "reference", "completion_ids")
 PROMPT_LIKE = ("question", "query", "prompt", "input", "instruction", "context", "source", "q", "user", "request")
 ANSWER_LIKE = ("answer", "response", "output", "completion", "target", "reply", "a", "assistant", "label", "summary")
 
@@ -83,16 +88,21 @@ def check_fields_present(records: Iterable[dict[str, Any]], fmt: str, columns: d
             raise _absent_column(column, field, field in columns, fmt, keys, source=source, where=where)
 
 
-def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *, source: str, where: str) -> str:
+def detect_format(records: Iterable[dict[str, Any]], columns: dict[str, str], *, source: str, where: str,
+                  prompts: bool = False) -> str:
     """The format of a source from the keys of its first rows (after the `columns:` mapping).
 
     A `columns:` mapping narrows the choice to the formats that have the mapped fields; when none fits because
-    a mapped column is in no row, the error names that column (not "cannot tell the row format")."""
+    a mapped column is in no row, the error names that column (not "cannot tell the row format"). ``prompts``:
+    TRL's prompt-only rows (a ``prompt`` column and no reply) are the prompt format, which prepare keeps for
+    reward-driven training and refuses otherwise; without it such rows cannot be told (a caller then suggests a
+    reply column)."""
     records = list(records)
     keys = column_names(records)
     inverse = {theirs: field for field, theirs in columns.items()}
     present = {inverse.get(k, k) for k in keys}
-    order = ("preference", "kto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+    order = ("preference", "kto", "messages", "sharegpt", "alpaca", "prompt_completion", "prompt", "text")
+    order = order if prompts else tuple(f for f in order if f != "prompt")
     fitting = [fmt for fmt in order if all(f in FIELDS[fmt][0] + FIELDS[fmt][1] for f in columns)]
     for fmt in fitting or order:
         if fmt == "kto" and not _any_verdict(records, columns.get("label", "label")):
@@ -152,6 +162,22 @@ def suggest_mapping(keys: list[str]) -> str:
             "columns: {prompt: <your question column>, completion: <your answer column>}")
 
 
+def reply_mapping(keys: list[str]) -> str | None:
+    """For prompt-only rows (format prompt): the column that looks like a reply, as a `columns:` mapping that reads
+    the rows as prompt/completion; None when no column does."""
+    lower = {k.lower(): k for k in keys}
+    answer = next((lower[c] for c in ANSWER_LIKE if c in lower and lower[c] != lower.get("prompt")), None)
+    return f"format: prompt_completion and columns: {{completion: {answer}}}" if answer else None
+
+
+def extra_columns(rec: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, Any]:
+    """The row's columns that its format does not read (TRL passes a dataset's other columns to the reward functions
+    as keyword arguments: ``answer=[...]``), in the row's order."""
+    required, optional = FIELDS.get(fmt, ((), ()))
+    read = {columns.get(f, f) for f in required + optional}
+    return {k: v for k, v in rec.items() if k not in read}
+
+
 def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, default_input: str = "") -> dict[str, Any]:
     """One row as {"messages": [...]} or {"text": ...}. Raises RowError with the reason when unusable.
 
@@ -172,6 +198,9 @@ def to_example(rec: dict[str, Any], fmt: str, columns: dict[str, str], *, defaul
 
     if fmt == "text":
         return _with_mapped({"text": conversation.text(get("text"), columns.get("text", "text"), seen)}, seen)
+    if fmt == "prompt":  # TRL's prompt-only row: the turns the model answers, no reply (reward-driven training)
+        prompt = _prompt_turns(get("prompt"), columns.get("prompt", "prompt"), seen)
+        return _with_mapped(_with_system({"messages": prompt, "prompt_only": True}, get, columns, seen), seen)
     if fmt == "preference":
         return _with_mapped(_pair(get, columns, seen), seen)
     if fmt == "kto":

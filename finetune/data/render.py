@@ -118,6 +118,21 @@ def render_batch(tokenizer, conversations: Sequence[Messages], *, train_on: str 
     return out
 
 
+def render_prompts(tokenizer, conversations: Sequence[Messages], *,
+                   tools: Sequence[list[dict[str, Any]] | None] | None = None,
+                   reasoning: str = "auto") -> list[tuple[list[int], list[int]]]:
+    """Prompt-only conversations (reward-driven training: they end with the turn the model answers): every turn
+    and the template's generation prompt, as ``prompt_text`` renders them, with no trained token (labels all -100).
+    tools: one list of tool definitions (or None) per conversation."""
+    if not conversations:
+        return []
+    kwargs = template_kwargs(tokenizer.chat_template, reasoning) if getattr(tokenizer, "chat_template", None) else {}
+    tools = list(tools) if tools is not None else [None] * len(conversations)
+    conversations = [template_messages(c, tokenizer.chat_template or "", reasoning) for c in conversations]
+    texts = _apply(tokenizer, conversations, add_generation_prompt=True, tools=tools, kwargs=kwargs)
+    return [(list(t.ids), [IGNORE_INDEX] * len(t.ids)) for t in _encode(tokenizer, texts)]
+
+
 def render_text(tokenizer, texts: Sequence[str], *, max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
     """Raw text for continued pre-training: BOS (if the tokenizer uses one) + text + EOS, loss on every token."""
     out = []

@@ -14,6 +14,10 @@ from finetune.data.example import Example, row_kind
 from finetune.data.render import IGNORE_INDEX
 from finetune.run import runs
 
+# Reward-driven training: each row's columns that its format does not read (a JSON object per row), which the reward
+# functions receive as keyword arguments (TRL's convention for a dataset's other columns).
+EXTRA_COLUMNS = "extra_columns"
+
 
 def column_arrays(ds: Any, name: str) -> list[Any]:
     """The rows of a list column of a ``datasets.Dataset`` loaded from disk, as numpy views (no copy of the
@@ -29,6 +33,13 @@ def rows(ds: Any, prefix: str = "") -> list[tuple[Any, Any]]:
     """(input ids, labels) of every example, as views (see ``column_arrays``); ``prefix`` picks another pair of
     columns (``rejected_``: a preference pair's rejected side)."""
     return list(zip(column_arrays(ds, f"{prefix}input_ids"), column_arrays(ds, f"{prefix}labels"), strict=True))
+
+
+def extra_columns(ds: Any) -> list[dict[str, Any]]:
+    """Each row's columns for the reward functions ({} for every row of a split prepared without them)."""
+    if EXTRA_COLUMNS not in ds.column_names:
+        return [{} for _ in range(len(ds))]
+    return [json.loads(v) for v in ds[EXTRA_COLUMNS]]
 
 
 def load(path: Path) -> Any:
@@ -74,6 +85,8 @@ def write(out: Path, final: dict[str, list[Example]], report: dict[str, Any], *,
         columns["rejected_labels"] = datasets.Sequence(datasets.Value("int64"))
     if kind == "rated":
         columns["desirable"] = datasets.Value("int64")
+    if any(e.example.get("extra_columns") for rows in final.values() for e in rows):
+        columns[EXTRA_COLUMNS] = datasets.Value("string")  # training/rollout.py passes them to the rewards
     report["row_kind"] = kind
     features = datasets.Features(columns)
     lengths = {}
@@ -115,6 +128,9 @@ def _write_splits(out: Path, final: dict[str, list[Example]], report: dict[str, 
                 table["rejected_labels"] = _list_array([e.rejected_labels for e in rows])
             if "desirable" in features:
                 table["desirable"] = [int(e.example["desirable"]) for e in rows]
+            if EXTRA_COLUMNS in features:
+                table[EXTRA_COLUMNS] = [json.dumps(e.example.get("extra_columns") or {}, ensure_ascii=False)
+                                        for e in rows]
             ds = datasets.Dataset.from_dict(table, features=features)
             # an empty split still gets its one (empty) shard: without one, load_from_disk fails with an IndexError
             ds.save_to_disk(str(tok_dir / split), **({"num_shards": 1} if not rows else {}))

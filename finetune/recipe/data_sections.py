@@ -50,7 +50,8 @@ class ModelConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ data
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "prompt", "text", "preference",
+                     "kto"]
 
 
 class SourceConfig(Section):
@@ -60,7 +61,8 @@ class SourceConfig(Section):
     split: str = Field("train", description="Which split of the source to read.")
     revision: str | None = Field(None, description="Hub dataset revision to pin.")
     streaming: bool = Field(False, description="Stream a large Hub dataset instead of downloading it whole.")
-    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns. prompt: TRL's "
+                               "prompt-only rows (a prompt, no reply), for train.objective grpo only.")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map your column names to the format's fields, e.g. {prompt: question, completion: answer}.",

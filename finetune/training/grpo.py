@@ -271,7 +271,8 @@ def _rollout(model, prompt_rows, rt: Runtime, seed: int, *, sample: bool):
     texts = [rt.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     prompts = [rt.tokenizer.decode(r.ids, skip_special_tokens=True) for r in expanded]
     refs = [r.reference(rt.tokenizer, rt.stop_ids) for r in expanded]
-    per_func = rewards_mod.score(rt.rewards, prompts, texts, refs, completions, [r.name for r in expanded])
+    per_func = rewards_mod.score(rt.rewards, prompts, texts, refs, completions, [r.name for r in expanded],
+                                 columns=[r.columns for r in expanded])
     adv, _ = advantages(per_func, [r.weight for r in rt.rewards], n, rt.settings.scale_rewards)
     return Rollouts([list(r.ids) for r in expanded], completions, adv), per_func, [len(c) for c in completions]
 

@@ -4,7 +4,10 @@ Every reward has TRL's signature, ``f(prompts, completions, **columns) -> list[f
 function written for TRL's GRPOTrainer works unchanged: ``prompts`` are the rendered prompt texts, ``completions``
 the generated texts (``conversational: true``: ``[{"role": "assistant", "content": text}]`` each), and the columns
 are ``reference`` (the row's reference answer: the last assistant turn, the completion or the output; None on a
-prompt-only row) and ``completion_ids`` (token ids). None means "no opinion" (TRL: NaN, left out of the sums).
+prompt-only row), ``completion_ids`` (token ids) and, as TRL passes a dataset's other columns, every column of the
+data rows that their format does not read (``answer``, ``solution``...; prepare keeps them as ``extra_columns``), one
+value per completion (None where a row lacks it). None means "no opinion" (TRL: NaN, left out of the sums). The
+built-ins read only their own arguments.
 
 The built-ins score 1 or 0, except ``length`` (0 up to ``max_tokens``, then -(n - max_tokens) / max_tokens):
 
@@ -140,8 +143,8 @@ def build(configs: Sequence[Any], base_dir: Path, *, template: str = "") -> list
 
 
 def _bind(fn, settings: dict[str, Any]):
-    def bound(prompts, completions, **columns):
-        return fn(prompts, completions, **columns, **settings)
+    def bound(prompts, completions, **columns):  # a data column named like a setting does not replace it
+        return fn(prompts, completions, **{k: v for k, v in columns.items() if k not in settings}, **settings)
     return bound
 
 
@@ -187,21 +190,28 @@ def _schema(value: dict[str, Any] | str | None, base_dir: Path, where: str) -> d
 
 # ------------------------------------------------------------------------------------------ scoring
 def score(rewards: Sequence[Reward], prompts: Sequence[str], completions: Sequence[str], references: Sequence[Any],
-          completion_ids: Sequence[Sequence[int]], rows: Sequence[str]):
+          completion_ids: Sequence[Sequence[int]], rows: Sequence[str],
+          columns: Sequence[dict[str, Any]] | None = None):
     """(completions, rewards) float tensor of each reward's values (NaN: None), checked. ``rows``: a name for
-    each completion's data row ("training row 12"), for errors."""
+    each completion's data row ("training row 12"), for errors; ``columns``: each completion's data row's other
+    columns (prepare's ``extra_columns``), passed by name as TRL does."""
     import torch
 
     n = len(completions)
-    columns = {"reference": list(references), "completion_ids": [list(c) for c in completion_ids]}
+    rows_columns = list(columns) if columns is not None else [{}] * n
+    # every row's columns, in order of appearance (prepare refuses those named like the arguments below)
+    names = dict.fromkeys(k for c in rows_columns for k in c if k not in ("prompts", "completions"))
+    columns = {k: [c.get(k) for c in rows_columns] for k in names}
+    columns.update({"reference": list(references), "completion_ids": [list(c) for c in completion_ids]})
     out = torch.full((n, len(rewards)), float("nan"))
     for j, r in enumerate(rewards):
         if r.needs_reference:
             missing = next((k for k, ref in enumerate(references) if ref is None), None)
             if missing is not None:
                 raise UserError(f"train.rewards: {r.label} compares with the reference, but {rows[missing]} has none "
-                                "(a prompt-only row); give every row a reference answer or use a reward that needs "
-                                "none (regex, json_schema, length, your function).")
+                                "(a prompt-only row); give every row a reference answer (its reply) or use a reward "
+                                "that needs none (regex, json_schema, length, your function: it receives the rows' "
+                                "other columns, e.g. answer=).")
         shown = [[{"role": "assistant", "content": c}] for c in completions] if r.conversational else list(completions)
         try:
             values = r.fn(prompts=list(prompts), completions=shown, **columns)

@@ -1,10 +1,12 @@
 """GRPO's prompts and rollouts: prompt rows read from prepare's tokenized splits, and batched sampling from the
 training model.
 
-Prompt rows come from the rows prepare already writes (messages, prompt/completion, alpaca: templated, split and
-checked like every other run): the prompt is everything before the row's last trained span (it ends with the
-chat template's assistant header), the reference is that span's text without the end-of-turn token. A row without
-a trained token is prompt-only (reference None).
+Prompt rows come from the rows prepare already writes (messages, prompt/completion, alpaca, TRL's prompt-only rows:
+templated, split and checked like every other run): the prompt is everything before the row's last trained span (it
+ends with the chat template's assistant header), the reference is that span's text without the end-of-turn token. A
+row without a trained token is prompt-only (reference None): prepare rendered it up to the generation prompt. The
+row's other columns (prepare's ``extra_columns``) go to the reward functions as keyword arguments, as TRL passes a
+dataset's other columns.
 
 Generation is ``model.generate`` on the training model itself (adapter on, eval mode, no gradients, KV cache),
 left-padded, every prompt's completions in one call, stopping at the end-of-turn ids of ``models.stop_ids``
@@ -15,7 +17,7 @@ stop), as TRL's completion mask does.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ class PromptRow:
     ids: tuple[int, ...]                      # the rendered prompt, up to the assistant's reply
     reference_ids: tuple[int, ...] | None     # the reference reply's tokens (None: a prompt-only row)
     name: str                                 # "training row 12": how errors name it
+    columns: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # for the reward functions
 
     def reference(self, tokenizer, stop_ids) -> str | None:
         if self.reference_ids is None:
@@ -43,17 +46,18 @@ class PromptRow:
         return len(self.ids)
 
 
-def prompt_row(input_ids, labels, name: str) -> PromptRow:
-    """The prompt (before the last trained span) and the reference (that span) of one tokenized row."""
+def prompt_row(input_ids, labels, name: str, columns: dict[str, Any] | None = None) -> PromptRow:
+    """The prompt (before the last trained span) and the reference (that span) of one tokenized row, with the
+    row's columns for the reward functions."""
     ids, labels = [int(t) for t in input_ids], [int(t) for t in labels]
     trained = [k for k, lab in enumerate(labels) if lab != IGNORE_INDEX]
     if not trained:
-        return PromptRow(tuple(ids), None, name)
+        return PromptRow(tuple(ids), None, name, dict(columns or {}))
     end = trained[-1] + 1
     start = end - 1
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    return PromptRow(tuple(ids[:start]), tuple(ids[start:end]), name)
+    return PromptRow(tuple(ids[:start]), tuple(ids[start:end]), name, dict(columns or {}))
 
 
 def load_rows(path: Path, split: str) -> list[PromptRow]:
@@ -61,8 +65,10 @@ def load_rows(path: Path, split: str) -> list[PromptRow]:
     missing = {"input_ids", "labels"} - set(ds.column_names)
     if missing:
         raise UserError(f"{path}: the tokenized {split} split lacks columns {sorted(missing)}; train.objective grpo "
-                        "reads prompt (+ reference) rows: messages, prompt/completion or alpaca. Rerun prepare.")
-    rows = [prompt_row(i, lab, f"{split} row {k}") for k, (i, lab) in enumerate(tokenized.rows(ds))]
+                        "reads prompt (+ reference) rows: messages, prompt/completion, alpaca or prompt-only rows. "
+                        "Rerun prepare.")
+    extra = tokenized.extra_columns(ds)
+    rows = [prompt_row(i, lab, f"{split} row {k}", extra[k]) for k, (i, lab) in enumerate(tokenized.rows(ds))]
     rows = [r for r in rows if r.ids]
     if split == "train" and not rows:
         raise UserError(f"{path}: the training split has no prompt; check data.sources and rerun prepare.")
