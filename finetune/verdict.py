@@ -4,6 +4,12 @@ Improvement is read from a paired-bootstrap 95% interval of (fine-tuned - base) 
 examples resampled together for both models); exact-match rates also get 95% Wilson intervals. Over- and
 underfitting are read from train's log.jsonl and from the gap between the fine-tuned model's loss on training
 examples and on held-out examples. VERDICT_RULES states every rule; metrics.json and the report repeat it.
+
+A GRPO run (train.objective grpo) is judged by its reward instead: its training loss is a policy-gradient surrogate
+(it is not expected to fall, and its size says nothing of how good the answers are), and its validation "loss" is
+minus the held-out reward. Improvement is the paired bootstrap of the held-out reward that eval measures on every
+model's answers (finetune/eval_reward.py), over- and underfitting are read from the training and held-out rewards
+in the train log, and no loss-based judgement is made. REWARD_RULES states those rules (``rules`` picks the set).
 """
 
 from __future__ import annotations
@@ -39,6 +45,32 @@ VERDICT_RULES = {
                   f"agreement < {FORGETTING_STRONG[0]:.0%}, KL > {FORGETTING_STRONG[1]} nats/token or perplexity up "
                   f"by > {FORGETTING_STRONG[2] - 1:.0%}; mild otherwise.",
 }
+
+# A GRPO run's verdict (reward units: the weighted sum of train.rewards; the built-ins score within [-1, 1]).
+REWARD_DROP = 0.05  # a smaller fall of the held-out reward from its best is noise, not overfitting
+REWARD_RISE = 0.05  # a smaller rise of the training reward over the last third is not "still rising"
+REWARD_RULES = {
+    "improved": "A GRPO run is judged by its held-out reward (the weighted sum of train.rewards on each model's "
+                "answers to the held-out prompts): improved when the 95% paired-bootstrap interval of (fine-tuned - "
+                "base) lies entirely above 0; worse when entirely below 0; otherwise no clear difference at this "
+                "sample size. Its loss is a policy-gradient surrogate and is not judged.",
+    "overfitting": f"Overfitting when the last held-out reward of the train log is more than {REWARD_DROP} below "
+                   "its best while the training reward kept rising after the best step.",
+    "underfitting": "Underfitting when the training reward was still rising at the end (the last third of the "
+                    f"logged steps rose by more than {REWARD_RISE}) and the last held-out reward was the best.",
+}
+
+
+def rules(reward_run: bool = False) -> dict[str, str]:
+    """The verdict's rules as metrics.json and the report state them: a GRPO run's (``reward_run``) or the others'."""
+    return {**VERDICT_RULES, **REWARD_RULES} if reward_run else dict(VERDICT_RULES)
+
+
+def is_reward_run(variants: dict[str, dict[str, Any]], log_rows: list[dict[str, Any]]) -> bool:
+    """Whether the run learned from rewards (GRPO): eval scored the answers with its rewards (``reward`` in a
+    variant, finetune/eval_reward.py) or train logged rewards (``reward``, ``val_reward``)."""
+    return (any("reward" in v for v in variants.values())
+            or any(r.get("reward") is not None or r.get("val_reward") is not None for r in log_rows))
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -86,7 +118,10 @@ def make_verdict(variants: dict[str, dict[str, Any]], scores: dict[str, list[dic
                  gguf_status: dict[str, Any]) -> dict[str, Any]:
     """The verdict of metrics.json: improved (primary metric, else held-out loss), over- and underfitting, and
     the GGUF against the fine-tuned model when its column was scored. ``scores`` and ``example_loss`` are per
-    example and per variant name ("base", "finetuned", "gguf-<quant>")."""
+    example and per variant name ("base", "finetuned", "gguf-<quant>"). A GRPO run (``is_reward_run``) gets
+    ``reward_verdict`` instead."""
+    if is_reward_run(variants, log_rows):
+        return reward_verdict(variants, scores, log_rows, gen_names, gguf_status)
     verdict: dict[str, Any] = {}
     primary = next(((m, k) for m, k in PRIMARY_ORDER if m in gen_names), None)
     if primary and "base" in scores and "finetuned" in scores:
@@ -132,6 +167,104 @@ def make_verdict(variants: dict[str, dict[str, Any]], scores: dict[str, list[dic
     return verdict
 
 
+def reward_verdict(variants: dict[str, dict[str, Any]], scores: dict[str, list[dict[str, float]]],
+                   log_rows: list[dict[str, Any]], gen_names: list[str], gguf_status: dict[str, Any]) -> dict[str, Any]:
+    """The verdict of a GRPO run: improved from the held-out reward (each example's weighted reward, base vs
+    fine-tuned), over- and underfitting from the rewards in the train log; the primary task metric, where the
+    examples have a reference, beside it (``task``). No loss-based judgement."""
+    verdict: dict[str, Any] = {}
+    paired = _paired(scores, "base", "finetuned", "reward")
+    if paired:
+        a, b = paired
+        verdict["improved"] = improvement("reward", paired_bootstrap(a, b), higher_is_better=True,
+                                          base=sum(a) / len(a), finetuned=sum(b) / len(b))
+        verdict["improved"]["rule"] = REWARD_RULES["improved"]
+    else:
+        verdict["improved"] = {"status": "unknown", "metric": "reward", "summary": "nothing to compare: the held-out "
+                               "answers of the base and the fine-tuned model were not scored with train.rewards"}
+    primary = next(((m, k) for m, k in PRIMARY_ORDER if m in gen_names), None)
+    if primary and (task := _paired(scores, "base", "finetuned", primary[1])):
+        a, b = task
+        verdict["task"] = improvement(primary[1], paired_bootstrap(a, b), higher_is_better=True,
+                                      base=sum(a) / len(a), finetuned=sum(b) / len(b))
+    verdict["summary"] = verdict["improved"]["summary"]
+    verdict["overfitting"] = reward_overfitting(log_rows)
+    verdict["underfitting"] = reward_underfitting(log_rows)
+    gguf_name = gguf_status.get("variant")
+    if gguf_name and (pair := _paired(scores, "finetuned", gguf_name, "reward")):
+        f, g = pair
+        boot = paired_bootstrap(f, g)
+        verdict["gguf"] = {
+            "metric": "reward", "finetuned": sum(f) / len(f), "gguf": sum(g) / len(g),
+            "difference": boot["difference"], "ci95": [boot["low"], boot["high"]],
+            "summary": f"{gguf_name} vs fine-tuned (transformers) on the held-out reward: {sum(g) / len(g):.3f} vs "
+                       f"{sum(f) / len(f):.3f} (difference {boot['difference']:+.3f}, 95% CI {boot['low']:+.3f} to "
+                       f"{boot['high']:+.3f}).",
+        }
+    return verdict
+
+
+def _paired(scores: dict[str, list[dict[str, float]]], first: str, second: str,
+            key: str) -> tuple[list[float], list[float]] | None:
+    """(first's, second's) values of ``key`` on the examples both have it for (a task metric exists only where an
+    example has a reference), or None when there are none."""
+    if first not in scores or second not in scores:
+        return None
+    pairs = [(x[key], y[key]) for x, y in zip(scores[first], scores[second], strict=False)
+             if x.get(key) is not None and y.get(key) is not None]
+    return ([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+
+
+def reward_overfitting(log_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A GRPO run's held-out reward falling from its best while its training reward keeps rising (train log)."""
+    train = [(r["step"], r["reward"]) for r in log_rows if r.get("reward") is not None]
+    val = [(r["step"], r["val_reward"]) for r in log_rows if r.get("val_reward") is not None]
+    flag = False
+    if len(val) >= 3:
+        best_step, best = max(val, key=lambda p: p[1])
+        last_step, last = val[-1]
+        before = [x for st, x in train if st <= best_step][-3:]
+        after = [x for st, x in train if st > best_step][-3:]
+        train_rose = bool(before and after) and sum(after) / len(after) > sum(before) / len(before)
+        if last < best - REWARD_DROP and last_step > best_step:
+            flag = train_rose
+            finding = (f"held-out reward fell from {best:.3f} (step {best_step}) to {last:.3f} (step {last_step})"
+                       + (" while the training reward kept rising" if train_rose else ""))
+        else:
+            finding = f"held-out reward at the end {last:.3f} is within {REWARD_DROP} of its best {best:.3f}"
+    else:
+        finding = f"only {len(val)} held-out reward point(s) in the train log: too few to see a trend"
+    return {"flag": flag, "finding": ("yes: " if flag else "no: ") + finding, "rule": REWARD_RULES["overfitting"]}
+
+
+def reward_underfitting(log_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A GRPO run's training and held-out rewards both still rising at the end (train log)."""
+    train = [r["reward"] for r in log_rows if r.get("reward") is not None]
+    val = [r["val_reward"] for r in log_rows if r.get("val_reward") is not None]
+    if len(train) < 4:
+        return {"flag": False, "finding": f"unknown: only {len(train)} training reward point(s) in the train log",
+                "rule": REWARD_RULES["underfitting"]}
+    third = max(1, len(train) // 3)
+    evidence = [f"training reward {sum(train[:third]) / third:.3f} → {sum(train[-third:]) / third:.3f} (mean of the "
+                "first and last third of the logged steps)"]
+    tail = train[-max(4, len(train) // 3):]
+    half = len(tail) // 2
+    first, second = sum(tail[:half]) / half, sum(tail[half:]) / (len(tail) - half)
+    train_rising = second > first + REWARD_RISE
+    val_rising = len(val) >= 2 and val[-1] == max(val) and val[-1] > val[-2]
+    if train_rising:
+        evidence.append(f"still rising at the end ({first:.3f} → {second:.3f} over the last third)")
+    if val_rising:
+        evidence.append(f"held-out reward still rising at the end ({val[-2]:.3f} → {val[-1]:.3f})")
+    elif train_rising:
+        evidence.append("but the held-out reward is not seen still rising" + (" (fewer than 2 validation points)"
+                                                                                if len(val) < 2 else ""))
+    flag = train_rising and val_rising
+    hint = " More steps (train.max_steps / epochs) would likely raise it further." if flag else ""
+    return {"flag": flag, "finding": ("yes: " if flag else "no: ") + "; ".join(evidence) + "." + hint,
+            "rule": REWARD_RULES["underfitting"]}
+
+
 def forgetting(measures: dict[str, Any]) -> dict[str, Any]:
     """none / mild / strong from the forgetting check's measures (finetune.eval_forgetting): top1_agreement, kl and
     perplexity of the base and the fine-tuned model on the general text; the rule in VERDICT_RULES["forgetting"]."""
@@ -159,7 +292,7 @@ def improvement(metric: str, boot: dict[str, float], *, higher_is_better: bool, 
     words = {"improved": "Fine-tuning improved", "worse": "Fine-tuning made it worse:",
              "no clear difference": "No clear difference in"}[status]
     label = {"tool_call_match": "function-call exact match", "exact_match": "exact match", "correct": "accuracy", "rougeL": "ROUGE-L", "chrf": "chrF (sentence)",
-             "bleu": "BLEU (sentence)", "loss": "held-out loss"}.get(metric, metric)
+             "bleu": "BLEU (sentence)", "loss": "held-out loss", "reward": "held-out reward"}.get(metric, metric)
     summary = (f"{words} {label}: base {base:.3f} → fine-tuned {finetuned:.3f} (difference {boot['difference']:+.3f}, "
                f"95% CI {low:+.3f} to {high:+.3f}, n={boot['n']} paired examples).")
     return {"status": status, "metric": metric, "base": base, "finetuned": finetuned, "difference": boot["difference"],
