@@ -211,10 +211,25 @@ def _short_hash(path: Path) -> str:
 
 
 def gguf_to_checkpoint(gguf: Path, name: str | None = None, key: str | None = None) -> Path:
-    """Convert a GGUF file once into a cached safetensors checkpoint with tokenizer and chat template."""
+    """Convert a GGUF file once into a cached safetensors checkpoint with tokenizer and chat template. Processes
+    that ask at the same time wait for the first one's conversion (a lock file beside the cached folder)."""
+    from filelock import FileLock
+
     target = cache_root() / "models" / f"{name or gguf.stem}-{key or _short_hash(gguf)}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not _converted(target):  # another process may have converted it while this one waited
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -248,7 +263,6 @@ def gguf_to_checkpoint(gguf: Path, name: str | None = None, key: str | None = No
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -257,17 +257,23 @@ def llama_cpp_models() -> Path:
 
 def build(name: str, *, log=print) -> Path:
     """The twin's folder (built on first use)."""
+    from filelock import FileLock
+
     from finetune.run import runs
 
     family = FAMILIES[name]
     out = twin_dir(name)
     if (out / "config.json").exists():
         return out
-    log(f"twins: building {name}")
-    with runs.atomic_dir(out) as tmp:
-        tmp = Path(tmp)
-        tokenizer = _tokenizer(family, tmp)
-        _model(family, tokenizer, tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # processes building the same twin at once: one builds, the others wait
+        if (out / "config.json").exists():
+            return out
+        log(f"twins: building {name}")
+        with runs.atomic_dir(out) as tmp:
+            tmp = Path(tmp)
+            tokenizer = _tokenizer(family, tmp)
+            _model(family, tokenizer, tmp)
     return out
 
 

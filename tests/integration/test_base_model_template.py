@@ -52,7 +52,7 @@ def _recipe(tmp: Path, model_dir: Path, template: str) -> Path:
         "data": {"sources": [{"path": "chat.jsonl"}], "split": {"validation": 0.0, "test": 0.1}},
         "train": {"method": "lora", "lora": {"r": 8, "alpha": 16}, "lr": 2.0e-2, "batch_size": 8, "max_steps": 40,
                   "eval_every": 40, "save_every": 40},
-        "eval": {"metrics": ["loss"], "max_examples": 4},
+        "eval": {"metrics": ["loss"], "max_examples": 4, "forgetting": False},
         "export": {"quantizations": ["F16"]},
     }
     path = tmp / "recipe.yaml"

@@ -50,7 +50,8 @@ def _run(tmp_path: Path, model_dir: Path, rows: list[dict], **train):
            "data": {"sources": [{"path": str(data)}], "split": {"validation": 0.1, "test": 0.3}},
            "train": {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "scheduler": "constant", "warmup_ratio": 0.0,
                      "log_every": 1, "eval_every": 100, "save_every": 100, **train},
-           "eval": {"metrics": ["loss", "exact_match"], "max_new_tokens": 4, "batch_size": 8, "gguf": False}}
+           "eval": {"metrics": ["loss", "exact_match"], "max_new_tokens": 4, "batch_size": 8, "gguf": False,
+                    "forgetting": False}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(doc))
     recipe = recipe_mod.load(path)

@@ -68,7 +68,7 @@ def write_recipe(folder: Path, name: str, model: str | Path, sources: list[str],
     recipe = {"name": name, "seed": 0, "runs_dir": str(folder / "runs"), "model": {"id": str(model), "dtype": "float32"},
               "data": {"sources": [{"path": s} for s in sources], "split": {"validation": 0, "test": 0},
                        "clean": {"near_dedupe": False, "max_tokens": 128}},
-              "train": train, "eval": {"gguf": False}, **sections}
+              "train": train, "eval": {"gguf": False, "forgetting": False}, **sections}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path

@@ -85,6 +85,8 @@ def test_eval_outputs(run):
         assert 0 < model["loss"] < 20 and model["perplexity"] > 1
     # Six steps at lr 5e-4 on this task lower the held-out loss (the signal the whole pipeline exists for).
     assert tuned["loss"] < base["loss"]
+    # the forgetting check is on by default: measured, with a verdict (the other end-to-end tests switch it off)
+    assert metrics["forgetting"] and metrics["verdict"]["forgetting"]["status"] in ("none", "mild", "strong")
     # export ran before eval, so the report scores the exported GGUF on the same prompts
     assert metrics["gguf"]["status"] == "scored", metrics["gguf"]
     page = (run_dir / "eval" / "report.html").read_text()

@@ -17,10 +17,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tools.yaml"
-# the quantization table proves nothing about tool calls. Batch 4 instead of the recipe's 8 reached 0.42 tool-call
+# the quantization table, the forgetting check and the adapter GGUF prove nothing about tool calls (the quickstart's
+# end-to-end test runs them). Batch 4 instead of the recipe's 8 reached 0.42 tool-call
 # match, but the served model then streamed other arguments ('Olsen') than it answered whole ('Oslo'): batch 8 stays.
 BUDGET = ["train.max_steps=16", "train.eval_every=8", "train.save_every=8", "eval.max_examples=12",
-          "eval.max_new_tokens=48", "export.table_examples=0"]
+          "eval.max_new_tokens=48", "export.table_examples=0", "eval.forgetting=false", "export.adapter_gguf=false"]
 
 
 @pytest.fixture(scope="module")
