@@ -29,6 +29,7 @@ from finetune.training.memory import (  # noqa: F401  (plan.X names kept for scr
     fits,
     plan_for_budget,
     seconds_per_1k_examples,
+    sequences_per_example,
     settings_for,
     suggest,
     train_flops_per_token,
@@ -250,7 +251,9 @@ def format_plan(plan: dict) -> str:
              f"{plan['config_source']})"]
     method = d["method"] + ("" if d["method"] == "full" else f" r={d['lora_r']} on {d['target_modules']}")
     where = "the longest prepared example" if plan.get("prepared") else "data.clean.max_tokens"
-    lines.append(f"  {method}; micro-batch {d['batch_size']} x {d['seq_len']} tokens (worst case: every sequence at "
+    batch = f"{d['batch_size']}" + (f" pairs ({2 * d['batch_size']} sequences)"
+                                    if sequences_per_example(d["objective"]) == 2 else "")
+    lines.append(f"  {method}; micro-batch {batch} x {d['seq_len']} tokens (worst case: every sequence at "
                  f"{where}), grad_accum {d['grad_accum']}, optimizer {d['optimizer']}")
     for r in plan["results"]:
         e, s = r["estimate"], r["settings"]

@@ -55,8 +55,8 @@ class Settings:
     lora_r: int = 16
     lora_dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = 8                   # examples per micro-batch, as train.batch_size counts them (pairs: two
+    grad_accum: int = 1                   # sequences each, see sequences_per_example)
     seq_len: int = 1024
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"              # adamw | adamw_8bit | sgd | adafactor
@@ -105,7 +105,7 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     # activations are in the compute dtype; under QLoRA, peft's prepare_model_for_kbit_training upcasts the
     # embeddings and norms to fp32, so the residual stream and the 4-bit layers' outputs are fp32
     act = 4 if s.method == "qlora" else DTYPE_BYTES[s.compute_dtype or s.weight_dtype]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.batch_size * sequences_per_example(s.objective) * s.seq_len
     # per kind of decoder layer (ModelDims.layer_groups): how many, and the modules LoRA adapts; then the adapted
     # modules outside the layers (Gemma 4's per-layer input projection), once
     groups = (dims.lora_target_groups(s.target_modules) if s.method != "full"
@@ -160,6 +160,15 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     return MemoryEstimate(weights=int(weights), adapter=int(adapter), gradients=int(gradients), optimizer=int(optimizer),
                           activations=int(activations), logits=int(logits), framework=int(framework),
                           total_params=dims.total_params, trainable_params=int(trainable), notes=notes)
+
+
+def sequences_per_example(objective: str) -> int:
+    """Sequences one example of a micro-batch (one unit of train.batch_size) brings: a pair (DPO, ORPO, SimPO) is a
+    chosen and a rejected reply, trained side by side; an SFT or KTO row is one. GRPO counts one per prompt: its
+    completions are not counted yet (docs/grpo.md)."""
+    from finetune.training.preference import PAIRED
+
+    return 2 if objective in PAIRED else 1
 
 
 def _weight_bytes(dims: ModelDims, s: Settings, wbytes: int, notes: list[str]) -> int:
@@ -302,16 +311,34 @@ def fits(est: MemoryEstimate, budget_bytes: int) -> bool:
     return est.total <= budget_bytes
 
 
-def suggest(dims: ModelDims, settings: Settings, budget_bytes: int) -> list[Suggestion]:
+def as_planned(dims: ModelDims, settings: Settings, budget_bytes: int, auto_checkpointing: bool = False
+               ) -> tuple[Settings, MemoryEstimate]:
+    """The settings a run takes and their estimate: with ``auto_checkpointing`` (train.gradient_checkpointing
+    auto), checkpointing off when that fits, else on (what train does); otherwise the settings as given."""
+    if auto_checkpointing:
+        off = replace(settings, gradient_checkpointing=False)
+        est = estimate(dims, off)
+        if fits(est, budget_bytes):
+            return off, est
+        settings = replace(settings, gradient_checkpointing=True)
+    return settings, estimate(dims, settings)
+
+
+def suggest(dims: ModelDims, settings: Settings, budget_bytes: int, *, auto_checkpointing: bool = False
+            ) -> list[Suggestion]:
     """Changes that lower memory, ordered by least quality cost, each applied on top of the previous ones,
     stopping at the first combination that fits. Empty when the settings already fit.
 
     A smaller micro-batch with more accumulation costs no quality (only speed), so at every step the largest
-    micro-batch that fits is tried before reaching for a lever that costs quality."""
-    if fits(estimate(dims, settings), budget_bytes):
+    micro-batch that fits is tried before reaching for a lever that costs quality. Every change is in the units of
+    the recipe key it names (``train.batch_size`` counts pairs for DPO, ORPO and SimPO), and its total is what
+    planning the recipe with the overrides gives: with ``auto_checkpointing`` (train.gradient_checkpointing auto),
+    each estimate is taken as ``as_planned`` takes it, with checkpointing on only when it must be."""
+    if fits(as_planned(dims, settings, budget_bytes, auto_checkpointing)[1], budget_bytes):
         return []
     levers: list[tuple[str, list[str], Settings]] = []
-    cur = settings
+    base = replace(settings, gradient_checkpointing=True) if auto_checkpointing else settings
+    cur = base
     if not cur.gradient_checkpointing:  # no quality cost, ~30% slower
         cur = replace(cur, gradient_checkpointing=True)
         levers.append(("turn on gradient checkpointing (same result, ~30% slower)", ["train.gradient_checkpointing=on"], cur))
@@ -319,8 +346,11 @@ def suggest(dims: ModelDims, settings: Settings, budget_bytes: int) -> list[Sugg
         cur = replace(cur, optimizer="adamw_8bit")
         levers.append(("8-bit AdamW states (quality effect usually negligible)", ["train.optimizer=adamw_8bit"], cur))
     if cur.device == "cuda" and cur.method in ("lora", "dora", "full"):  # small quality cost
-        overrides = ["train.method=qlora"] + (["train.lora.r=16"] if cur.method == "full" else [])
-        cur = replace(cur, method="qlora", lora_r=cur.lora_r if cur.method != "full" else 16)
+        full = cur.method == "full"
+        overrides = ["train.method=qlora"] + (["train.lora.r=16"] if full else [])
+        # full fine-tuning's fp32 master weights are gone: 4-bit layers compute in the autocast dtype
+        cur = replace(cur, method="qlora", lora_r=16 if full else cur.lora_r,
+                      weight_dtype=cur.compute_dtype or cur.weight_dtype, compute_dtype=None)
         levers.append(("QLoRA: 4-bit NF4 base weights (small quality cost)", overrides, cur))
     while cur.seq_len > 256:  # drops or truncates long examples: quality cost depends on the data
         cur = replace(cur, seq_len=cur.seq_len // 2)
@@ -328,22 +358,22 @@ def suggest(dims: ModelDims, settings: Settings, budget_bytes: int) -> list[Sugg
                        "length report)", [f"data.clean.max_tokens={cur.seq_len}"], cur))
 
     steps: list[Suggestion] = []
-    for change, overrides, new in [("", [], settings)] + levers:
+    for change, overrides, new in [("", [], base)] + levers:
         if change:
-            est = estimate(dims, new)
+            est = as_planned(dims, new, budget_bytes, auto_checkpointing)[1]
             steps.append(Suggestion(change, overrides, est.total, fits(est, budget_bytes)))
             if steps[-1].fits:
                 return steps
-        b = new.batch_size // 2
-        while b >= 1:
+        # the same examples per optimizer step (batch_size x grad_accum), so only divisors of the micro-batch
+        for b in sorted((d for d in range(1, new.batch_size) if new.batch_size % d == 0), reverse=True):
             smaller = replace(new, batch_size=b, grad_accum=new.grad_accum * new.batch_size // b)
-            est = estimate(dims, smaller)
+            est = as_planned(dims, smaller, budget_bytes, auto_checkpointing)[1]
             if fits(est, budget_bytes):
+                unit = (" pair" if b == 1 else " pairs") if sequences_per_example(new.objective) == 2 else ""
                 steps.append(Suggestion(
-                    f"micro-batch {b} with grad_accum {smaller.grad_accum} (same effective batch, slower)",
+                    f"micro-batch {b}{unit} with grad_accum {smaller.grad_accum} (same effective batch, slower)",
                     [f"train.batch_size={b}", f"train.grad_accum={smaller.grad_accum}"], est.total, True))
                 return steps
-            b //= 2
     return steps
 
 
@@ -359,12 +389,10 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
                                             fast_bf16=device == "cuda" or cpu_fast_bf16)
     ckpt = {"on": True, "off": False}.get(t.gradient_checkpointing, False) if gradient_checkpointing is None \
         else gradient_checkpointing
-    # a micro-batch of pairs holds two sequences per row (chosen and rejected): twice the activations
-    sequences = 2 if t.objective in ("dpo", "orpo", "simpo") else 1
     # LoRA on the output layer: the loss takes the full logits (training/loss.py)
     head_adapted = t.method != "full" and isinstance(t.lora.target_modules, list) and "lm_head" in t.lora.target_modules
     return Settings(chunked_loss=not head_adapted, method=t.method, lora_r=t.lora.r, lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
-                    batch_size=t.batch_size * sequences, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
+                    batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
                     objective=t.objective, lora_experts=t.lora.experts,
                     gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, compute_dtype=compute,
                     device=device, attn_implementation=recipe.model.attn_implementation, packed=t.packing)
@@ -372,12 +400,8 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
 
 def plan_for_budget(dims: ModelDims, settings: Settings, budget_bytes: int, checkpointing_mode: str = "auto") -> dict:
     """Estimate for a budget; with checkpointing 'auto', off when it fits without, else on (what train does)."""
-    s = settings
-    if checkpointing_mode == "auto":
-        s = replace(settings, gradient_checkpointing=False)
-        if not fits(estimate(dims, s), budget_bytes):
-            s = replace(settings, gradient_checkpointing=True)
-    est = estimate(dims, s)
+    auto = checkpointing_mode == "auto"
+    s, est = as_planned(dims, settings, budget_bytes, auto)
     return {"settings": asdict(s), "estimate": est.as_dict(), "budget": budget_bytes, "fits": fits(est, budget_bytes),
-            "suggestions": [asdict(x) for x in suggest(dims, s, budget_bytes)]}
+            "suggestions": [asdict(x) for x in suggest(dims, s, budget_bytes, auto_checkpointing=auto)]}
 

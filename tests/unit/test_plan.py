@@ -203,14 +203,19 @@ def test_preference_objectives_count_their_extra_forward_passes():
 
 
 def test_pairs_double_the_sequences_of_a_micro_batch(tmp_path):
+    """train.batch_size counts pairs for DPO, ORPO and SimPO and rows for KTO: the settings keep the recipe's count
+    (so a suggested train.batch_size means what the key means), and the estimate takes a pair as two sequences."""
     from finetune import recipe as recipe_mod
 
     path = tmp_path / "r.yaml"
     path.write_text("name: r\nmodel: {id: smollm2-135m-instruct}\ntrain: {batch_size: 4, objective: dpo}\n")
-    r = recipe_mod.load(path)
-    assert plan.settings_for(r, "cpu").batch_size == 8
-    assert plan.settings_for(recipe_mod.load(path, ["train.objective=kto"]), "cpu").batch_size == 4
-    assert plan.settings_for(recipe_mod.load(path, ["train.objective=simpo"]), "cpu").batch_size == 8
+    d = dims(LLAMA8B)
+    for objective, sequences in (("dpo", 2), ("simpo", 2), ("orpo", 2), ("kto", 1), ("grpo", 1), ("sft", 1)):
+        rewards = ["train.rewards=[{name: exact_match}]"] if objective == "grpo" else []
+        s = plan.settings_for(recipe_mod.load(path, [f"train.objective={objective}", *rewards]), "cuda")
+        assert s.batch_size == 4 and plan.sequences_per_example(objective) == sequences
+        rows = plan.estimate(d, replace(s, objective="sft", batch_size=4 * sequences))
+        assert plan.estimate(d, s).activations == rows.activations, objective
 
 
 def test_an_omitted_tie_takes_the_architectures_default():
@@ -239,3 +244,44 @@ def test_mixture_of_experts_counts_every_expert_and_the_active_ones(layers, expe
     assert est.total > 24 * GiB and any("experts" in n for n in est.notes)
     dense_flops = plan.train_flops_per_token(d, plan.Settings(method="lora", seq_len=1024))
     assert dense_flops < 2 * 3 * d.total_params  # compute follows the active experts, not all of them
+
+
+# -------------------------------------------------------------------- suggestions, applied to the recipe
+SUGGESTION_CASES = [
+    # the shipped recipes on the embedded 135M model (SFT, DPO pairs, KTO rows, GRPO prompts): small cards
+    *[("quickstart.yaml", (), gb) for gb in (1.0, 1.5)],
+    *[("preference-dpo.yaml", (), gb) for gb in (1.0, 1.5, 1.75)],
+    *[("preference-kto.yaml", (), gb) for gb in (1.0, 1.5)],
+    *[("grpo.yaml", (), gb) for gb in (1.0, 1.5)],
+    # an 8B model: pairs that need a smaller micro-batch after QLoRA, a batch of 6 pairs (divisors only), full
+    # fine-tuning that becomes QLoRA (where checkpointing can go off again under `auto`)
+    ("models/llama-3.1-8b-instruct-lora-24gb.yaml", ("train.objective=dpo",), 11.5),
+    ("models/llama-3.1-8b-instruct-lora-24gb.yaml", ("train.objective=simpo", "train.batch_size=6"), 28.5),
+    ("models/gemma-2-2b-it-lora-16gb.yaml", ("train.method=full",), 21.0),
+    ("models/qwen3.5-4b-lora-16gb.yaml", ("train.method=full", "train.objective=orpo"), 7.0),
+]
+
+
+@pytest.mark.parametrize("name,extra,gb", SUGGESTION_CASES,
+                         ids=[" ".join([name, *extra, f"{gb:g}GB"]) for name, extra, gb in SUGGESTION_CASES])
+def test_suggestions_give_the_estimate_they_print_when_applied(repo_root, tmp_path, name, extra, gb):
+    """Every suggestion, its overrides (and those of the suggestions before it) given to the recipe as a user gives
+    them and planned again the way `finetune plan` plans, gives the total it printed and fits when it said so; a
+    smaller micro-batch keeps the examples per optimizer step (pairs for DPO, ORPO and SimPO)."""
+    from finetune import recipe as recipe_mod
+
+    path = repo_root / "recipes" / name
+    given = [f"runs_dir={tmp_path}", *extra]  # no prepared data: the same lengths before and after
+    recipe = recipe_mod.load(path, given)
+    first = plan.run(recipe, gpu_gb=gb)["results"][0]
+    suggestions = first["suggestions"]
+    assert suggestions and not first["fits"], (name, extra, gb)
+    applied: list[str] = []
+    for sug in suggestions:
+        applied += sug["overrides"]
+        again = recipe_mod.load(path, given + applied)
+        result = plan.run(again, gpu_gb=gb)["results"][0]
+        assert (result["estimate"]["total"], result["fits"]) == (sug["total"], sug["fits"]), (sug, applied)
+        assert (again.train.batch_size * again.train.grad_accum
+                == recipe.train.batch_size * recipe.train.grad_accum), applied
+    assert suggestions[-1]["fits"] or gb == 1.0  # 1 GB: too small for the 135M model whatever the change
