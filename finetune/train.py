@@ -22,7 +22,9 @@ resuming, saving the adapter or model), training/console.py (progress bar, log, 
 Outputs (runs/<name>/train/): adapter/ or model/, checkpoints/checkpoint-<step>/, tb/, log.jsonl, summary.json,
 manifest.json (written last: the stage is finished exactly when it exists). They are built in
 runs/<name>/.train.partial/ and replace train/ only when the run succeeds: a failed or interrupted run leaves the
-previous adapter as it was, and its checkpoints stay in .train.partial/ to resume from.
+previous adapter as it was, and its checkpoints stay in .train.partial/ to resume from. A run that completes its
+planned steps then drops the optimizer state from its checkpoints (nothing is left to continue); a run stopped
+early (max_minutes, early stopping) keeps it for --resume.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, resume: bool = Fa
         if main:
             stage.record(outputs.trained_record(out, t.method, Path(resolved.path)))
             stage.extra["summary"] = summary
+    if main and summary["stop_reason"] == "completed":
+        # in place now: a completed run has nothing left to continue, so its checkpoints keep no optimizer state
+        # (a run stopped early keeps it for --resume; one killed before this line keeps it, which is harmless)
+        ckpt.drop_optimizer_state(out / "checkpoints")
     accelerator.wait_for_everyone()
     return summary
 

@@ -5,6 +5,12 @@ and scheduler state, every process's random number generator state, and ``state.
 history) written last. Only folders named ``checkpoint-<step>`` with a ``state.json`` count as complete; the
 temporary ``.checkpoint-<step>.tmp`` folders a killed run leaves behind are ignored and cleaned up.
 
+The optimizer state (``optimizer.pt``, AdamW: twice the trainable weights in fp32) is what makes a checkpoint
+continuable exactly. It stays while the run can go on: in the checkpoints of a running or interrupted run, and of a
+finished run that stopped early (max_minutes, early stopping), which ``--resume`` continues. When a run completes
+its planned steps nothing is left to continue, and ``drop_optimizer_state`` removes it from the final folder's
+checkpoints; ``to_resume`` refuses such a checkpoint rather than continue it with a fresh optimizer.
+
 Also here: the run's ``TrainState`` (state.json), which checkpoint a run continues from (``to_resume``), and
 saving the adapter or model folder (``save_model_dir``).
 """
@@ -25,6 +31,7 @@ from typing import Any
 from finetune.errors import UserError
 
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
 _NAME = re.compile(r"checkpoint-(\d+)")
 # Settings that can change between an interrupted run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"max_minutes", "eval_every", "save_every", "keep_checkpoints", "early_stopping_patience",
@@ -109,6 +116,18 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def drop_optimizer_state(root: Path) -> int:
+    """Remove the optimizer state from every complete checkpoint under ``root`` (a run that completed: nothing is
+    left to continue); the weights, schedule and state.json stay. Returns the bytes freed."""
+    freed = 0
+    for _, path in complete(root):
+        target = path / OPTIMIZER_FILE
+        if target.exists():
+            freed += target.stat().st_size
+            target.unlink()
+    return freed
+
+
 def rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
@@ -148,7 +167,9 @@ def to_resume(out: Path, work: Path, fingerprint: str, resume: bool, *, processe
     stopped by max_minutes or early stopping), or when it never finished (written by an older finetune in place).
     A checkpoint written by another number of ``processes`` is continued when the micro-batches per step are the
     same (``fingerprint_for(micro_batches)`` is the fingerprint the run would have with them); otherwise refused,
-    with the launch or grad_accum that continues it, before anything is touched.
+    with the launch or grad_accum that continues it, before anything is touched. A checkpoint without optimizer
+    state (a completed run's, see ``drop_optimizer_state``) is never continued: refused with --resume, else the
+    run starts over.
     """
     finished = (out / "manifest.json").exists()
     folders = [work] + ([out] if resume or not finished else [])
@@ -157,6 +178,12 @@ def to_resume(out: Path, work: Path, fingerprint: str, resume: bool, *, processe
         if found is None:
             continue
         saved = read_state(found)
+        spent = not (found / OPTIMIZER_FILE).exists()  # a run that completed its steps keeps no optimizer state
+        if spent and resume and folder == out and finished:
+            raise UserError(f"--resume: {out} is a run that completed all its steps, and a completed run keeps no "
+                            f"optimizer state ({found} has none), so it cannot be continued exactly. Train without "
+                            "--resume to train again (with a larger train.max_steps, say); the finished run stays "
+                            "until the new one succeeds.")
         if saved.get("fingerprint") != fingerprint:
             if (fingerprint_for is not None and saved.get("processes") not in (None, processes)
                     and fingerprint_for(saved["micro_batches_per_step"]) == saved.get("fingerprint")):
@@ -167,6 +194,13 @@ def to_resume(out: Path, work: Path, fingerprint: str, resume: bool, *, processe
                                 f"other than {sorted(RESUMABLE_CHANGES)}). Restore them, or train without --resume "
                                 "to start over.")
             print(f"train: not resuming {found}: the recipe or data changed since; starting over", file=sys.stderr)
+            continue
+        if spent:  # not the checkpoint of a run that can go on: continuing it would not be the same run
+            if resume:
+                raise UserError(f"--resume: {found} has no optimizer state ({OPTIMIZER_FILE}), so it cannot be "
+                                "continued exactly. Train without --resume to start over.")
+            print(f"train: not resuming {found}: it has no optimizer state ({OPTIMIZER_FILE}); starting over",
+                  file=sys.stderr)
             continue
         if folder == work:
             return found, None
@@ -235,7 +269,7 @@ def save_training(root: Path, state: TrainState, model, optimizer, scheduler, be
             save_file(weights, str(folder / "trainable.safetensors"))
             if best_weights is not None:
                 save_file(best_weights, str(folder / "best.safetensors"))
-            torch.save(optim if optim is not None else optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(optim if optim is not None else optimizer.state_dict(), folder / OPTIMIZER_FILE)
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(rng_all, folder / "rng.pt")
 
@@ -255,7 +289,7 @@ def load_training(path: Path, model, optimizer, scheduler, rank: int, *, sharded
 
     load_trainable(model, load_file(str(path / "trainable.safetensors")))
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").exists() else None
-    optim = torch.load(path / "optimizer.pt", weights_only=False)
+    optim = torch.load(path / OPTIMIZER_FILE, weights_only=False)
     if sharded_model:
         sharded.load_optimizer_state(model, optimizer, optim)
     else:

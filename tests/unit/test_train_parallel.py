@@ -130,8 +130,12 @@ def test_every_config_snapshot_is_wrapped_by_its_decoder_layer(repo_root):
 def _checkpoint(root: Path, fingerprint: str, processes: int, micro: int) -> Path:
     """A complete checkpoint folder as save() writes it (its weights do not matter to the refusal)."""
     state = ckpt.TrainState(fingerprint, micro, processes=processes, step=3).to_json()
-    return ckpt.save(root / "checkpoints", 3, lambda folder: (folder / "trainable.safetensors").write_bytes(b""),
-                     state, keep=2)
+
+    def write(folder: Path) -> None:
+        for name in ("trainable.safetensors", ckpt.OPTIMIZER_FILE):
+            (folder / name).write_bytes(b"")
+
+    return ckpt.save(root / "checkpoints", 3, write, state, keep=2)
 
 
 def test_resume_with_another_process_count(tmp_path):
