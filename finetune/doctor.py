@@ -270,30 +270,37 @@ def format_report(report: Report) -> str:
 
 
 def gguf_report(path: Path) -> Report:
-    """A GGUF file from its header alone (the ``gguf`` package maps the file and reads its metadata and tensor list;
-    nothing is converted or copied): architecture, size, tensor types, context, chat template, end of turn, and what
-    the stages will do with it."""
+    """A GGUF file from its header alone (its metadata and tensor list, finetune.gguf.header; nothing is converted
+    or copied): architecture, size, tensor types, context, chat template, end of turn, and what the stages will do
+    with it."""
     from collections import Counter
 
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
 
     from finetune.console import mib
+    from finetune.gguf import header
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: its reader's words, on one line
+        read = header.read(path)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # a truncated or foreign file, on one line
         raise UserError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {one_line(exc)})") from None
+    tensors = read.tensors
 
     def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        return None if field is None else field.contents()
+        return read.metadata.get(key)
+
+    def type_name(type_id: int) -> str:
+        try:
+            return GGMLQuantizationType(type_id).name
+        except ValueError:
+            return f"type {type_id}"
 
     arch = value("general.architecture") or "?"
     report = Report(str(value("general.name") or path.name), path)
-    report.add("model", "architecture", f"{arch} (GGUF v{value('GGUF.version')}, {mib(path.stat().st_size)})")
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    report.add("model", "parameters", f"{count(sum(int(t.n_elements) for t in reader.tensors))} in "
-               f"{len(reader.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in types.most_common())})")
+    report.add("model", "architecture", f"{arch} (GGUF v{read.version}, {mib(path.stat().st_size)})")
+    types = Counter(type_name(t.type_id) for t in tensors)
+    report.add("model", "parameters", f"{count(sum(t.n_elements for t in tensors))} in "
+               f"{len(tensors)} tensors ({', '.join(f'{n} {k}' for k, n in types.most_common())})")
     context = value(f"{arch}.context_length")
     report.add("model", "context", f"{context} tokens" if context else "not stated")
     tokens = value("tokenizer.ggml.tokens") or []
@@ -314,7 +321,7 @@ def gguf_report(path: Path) -> Report:
 
     if arch.replace("-", "") in {a.replace("-", "") for a in GGUF_SUPPORTED_ARCHITECTURES}:
         report.add("train", "weights", "converted once into a float32 Hugging Face checkpoint in the cache when a "
-                   f"stage first loads it (about {mib(4 * sum(int(t.n_elements) for t in reader.tensors))}); the GGUF "
+                   f"stage first loads it (about {mib(4 * sum(t.n_elements for t in tensors))}); the GGUF "
                    "itself is left as it is")
     else:
         report.refuse("train", "weights", f"transformers cannot read a {arch} GGUF back into a checkpoint to train "

@@ -401,20 +401,12 @@ def _legacy_sentencepiece_json(out: Path, *, rstrip: list[str]) -> None:
 
 
 def _read_vocab(gguf_file: Path) -> dict[str, Any]:
-    """tokens, scores, types (and merges) of a vocab-only GGUF, read with the registry's gguf-py."""
-    from gguf import GGUFReader
+    """tokens, scores, types (and merges) of a vocab-only GGUF, from its header (finetune.gguf.header)."""
+    from finetune.gguf import header
 
-    reader = GGUFReader(str(gguf_file))
-
-    def array(key: str, convert) -> list:
-        field_ = reader.fields.get(key)
-        return [] if field_ is None else [convert(field_.parts[i]) for i in field_.data]
-
-    def text(part) -> str:
-        return bytes(part).decode("utf-8")
-
-    return {"tokens": array("tokenizer.ggml.tokens", text), "scores": array("tokenizer.ggml.scores", lambda p: float(p[0])),
-            "types": array("tokenizer.ggml.token_type", lambda p: int(p[0])), "merges": array("tokenizer.ggml.merges", text)}
+    meta = header.read(gguf_file, tensors=False).metadata
+    return {key: meta.get(f"tokenizer.ggml.{name}") or [] for key, name in
+            (("tokens", "tokens"), ("scores", "scores"), ("types", "token_type"), ("merges", "merges"))}
 
 
 def _write_sentencepiece(family: Family, gguf_file: Path, out: Path) -> None:
