@@ -203,6 +203,7 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from finetune import eval_reward
     from finetune.gguf.client import Worker
 
     processes = max(1, min(processes, len(examples)))
@@ -216,7 +217,7 @@ def gguf_generate(path: Path, examples: list[dict[str, Any]], *, reasoning: str,
         try:
             if failed.is_set():  # another example failed: this column has no result
                 return None
-            done = worker.answer({"mode": "chat", "messages": ex["messages"][:-1], "tools": ex.get("tools"),
+            done = worker.answer({"mode": "chat", "messages": eval_reward.prompt_messages(ex), "tools": ex.get("tools"),
                                   "max_tokens": max_new_tokens, "temperature": temperature, "top_p": 1.0, "top_k": 0,
                                   "min_p": 0.0, "seed": seed}, stall_s=stall_s)
         except Exception as exc:

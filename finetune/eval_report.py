@@ -18,7 +18,7 @@ CHART_METRICS = ["exact_match", "accuracy", "f1", "precision", "recall", "rouge1
 TABLE_METRICS = CHART_METRICS + ["rougeLsum", "loss", "perplexity", "train_sample_loss",
                                  "answers_cut_at_max_new_tokens", "generation_seconds", "answer_words", "answer_lines",
                                  "preference_accuracy", "preference_accuracy_per_token", "logp_margin",
-                                 "reward_accuracy", "reward_margin"]
+                                 "reward_accuracy", "reward_margin", "reward"]
 LOWER_IS_BETTER = {"loss", "perplexity", "train_sample_loss", "answers_cut_at_max_new_tokens", "generation_seconds"}
 # Of the table's metrics, those a column can be "best" at: the quality ones. Answer length and shape have no better
 # direction, and generation time depends on where each column ran (torch here, llama.cpp for the GGUF).
@@ -31,9 +31,10 @@ LABELS = {"exact_match": "exact match", "answers_cut_at_max_new_tokens": "answer
           "preference_accuracy": "preference accuracy (chosen more likely)",
           "preference_accuracy_per_token": "preference accuracy (per token)",
           "logp_margin": "log-prob margin (chosen - rejected)", "reward_accuracy": "reward accuracy (vs base)",
-          "reward_margin": "reward margin (vs base)"}
+          "reward_margin": "reward margin (vs base)", "reward": "held-out reward (train.rewards)"}
 COLORS = {"base": "#9aa5b1", "finetuned": "#2f6fde"}
 GGUF_COLOR = "#e07b39"
+NO_REFERENCE = "(none: a prompt-only row, scored by train.rewards)"  # the side-by-side cell of a row without one
 SAMPLE_SIZE = 12  # side by side: every example some model got wrong, then this many more (disagreements first)
 # Per-example scores that say right or wrong (1.0 or 0.0).
 VERDICT_SCORES = ("exact_match", "correct", "tool_call_match")
@@ -319,7 +320,8 @@ def _flags(verdict: dict[str, Any]) -> list[tuple[str, bool, str]]:
 
 
 def _notes(result: dict[str, Any], verdict: dict[str, Any], improved: dict[str, Any]) -> list[tuple[str, str]]:
-    """(badge, text) for the loss, preference and GGUF findings that are not the headline itself."""
+    """(badge, text) for the loss, preference and GGUF findings that are not the headline itself, and how many
+    examples the reference metrics count when some have no reference (a GRPO run's prompt-only rows)."""
     notes = []
     if "loss" in verdict and verdict["loss"] is not improved:
         notes.append(("loss", verdict["loss"]["summary"]))
@@ -327,6 +329,11 @@ def _notes(result: dict[str, Any], verdict: dict[str, Any], improved: dict[str, 
         notes.append(("preferences", verdict["preference"]["summary"]))
     if "forgetting" in verdict:
         notes.append((f"forgetting: {verdict['forgetting']['status']}", verdict["forgetting"]["summary"]))
+    with_reference = result.get("examples_with_reference")
+    if with_reference is not None and with_reference < result["examples"]:
+        notes.append(("references", f"{result['examples'] - with_reference} of the {result['examples']} examples "
+                      "are prompt-only rows, scored by train.rewards only: the reference metrics (exact match...) "
+                      f"count the other {with_reference}."))
     if "gguf" in verdict:
         notes.append(("GGUF", verdict["gguf"]["summary"]))
     elif result["gguf"]["status"] != "scored":
@@ -340,14 +347,16 @@ def _plot(caption: str, png: bytes | None, missing: str) -> dict[str, str | None
 
 def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per metric any model has: its label and per model the shown value (None: not measured) and whether
-    it is the best of several (BEST_OF metrics only)."""
+    it is the best of several (BEST_OF metrics only); a GRPO run's held-out reward, then each reward's mean."""
     models = result["models"]
     names = list(models)
+    per_reward = sorted({k for n in names for k in models[n] if k.startswith("reward/")})
     rows = []
-    for k in (k for k in TABLE_METRICS if any(_metric(models[n], k) is not None for n in names)):
+    for k in (k for k in TABLE_METRICS + per_reward if any(_metric(models[n], k) is not None for n in names)):
         values = [_metric(models[n], k) for n in names]
         present = [v for v in values if isinstance(v, (int, float))]
-        best = (min(present) if k in LOWER_IS_BETTER else max(present)) if len(present) > 1 and k in BEST_OF else None
+        best = ((min(present) if k in LOWER_IS_BETTER else max(present))
+                if len(present) > 1 and (k in BEST_OF or k in per_reward) else None)
         label = LABELS.get(k, k)
         if k == "generation_seconds" and any(models[n].get("runtime") == "llama.cpp" for n in names):
             label += " (GGUF: with loading it)"
@@ -403,7 +412,8 @@ def _example_row(x: dict[str, Any], names: list[str]) -> dict[str, Any]:
         cut = " (cut at max_new_tokens)" if x.get("finish_reason", {}).get(n) == "length" else ""
         answers.append({"text": _clip(x["answers"][n]), "match": "" if match is None else ("ok" if match else "miss"),
                         "scores": ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + cut})
-    return {"prompt": _clip(user), "reference": _clip(x["reference"]), "answers": answers}
+    reference = NO_REFERENCE if x["reference"] is None else x["reference"]
+    return {"prompt": _clip(user), "reference": _clip(reference), "answers": answers}
 
 
 def _clip(text: str, limit: int = 600) -> str:

@@ -11,14 +11,20 @@ tool_call_match compares the calls (function name + JSON-equal arguments). Loss 
 split (loss only on the trained tokens, as in training). When export has run, the exported GGUF answers the
 same prompts through llama.cpp as a third column.
 
+A GRPO run (train.objective grpo) is also scored by the rewards it was trained on (finetune.eval_reward): every
+variant answers, whether or not a generation metric is asked for, and its split's prompt-only rows are scored too:
+their prompt is the whole conversation, they have no reference (exact match and the other reference metrics count
+only the rows that have one: ``examples_with_reference`` in metrics.json), and their ``extra_columns`` reach the
+reward functions as keyword arguments, as in training.
+
 Writes runs/<name>/eval/: metrics.json (one entry per model variant and a verdict), examples.jsonl (every
 prompt with its reference, each model's answer and scores), report.html (self-contained: plots embedded),
 loss_curves.png, metrics.png and manifest.json.
 
-The verdict states its rules (finetune.verdict.VERDICT_RULES): improvement needs a paired-bootstrap 95% interval of
-the difference that excludes zero; over- and underfitting are read from train's log.jsonl and from the gap
-between the fine-tuned model's loss on training examples and on held-out examples. Loading the models, the loss and
-generation live in finetune.eval_models; the command line in finetune.commands.
+The verdict states its rules (finetune.verdict.rules): improvement needs a paired-bootstrap 95% interval of the
+difference that excludes zero; over- and underfitting are read from train's log.jsonl and from the gap between the
+fine-tuned model's loss on training examples and on held-out examples (a GRPO run's from its rewards instead).
+Loading the models, the loss and generation live in finetune.eval_models; the command line in finetune.commands.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
     prepared, trained, exported = upstream.prepared, upstream.trained, upstream.exported
 
     split_file = prepared.splits[cfg.split]
-    examples, gen_names = _examples(split_file, cfg, recipe_path)
+    by_reward = recipe.train.objective == "grpo"  # scored by its rewards too, prompt-only rows included
+    examples, gen_names = _examples(split_file, cfg, recipe_path, by_reward=by_reward)
     want_loss = any(m in cfg.metrics for m in ("loss", "perplexity"))
     tok_split, tok_train = prepared.tokenized[cfg.split], prepared.tokenized["train"]
     pref_rows = eval_preference.read_rows(tok_split, cfg.max_examples)  # None unless the split holds preferences
@@ -77,18 +84,19 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         columns = _transformers_columns(
             load, base_path, adapter_dir, full_dir, tokenizer, prompts, examples, device=device,
             loss_splits=(tok_split, tok_train) if want_loss else None, max_examples=cfg.max_examples,
-            generate=gen_kwargs if gen_names else None, template=template, end_tokens=end_tokens,
+            generate=gen_kwargs if gen_names or by_reward else None, template=template, end_tokens=end_tokens,
             pref_sequences=pref_rows["sequences"] if pref_rows else None, forgetting=forgetting)
         variants, answers, per_example_loss, pref_logps = columns
 
         gguf_status = _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg,
-                                   template=template, end_tokens=end_tokens)
+                                   template=template, end_tokens=end_tokens, by_reward=by_reward)
 
         per_example_scores, sources = _score_answers(answers, references, reference_calls, gen_names, variants,
                                                      hub_metrics=cfg.hub_metrics)
-        if recipe.train.objective == "grpo" and answers:  # the rewards it was trained on (finetune/eval_reward.py)
+        if by_reward and answers:  # the rewards it was trained on (finetune/eval_reward.py)
             eval_reward.score(recipe.train.rewards, recipe.base_dir, answers, prompts, references, variants,
-                              per_example_scores, template=template)
+                              per_example_scores, template=template,
+                              columns=[ex.get("extra_columns") or {} for ex in examples])
         pref_result = None
         if pref_rows:
             pref_result = eval_preference.score(pref_rows, pref_logps, beta=recipe.train.preference.beta)
@@ -108,8 +116,10 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
                            "greedy": cfg.temperature == 0, "batch_size": cfg.batch_size, "padding": "left",
                            "device": device},
             "models": variants, "metric_sources": sources, "gguf": gguf_status, "verdict": found,
-            "rules": verdict.VERDICT_RULES, **({"forgetting": forgot} if forgot else {}),
+            "rules": verdict.rules(by_reward), **({"forgetting": forgot} if forgot else {}),
         }
+        if by_reward:  # the rows exact match and the other reference metrics were scored on
+            result["examples_with_reference"] = sum(r is not None for r in references)
         if pref_result:
             result["preference"] = {k: v for k, v in pref_result.items() if k != "per_pair"}
         example_rows = _example_rows(examples, prompts, references, answers, per_example_scores)
@@ -129,14 +139,16 @@ def _prompts(recipe, tokenizer_dir: Path, examples: list[dict[str, Any]]) -> tup
                                       chat_template=recipe.chat_template_path())
     if examples and not getattr(tokenizer, "chat_template", None):
         raise UserError("the model's tokenizer has no chat template; eval renders prompts with it (as training does)")
-    return tokenizer, [prompt_text(tokenizer, ex["messages"][:-1], tools=ex.get("tools"),
+    return tokenizer, [prompt_text(tokenizer, eval_reward.prompt_messages(ex), tools=ex.get("tools"),
                                    reasoning=recipe.data.reasoning) for ex in examples]
 
 
-def _references(examples: list[dict[str, Any]]) -> tuple[list[str], list[list[dict[str, Any]]]]:
-    """Each example's reference answer as the metrics compare it (text, then calls) and its tool calls."""
-    calls = [metric_lib.canonical_calls(ex["messages"][-1].get("tool_calls")) for ex in examples]
-    texts = [metric_lib.answer_text(ex["messages"][-1]["content"], c) for ex, c in zip(examples, calls, strict=True)]
+def _references(examples: list[dict[str, Any]]) -> tuple[list[str | None], list[list[dict[str, Any]]]]:
+    """Each example's reference answer as the metrics compare it (text, then calls) and its tool calls; None (and
+    no calls) for a prompt-only row."""
+    replies = [ex["messages"][-1] if eval_reward.has_reference(ex) else None for ex in examples]
+    calls = [metric_lib.canonical_calls(m.get("tool_calls")) if m else [] for m in replies]
+    texts = [metric_lib.answer_text(m["content"], c) if m else None for m, c in zip(replies, calls, strict=True)]
     return texts, calls
 
 
@@ -152,18 +164,26 @@ def _verdict(variants, per_example_scores, per_example_loss, log_rows, gen_names
     return found
 
 
-def _examples(split_file: Path, cfg: Any, recipe_path: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The chat examples of the split eval scores (at most eval.max_examples) and the generation metrics asked for;
-    refuses an empty split (NothingToDo) and generation metrics without chat rows."""
+def _examples(split_file: Path, cfg: Any, recipe_path: str, *,
+              by_reward: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """The chat examples of the split eval scores (at most eval.max_examples; for a GRPO run, ``by_reward``, its
+    prompt-only rows too) and the generation metrics asked for; refuses an empty split (NothingToDo), and a split
+    with nothing to answer: generation metrics without chat rows, a GRPO run without prompts."""
     rows = read_jsonl(split_file)
     if not rows:
         other = "validation" if cfg.split == "test" else "test"
         raise runs.NothingToDo(f"the {cfg.split} split is empty ({split_file} has no rows). To get one: set "
                                f"data.split.{cfg.split} (e.g. 0.1) or add a source with role: {cfg.split}, then run "
                                f"`finetune prepare {recipe_path}`; or score the other split: eval.split={other}.")
+    gen_names = [m for m in cfg.metrics if m in GENERATION_METRICS]
+    if by_reward:
+        examples = eval_reward.examples(rows, cfg.max_examples)
+        if not examples:
+            raise UserError(f"{split_file}: no prompt to score ({len(rows)} rows): a GRPO run's eval answers "
+                            "conversations ending in a reply and prompt-only rows, and scores them with train.rewards.")
+        return examples, gen_names
     # rated rows (KTO's shape): only a desirable reply is a reference answer
     examples = [r for r in rows if _is_chat_example(r) and r.get("desirable") is not False][: cfg.max_examples]
-    gen_names = [m for m in cfg.metrics if m in GENERATION_METRICS]
     if gen_names and not examples:
         raise UserError(
             f"{split_file}: no conversation ending in an assistant turn to score ({len(rows)} rows). Generation "
@@ -196,11 +216,13 @@ def _transformers_columns(load: Any, base_path: Path, adapter_dir: Path | None, 
         if loss_splits is not None and loss_splits[0].exists():
             tok_split, tok_train = loss_splits
             loss = eval_models.dataset_loss(model, eval_models.load_tokenized(tok_split, max_examples), device)
-            entry.update(loss=loss["loss"], perplexity=loss["perplexity"], loss_tokens=loss["tokens"])
-            per_example_loss[name] = loss["per_example"]
+            if loss["tokens"]:  # none when every row is prompt-only (a GRPO split): no loss to report
+                entry.update(loss=loss["loss"], perplexity=loss["perplexity"], loss_tokens=loss["tokens"])
+                per_example_loss[name] = loss["per_example"]
             if name == "finetuned" and tok_train.exists():
                 train_loss = eval_models.dataset_loss(model, eval_models.load_tokenized(tok_train, max_examples), device)
-                entry.update(train_sample_loss=train_loss["loss"], train_sample_perplexity=train_loss["perplexity"])
+                if train_loss["tokens"]:
+                    entry.update(train_sample_loss=train_loss["loss"], train_sample_perplexity=train_loss["perplexity"])
         if generate is not None:
             t1 = time.time()
             raw = eval_models.generate(model, tokenizer, prompts, device=device, **generate)
@@ -240,24 +262,29 @@ def _write_outputs(out: Path, result: dict[str, Any], example_rows: list[dict[st
                              quantization_png=chart.read_bytes() if chart and chart.is_file() else None)
 
 
-def _score_answers(answers: dict[str, list[dict[str, Any]]], references: list[str],
+def _score_answers(answers: dict[str, list[dict[str, Any]]], references: list[str | None],
                    reference_calls: list[list[dict[str, Any]]], gen_names: list[str],
                    variants: dict[str, dict[str, Any]], *, hub_metrics: bool
                    ) -> tuple[dict[str, list[dict[str, float]]], dict[str, str]]:
     """Score every variant's answers against the references: corpus scores, cut answers and answer shape go into
     ``variants``; returns the per-example scores per variant and the metric sources (``hub_metrics``: the Hub's
-    metric modules when they can be loaded, see finetune.metrics.load)."""
+    metric modules when they can be loaded, see finetune.metrics.load). A row without a reference (None: a
+    prompt-only row) gets no reference metric, and the corpus scores count only the rows that have one."""
     per_example_scores: dict[str, list[dict[str, float]]] = {}
     sources: dict[str, str] = {}
+    scored = [k for k, r in enumerate(references) if r is not None]  # prompt-only rows have no reference to match
     for name, outs in answers.items():
-        corpus, per_example, sources = metric_lib.score_generations(gen_names, [o["text"] for o in outs], references,
-                                                                     prefer_hub=hub_metrics)
+        per_example: list[dict[str, float]] = [{} for _ in outs]
+        corpus, some, sources = metric_lib.score_generations(gen_names, [outs[k]["text"] for k in scored],
+                                                              [references[k] for k in scored], prefer_hub=hub_metrics)
         if "tool_call_match" in gen_names:
-            calls_corpus, calls_per_example = metric_lib.score_tool_calls([o["tool_calls"] for o in outs],
-                                                                           reference_calls)
+            calls_corpus, calls_per_example = metric_lib.score_tool_calls([outs[k]["tool_calls"] for k in scored],
+                                                                           [reference_calls[k] for k in scored])
             corpus.update(calls_corpus)
-            for row, extra in zip(per_example, calls_per_example, strict=True):
+            for row, extra in zip(some, calls_per_example, strict=True):
                 row.update(extra)
+        for k, row in zip(scored, some, strict=True):
+            per_example[k] = row
         variants[name].update(corpus)
         variants[name]["answers_cut_at_max_new_tokens"] = sum(o["finish_reason"] == "length" for o in outs)
         per_example_scores[name] = per_example
@@ -267,14 +294,15 @@ def _score_answers(answers: dict[str, list[dict[str, Any]]], references: list[st
     return per_example_scores, sources
 
 
-def _example_rows(examples: list[dict[str, Any]], prompts: list[str], references: list[str],
+def _example_rows(examples: list[dict[str, Any]], prompts: list[str], references: list[str | None],
                   answers: dict[str, list[dict[str, Any]]],
                   per_example_scores: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
-    """examples.jsonl: every prompt with its reference, each model's answer and scores."""
+    """examples.jsonl: every prompt with its reference (None for a prompt-only row), each model's answer and
+    scores."""
     rows = []
     for i, ex in enumerate(examples):
         rows.append({
-            "id": ex.get("id", str(i)), "prompt": prompts[i], "messages": ex["messages"][:-1],
+            "id": ex.get("id", str(i)), "prompt": prompts[i], "messages": eval_reward.prompt_messages(ex),
             "reference": references[i],
             "answers": {name: outs[i]["text"] for name, outs in answers.items()},
             # what each model wrote, special tokens and reasoning included
@@ -303,10 +331,11 @@ def _is_chat_example(row: dict[str, Any]) -> bool:
 
 
 def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, *, template: str | None = None,
-                 end_tokens: tuple[str, ...] = ()) -> dict[str, Any]:
+                 end_tokens: tuple[str, ...] = (), by_reward: bool = False) -> dict[str, Any]:
     """Let the exported GGUF answer the same prompts, rendered and read back as the server does (the rows' tools,
     data.reasoning, special tokens kept); return its status (scored, or why not). ``template``: the chat template
-    the transformers column's answers were read with (default: the GGUF's own)."""
+    the transformers column's answers were read with (default: the GGUF's own); ``by_reward``: its answers are
+    scored by a GRPO run's rewards, so it answers without a generation metric too."""
     if not cfg.gguf:
         return {"status": "off", "reason": "eval.gguf is false"}
     if exported is None:
@@ -319,7 +348,7 @@ def _gguf_column(recipe, exported, examples, answers, variants, gen_names, cfg, 
         quant = exported.gguf_to_serve(asked)
     except UserError as exc:
         return {"status": "absent", "reason": f"{exc}; set eval.gguf_quant to one of those"}
-    if not gen_names:
+    if not gen_names and not by_reward:
         return {"status": "absent", "reason": "no generation metric asked for (GGUF answers are only scored by those)"}
     path = Path(paths[quant])
     if not path.exists():

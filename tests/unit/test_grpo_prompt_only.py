@@ -199,3 +199,125 @@ def test_the_prompt_format_is_detected_where_prepare_asks_for_it():
         formats.detect_format(rows, {}, source="s", where="w")
     # `finetune init` still reads a prompt column beside an answer-like one as prompt/completion (SFT)
     assert starter.detect(rows, "s") == ("prompt_completion", {"prompt": "prompt", "completion": "answer"})
+
+
+EVAL_REWARD_MODULE = '''
+SEEN = []
+
+
+def right_sum(prompts, completions, answer, **kwargs):
+    """The rows' "answer" column, as in training; None (no opinion) on a row without one."""
+    SEEN.append({"prompts": list(prompts), "answer": list(answer), "reference": list(kwargs["reference"])})
+    return [None if a is None else float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+'''
+
+
+def test_eval_of_a_grpo_run_answers_prompt_only_rows_and_scores_them_by_reward(tmp_path, tiny_model_dir):
+    """prepare -> train (2 GRPO steps) -> eval on prompt-only rows, with a few rows that have a reply in the test
+    split: every model's answers are scored by the rewards (the rows' columns passed), the reference metrics count
+    only the rows with a reference, and the report says so."""
+    from finetune import evaluate, verdict
+
+    (tmp_path / "rw_eval_prompt_only.py").write_text(EVAL_REWARD_MODULE)
+    _write_jsonl(tmp_path / "prompts.jsonl", _sum_rows(16))
+    _write_jsonl(tmp_path / "test_prompts.jsonl", _sum_rows(4, 30))
+    _write_jsonl(tmp_path / "test_chats.jsonl", [
+        {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+        for w in ("red", "green", "blue")])
+    sources = [{"path": "prompts.jsonl"}, {"path": "test_prompts.jsonl", "role": "test"},
+               {"path": "test_chats.jsonl", "role": "test"}]
+    path = _recipe(tmp_path, tiny_model_dir, sources,
+                   **_grpo(rewards=[{"function": "rw_eval_prompt_only:right_sum"},
+                                    {"name": "length", "max_tokens": 3, "weight": 0.5}]))
+    doc = yaml.safe_load(path.read_text())
+    doc["eval"] = {"metrics": ["loss", "exact_match"], "gguf": False, "forgetting": False, "max_new_tokens": 4,
+                   "batch_size": 4}
+    path.write_text(yaml.safe_dump(doc))
+    recipe = recipe_mod.load(path)
+    prepare.run(recipe)
+    assert train.run(recipe)["steps"] == 2
+    seen = sys.modules["rw_eval_prompt_only"].SEEN
+    seen.clear()
+
+    result = evaluate.run(recipe)
+    assert result["examples"] == 7 and result["examples_with_reference"] == 3
+    for name in ("base", "finetuned"):
+        model = result["models"][name]
+        assert isinstance(model["reward"], float) and "reward/rw_eval_prompt_only:right_sum" in model and "reward/length" in model
+        assert "exact_match" in model and model["loss_tokens"] > 0  # the loss: the three rows with a reply
+    assert result["rules"] == verdict.rules(True) and result["verdict"]["improved"]["metric"] == "reward"
+    assert result["verdict"]["improved"]["n"] == 7
+
+    out = recipe.run_dir("eval")
+    rows = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    with_reference = [r for r in rows if r["reference"] is not None]
+    assert len(with_reference) == 3 and {r["reference"] for r in with_reference} == {"red", "green", "blue"}
+    for name in ("base", "finetuned"):
+        # exact match over the rows with a reference only; every row has its reward
+        matches = [r["scores"][name]["exact_match"] for r in with_reference]
+        assert result["models"][name]["exact_match"] == pytest.approx(sum(matches) / 3)
+        assert all("exact_match" not in r["scores"][name] for r in rows if r["reference"] is None)
+        assert all("reward" in r["scores"][name] for r in rows)
+    for r in rows:  # a prompt-only row's prompt is its whole conversation
+        assert r["messages"][-1]["role"] == "user" and r["messages"][-1]["content"] in r["prompt"]
+
+    # the rows' columns reached the reward function: each prompt-only row's own answer, None on the rows without
+    assert len(seen) == 2  # base and fine-tuned, all rows at once
+    for call in seen:
+        for prompt, answer, reference in zip(call["prompts"], call["answer"], call["reference"], strict=True):
+            if found := re.search(r"What is (\d+) plus (\d+)\?", prompt):
+                assert answer == str(sum(map(int, found.groups()))) and reference is None
+            else:
+                assert answer is None and reference in ("red", "green", "blue")
+
+    html = (out / "report.html").read_text()
+    assert "(none: a prompt-only row, scored by train.rewards)" in html
+    assert "held-out reward (train.rewards)" in html and "count the other 3" in html
+    assert verdict.REWARD_RULES["overfitting"] in html and verdict.VERDICT_RULES["overfitting"] not in html
+
+    # without a generation metric the models still answer, and the reward is measured
+    doc["eval"]["metrics"] = ["loss"]
+    path.write_text(yaml.safe_dump(doc))
+    again = evaluate.run(recipe_mod.load(path))
+    assert all(isinstance(again["models"][n]["reward"], float) for n in ("base", "finetuned"))
+    assert "exact_match" not in again["models"]["finetuned"] and again["verdict"]["improved"]["metric"] == "reward"
+
+
+def test_reference_metrics_count_only_the_rows_with_a_reference():
+    from finetune import evaluate
+
+    answers = {"base": [{"text": t, "tool_calls": [], "finish_reason": "stop"} for t in ("3", "4", "x", "6")]}
+    variants = {"base": {}}
+    scores, _ = evaluate._score_answers(answers, [None, "4", "5", None], [[], [], [], []],
+                                        ["exact_match", "tool_call_match"], variants, hub_metrics=False)
+    assert variants["base"]["exact_match"] == 0.5 and variants["base"]["tool_call_match"] == 1.0  # of 2 rows, not 4
+    assert [sorted(s) for s in scores["base"]] == [[], ["exact_match", "tool_call_match"],
+                                                   ["exact_match", "tool_call_match"], []]
+
+
+def test_the_gguf_column_of_a_grpo_run_answers_without_a_generation_metric(tmp_path, monkeypatch):
+    """A GRPO run's GGUF answers are scored by its rewards, so the column answers when eval.metrics names no
+    generation metric; for the other objectives it is still left out then."""
+    from types import SimpleNamespace
+
+    from finetune import eval_models, evaluate
+    from finetune.recipe.output_sections import EvalConfig
+
+    gguf = tmp_path / "model-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    exported = SimpleNamespace(gguf={"Q8_0": str(gguf)}, gguf_to_serve=lambda asked=None: "Q8_0")
+    recipe = SimpleNamespace(serve=SimpleNamespace(n_ctx=512, model_fields_set=set()), seed=0,
+                             data=SimpleNamespace(reasoning="off"))
+    asked = []
+    monkeypatch.setattr(eval_models, "gguf_processes", lambda path, n: 1)
+    monkeypatch.setattr(eval_models, "gguf_generate", lambda path, examples, **kw: asked.append(examples) or (
+        [{"text": "3", "finish_reason": "stop"} for _ in examples], ""))
+    examples = [{"messages": [{"role": "user", "content": "1+2?"}], "prompt_only": True}]
+    cfg = EvalConfig(metrics=["loss"])
+
+    answers, variants = {}, {}
+    status = evaluate._gguf_column(recipe, exported, examples, answers, variants, [], cfg, template="",
+                                   by_reward=True)
+    assert status["status"] == "scored" and answers["gguf-Q8_0"][0]["text"] == "3" and asked == [examples]
+    status = evaluate._gguf_column(recipe, exported, examples, {}, {}, [], cfg, template="")
+    assert status["status"] == "absent" and "no generation metric" in status["reason"]
