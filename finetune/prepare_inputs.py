@@ -1,6 +1,10 @@
 """What prepared data is built from, by content: the data files (sha256), pinned Hub sources, the tokenizer's files,
-the recipe's data section and seed, and prepare's version. ``prepare`` records it in its manifest and reuses its
-outputs when it is unchanged; ``freshness`` asks ``stale_inputs`` why finished outputs no longer match.
+the recipe's data section and seed, whether prompt-only rows are kept (train.objective grpo: ``prepare.keeps_prompts``)
+and prepare's version. ``prepare`` records it in its manifest and reuses its outputs when it is unchanged;
+``freshness`` asks ``stale_inputs`` why finished outputs no longer match.
+
+Of the train section only that one yes/no is an input: switching train.objective to or from grpo rebuilds the
+prepared data, switching between two other objectives (sft to orpo, say) does not.
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ def fingerprint_inputs(recipe, tokenizer_dir: Path) -> dict[str, Any]:
     reusable = all(f.get("revision") is not None for f in files if "hub" in f)
     tokenizer = tokenizer_fingerprint(tokenizer_dir, recipe.chat_template_path())
     return {"fingerprint": _input_key(recipe, files, tokenizer), "sources": files, "tokenizer": tokenizer,
-            "tokenizer_dir": str(tokenizer_dir), "version": PREPARE_VERSION, "reusable": reusable}
+            "tokenizer_dir": str(tokenizer_dir), "prompt_only": keeps_prompt_only(recipe), "version": PREPARE_VERSION,
+            "reusable": reusable}
+
+
+def keeps_prompt_only(recipe) -> bool:
+    """Whether prepare keeps prompt-only rows and the reward functions' columns for this recipe (its rule,
+    ``prepare.keeps_prompts``, reads train.objective)."""
+    from finetune.prepare import keeps_prompts
+
+    return keeps_prompts(recipe)
 
 
 def _source_fingerprints(recipe) -> list[dict[str, Any]]:
@@ -55,18 +68,24 @@ def tokenizer_fingerprint(tokenizer_dir: Path, chat_template: Path | None = None
 
 
 def _input_key(recipe, files: list[dict[str, Any]], tokenizer: dict[str, str]) -> str:
+    # prompt_only only when true, so that data prepared for the other objectives keeps its fingerprint
+    kept = {"prompt_only": True} if keeps_prompt_only(recipe) else {}
     return runs.fingerprint_json({"version": PREPARE_VERSION, "data": recipe.data.model_dump(mode="json"),
-                                  "seed": recipe.seed, "sources": files, "tokenizer": tokenizer})
+                                  "seed": recipe.seed, "sources": files, "tokenizer": tokenizer, **kept})
 
 
 def stale_inputs(recipe, manifest: dict[str, Any]) -> str | None:
-    """Why prepare's finished outputs no longer match the data files or the tokenizer, by content; None if they
-    do. (The recipe's data section and seed are compared by the caller.) Every call hashes the local data files:
-    runs.file_fingerprint took 1.6 s for a 1 GiB file here (2 shared cores), and there is no modification-time shortcut
-    that a copied or restored file could fool."""
+    """Why prepare's finished outputs no longer match the data files, the tokenizer or whether prompt-only rows are
+    kept; None if they do. (The recipe's data section and seed are compared by the caller.) Every call hashes the
+    local data files: runs.file_fingerprint took 1.6 s for a 1 GiB file here (2 shared cores), and there is no
+    modification-time shortcut that a copied or restored file could fool."""
     from finetune import models
 
     recorded = manifest.get("inputs") or {}
+    kept = keeps_prompt_only(recipe)
+    if "fingerprint" in recorded and bool(recorded.get("prompt_only")) != kept:
+        return (f"train.objective is {recipe.train.objective} now, and prompt-only rows are kept only for grpo "
+                f"(the data was prepared {'without' if kept else 'with'} them)")
     files = None
     if "sources" in recorded or "fingerprint" in recorded:
         files = _source_fingerprints(recipe)

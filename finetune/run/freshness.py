@@ -2,10 +2,11 @@
 
 A stage is up to date when its manifest exists, the recipe sections it reads are the same as when it ran (the
 manifest records the resolved recipe), what it was built from has not changed since - for prepare, the content
-of the local data files and the tokenizer (sha256, never modification times); for the others, the manifests of
-the stages upstream of it, recorded in its own manifest when it ran - and the same holds for those upstream
-stages. Every reader of a stage's outputs goes through ``require_fresh`` (via ``finetune.run.artifacts.load``), so a
-stage run by hand refuses stale inputs instead of using them, with the command that rebuilds them.
+of the local data files and the tokenizer (sha256, never modification times) and whether it keeps prompt-only rows
+(train.objective grpo or not: finetune.prepare_inputs); for the others, the manifests of the stages upstream of it,
+recorded in its own manifest when it ran - and the same holds for those upstream stages. Every reader of a stage's
+outputs goes through ``require_fresh`` (via ``finetune.run.artifacts.load``), so a stage run by hand refuses stale
+inputs instead of using them, with the command that rebuilds them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Stage:
 
 
 STAGES = (
-    # prepare depends on the model only through its tokenizer, whose files it fingerprints (prepare_inputs.stale_inputs)
+    # prepare depends on the model only through its tokenizer, whose files it fingerprints, and on the train section
+    # only through whether train.objective is grpo (prompt-only rows kept or not): prepare_inputs.stale_inputs
     Stage("prepare", "finetune.prepare", ("data", "seed"), ()),
     Stage("train", "finetune.train", ("model", "train", "seed"), ("prepare",)),
     # export: prepare's splits (not their freshness) give the parity checks' held-out rows and the calibration text
