@@ -18,12 +18,11 @@ Ctrl-C stops a reply being generated; Ctrl-D (or /quit) leaves.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -258,27 +257,18 @@ class Session:
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
-def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="finetune chat", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
-    p.add_argument("target", nargs="?", metavar="RECIPE|MODEL.gguf",
-                   help="a recipe (chats with its exported serve.quant GGUF) or a .gguf file; not needed with --url")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. serve.quant=Q4_K_M")
-    p.add_argument("--url", help="talk to a running server instead, e.g. http://127.0.0.1:8765")
-    p.add_argument("--api-key", help="the server's API key (or set FINETUNE_API_KEY)")
-    p.add_argument("--system", help="system prompt for the conversation")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = always the most likely token (default 0.7)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    ns = p.parse_intermixed_args(argv)
+def run(target: str | None, overrides: Sequence[str] = (), *, url: str | None = None, api_key: str | None = None,
+        system: str | None = None, temperature: float = 0.7, max_tokens: int = 256) -> int:
+    """Chat in the terminal with ``target`` (a recipe, with its ``overrides``, or a .gguf file) or, with ``url``, a
+    running server (``api_key``, else FINETUNE_API_KEY); input from the terminal, or piped (no prompts echoed)."""
     import os
 
-    if ns.url:
-        backend: Any = HttpBackend(ns.url, ns.api_key or os.environ.get("FINETUNE_API_KEY"))
-    elif ns.target:
+    if url:
+        backend: Any = HttpBackend(url, api_key or os.environ.get("FINETUNE_API_KEY"))
+    elif target:
         from finetune.serve_target import resolve_target
 
-        backend = LocalBackend(resolve_target(ns.target, ns.overrides))
+        backend = LocalBackend(resolve_target(target, list(overrides)))
     else:
         raise UserError("give a recipe or a .gguf file to chat with, or --url of a running `finetune serve`")
     read_line = input
@@ -292,7 +282,7 @@ def command(argv: list[str]) -> int:
                 raise EOFError
             return line.rstrip("\n")
     try:
-        chat_loop(backend, system=ns.system, temperature=ns.temperature, max_tokens=ns.max_tokens, read_line=read_line)
+        chat_loop(backend, system=system, temperature=temperature, max_tokens=max_tokens, read_line=read_line)
     finally:
         backend.close()
     return 0

@@ -1,31 +1,32 @@
-"""The stage commands: argument parsing and console output for each stage, kept out of the stage modules.
+"""The commands: each turns its parsed command line into a call of a plain function and prints what a user wants
+to see, kept out of the stage and tool modules.
 
-A stage module (``finetune.prepare``, ``finetune.train``, ...) is a function ``run(recipe, ...)`` importable and
-callable from Python without argparse; each function here parses a command line, calls that ``run`` and prints what
-a user wants to see. ``finetune.cli`` maps command names to these functions and imports them only when they run.
+A stage or tool module (``finetune.prepare``, ``finetune.train``, ``finetune.chat``, ``finetune.doctor``, ...) is a
+function with typed arguments, importable and callable from Python without argparse. ``finetune.cli`` pairs each
+command here with its parser (``finetune.cli_parsers``); a function here takes the parsed namespace and imports its
+stage only when it runs, so that the command line starts fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.cli import check_inputs, load_recipe, recipe_parser
+from finetune.cli_parsers import EXIT_USER_ERROR, load_recipe, model_path_problem
 from finetune.console import duration, mib, number, table
 from finetune.errors import UserError
-from finetune.run import runs
 
 
-def prepare_command(argv: list[str]) -> int:
+def prepare_command(ns: argparse.Namespace) -> int:
     from finetune import prepare as stage
     from finetune.data.report import print_summary
+    from finetune.run import runs
 
-    parser = recipe_parser("prepare", "Load, clean, split and tokenize the recipe's data into runs/<name>/prepare/.")
-    parser.add_argument("--force", action="store_true", help="rebuild even when inputs are unchanged")
-    ns = parser.parse_args(argv)
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "prepare"):
         report = stage.run(recipe, force=ns.force)
@@ -33,16 +34,10 @@ def prepare_command(argv: list[str]) -> int:
     return 0
 
 
-def train_command(argv: list[str]) -> int:
+def train_command(ns: argparse.Namespace) -> int:
     from finetune import train as stage
+    from finetune.run import runs
 
-    p = recipe_parser("train", "Train the recipe's model on the prepared data (LoRA, DoRA, QLoRA or full). "
-                               "Several processes: `torchrun --nproc_per_node N -m finetune train RECIPE` or "
-                               "`accelerate launch -m finetune train RECIPE`.")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the last complete checkpoint (an interrupted run also resumes by itself "
-                        "when its settings are unchanged)")
-    ns = p.parse_args(argv)
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "train"):
         summary = stage.run(recipe, resume=ns.resume, recipe_path=ns.recipe)
@@ -59,11 +54,10 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
-def export_command(argv: list[str]) -> int:
+def export_command(ns: argparse.Namespace) -> int:
     from finetune import export as stage
+    from finetune.run import runs
 
-    ns = recipe_parser("export", "Merge the trained adapter, convert to GGUF (F16 + quantizations), check parity, "
-                                 "write Ollama Modelfiles. Run after `finetune train`.").parse_args(argv)
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "export"):
         result = stage.run(recipe, recipe_path=ns.recipe)
@@ -93,12 +87,10 @@ def gguf_table(ggufs: dict[str, str], sizes: dict[str, int], parity: dict[str, A
     return table(columns, rows, right=["size"], indent=2)
 
 
-def eval_command(argv: list[str]) -> int:
+def eval_command(ns: argparse.Namespace) -> int:
     from finetune import evaluate as stage
+    from finetune.run import runs
 
-    parser = recipe_parser("eval", "Score the base and the fine-tuned model (and the exported GGUF) on held-out "
-                           "examples; write metrics.json and report.html under runs/<name>/eval/.")
-    ns = parser.parse_args(argv)
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "eval"):
         result = stage.run(recipe, recipe_path=ns.recipe)
@@ -128,13 +120,10 @@ def summary_table(result: dict[str, Any]) -> str:
     return table(["metric", *names], [[k, *(result["models"][n].get(k) for n in names)] for k in keys])
 
 
-def tune_command(argv: list[str]) -> int:
+def tune_command(ns: argparse.Namespace) -> int:
     from finetune import tune as stage
+    from finetune.run import runs
 
-    parser = recipe_parser("tune", "Search hyperparameters (tune.space) for the lowest validation loss; write "
-                           "runs/<name>/tune/results.csv and best.yaml. Running it again continues the study.")
-    parser.add_argument("--fresh", action="store_true", help="delete the stored study and its trials and start over")
-    ns = parser.parse_args(argv)
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "tune"):
         result = stage.run(recipe, recipe_path=ns.recipe, fresh=ns.fresh)
@@ -147,19 +136,9 @@ def tune_command(argv: list[str]) -> int:
     return 0
 
 
-def plan_command(argv: list[str]) -> int:
+def plan_command(ns: argparse.Namespace) -> int:
     from finetune import plan as stage
 
-    p = recipe_parser("plan", "Estimate training memory and time for a recipe; say whether it fits and what to change.")
-    p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
-                   help="plan for a GPU with N GB (e.g. 8, 12, 16, 24) instead of the detected device")
-    p.add_argument("--gpus", type=int, default=None, metavar="N",
-                   help="plan N such GPUs: memory per GPU with the model sharded (FSDP2) and the launch command; "
-                        "if it does not fit, try more GPUs or fsdp_activation_checkpointing")
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="the model's config.json (or a folder with it); default: from the model folder or the Hub")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    ns = p.parse_args(argv)
     if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
         raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
     if ns.gpus is not None and not (1 <= ns.gpus <= 4096):
@@ -170,15 +149,42 @@ def plan_command(argv: list[str]) -> int:
     return 0 if result["results"][0]["fits"] else 1
 
 
-def run_command(argv: list[str]) -> int:
-    from finetune.run import pipeline as stage
-    from finetune.run.freshness import STAGE_NAMES
 
-    p = recipe_parser("run", "Run prepare, train, export and eval in order; stages that are up to date are skipped.")
-    p.add_argument("--force", action="store_true", help="run every stage even if it is up to date")
-    p.add_argument("--from", dest="start", choices=STAGE_NAMES, help="run from this stage on (earlier ones if stale)")
-    p.add_argument("--no-answer", action="store_true", help="skip the final sample answer from the GGUF")
-    ns = p.parse_intermixed_args(argv)
+def chat_command(ns: argparse.Namespace) -> int:
+    from finetune import chat
+
+    return chat.run(ns.target, ns.overrides, url=ns.url, api_key=ns.api_key, system=ns.system,
+                    temperature=ns.temperature, max_tokens=ns.max_tokens)
+
+
+def serve_command(ns: argparse.Namespace) -> int:
+    import importlib
+
+    # the optional server package: no finetune module imports it by name (tests/unit/test_layers.py)
+    server = importlib.import_module("serve.server")
+    return server.serve(ns.target, ns.overrides, host=ns.host, port=ns.port, api_key=ns.api_key, store=ns.store,
+                        chat_template=ns.chat_template, log_level=ns.log_level)
+
+
+def feedback_command(ns: argparse.Namespace) -> int:
+    from finetune import feedback
+
+    if ns.action == "stats":
+        return feedback.report_stats(ns.target, ns.overrides)
+    return feedback.export_file(ns.target, ns.overrides, ns.out, train_on=ns.train_on, kind=ns.kind)
+
+
+def doctor_command(ns: argparse.Namespace) -> int:
+    from finetune import doctor
+
+    return doctor.check(ns.model, config=ns.config, revision=ns.revision, trust_remote_code=ns.trust_remote_code,
+                        as_json=ns.json)
+
+
+def run_command(ns: argparse.Namespace) -> int:
+    from finetune.run import pipeline as stage
+    from finetune.run import runs
+
     recipe = load_recipe(ns)
     # The commands printed at the end must find the same run: keep the overrides that say where it lives.
     keep = [o for o in ns.overrides if o.split("=", 1)[0].split(".")[0] in ("runs_dir", "name", "serve")]
@@ -214,20 +220,9 @@ def run_command(argv: list[str]) -> int:
     return 0
 
 
-
-def push_command(argv: list[str]) -> int:
+def push_command(ns: argparse.Namespace) -> int:
     from finetune import hub
 
-    p = recipe_parser("push", "Upload a run's adapter, merged checkpoint or GGUF files (each with its model card) to "
-                              "a Hugging Face model repository. Needs a token: `huggingface-cli login` or HF_TOKEN.")
-    p.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository (created if missing)")
-    p.add_argument("--what", choices=hub.WHAT, default="gguf",
-                   help="adapter: train's adapter; merged: export's merged checkpoint; gguf (default): export's GGUF "
-                        "files, Modelfiles and card; all: adapter/ and merged/ as folders, the GGUF files at the root")
-    p.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
-                                                          "its visibility)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded where, and upload nothing")
-    ns = p.parse_intermixed_args(argv)
     repo = hub.check_repo_id(ns.repo)
     recipe = load_recipe(ns)
     uploads = hub.plan(recipe, ns.what, ns.recipe)
@@ -244,16 +239,9 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
-def recipes_command(argv: list[str]) -> int:
+def recipes_command(ns: argparse.Namespace) -> int:
     from finetune import starter
-    from finetune.cli import CommandParser, add_global_flags
 
-    p = CommandParser(prog="finetune recipes", description="List the shipped recipes, or copy one to start from.")
-    p.add_argument("action", nargs="?", default="list", metavar="list|copy", help="list (default) or copy")
-    p.add_argument("name", nargs="?", metavar="NAME", help="copy: the recipe, as listed (e.g. tasks/my-data)")
-    p.add_argument("dest", nargs="?", metavar="DEST", help="copy: a new .yaml file or a folder (default: here)")
-    add_global_flags(p)
-    ns = p.parse_args(argv)
     if ns.action not in ("list", "copy"):
         raise UserError(f"finetune recipes: {ns.action!r} is not list or copy; to copy that recipe: finetune recipes "
                         f"copy {ns.action} [DEST]")
@@ -290,26 +278,116 @@ def _here(path: Path) -> str:
         return str(path)
 
 
-def init_command(argv: list[str]) -> int:
+def init_command(ns: argparse.Namespace) -> int:
     from finetune import starter
-    from finetune.cli import CommandParser, add_global_flags
 
-    p = CommandParser(prog="finetune init", description="Write a recipe for your data file and a model: the format "
-                      "detected from the columns, a train/validation/test split, and the training method "
-                      "`finetune plan` says fits this machine (or --gpu-gb). An existing file is never replaced.")
-    p.add_argument("data", metavar="DATA", help="your data file (.jsonl .json .csv .tsv .parquet .txt)")
-    p.add_argument("--model", required=True, metavar="ID_OR_PATH",
-                   help="a Hub id (org/name), a local model folder, a .gguf file, or smollm2-135m-instruct")
-    p.add_argument("--gpu-gb", type=float, default=None, metavar="N",
-                   help="choose the method for a GPU with N GB instead of this machine")
-    p.add_argument("-o", "--output", default=None, metavar="RECIPE",
-                   help="the recipe file to write (default: <data name>.yaml here)")
-    add_global_flags(p)
-    ns = p.parse_args(argv)
     if ns.gpu_gb is not None and not (0 < ns.gpu_gb < 10_000):
         raise UserError(f"--gpu-gb: {ns.gpu_gb} is not a card size in GB; try 8, 12, 16 or 24")
     w = starter.init_recipe(ns.data, ns.model, check=check_inputs, out=ns.output, gpu_gb=ns.gpu_gb)
     shown = shlex.quote(_here(w.path))
     print(f"wrote {shown}: {w.rows} rows, {w.format} format; train: {w.why}")
     print(f"it passes `finetune validate`; next: finetune run {shown}")
+    return 0
+
+
+def validate_command(ns: argparse.Namespace) -> int:
+    from finetune import recipe
+
+    files: list[Path] = []
+    for item in ns.recipes:
+        path = Path(item)
+        if path.is_dir():
+            from finetune.recipe import recipe_files
+
+            files += recipe_files(path)
+        else:
+            files.append(path)
+    bad = 0
+    for f in files:
+        try:
+            r = recipe.load(f)
+            problems = check_inputs(r)
+            if problems:
+                raise recipe.RecipeError(str(f), problems)
+            print(f"ok      {f}  (name: {r.name}, model: {r.model.id})")
+        except recipe.RecipeError as exc:
+            bad += 1
+            print(f"INVALID {exc}", file=sys.stderr)
+    print(f"{len(files) - bad} valid, {bad} invalid")
+    return EXIT_USER_ERROR if bad else 0
+
+
+def check_inputs(r) -> list[str]:
+    """What `prepare` and the later stages would refuse that needs no model and no network: no data source, a
+    local data file that is missing, a folder, unreadable, of an unknown format or without the mapped columns,
+    and a local model path (a .gguf file or a folder) that does not exist. Hub ids and Hub datasets are not
+    checked (that needs the network)."""
+    from finetune import prepare
+    from finetune.data import formats
+    from finetune.errors import UserError
+
+    problems = []
+    if not r.data.sources:
+        problems.append("data.sources: no data source; prepare and train need one, e.g. "
+                        "data: {sources: [{path: train.jsonl}]}")
+    for i, src in enumerate(r.data.sources):
+        if src.path is None:
+            continue
+        try:
+            loaded, fmt = prepare.read_source(r, i)
+            formats.check_fields_present((row.record for row in loaded.rows), fmt, src.columns, source=loaded.name,
+                                         where=f"data.sources[{i}]")
+        except UserError as exc:
+            problems.append(str(exc))
+    produced = {r.export.outtype, *r.export.quantizations}  # the keys of the export's GGUFs, which serve looks up
+    # only a serve.quant the recipe sets: left at its default, serve takes the type export wrote (gguf_to_serve)
+    if "quant" in r.serve.model_fields_set and r.serve.quant != "auto" and r.serve.quant not in produced:
+        problems.append(f"serve.quant: {r.serve.quant} is not a type export writes (export.outtype "
+                        f"{r.export.outtype} and export.quantizations {r.export.quantizations}); add {r.serve.quant} to "
+                        f"export.quantizations or set serve.quant to one of {', '.join(sorted(produced))}")
+    model_problem = model_path_problem(r.model.id, r.base_dir)
+    if model_problem:
+        problems.append(model_problem)
+    else:
+        problems += _model_config_problems(r)
+    return problems
+
+
+def _model_config_problems(r) -> list[str]:
+    """What the model's config.json already refuses (``finetune.refusals``), when it is at hand without the
+    network (a local folder, or the Hub cache)."""
+    from finetune import refusals
+
+    config_file = _cached_config_file(r)
+    if config_file is None:
+        return []
+    return refusals.problems(json.loads(config_file.read_text()), method=r.train.method,
+                             adapter_gguf=r.export.adapter_gguf)
+
+
+def _cached_config_file(r) -> Path | None:
+    """The model's config.json when it is on this machine (a local folder, or the Hub cache); None otherwise."""
+    from finetune.models import EMBEDDED_MODEL
+
+    if r.model.id == EMBEDDED_MODEL:
+        return None
+    candidate = Path(r.model.id).expanduser()
+    folder = next((p for p in ([candidate] if candidate.is_absolute() else [r.base_dir / candidate, candidate])
+                   if (p / "config.json").is_file()), None)
+    if folder is not None:
+        config_file: Path | None = folder / "config.json"
+    elif r.model.id.count("/") == 1 and not candidate.suffix:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(r.model.id, "config.json", revision=r.model.revision)
+        config_file = Path(cached) if isinstance(cached, str) else None
+    else:
+        config_file = None
+    return config_file
+
+
+def show_command(ns: argparse.Namespace) -> int:
+    from finetune import recipe
+
+    print(recipe.dump(load_recipe(ns)), end="")
     return 0

@@ -331,24 +331,14 @@ def gguf_report(path: Path) -> Report:
     return report
 
 
-def command(argv: list[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="finetune doctor", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", help="a Hub id, a local model folder, a .gguf file, or a recipe (its model.id)")
-    p.add_argument("--config", type=Path, default=None, metavar="CONFIG.json",
-                   help="the model's config.json (or a folder with it): no Hub, no weights; the tokenizer is checked "
-                        "when its files are beside it")
-    p.add_argument("--revision", help="a Hub revision")
-    p.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model")
-    p.add_argument("--json", action="store_true", help="print the findings as JSON")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    p.add_argument("--verbose", action="store_true", help="show the libraries' progress bars, warnings and log lines")
-    ns = p.parse_args(argv)
-    if ns.model is None and ns.config is None:
+def check(model: str | None, *, config: Path | None = None, revision: str | None = None,
+          trust_remote_code: bool = False, as_json: bool = False) -> int:
+    """Print the findings for ``model`` (a Hub id, a folder, a .gguf file or a recipe: its model.id) or for a
+    config.json alone (``config``), as a table or JSON; 2 when a stage refuses it, else 0."""
+    if model is None and config is None:
         raise UserError("finetune doctor: give a MODEL (a Hub id, a folder, a .gguf file or a recipe) or "
                         "--config CONFIG.json")
-    model_id, revision, base_dir, remote = ns.model, ns.revision, Path.cwd(), ns.trust_remote_code
+    model_id, base_dir, remote = model, Path.cwd(), trust_remote_code
     adapter_gguf = False
     if model_id and model_id.endswith((".yaml", ".yml")):
         from finetune import recipe
@@ -357,14 +347,14 @@ def command(argv: list[str]) -> int:
         model_id, revision, base_dir = r.model.id, revision or r.model.revision, r.base_dir
         remote = remote or r.model.trust_remote_code
         adapter_gguf = r.export.adapter_gguf and r.train.method in ("lora", "qlora")
-    if model_id and ns.config is None and Path(model_id).suffix.lower() == ".gguf":
+    if model_id and config is None and Path(model_id).suffix.lower() == ".gguf":
         from finetune import models
 
         report = gguf_report(models.locate(model_id, base_dir=base_dir)[1])
     else:
         report = examine(model_id, revision, base_dir=base_dir, trust_remote_code=remote, adapter_gguf=adapter_gguf,
-                         config_path=ns.config)
-    if ns.json:
+                         config_path=config)
+    if as_json:
         print(json.dumps({"model": report.model, "path": str(report.path),
                           "findings": [dict(zip(("stage", "check", "finding"), r, strict=True)) for r in report.rows],
                           "refused": report.refusals}, indent=1))

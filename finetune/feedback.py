@@ -12,8 +12,8 @@ The store itself is finetune/feedback_store.py.
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,58 +54,43 @@ def export(store_folder: Path, out: Path, *, train_on: str = "assistant") -> dic
     return {"rows": len(rows), "out": str(out), **stats}
 
 
-def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="finetune feedback",
-        description="Turn feedback collected by `finetune serve` / `finetune chat` into training data.",
-    )
-    sub = p.add_subparsers(dest="action", required=True)
-    exp = sub.add_parser("export", help="write approved and corrected replies as {messages: [...]} JSONL rows")
-    stats = sub.add_parser("stats", help="count stored exchanges, ratings and corrections")
-    for sp in (exp, stats):
-        sp.add_argument("target", metavar="RECIPE|DIR|MODEL.gguf",
-                        help="the recipe (reads runs/<name>/serve/), the served .gguf, or the store folder")
-        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. runs_dir=/tmp/runs")
-        sp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    exp.add_argument("-o", "--out", required=True, help="output JSONL file (add it to data.sources to train on it)")
-    exp.add_argument("--train-on", choices=TRAIN_ON_CHOICES,
-                     help="the data.train_on of the recipe that will train the file (default: the recipe's when a "
-                     "recipe is given, else assistant). With assistant or all, conversations whose earlier model "
-                     "replies are not approved are left out, since those replies would be trained on too")
-    exp.add_argument("--as", dest="kind", choices=("sft", "preferences"), default="sft",
-                     help="sft (default): approved and corrected replies as {messages} rows; preferences: DPO/ORPO "
-                     "pairs from corrections to -o, KTO rows from ratings and corrections to <out>.kto.jsonl "
-                     "(train them with train.objective dpo/orpo/simpo or kto)")
-    ns, extra = p.parse_known_args(argv)  # overrides may come after -o
-    bad = [a for a in extra if a.startswith("-") or "=" not in a]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    overrides = ns.overrides + extra
-    recipe_train_on = None
-    if Path(ns.target).suffix in (".yaml", ".yml"):
+def store_folder(target: str, overrides: Sequence[str] = ()) -> tuple[Path, str | None]:
+    """The feedback store of ``target`` (a recipe: its runs/<name>/serve/; a .gguf file or a folder) and, for a
+    recipe, its data.train_on."""
+    if Path(target).suffix in (".yaml", ".yml"):
         from finetune import recipe as recipe_mod
 
-        recipe = recipe_mod.load(Path(ns.target), overrides)
-        folder, recipe_train_on = recipe.run_dir("serve"), recipe.data.train_on
-    else:
-        folder = store_dir_for(ns.target, overrides)
-    if ns.action == "stats":
-        if not (folder / STORE_FILE).exists():
-            raise UserError(f"no feedback store at {folder / STORE_FILE}")
-        store = FeedbackStore(folder)
-        counts = store.counts()
-        store.close()
-        print(f"{folder / STORE_FILE}: {counts['exchanges']} exchanges, {counts['up']} thumbs up, "
-              f"{counts['down']} thumbs down, {counts['corrections']} better answers")
-        return 0
-    out = Path(ns.out)
+        recipe = recipe_mod.load(Path(target), list(overrides))
+        return recipe.run_dir("serve"), recipe.data.train_on
+    return store_dir_for(target, list(overrides)), None
+
+
+def report_stats(target: str, overrides: Sequence[str] = ()) -> int:
+    """Print how many exchanges, ratings and corrections the store of ``target`` holds."""
+    folder, _ = store_folder(target, overrides)
+    if not (folder / STORE_FILE).exists():
+        raise UserError(f"no feedback store at {folder / STORE_FILE}")
+    store = FeedbackStore(folder)
+    counts = store.counts()
+    store.close()
+    print(f"{folder / STORE_FILE}: {counts['exchanges']} exchanges, {counts['up']} thumbs up, "
+          f"{counts['down']} thumbs down, {counts['corrections']} better answers")
+    return 0
+
+
+def export_file(target: str, overrides: Sequence[str], out: str | Path, *, train_on: str | None = None,
+                kind: str = "sft") -> int:
+    """Write the store of ``target`` to ``out`` as training data (``kind`` sft: {messages} rows for ``train_on``,
+    by default the recipe's data.train_on; preferences: pairs, and KTO rows beside them) and say what was left out."""
+    folder, recipe_train_on = store_folder(target, overrides)
+    out = Path(out)
     if out.is_dir():
         raise UserError(f"-o {out}: is a folder; give a file name, e.g. -o {out / 'feedback.jsonl'}")
     if out.suffix != ".jsonl":
         raise UserError(f"-o {out}: the export writes JSON Lines; name the file *.jsonl (e.g. -o {out.with_suffix('.jsonl')})"
                         " so that prepare reads it as such")
-    if ns.kind == "preferences":
-        if ns.train_on:
+    if kind == "preferences":
+        if train_on:
             raise UserError("--train-on applies to --as sft; preference rows always train the final reply only")
         res = export_preferences(folder, out)
         left = sum(res["left_out"].values())
@@ -115,7 +100,7 @@ def command(argv: list[str]) -> int:
         print(f"train on them: add `- path: {out.resolve()}` under data.sources and set train.objective: dpo (or "
               f"orpo, simpo); or `- path: {Path(res['kto_out']).resolve()}` with train.objective: kto")
         return 0
-    train_on = ns.train_on or recipe_train_on or "assistant"
+    train_on = train_on or recipe_train_on or "assistant"
     result = export(folder, out, train_on=train_on)
     left = sum(result["left_out"].values())
     print(f"wrote {result['rows']} conversations to {result['out']} ({result['approved']} approved, "

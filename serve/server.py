@@ -8,7 +8,6 @@ request, not the server.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import errno
 import ipaddress
@@ -16,6 +15,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -77,48 +77,35 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="finetune serve",
-        description="Serve a fine-tuned model: OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-        "/v1/models), /health, and a web chat page at /.",
-    )
-    p.add_argument("target", metavar="RECIPE|MODEL.gguf", help="a recipe (serves its export's serve.quant GGUF) or a .gguf")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. serve.n_ctx=4096 serve.workers=2")
-    p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1). Non-loopback needs an API key")
-    p.add_argument("--port", type=int, help="port (default serve.port, 8765)")
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set {API_KEY_ENV}; safer than a flag)")
-    p.add_argument("--store", help="folder for conversations and feedback (default runs/<name>/serve or next to the GGUF)")
-    p.add_argument("--chat-template", help="a .jinja chat template, only for a GGUF that lacks one")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   help="console log level: warning (default) shows one line per 4xx/5xx answer and per worker "
-                   "crash; info also shows every request")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    ns = p.parse_intermixed_args(argv)
-
-    target = resolve_target(ns.target, list(ns.overrides))
+def serve(target: str, overrides: Sequence[str] = (), *, host: str | None = None, port: int | None = None,
+          api_key: str | None = None, store: str | Path | None = None, chat_template: str | None = None,
+          log_level: str = "warning") -> int:
+    """Serve ``target`` (a recipe, with its ``overrides``, or a .gguf file) until Ctrl-C. ``host``, ``port`` and
+    ``chat_template`` replace the serve section's; ``api_key`` (else FINETUNE_API_KEY, else serve.api_key) is
+    required off loopback; ``store``: where conversations and feedback go instead of the target's own folder."""
+    resolved = resolve_target(target, list(overrides))
     # The flags are taken as typed (not through the KEY=VALUE parser, which reads values as YAML: `::` is a mapping
     # there) and validated by the same schema as the recipe's serve section.
-    flags = {k: v for k, v in (("host", ns.host), ("port", ns.port), ("chat_template", ns.chat_template)) if v is not None}
+    flags = {k: v for k, v in (("host", host), ("port", port), ("chat_template", chat_template)) if v is not None}
     if flags:
         try:
-            config = ServeConfig.model_validate({**target.config.model_dump(), **flags})
+            config = ServeConfig.model_validate({**resolved.config.model_dump(), **flags})
         except ValidationError as exc:
             problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'serve'} "
                                  f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())
             raise UserError(f"finetune serve: {problems}") from None
-        target = dataclasses.replace(target, config=config)
-    config = target.config
-    api_key = ns.api_key or os.environ.get(API_KEY_ENV) or config.api_key
+        resolved = dataclasses.replace(resolved, config=config)
+    config = resolved.config
+    api_key = api_key or os.environ.get(API_KEY_ENV) or config.api_key
     if not is_loopback(config.host) and not api_key:
         raise UserError(
             f"refusing to listen on {config.host} without an API key: anyone who can reach this machine could use "
             f"the model. Set {API_KEY_ENV}=<a long random string> (or --api-key), or bind to 127.0.0.1."
         )
     sock = listen(config.host, config.port)
-    store_dir = Path(ns.store) if ns.store else target.store_dir
+    store_dir = Path(store) if store else resolved.store_dir
     try:
-        serve_forever(target, api_key=api_key, store_dir=store_dir, log_level=ns.log_level, sock=sock)
+        serve_forever(resolved, api_key=api_key, store_dir=store_dir, log_level=log_level, sock=sock)
     finally:
         sock.close()
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import cli
+from finetune import cli, cli_parsers
 
 REPO = Path(__file__).resolve().parent.parent.parent
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
@@ -81,12 +81,12 @@ def test_an_unknown_flag_that_is_no_setting_points_to_help(capsys):
 
 
 def test_known_flags_and_their_prefixes_still_parse():
-    parser = cli.recipe_parser("train", "t")
+    parser = cli_parsers.recipe_parser("train", "t")
     parser.add_argument("--resume", action="store_true")
-    assert cli.unknown_flag(["R", "--resume", "train.lr=1e-4"], parser) is None
-    assert cli.unknown_flag(["R", "--res"], parser) is None  # argparse takes an unambiguous prefix
-    assert cli.unknown_flag(["R", "--", "--lr"], parser) is None
-    assert cli.unknown_flag(["R", "--lr", "train.lr=1"], parser) == ("--lr", None)
+    assert cli_parsers.unknown_flag(["R", "--resume", "train.lr=1e-4"], parser) is None
+    assert cli_parsers.unknown_flag(["R", "--res"], parser) is None  # argparse takes an unambiguous prefix
+    assert cli_parsers.unknown_flag(["R", "--", "--lr"], parser) is None
+    assert cli_parsers.unknown_flag(["R", "--lr", "train.lr=1"], parser) == ("--lr", None)
 
 
 # ------------------------------------------------------------------------------------------ finetune recipes
