@@ -1,12 +1,17 @@
 """A recipe as text: the YAML file read with the line of every key (YAML 1.2 floats; a data file given where a recipe
 goes is named as such), the recipe files under a folder, and dotted keys on the raw mapping (``train.lr=1e-4``
-overrides, ``data.sources.0.path``: list items by number). Nothing here validates: ``finetune.recipe`` does."""
+overrides, ``data.sources.0.path``: list items by number). Nothing here validates: ``finetune.recipe`` does.
+
+A key that takes text (``_wants_text``: a ``str`` key, or one whose allowed values are strings, such as
+``train.gradient_checkpointing: on | off | auto``) reads what YAML 1.1 would make a boolean (on/off, yes/no,
+true/false) as the text written, in a recipe file and in an override alike; an override also reads a number there
+as its text. Every other key keeps YAML's value, so a boolean given to a number is still an error."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -72,9 +77,30 @@ def _key_lines(node: Any, path: tuple = (), out: dict[tuple, int] | None = None)
     return out
 
 
-def read_document(path: Path, recipe_keys: frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[tuple, int]]:
+def _bool_words(node: Any, data: Any, path: tuple = (), out: list | None = None) -> list[tuple[tuple, Any, Any, str]]:
+    """(key path, the container in ``data``, its key, the word) of every plain scalar YAML 1.1 read as a boolean
+    (on, off, yes, no, true, false), walking the node tree beside the constructed data."""
+    out = [] if out is None else out
+    if isinstance(node, yaml.MappingNode) and isinstance(data, dict):
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if isinstance(name, str) and name in data:
+                _bool_words(value, data[name], path + (name,), out)
+                if isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:bool" and value.style is None:
+                    out.append((path + (name,), data, name, value.value))
+    elif isinstance(node, yaml.SequenceNode) and isinstance(data, list):
+        for i, (item, got) in enumerate(zip(node.value, data, strict=False)):
+            _bool_words(item, got, path + (str(i),), out)
+            if isinstance(item, yaml.ScalarNode) and item.tag == "tag:yaml.org,2002:bool" and item.style is None:
+                out.append((path + (str(i),), data, i, item.value))
+    return out
+
+
+def read_document(path: Path, recipe_keys: frozenset[str] = frozenset(), schema: type[BaseModel] | None = None
+                  ) -> tuple[dict[str, Any], dict[tuple, int]]:
     """The recipe file as a mapping, and the line of each key. Anything that is not a recipe is a RecipeError
-    (``recipe_keys``: the schema's top-level keys, to tell a data row from a recipe)."""
+    (``recipe_keys``: the schema's top-level keys, to tell a data row from a recipe). A boolean word at a key of
+    ``schema`` (the recipe's, unless given) that takes text is read as the word written (``_wants_text``)."""
     if not path.exists():
         twin = path.with_suffix({".yaml": ".yml", ".yml": ".yaml"}.get(path.suffix.lower(), ".yaml"))
         if twin != path and twin.is_file():
@@ -117,6 +143,13 @@ def read_document(path: Path, recipe_keys: frozenset[str] = frozenset()) -> tupl
     if not isinstance(data, dict):
         raise RecipeError(str(path), [f"the top level is a {type(data).__name__}, but a recipe is a mapping of keys "
                                       "(name:, model:, data:, train:, ...), see recipes/quickstart.yaml"])
+    words = _bool_words(node, data)
+    if words:
+        if schema is None:
+            from finetune.recipe import Recipe as schema
+        for parts, container, key, word in words:
+            if _wants_text(list(parts), schema):
+                container[key] = word  # `gradient_checkpointing: off` is the text "off"
     return data, _key_lines(node)
 
 
@@ -152,8 +185,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _value_types(annotation: Any) -> set[Any]:
+    """The types of the values a field's annotation allows: a Literal's values give theirs (``Literal["on", "off"]``:
+    str), unions, Annotated and containers (list[str]: str) their members'."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return {type(v) for v in args}
+    if origin is Annotated:
+        return _value_types(args[0])
+    if not args:
+        return {annotation}
+    return set().union(*(_value_types(arg) for arg in args))
+
+
 def _wants_text(parts: list[str], schema: type[BaseModel]) -> bool:
-    """Whether the key accepts text but no number or boolean (model.revision, serve.api_key, name, ...)."""
+    """Whether the key accepts text but no number or boolean: a str key (model.revision, serve.api_key, name, ...)
+    or one whose allowed values are strings (train.gradient_checkpointing: auto | on | off, train.method, ...)."""
     current: Any = schema
     annotation: Any = None
     for part in parts:
@@ -163,7 +210,7 @@ def _wants_text(parts: list[str], schema: type[BaseModel]) -> bool:
             return False
         annotation = current.model_fields[part].annotation
         current = _section_type(annotation)
-    kinds = set(getattr(annotation, "__args__", None) or (annotation,))
+    kinds = _value_types(annotation)
     return str in kinds and not kinds & {int, float, bool}
 
 

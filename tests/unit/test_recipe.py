@@ -217,3 +217,50 @@ def test_dotted_keys_one_getter_setter_and_flattener():
     assert data["data"]["sources"][0] == {"path": "a.jsonl", "weight": 2.0}
     assert flat_keys(data) == {"train.lr": 1e-4, "train.lora.r": 16, "data.sources": [{"path": "a.jsonl", "weight": 2.0}],
                                "eval": {}, "tune.space": {}}
+
+
+@pytest.mark.parametrize("word", ["on", "off", "auto"])
+def test_gradient_checkpointing_on_off_auto_in_a_recipe_and_an_override(tmp_path, cli, word):
+    """YAML 1.1 reads on/off as booleans; a key whose allowed values are text reads them as the text written, in
+    the recipe file and on the command line (`train.gradient_checkpointing=on` is what plan suggests)."""
+    p = write(tmp_path, f"name: x\ntrain:\n  gradient_checkpointing: {word}\n")
+    assert recipe.load(p).train.gradient_checkpointing == word
+    assert recipe.load(write(tmp_path, "name: x\n", "plain.yaml"),
+                       [f"train.gradient_checkpointing={word}"]).train.gradient_checkpointing == word
+    other = {"on": "off", "off": "auto", "auto": "on"}[word]
+    assert recipe.load(p, [f"train.gradient_checkpointing={other}"]).train.gradient_checkpointing == other
+    code, out, err = cli("show", str(p), f"train.gradient_checkpointing={word}")
+    assert code == 0, err
+    assert yaml.safe_load(out)["train"]["gradient_checkpointing"] == word
+    assert recipe.load(write(tmp_path, out, "shown.yaml")).train.gradient_checkpointing == word  # dump round-trips
+
+
+def test_boolean_words_are_text_only_where_a_key_takes_text(tmp_path):
+    """Every key whose allowed values are strings (a Literal of strings, a str) reads yes/no/true/false/on/off as
+    the word; a key that takes a boolean keeps the boolean, and a boolean given to a number is still an error."""
+    p = write(tmp_path, "name: yes\ntrain:\n  packing: off\n  eval_every: 5\neval:\n  metrics: [loss]\n")
+    r = recipe.load(p)
+    assert r.name == "yes" and r.train.packing is False
+    r = recipe.load(p, ["name=no", "train.packing=on", "model.revision=off"])
+    assert (r.name, r.train.packing, r.model.revision) == ("no", True, "off")
+    # the word reaches the schema, which names the allowed values
+    for where in ("file", "override"):
+        text = "name: x\ntrain:\n  gradient_checkpointing: yes\n" if where == "file" else "name: x\n"
+        overrides = [] if where == "file" else ["train.gradient_checkpointing=true"]
+        with pytest.raises(recipe.RecipeError) as info:
+            recipe.load(write(tmp_path, text, f"{where}.yaml"), overrides)
+        word = "yes" if where == "file" else "true"
+        assert info.value.problems[-1].endswith(
+            f"train.gradient_checkpointing: Input should be 'auto', 'on' or 'off' (received '{word}')"), info.value
+    with pytest.raises(recipe.RecipeError) as info:
+        recipe.load(write(tmp_path, "name: x\ntrain:\n  batch_size: on\n", "n.yaml"))
+    assert "train.batch_size: Input should be a valid integer; true/false (also yes/no, on/off) is a boolean" \
+        in str(info.value)
+    with pytest.raises(recipe.RecipeError, match=r"override 'train.lora.r=off': train.lora.r: .*is a boolean"):
+        recipe.load(p, ["train.lora.r=off"])
+    # quoted text stays text, a list item of a text list reads the word, numbers in a file stay as they are
+    r = recipe.load(write(tmp_path, 'name: x\ntrain:\n  method: "qlora"\n  lora: {target_modules: [on, q_proj]}\n',
+                          "q.yaml"))
+    assert r.train.method == "qlora" and r.train.lora.target_modules == ["on", "q_proj"]
+    with pytest.raises(recipe.RecipeError, match=r"name: Input should be a valid string; for text, put it in quotes"):
+        recipe.load(write(tmp_path, "name: 2024\n", "y.yaml"))
