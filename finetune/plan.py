@@ -26,11 +26,14 @@ from finetune.training.memory import (  # noqa: F401  (plan.X names kept for scr
     Settings,
     Suggestion,
     estimate,
+    example_unit,
     fits,
     plan_for_budget,
     seconds_per_1k_examples,
     sequences_per_example,
     settings_for,
+    sft_equivalent,
+    step_sequences,
     suggest,
     train_flops_per_token,
 )
@@ -162,7 +165,7 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
         settings = replace(settings, chunked_loss=settings.chunked_loss and loss.chunkable_architecture(arch))
         if stats and stats["max_tokens"] < settings.seq_len:
             settings = replace(settings, seq_len=int(stats["max_tokens"]))
-        if stats and settings.packed:
+        if stats and settings.packed and settings.objective != "grpo":  # GRPO: logits at its completions
             settings = replace(settings, logit_fraction=stats["trained_fraction_p95"])
         if device == "cpu" and settings.method == "qlora":
             settings = replace(settings, method="lora")
@@ -180,8 +183,10 @@ def run(recipe, *, gpu_gb: float | None = None, config_path: str | Path | None =
             r["estimate"]["notes"].append(
                 f"logits only at trained positions: {settings.logit_fraction:.0%} of a sequence (95th percentile "
                 "measured by prepare; packed batches)")
-        r["estimate"]["notes"].append(f"loss: logits {loss.chunk_tokens(dims.vocab_size)} tokens at a time" if
-                                      settings.chunked_loss else "loss: full logits (LoRA on lm_head, or an unknown class)")
+        if settings.objective != "grpo":  # GRPO's log-probabilities take the full logits: its note says so
+            r["estimate"]["notes"].append(
+                f"loss: logits {loss.chunk_tokens(dims.vocab_size)} tokens at a time" if settings.chunked_loss
+                else "loss: full logits (LoRA on lm_head, or an unknown class)")
         if device == "cpu" and recipe.train.method == "qlora":
             r["estimate"]["notes"].append("qlora needs a CUDA GPU (bitsandbytes 4-bit): this is the estimate for "
                                           "train.method=lora, what this machine can run")
@@ -234,8 +239,12 @@ def _launcher(dims, settings: Settings, budget: int, checkpointing: str, gpus: i
 def memory_table(e: dict, budget: int, fitting: bool) -> str:
     """Where the memory goes (an estimate's parts) and the total against the usable budget."""
     rows = []
-    for key in ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "framework"):
+    for key in ("weights", "adapter", "gradients", "optimizer", "activations", "logits", "generation", "framework"):
+        if key == "generation" and not e.get(key):
+            continue  # GRPO's rollouts, where they need more than the training pass
         note = f"({count(e['trainable_params'])} trainable params)" if key == "adapter" and e["trainable_params"] else ""
+        if key == "generation":
+            note = "rollouts' KV cache beyond the training pass"
         rows.append([key, gib(e[key]), note])
     verdict = "fits" if fitting else "DOES NOT FIT"
     spare = f" ({gib(budget - e['total'])} spare)" if fitting else ""
@@ -251,10 +260,15 @@ def format_plan(plan: dict) -> str:
              f"{plan['config_source']})"]
     method = d["method"] + ("" if d["method"] == "full" else f" r={d['lora_r']} on {d['target_modules']}")
     where = "the longest prepared example" if plan.get("prepared") else "data.clean.max_tokens"
-    batch = f"{d['batch_size']}" + (f" pairs ({2 * d['batch_size']} sequences)"
-                                    if sequences_per_example(d["objective"]) == 2 else "")
-    lines.append(f"  {method}; micro-batch {batch} x {d['seq_len']} tokens (worst case: every sequence at "
-                 f"{where}), grad_accum {d['grad_accum']}, optimizer {d['optimizer']}")
+    unit = example_unit(d["objective"])
+    if unit == "prompt":  # GRPO: each prompt's completions, a prompt and a completion each
+        batch = (f"{d['batch_size']} prompts x {d['generations']} completions "
+                 f"({d['batch_size'] * d['generations']} sequences) x {d['seq_len']} + {d['completion_tokens']} "
+                 f"tokens (worst case: every prompt at {where}, every completion at train.grpo.max_new_tokens)")
+    else:
+        batch = (f"{d['batch_size']}" + (f" pairs ({2 * d['batch_size']} sequences)" if unit == "pair" else "")
+                 + f" x {d['seq_len']} tokens (worst case: every sequence at {where})")
+    lines.append(f"  {method}; micro-batch {batch}, grad_accum {d['grad_accum']}, optimizer {d['optimizer']}")
     for r in plan["results"]:
         e, s = r["estimate"], r["settings"]
         lines.append("")

@@ -14,6 +14,16 @@ Estimates the peak memory of one training step from the model's config.json alon
                where the loss cannot be chunked (LoRA on lm_head, an architecture outside loss.HEADS), batch x seq x
                vocab logits, their fp32 upcast, the log-softmax the loss keeps and their gradient
   framework    CUDA context and allocator slack on a GPU; interpreter and libraries on a CPU
+  generation   GRPO only: what sampling the rollouts (KV cache, the prompts' prefill) needs beyond the training
+               pass's activations, logits and gradients (the two do not overlap: gradients are cleared after each
+               optimizer step); usually 0
+
+A GRPO step (training/grpo.py) trains on batch_size x generations sequences, each a prompt (up to
+data.clean.max_tokens) and a completion (up to train.grpo.max_new_tokens), with its log-probabilities over the full
+vocabulary at the completion tokens (not the chunked loss); ``sft_equivalent`` is that training pass as an SFT batch
+(see step_sequences). Before it the same sequences are sampled with the KV cache (``generation``), and with
+train.grpo.beta > 0 a reference pass runs without gradients (its transients are below the training pass's; full
+fine-tuning keeps a frozen copy of the weights for it, counted in weights).
 
 The model's shapes (ModelDims, every kind of layer and its linear modules) are read from config.json by
 finetune/training/model_dims.py. The per-token activation counts follow the tensors a Llama-style decoder layer saves in transformers with
@@ -70,6 +80,12 @@ class Settings:
     lora_experts: bool = False            # LoRA on the experts' fused tensors too (train.lora.experts)
     processes: int = 1                    # > 1: FSDP2 over that many GPUs (the estimate is per GPU)
     chunked_loss: bool = True             # the loss projects a chunk of tokens at a time (training/loss.py)
+    # GRPO (objective "grpo"; seq_len is then the prompt's length): train.grpo's generations (completions per
+    # prompt), max_new_tokens (the completion's length), beta > 0 (a reference pass) and iterations
+    generations: int = 1
+    completion_tokens: int = 0
+    reference: bool = False
+    iterations: int = 1
 
 
 @dataclass
@@ -85,11 +101,13 @@ class MemoryEstimate:
     framework: int
     total_params: int
     trainable_params: int
+    generation: int = 0  # GRPO: the rollouts' peak beyond the training pass's (see the module's docstring)
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.logits + self.framework
+        return (self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.logits
+                + self.generation + self.framework)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -99,13 +117,14 @@ class MemoryEstimate:
 
 def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
     """Peak memory of one training step (forward + backward + optimizer step), by component."""
+    if settings.objective == "grpo":
+        return _grpo_estimate(dims, settings)
     s = settings
     notes: list[str] = []
     wbytes = DTYPE_BYTES[s.weight_dtype]
-    # activations are in the compute dtype; under QLoRA, peft's prepare_model_for_kbit_training upcasts the
-    # embeddings and norms to fp32, so the residual stream and the 4-bit layers' outputs are fp32
-    act = 4 if s.method == "qlora" else DTYPE_BYTES[s.compute_dtype or s.weight_dtype]
-    tokens = s.batch_size * sequences_per_example(s.objective) * s.seq_len
+    act = _act_bytes(s)
+    sequences, seq_len = step_sequences(s)
+    tokens = sequences * seq_len
     # per kind of decoder layer (ModelDims.layer_groups): how many, and the modules LoRA adapts; then the adapted
     # modules outside the layers (Gemma 4's per-layer input projection), once
     groups = (dims.lora_target_groups(s.target_modules) if s.method != "full"
@@ -162,13 +181,92 @@ def estimate(dims: ModelDims, settings: Settings) -> MemoryEstimate:
                           total_params=dims.total_params, trainable_params=int(trainable), notes=notes)
 
 
-def sequences_per_example(objective: str) -> int:
+def _act_bytes(s: Settings) -> int:
+    """Bytes of an activation: the compute dtype; under QLoRA, peft's prepare_model_for_kbit_training upcasts the
+    embeddings and norms to fp32, so the residual stream and the 4-bit layers' outputs are fp32."""
+    return 4 if s.method == "qlora" else DTYPE_BYTES[s.compute_dtype or s.weight_dtype]
+
+
+def sequences_per_example(objective: str, generations: int = 1) -> int:
     """Sequences one example of a micro-batch (one unit of train.batch_size) brings: a pair (DPO, ORPO, SimPO) is a
-    chosen and a rejected reply, trained side by side; an SFT or KTO row is one. GRPO counts one per prompt: its
-    completions are not counted yet (docs/grpo.md)."""
+    chosen and a rejected reply, trained side by side; an SFT or KTO row is one; a GRPO prompt brings its
+    ``generations`` completions (train.grpo.generations), each trained after the prompt."""
     from finetune.training.preference import PAIRED
 
+    if objective == "grpo":
+        return generations
     return 2 if objective in PAIRED else 1
+
+
+def example_unit(objective: str) -> str:
+    """What one unit of train.batch_size is: a pair (DPO, ORPO, SimPO), a prompt (GRPO), else a row."""
+    from finetune.training.preference import PAIRED
+
+    return "pair" if objective in PAIRED else "prompt" if objective == "grpo" else "row"
+
+
+def step_sequences(s: Settings) -> tuple[int, int]:
+    """(sequences in a micro-batch, tokens of each at most): the one place that counts them. A GRPO sequence is the
+    prompt (seq_len) and its completion (completion_tokens)."""
+    grpo = s.objective == "grpo"
+    return (s.batch_size * sequences_per_example(s.objective, s.generations),
+            s.seq_len + (s.completion_tokens if grpo else 0))
+
+
+def sft_equivalent(s: Settings) -> Settings:
+    """A GRPO step's training pass as the SFT batch of the same sequences: batch_size x generations sequences of
+    prompt + completion tokens, the log-probabilities over the full vocabulary (training/grpo.py token_logps, not
+    the chunked loss) at the completion tokens (packed: logits_to_keep) or at every position (padded)."""
+    sequences, seq_len = step_sequences(s)
+    return replace(s, objective="sft", batch_size=sequences, seq_len=seq_len, chunked_loss=False,
+                   logit_fraction=s.completion_tokens / seq_len if s.packed else 1.0,
+                   generations=1, completion_tokens=0, reference=False, iterations=1)
+
+
+def _grpo_estimate(dims: ModelDims, s: Settings) -> MemoryEstimate:
+    """A GRPO step: the training pass (``sft_equivalent``), a frozen copy of the weights as the reference under
+    full fine-tuning with beta > 0, the kept old/reference log-probabilities, and the rollouts' peak beyond the
+    training pass (``generation``)."""
+    est = estimate(dims, sft_equivalent(s))
+    sequences, seq_len = step_sequences(s)
+    act = _act_bytes(s)
+    notes = [f"GRPO: {s.batch_size} prompt{'s' if s.batch_size != 1 else ''} x {s.generations} completions = "
+             f"{sequences} sequences of up to {s.seq_len} + {s.completion_tokens} tokens, log-probabilities over the "
+             "full vocabulary at the completion tokens"]
+    weights = est.weights
+    if s.reference and s.method == "full":
+        weights += dims.total_params * DTYPE_BYTES[s.weight_dtype]
+        notes.append("GRPO reference (beta > 0): a frozen copy of the weights (full fine-tuning)")
+    # old (iterations > 1) and reference (beta > 0) log-probabilities, fp32, kept through the step
+    kept = sequences * s.completion_tokens * 4 * ((s.iterations > 1) + s.reference)
+    # generation: the KV cache of every sequence; one decoder layer's forward over the prompts (prefill) or one token
+    # a sequence (decoding); the last position's logits and the sampler's fp32 copies
+    kv = _kv_cache_bytes_per_token(dims, act)
+    groups = (dims.lora_target_groups(s.target_modules) if s.method != "full"
+              else [(n, {}) for n, _ in dims.layer_groups()])
+    padded = replace(s, seq_len=seq_len, packed=False)  # generation runs padded batches with SDPA
+    layer = max(_layer_activation_bytes(dims, targets, padded, act) for n, targets in groups if n)
+    rollout = max(sequences * s.seq_len * (kv + layer), sequences * (seq_len * kv + layer))
+    rollout += sequences * dims.vocab_size * (act + 12)
+    generation = max(0, rollout - (est.gradients + est.activations + est.logits))
+    notes.append(f"GRPO rollouts: KV cache of {sequences} x {seq_len} tokens, "
+                 + ("more than the training pass holds" if generation else "within the training pass's peak"))
+    subtotal = weights + est.adapter + est.gradients + est.optimizer + est.activations + kept + est.logits + generation
+    framework = (CUDA_CONTEXT_BYTES + int(CUDA_ALLOCATOR_SLACK * subtotal)) if s.device == "cuda" else est.framework
+    return replace(est, weights=int(weights), activations=int(est.activations + kept), generation=int(generation),
+                   framework=int(framework), notes=notes + est.notes)
+
+
+def _kv_cache_bytes_per_token(dims: ModelDims, act: int) -> int:
+    """Keys and values one token leaves in the cache: every layer with its own k/v projections (KV-shared and
+    recurrent layers keep none per token)."""
+    per_token = 0
+    for n, shapes in dims.layer_groups():
+        if "k_proj" in shapes:
+            per_token += n * (shapes["k_proj"][1] + shapes.get("v_proj", shapes["k_proj"])[1])
+        elif "qkv_proj" in shapes:
+            per_token += n * 2 * dims.num_kv_heads * dims.head_dim
+    return per_token * act
 
 
 def _weight_bytes(dims: ModelDims, s: Settings, wbytes: int, notes: list[str]) -> int:
@@ -282,11 +380,15 @@ def train_flops_per_token(dims: ModelDims, settings: Settings) -> float:
     flops = forward * passes
     if settings.objective != "sft":
         # per token of an example: pairs train two sequences; DPO/KTO add reference (and KTO mismatched-pair)
-        # forward passes without gradients
+        # forward passes without gradients; GRPO trains each prompt's completions (iterations times) after
+        # generating them
         from finetune.training.preference import forward_passes
 
-        fp = forward_passes(settings.objective, settings.method)
-        flops = fp["sequences"] * (flops + forward * fp["no_grad"])
+        fp = forward_passes(settings.objective, settings.method, generations=settings.generations,
+                            reference=settings.reference, iterations=settings.iterations)
+        flops = fp["sequences"] * (fp["with_grad"] * flops + forward * fp["no_grad"])
+        if settings.objective == "grpo":  # per prompt token: each sequence is the prompt and its completion
+            flops *= (settings.seq_len + settings.completion_tokens) / max(settings.seq_len, 1)
     if settings.method == "qlora":
         flops *= QLORA_SLOWDOWN
     return flops
@@ -369,7 +471,8 @@ def suggest(dims: ModelDims, settings: Settings, budget_bytes: int, *, auto_chec
             smaller = replace(new, batch_size=b, grad_accum=new.grad_accum * new.batch_size // b)
             est = as_planned(dims, smaller, budget_bytes, auto_checkpointing)[1]
             if fits(est, budget_bytes):
-                unit = (" pair" if b == 1 else " pairs") if sequences_per_example(new.objective) == 2 else ""
+                unit = {"pair": " pair", "prompt": " prompt"}.get(example_unit(new.objective), "")
+                unit += "s" if unit and b != 1 else ""
                 steps.append(Suggestion(
                     f"micro-batch {b}{unit} with grad_accum {smaller.grad_accum} (same effective batch, slower)",
                     [f"train.batch_size={b}", f"train.grad_accum={smaller.grad_accum}"], est.total, True))
@@ -395,7 +498,17 @@ def settings_for(recipe, device: str, *, gradient_checkpointing: bool | None = N
                     batch_size=t.batch_size, grad_accum=t.grad_accum, seq_len=recipe.data.clean.max_tokens,
                     objective=t.objective, lora_experts=t.lora.experts,
                     gradient_checkpointing=ckpt, optimizer=t.optimizer, weight_dtype=dtype, compute_dtype=compute,
-                    device=device, attn_implementation=recipe.model.attn_implementation, packed=t.packing)
+                    device=device, attn_implementation=recipe.model.attn_implementation, packed=t.packing,
+                    **_grpo_settings(t))
+
+
+def _grpo_settings(t) -> dict[str, Any]:
+    """The GRPO keys that decide memory and time (none for another objective)."""
+    if t.objective != "grpo":
+        return {}
+    g = t.grpo
+    return {"generations": g.generations, "completion_tokens": g.max_new_tokens, "reference": g.beta > 0,
+            "iterations": g.iterations}
 
 
 def plan_for_budget(dims: ModelDims, settings: Settings, budget_bytes: int, checkpointing_mode: str = "auto") -> dict:

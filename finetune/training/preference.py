@@ -67,12 +67,19 @@ class Settings:
     gamma: float = 0.5  # SimPO's target reward margin
 
 
-def forward_passes(objective: str, method: str) -> dict[str, float]:
+def forward_passes(objective: str, method: str, *, generations: int = 1, reference: bool = False,
+                   iterations: int = 1) -> dict[str, float]:
     """Forward passes per trained sequence, relative to SFT on the same tokens (the planner's arithmetic).
 
-    ``sequences``: sequences per example (a pair is two); ``with_grad``: forward+backward passes per sequence;
-    ``no_grad``: extra forward-only passes per sequence (reference; KTO's mismatched pairs under policy and
-    reference). Full fine-tuning computes the reference once before training: counted as one pass per epoch."""
+    ``sequences``: sequences per example (a pair is two; a GRPO prompt its ``generations`` completions);
+    ``with_grad``: forward+backward passes per sequence (GRPO: ``iterations``); ``no_grad``: extra forward-only
+    passes per sequence (reference; KTO's mismatched pairs under policy and reference; GRPO: the generation,
+    counted as one forward over the sequence, the reference with ``reference`` (beta > 0), the old log-probabilities
+    with iterations > 1). Full fine-tuning computes the DPO/KTO reference once before training: counted as one
+    pass per epoch."""
+    if objective == "grpo":
+        return {"sequences": generations, "with_grad": iterations,
+                "no_grad": 1 + int(reference) + int(iterations > 1)}
     if objective == "sft":
         return {"sequences": 1, "with_grad": 1, "no_grad": 0}
     if objective in ("orpo", "simpo"):

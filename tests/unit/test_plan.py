@@ -203,19 +203,93 @@ def test_preference_objectives_count_their_extra_forward_passes():
 
 
 def test_pairs_double_the_sequences_of_a_micro_batch(tmp_path):
-    """train.batch_size counts pairs for DPO, ORPO and SimPO and rows for KTO: the settings keep the recipe's count
-    (so a suggested train.batch_size means what the key means), and the estimate takes a pair as two sequences."""
+    """train.batch_size counts pairs for DPO, ORPO and SimPO, rows for KTO and prompts for GRPO: the settings keep
+    the recipe's count (so a suggested train.batch_size means what the key means), and the estimate takes a pair as
+    two sequences (GRPO: test_grpo_counts_every_completion_of_a_step)."""
     from finetune import recipe as recipe_mod
 
     path = tmp_path / "r.yaml"
     path.write_text("name: r\nmodel: {id: smollm2-135m-instruct}\ntrain: {batch_size: 4, objective: dpo}\n")
     d = dims(LLAMA8B)
-    for objective, sequences in (("dpo", 2), ("simpo", 2), ("orpo", 2), ("kto", 1), ("grpo", 1), ("sft", 1)):
-        rewards = ["train.rewards=[{name: exact_match}]"] if objective == "grpo" else []
-        s = plan.settings_for(recipe_mod.load(path, [f"train.objective={objective}", *rewards]), "cuda")
+    for objective, sequences in (("dpo", 2), ("simpo", 2), ("orpo", 2), ("kto", 1), ("sft", 1)):
+        s = plan.settings_for(recipe_mod.load(path, [f"train.objective={objective}"]), "cuda")
         assert s.batch_size == 4 and plan.sequences_per_example(objective) == sequences
         rows = plan.estimate(d, replace(s, objective="sft", batch_size=4 * sequences))
         assert plan.estimate(d, s).activations == rows.activations, objective
+
+
+GRPO_RECIPE = ("name: r\nmodel: {id: smollm2-135m-instruct}\ndata: {clean: {max_tokens: 256}}\n"
+               "train: {batch_size: 2, objective: grpo, rewards: [{name: exact_match}], gradient_checkpointing: off}\n")
+
+
+def test_grpo_counts_every_completion_of_a_step(tmp_path):
+    """A GRPO step trains batch_size x generations sequences of prompt + completion tokens, its log-probabilities
+    over the full vocabulary at the completion tokens: the estimate is the SFT estimate of that batch (full logits at
+    that share of the positions), grows with the generations and the completion length, and adds a frozen copy of
+    the weights for the reference of full fine-tuning with beta > 0 (an adapter's reference is the base)."""
+    from finetune import recipe as recipe_mod
+    from finetune.training.memory import DTYPE_BYTES
+
+    path = tmp_path / "r.yaml"
+    path.write_text(GRPO_RECIPE)
+
+    def settings(*overrides: str) -> plan.Settings:
+        return plan.settings_for(recipe_mod.load(path, list(overrides)), "cuda")
+
+    s = settings("train.grpo.generations=4", "train.grpo.max_new_tokens=64")
+    assert (s.batch_size, s.generations, s.seq_len, s.completion_tokens, s.reference) == (2, 4, 256, 64, False)
+    assert plan.sequences_per_example("grpo", 4) == 4 and plan.step_sequences(s) == (8, 320)
+    for name in (LLAMA8B, "HuggingFaceTB--SmolLM2-1.7B-Instruct", "google--gemma-4-E4B-it"):
+        d = dims(name)
+        for packed in (False, True):
+            grpo = plan.estimate(d, replace(s, packed=packed))
+            sft = plan.estimate(d, replace(s, packed=packed, objective="sft", batch_size=8, seq_len=320,
+                                           chunked_loss=False, logit_fraction=64 / 320 if packed else 1.0))
+            assert grpo.generation == 0, name  # the training pass holds more than the rollouts' KV cache
+            assert grpo.total == sft.total, (name, packed)
+            assert (grpo.activations, grpo.logits) == (sft.activations, sft.logits)
+        totals = [plan.estimate(d, settings(f"train.grpo.generations={g}")).total for g in (2, 4, 8)]
+        assert totals == sorted(set(totals)), name
+        totals = [plan.estimate(d, settings(f"train.grpo.max_new_tokens={n}")).total for n in (16, 64, 256)]
+        assert totals == sorted(set(totals)), name
+        # one prompt's sequences counted once: four times the generations is four times the sequences
+        assert (plan.estimate(d, settings("train.grpo.generations=8")).activations
+                == plan.estimate(d, settings("train.grpo.generations=2", "train.batch_size=8")).activations)
+    d = dims(LLAMA8B)
+    full = settings("train.method=full")
+    assert (plan.estimate(d, replace(full, reference=True)).weights
+            == plan.estimate(d, full).weights + d.total_params * DTYPE_BYTES[full.weight_dtype])
+    lora = settings("train.grpo.beta=0.04")
+    assert lora.reference and plan.estimate(d, lora).weights == plan.estimate(d, replace(lora, reference=False)).weights
+
+
+def test_grpo_rollouts_count_the_kv_cache_beyond_the_training_pass():
+    """Long prompts, short completions and gradient checkpointing on a model whose every head has its own keys and
+    values (SmolLM2-1.7B): the rollouts' KV cache and the prompts' prefill outgrow the training pass, and the
+    estimate holds the difference; without checkpointing the training pass keeps every layer's keys and values
+    itself, and the rollouts add nothing."""
+    d = dims("HuggingFaceTB--SmolLM2-1.7B-Instruct")
+    assert d.num_kv_heads == d.num_heads
+    s = plan.Settings(method="lora", objective="grpo", batch_size=2, generations=8, seq_len=4096,
+                      completion_tokens=16, gradient_checkpointing=True, packed=True)
+    est = plan.estimate(d, s)
+    rollout_kv = 2 * 8 * (4096 + 16) * 2 * d.num_layers * d.num_kv_heads * d.head_dim * 2  # bf16 keys and values
+    assert est.generation > 0
+    assert est.gradients + est.activations + est.logits + est.generation > rollout_kv
+    assert plan.estimate(d, replace(s, gradient_checkpointing=False)).generation == 0
+
+
+def test_grpo_time_counts_generations_and_completions():
+    """Per prompt token: the completions train after the prompt (and are generated first), iterations repeat the
+    training passes, beta > 0 adds a reference pass."""
+    d = dims(LLAMA8B)
+    s = plan.Settings(method="lora", seq_len=100, objective="grpo", generations=4, completion_tokens=100)
+    one = plan.train_flops_per_token(d, s)
+    assert plan.train_flops_per_token(d, replace(s, generations=8)) == pytest.approx(2 * one)
+    assert plan.train_flops_per_token(d, replace(s, completion_tokens=300)) == pytest.approx(2 * one)
+    assert plan.train_flops_per_token(d, replace(s, reference=True)) > one
+    with_reference = plan.train_flops_per_token(d, replace(s, reference=True))
+    assert plan.train_flops_per_token(d, replace(s, iterations=2)) > with_reference
 
 
 def test_an_omitted_tie_takes_the_architectures_default():
@@ -253,6 +327,10 @@ SUGGESTION_CASES = [
     *[("preference-dpo.yaml", (), gb) for gb in (1.0, 1.5, 1.75)],
     *[("preference-kto.yaml", (), gb) for gb in (1.0, 1.5)],
     *[("grpo.yaml", (), gb) for gb in (1.0, 1.5)],
+    # checkpointing off in the recipe: the first suggestion turns it on (train.gradient_checkpointing=on, text)
+    ("quickstart.yaml", ("train.gradient_checkpointing=off",), 1.5),
+    ("preference-dpo.yaml", ("train.gradient_checkpointing=off",), 1.5),
+    *[("grpo.yaml", ("train.gradient_checkpointing=off",), gb) for gb in (1.5, 2.0)],
     # an 8B model: pairs that need a smaller micro-batch after QLoRA, a batch of 6 pairs (divisors only), full
     # fine-tuning that becomes QLoRA (where checkpointing can go off again under `auto`)
     ("models/llama-3.1-8b-instruct-lora-24gb.yaml", ("train.objective=dpo",), 11.5),
@@ -276,6 +354,8 @@ def test_suggestions_give_the_estimate_they_print_when_applied(repo_root, tmp_pa
     first = plan.run(recipe, gpu_gb=gb)["results"][0]
     suggestions = first["suggestions"]
     assert suggestions and not first["fits"], (name, extra, gb)
+    if "train.gradient_checkpointing=off" in extra:
+        assert suggestions[0]["overrides"] == ["train.gradient_checkpointing=on"]
     applied: list[str] = []
     for sug in suggestions:
         applied += sug["overrides"]
@@ -285,3 +365,25 @@ def test_suggestions_give_the_estimate_they_print_when_applied(repo_root, tmp_pa
         assert (again.train.batch_size * again.train.grad_accum
                 == recipe.train.batch_size * recipe.train.grad_accum), applied
     assert suggestions[-1]["fits"] or gb == 1.0  # 1 GB: too small for the 135M model whatever the change
+
+
+@pytest.mark.parametrize("name,gb", [("quickstart.yaml", 1.5), ("grpo.yaml", 1.5), ("grpo.yaml", 2.0),
+                                     ("preference-dpo.yaml", 1.5)])
+def test_every_suggested_override_pastes_into_the_command_line(cli, repo_root, tmp_path, name, gb):
+    """The overrides `finetune plan` prints, pasted after the recipe as a user pastes them (text through the CLI's
+    KEY=VALUE parsing: `train.gradient_checkpointing=on` is the text "on", not a boolean), plan again without an
+    error, and the last of them fits."""
+    recipe = str(repo_root / "recipes" / name)
+    given = [f"runs_dir={tmp_path}", "train.gradient_checkpointing=off"]
+    code, out, err = cli("plan", recipe, *given, "--gpu-gb", str(gb), "--json")
+    assert code == 1, out + err
+    suggestions = json.loads(out)["results"][0]["suggestions"]
+    assert suggestions[0]["overrides"] == ["train.gradient_checkpointing=on"]
+    pasted = list(given)
+    for sug in suggestions:
+        pasted += sug["overrides"]
+        code, out, err = cli("plan", recipe, *pasted, "--gpu-gb", str(gb), "--json")
+        assert code in (0, 1) and not err.strip().startswith("error"), (pasted, err)
+        result = json.loads(out)["results"][0]
+        assert result["estimate"]["total"] == sug["total"], pasted
+    assert code == 0 and result["fits"], pasted
