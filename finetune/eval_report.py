@@ -38,31 +38,33 @@ NO_REFERENCE = "(none: a prompt-only row, scored by train.rewards)"  # the side-
 SAMPLE_SIZE = 12  # side by side: every example some model got wrong, then this many more (disagreements first)
 # Per-example scores that say right or wrong (1.0 or 0.0).
 VERDICT_SCORES = ("exact_match", "correct", "tool_call_match")
+LOSS_CURVE, REWARD_CURVE = "Training and validation loss", "Training and validation reward"  # the curve's caption
 
 
 def write_report(out_dir: Path, result: dict[str, Any], examples: list[dict[str, Any]],
                  log_rows: list[dict[str, Any]], *, title: str,
                  preference_pairs: list[dict[str, Any]] | None = None,
                  quantization: dict[str, Any] | None = None, quantization_png: bytes | None = None) -> Path:
-    """Write loss_curves.png, metrics.png (preference.png for preference data) and report.html into out_dir;
-    return the report's path. ``quantization``: export's quantization table (quantization.json) and its chart,
-    shown as "Which GGUF to ship"."""
+    """Write loss_curves.png (a GRPO run: reward_curves.png), metrics.png (preference.png for preference data) and
+    report.html into out_dir; return the report's path. ``quantization``: export's quantization table
+    (quantization.json) and its chart, shown as "Which GGUF to ship"."""
     out_dir = Path(out_dir)
-    loss_png = loss_curve_png(log_rows)
+    by_reward = reward_log(log_rows)
+    loss_png = reward_curve_png(log_rows) if by_reward else loss_curve_png(log_rows)
     metrics_png = metric_chart_png(result)
     pref_png = preference_png(result, preference_pairs or [])
     forget_png = forgetting_png(result)
     if forget_png:
         _write_bytes(out_dir / "forgetting.png", forget_png)
     if loss_png:
-        _write_bytes(out_dir / "loss_curves.png", loss_png)
+        _write_bytes(out_dir / ("reward_curves.png" if by_reward else "loss_curves.png"), loss_png)
     if metrics_png:
         _write_bytes(out_dir / "metrics.png", metrics_png)
     if pref_png:
         _write_bytes(out_dir / "preference.png", pref_png)
     page = render_html(result, examples, title=title, loss_png=loss_png, metrics_png=metrics_png,
                        preference_png=pref_png, quantization=quantization, quantization_png=quantization_png,
-                       forgetting_png=forget_png)
+                       forgetting_png=forget_png, reward_curve=by_reward)
     runs.atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
 
@@ -113,6 +115,38 @@ def loss_curve_png(log_rows: list[dict[str, Any]]) -> bytes | None:
                     color=GGUF_COLOR)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
+    ax.legend(frameon=False)
+    return _png(plt, fig)
+
+
+def reward_log(log_rows: list[dict[str, Any]]) -> bool:
+    """Whether train's log.jsonl rows are a GRPO run's: its training lines carry the reward of the sampled
+    completions, its validation lines the held-out reward (its loss is a policy-gradient surrogate, not a curve to
+    read)."""
+    return any("val_reward" in r or (r.get("loss") is not None and "reward" in r) for r in log_rows)
+
+
+def reward_curve_png(log_rows: list[dict[str, Any]]) -> bytes | None:
+    """A GRPO run's training reward (mean over each logged step's sampled completions) and validation reward
+    (greedy answers to the held-out prompts) against optimizer step, from train's log.jsonl rows: the weighted sum
+    of train.rewards, higher is better."""
+    train = [(r["step"], r["reward"]) for r in log_rows if r.get("loss") is not None and r.get("reward") is not None]
+    val = [(r["step"], r["val_reward"]) for r in log_rows if r.get("val_reward") is not None]
+    if not train and not val:
+        return None
+    plt, fig, ax = _figure()
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], color=COLORS["finetuned"], linewidth=1.6,
+                label="training reward (sampled completions)")
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], color=GGUF_COLOR, linewidth=1.6, marker="o", markersize=4,
+                label="validation reward (greedy, held out)")
+        best = max(val, key=lambda p: p[1])
+        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(4, 8), fontsize=8,
+                    color=GGUF_COLOR)
+    ax.set_title(REWARD_CURVE, fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward (train.rewards, weighted sum)")
     ax.legend(frameon=False)
     return _png(plt, fig)
 
@@ -245,8 +279,9 @@ TEMPLATE = "eval_report.html.jinja"  # beside this module; the page's markup and
 def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title: str, loss_png: bytes | None,
                 metrics_png: bytes | None, preference_png: bytes | None = None,
                 quantization: dict[str, Any] | None = None, quantization_png: bytes | None = None,
-                forgetting_png: bytes | None = None) -> str:
-    """report.html: the values below, laid out by the Jinja template (autoescaped, so no data becomes markup)."""
+                forgetting_png: bytes | None = None, reward_curve: bool = False) -> str:
+    """report.html: the values below, laid out by the Jinja template (autoescaped, so no data becomes markup).
+    ``reward_curve``: ``loss_png`` holds a GRPO run's reward curves (``reward_curve_png``), not loss curves."""
     import jinja2
 
     verdict = result["verdict"]
@@ -262,7 +297,8 @@ def render_html(result: dict[str, Any], examples: list[dict[str, Any]], *, title
         decoding="greedy" if gen["greedy"] else f"temperature {gen['temperature']}",
         max_new_tokens=gen["max_new_tokens"], status=status, headline=_headline(status),
         summary=verdict.get("summary", ""), flags=_flags(verdict), notes=_notes(result, verdict, improved),
-        plots=[_plot("Training and validation loss", loss_png, "No train log with losses was found."),
+        plots=[_plot(REWARD_CURVE, loss_png, "No train log with rewards was found.") if reward_curve else
+               _plot(LOSS_CURVE, loss_png, "No train log with losses was found."),
                _plot("Generation metrics by model", metrics_png, "No generation metric was asked for.")],
         preference=pref and {"beta": pref["beta"], "plot": _plot(
             f"Preferences on {pref['pairs']} held-out pairs ({pref['kind']})", preference_png,
