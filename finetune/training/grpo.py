@@ -20,8 +20,15 @@ whole step (accumulation and data parallelism change nothing): grpo: mean of eac
 token mean per micro-batch, averaged over the micro-batches; dr_grpo: token sum / (completions x max_new_tokens);
 dapo: token sum / the step's completion tokens.
 
-Randomness: each step's rollouts are sampled from a generator seeded by (recipe seed, step), so a resumed run
-draws the same completions as an uninterrupted one.
+Processes: each process samples and trains on its share of the step's micro-batches (every ``world``-th, as an SFT
+step), and every step-wide figure is summed over the processes: the normalisations above, the batch's reward std
+(``scale_rewards: batch``) and the logged metrics (the mean and std of the rewards over every completion of the
+step). A process with fewer micro-batches than another runs a zero-weighted one, so all run as many backward
+passes. N processes (accumulation A) take the same steps as one process accumulating N x A.
+
+Randomness: each completion is sampled from its own stream, seeded by (recipe seed, step, its prompt's row, its
+number; training/rollout.py), so the process that samples it and a resumption change nothing: N processes and a
+resumed run draw the completions of one uninterrupted process.
 """
 
 from __future__ import annotations
@@ -70,17 +77,29 @@ def nanstd(x, dim=None):
     return std.squeeze() if dim is None else std.squeeze(dim)
 
 
-def advantages(per_func, weights, generations: int, scale: str):
-    """(completions,) advantages from (completions, rewards) values (NaN: no opinion), grouped by prompt (each
-    prompt's ``generations`` completions are consecutive): (the advantages, the weighted reward of each)."""
+def weighted(per_func, weights):
+    """(completions,) weighted sums of (completions, rewards) values; NaN where no reward scored a completion."""
     import torch
 
     w = torch.as_tensor(weights, dtype=per_func.dtype)
     total = (per_func * w.unsqueeze(0)).nansum(dim=1)
     total[torch.isnan(per_func).all(dim=1)] = float("nan")  # nothing scored it: no learning signal
+    return total
+
+
+def advantages(per_func, weights, generations: int, scale: str, batch_std: float | None = None):
+    """(completions,) advantages from (completions, rewards) values (NaN: no opinion), grouped by prompt (each
+    prompt's ``generations`` completions are consecutive): (the advantages, the weighted reward of each).
+    ``scale: batch`` divides by ``batch_std`` when given (the whole step's, over every process), else by the std of
+    these completions."""
+    import torch
+
+    total = weighted(per_func, weights)
     grouped = total.view(-1, generations)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(generations)
-    if scale == "batch":
+    if scale == "batch" and batch_std is not None:
+        std = torch.full_like(total, batch_std)
+    elif scale == "batch":
         std = nanstd(total).expand_as(total) if total.numel() > 1 else torch.zeros_like(total)
     else:
         std = nanstd(grouped, dim=1).repeat_interleave(generations)
@@ -97,7 +116,7 @@ def per_token_loss(logps, old_logps, ref_logps, adv, settings: Settings):
 
     coef_1 = torch.exp(logps - old_logps)
     coef_2 = torch.clamp(coef_1, 1 - settings.epsilon, 1 + settings.eps_high)
-    a = adv.unsqueeze(1)
+    a = adv.to(device=logps.device, dtype=logps.dtype).unsqueeze(1)  # the rewards are scored on the CPU
     loss = -torch.min(coef_1 * a, coef_2 * a)
     clipped = ((coef_1 < 1 - settings.epsilon) & (a < 0)) | ((coef_1 > 1 + settings.eps_high) & (a > 0))
     kl = None
@@ -217,56 +236,69 @@ class Rollouts:
 def train_step(model, raw_model, accelerator, step_index: int, micro_batches: list[list[int]], rows, rt: Runtime,
                optimizer_step) -> tuple[float, int, int]:
     """Rollouts for this process's micro-batches, then ``iterations`` optimizer steps on them. Returns (sum of the
-    completions' losses over every process, completions in the step, input tokens) like an SFT step; the
-    step's metrics go to ``rt.window``."""
+    completions' losses over every process, completions in the step, input tokens of the step) like an SFT step;
+    the step's metrics (over every process) go to ``rt.window``."""
     s, world, rank = rt.settings, accelerator.num_processes, accelerator.process_index
-    mine = micro_batches[rank::world]
+    mine = list(micro_batches)[rank::world]
     t0 = time.time()
     batches, scores = [], []
-    for k, mb in enumerate(mine):
-        seed = rollout.step_seed(rt.seed, step_index, rank, k)
-        batch, per_func, completion_tokens = _rollout(raw_model, [rows[i] for i in mb], rt, seed, sample=True)
+    for mb in mine:
+        seeds = [x for i in mb for x in rollout.completion_seeds(rt.seed, step_index, i, s.generations)]
+        batch, per_func, completion_tokens = _rollout(raw_model, [rows[i] for i in mb], rt, seeds)
         batches.append(batch)
         scores.append((per_func, completion_tokens))
     gen_s = time.time() - t0
     t1 = time.time()
-    for b in batches:
-        _no_grad_logps(raw_model, b, rt)
-    n_comp = sum(len(b.completions) for b in batches)
+    # the step's figures over every process: completions, tokens, micro-batches and the rewards' moments
+    columns = _columns(scores, rt)
     n_tok = sum(len(c) for b in batches for c in b.completions)
-    step_comp = int(_global(n_comp, accelerator))
-    step_tok = int(_global(n_tok, accelerator))
-    step_mb = int(_global(len(batches), accelerator))
+    in_tok = sum(len(p) + len(c) for b in batches for p, c in zip(b.prompts, b.completions, strict=True))
+    step_comp, step_tok, step_mb, step_in_tok, *moments = _global_sums(
+        [sum(len(b.completions) for b in batches), n_tok, len(batches), in_tok, *_moments(columns)], accelerator)
+    stats = _from_moments(moments)
+    batch_std = stats[1][0] if s.scale_rewards == "batch" else None
+    for b, (per_func, _) in zip(batches, scores, strict=True):
+        b.advantages, _ = advantages(per_func, [r.weight for r in rt.rewards], s.generations, s.scale_rewards,
+                                     batch_std)
+    # every process runs as many backward passes: one with fewer micro-batches adds a zero-weighted one
+    work = [(b, 1.0) for b in batches]
+    work += [(_placeholder(rows[micro_batches[0][0]], rt), 0.0)] * (math.ceil(len(micro_batches) / world) - len(mine))
+    for b, _ in work:
+        _no_grad_logps(raw_model, b, rt)
     loss_sum, clipped, kl_sum, counted = 0.0, 0.0, 0.0, 0.0
     for it in range(s.iterations):
-        for b in batches:
-            with rt.autocast():
+        for k, (b, weight) in enumerate(work):
+            # DDP: gradients are all-reduced once per optimizer step, after its last backward pass
+            with nullcontext() if k == len(work) - 1 else accelerator.no_sync(model), rt.autocast():
                 logps, mask = token_logps(model, b.prompts, b.completions, packing=rt.packing, pad_id=rt.pad_id,
                                           device=rt.device, temperature=s.temperature)
                 old = logps.detach() if b.old is None else b.old
                 loss, clip, kl = per_token_loss(logps, old, b.ref, b.advantages, s)
-                share = reduce_loss(loss, mask, s, step_completions=step_comp, step_tokens=step_tok,
-                                    step_micro_batches=step_mb)
-            accelerator.backward(share * world)
-            if it == s.iterations - 1:
-                per_seq = ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).detach()
+                share = reduce_loss(loss, mask, s, step_completions=int(step_comp), step_tokens=int(step_tok),
+                                    step_micro_batches=int(step_mb))
+            accelerator.backward(share * (world * weight))
+            if it == s.iterations - 1 and weight:
+                mask = mask.detach()
+                per_seq = ((loss.detach() * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))
                 loss_sum += float(per_seq.sum())
                 clipped += float((clip * mask).sum())
-                kl_sum += float((kl * mask).sum()) if kl is not None else 0.0
+                kl_sum += float((kl.detach() * mask).sum()) if kl is not None else 0.0
                 counted += float(mask.sum())
         optimizer_step()
-    rt.window.append(_metrics(scores, rt, gen_s, time.time() - t1, clipped / max(counted, 1),
+    loss_sum, clipped, kl_sum, counted = _global_sums([loss_sum, clipped, kl_sum, counted], accelerator)
+    rt.window.append(_metrics(stats, rt, gen_s, time.time() - t1, clipped / max(counted, 1),
                               kl_sum / max(counted, 1) if s.beta else None))
-    tokens = sum(len(p) + len(c) for b in batches for p, c in zip(b.prompts, b.completions, strict=True))
-    return _global(loss_sum, accelerator), step_comp, tokens
+    return loss_sum, int(step_comp), int(step_in_tok)
 
 
-def _rollout(model, prompt_rows, rt: Runtime, seed: int, *, sample: bool):
-    """Completions of ``prompt_rows`` (``generations`` each when sampling, one greedy otherwise), scored."""
-    n = rt.settings.generations if sample else 1
+def _rollout(model, prompt_rows, rt: Runtime, seeds: list[int] | None):
+    """Completions of ``prompt_rows``, scored: ``generations`` sampled ones each, completion ``j`` from the stream
+    ``seeds[j]``, or one greedy one each when ``seeds`` is None. The advantages are the group's (the caller
+    replaces them when the batch's std scales them)."""
+    n = rt.settings.generations if seeds is not None else 1
     completions = rollout.generate(model, [r.ids for r in prompt_rows], n=n, settings=rt.settings,
-                                   stop_ids=rt.stop_ids, pad_id=rt.pad_id, device=rt.device, seed=seed,
-                                   sample=sample, autocast=rt.autocast)
+                                   stop_ids=rt.stop_ids, pad_id=rt.pad_id, device=rt.device, seeds=seeds,
+                                   autocast=rt.autocast)
     expanded = [r for r in prompt_rows for _ in range(n)]
     texts = [rt.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     prompts = [rt.tokenizer.decode(r.ids, skip_special_tokens=True) for r in expanded]
@@ -275,6 +307,14 @@ def _rollout(model, prompt_rows, rt: Runtime, seed: int, *, sample: bool):
                                  columns=[r.columns for r in expanded])
     adv, _ = advantages(per_func, [r.weight for r in rt.rewards], n, rt.settings.scale_rewards)
     return Rollouts([list(r.ids) for r in expanded], completions, adv), per_func, [len(c) for c in completions]
+
+
+def _placeholder(row: rollout.PromptRow, rt: Runtime) -> Rollouts:
+    """A one-token completion of ``row`` with advantage 0: the zero-weighted backward pass of a process that has no
+    micro-batch of its own left in this step (the last, incomplete step of an epoch)."""
+    import torch
+
+    return Rollouts([list(row.ids)], [[rt.stop_ids[0]]], torch.zeros(1))
 
 
 def _no_grad_logps(model, b: Rollouts, rt: Runtime) -> None:
@@ -294,19 +334,49 @@ def _no_grad_logps(model, b: Rollouts, rt: Runtime) -> None:
                     b.ref, _ = token_logps(model, b.prompts, b.completions, **kw)
 
 
-def _metrics(scores, rt: Runtime, gen_s: float, loss_s: float, clip_fraction: float, kl: float | None):
+def _columns(scores, rt: Runtime):
+    """(completions, 3 + rewards) float64 values of this process's completions: the weighted reward, its length,
+    whether it was cut at max_new_tokens (1/0), then each reward (NaN: no value)."""
     import torch
 
-    per_func = torch.cat([p for p, _ in scores])
-    lengths = [n for _, c in scores for n in c]
-    _, total = advantages(per_func, [r.weight for r in rt.rewards], 1, "none")
-    out = {"reward": float(torch.nanmean(total)), "reward_std": _nz(nanstd(total)),
-           "completion_length": sum(lengths) / max(len(lengths), 1),
-           "clipped_at_max": sum(n >= rt.settings.max_new_tokens for n in lengths) / max(len(lengths), 1),
-           "clip_fraction": clip_fraction, "generation_s": round(gen_s, 3), "loss_s": round(loss_s, 3)}
+    if not scores:
+        return torch.zeros(0, 3 + len(rt.rewards), dtype=torch.float64)
+    per_func = torch.cat([p for p, _ in scores]).double()
+    lengths = torch.tensor([float(n) for _, c in scores for n in c], dtype=torch.float64)
+    total = weighted(per_func, [r.weight for r in rt.rewards])
+    return torch.cat([total[:, None], lengths[:, None], (lengths >= rt.settings.max_new_tokens).double()[:, None],
+                      per_func], dim=1)
+
+
+def _moments(columns) -> list[float]:
+    """Per column (NaNs left out): how many values, their sum and their sum of squares."""
+    import torch
+
+    present = ~torch.isnan(columns)
+    x = torch.nan_to_num(columns)
+    return [float(v) for t in (present.sum(0).double(), x.sum(0), (x * x).sum(0)) for v in t]
+
+
+def _from_moments(moments: list[float]) -> tuple[list[float], list[float]]:
+    """(means, stds with Bessel's correction) per column from ``_moments`` summed over the processes (NaN: no
+    value; a std of fewer than two values is NaN)."""
+    c = len(moments) // 3
+    n, s, q = moments[:c], moments[c:2 * c], moments[2 * c:]
+    means = [s[j] / n[j] if n[j] else float("nan") for j in range(c)]
+    stds = [math.sqrt(max(q[j] - s[j] * s[j] / n[j], 0.0) / (n[j] - 1)) if n[j] > 1 else float("nan")
+            for j in range(c)]
+    return means, stds
+
+
+def _metrics(stats, rt: Runtime, gen_s: float, loss_s: float, clip_fraction: float, kl: float | None):
+    """The step's metrics over every process (the seconds are this process's)."""
+    means, stds = stats
+    out = {"reward": _nz(means[0]), "reward_std": _nz(stds[0]), "completion_length": _nz(means[1]),
+           "clipped_at_max": _nz(means[2]), "clip_fraction": clip_fraction, "generation_s": round(gen_s, 3),
+           "loss_s": round(loss_s, 3)}
     for j, r in enumerate(rt.rewards):
-        out[f"reward/{r.label}"] = _nz(torch.nanmean(per_func[:, j]))
-        out[f"reward/{r.label}/std"] = _nz(nanstd(per_func[:, j]))
+        out[f"reward/{r.label}"] = _nz(means[3 + j])
+        out[f"reward/{r.label}/std"] = _nz(stds[3 + j])
     if kl is not None:
         out["kl"] = kl
     return out
@@ -317,10 +387,14 @@ def _nz(x) -> float:
     return 0.0 if math.isnan(v) else v
 
 
-def _global(value: float, accelerator) -> float:
-    from finetune.training.steps import global_sum
+def _global_sums(values: list[float], accelerator) -> list[float]:
+    """``values`` each summed over every process (one all-reduce, float64)."""
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    import torch
 
-    return global_sum(float(value), accelerator)
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return [float(v) for v in accelerator.reduce(t, "sum").cpu()]
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -329,11 +403,13 @@ def held_out_reward(model, rows, rt: Runtime, max_examples: int, batch_size: int
     (``val_reward``) and each reward's mean."""
     import torch
 
-    chosen = rows[:max_examples][accelerator.process_index::accelerator.num_processes]
+    chosen = rows[:max_examples]
+    # the batches of one process, dealt out whole: each process answers batches one process would
+    batches = [chosen[k:k + batch_size] for k in range(0, len(chosen), batch_size)]
     was_training = model.training
     per = []
-    for start in range(0, len(chosen), batch_size):
-        _, per_func, _ = _rollout(model, chosen[start:start + batch_size], rt, rt.seed, sample=False)
+    for batch in batches[accelerator.process_index::accelerator.num_processes]:
+        _, per_func, _ = _rollout(model, batch, rt, None)
         per.append(per_func)
     if was_training:
         model.train()

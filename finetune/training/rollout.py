@@ -12,10 +12,17 @@ Generation is ``model.generate`` on the training model itself (adapter on, eval 
 left-padded, every prompt's completions in one call, stopping at the end-of-turn ids of ``models.stop_ids``
 (via eval_models.stop_ids_of: one home). A completion keeps its stop token (it is trained: the model learns to
 stop), as TRL's completion mask does.
+
+Sampling draws each completion from its own random stream, seeded by (recipe seed, step, the prompt's row in the
+training split, the completion's number): the argmax of the temperature-scaled, top-p-filtered logits plus Gumbel
+noise from that stream (the Gumbel-max trick: exactly a draw from the softmax of those logits). So a completion
+depends on its prompt and step only, never on the process that samples it, the rows batched beside it or a
+resumption: N processes sample what one process does, and a resumed run what an uninterrupted one did.
 """
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,35 +82,41 @@ def load_rows(path: Path, split: str) -> list[PromptRow]:
     return rows
 
 
-def step_seed(seed: int, step: int, rank: int, micro_batch: int) -> int:
-    """The rollouts' seed of one micro-batch: a pure function of (recipe seed, step, process, micro-batch), so a
-    resumed run samples what an uninterrupted one would."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + micro_batch * 31) % (2**63 - 1)
+def completion_seeds(seed: int, step: int, row: int, n: int) -> list[int]:
+    """The random streams' seeds of the ``n`` completions of training row ``row`` at optimizer step ``step`` (a row
+    is in a step at most once: a step's micro-batches are cut from one epoch): a pure function of the four numbers,
+    so neither the process that samples them nor a resumption changes them."""
+    return [int.from_bytes(hashlib.blake2b(f"{seed}/{step}/{row}/{k}".encode(), digest_size=8).digest(), "little")
+            >> 1 for k in range(n)]
 
 
 def generate(model, prompts: list[tuple[int, ...]], *, n: int, settings, stop_ids: list[int], pad_id: int, device,
-             seed: int, sample: bool, autocast) -> list[list[int]]:
-    """``n`` completions of each prompt (consecutive), each cut after its first stop token."""
+             seeds: list[int] | None, autocast) -> list[list[int]]:
+    """``n`` completions of each prompt (consecutive), each cut after its first stop token: sampled, completion
+    ``j`` from the random stream ``seeds[j]`` (``completion_seeds``), or greedy when ``seeds`` is None."""
     import torch
 
+    prompts = [p for p in prompts for _ in range(n)]  # one sequence per completion
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for k, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
         ids[k, width - len(p):] = torch.tensor(p)
         mask[k, width - len(p):] = 1
+    # decoding is greedy; sampling is greedy decoding of the scores plus each sequence's Gumbel noise
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-                                  use_cache=True, num_return_sequences=n)
-    if sample:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                                  use_cache=True, do_sample=False, temperature=None, top_p=None, top_k=None)
+    if seeds is not None:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} completions")
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([SeededSampling(seeds, settings.temperature,
+                                                                         settings.top_p)])
     was_training = model.training
     model.eval()
-    devices = [device] if torch.device(device).type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast(), _padded_attention(model):
-            torch.manual_seed(seed)
+        with torch.no_grad(), autocast(), _padded_attention(model):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
     finally:
         if was_training:
@@ -113,6 +126,32 @@ def generate(model, prompts: list[tuple[int, ...]], *, n: int, settings, stop_id
         stop = next((k for k, t in enumerate(row) if t in stop_ids), None)
         completions.append(row if stop is None else row[:stop + 1])
     return [c if c else [stop_ids[0]] for c in completions]  # an empty completion still ends its turn
+
+
+class SeededSampling:
+    """A logits processor that turns greedy decoding into sampling with one random stream per sequence: the scores
+    become ``logits / temperature`` (top-p filtered as transformers' TopPLogitsWarper does) plus Gumbel noise
+    drawn from the sequence's own generator, whose argmax is a draw from the softmax of the filtered scores. Each
+    generator is advanced once per generated token, so what a sequence samples depends only on its seed."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.temperature, self.top_p = list(seeds), float(temperature), float(top_p)
+        self.generators: list[Any] = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if len(scores) != len(self.seeds):
+            raise ValueError(f"{len(scores)} sequences for {len(self.seeds)} seeds")
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            from transformers import TopPLogitsWarper
+
+            scores = TopPLogitsWarper(self.top_p)(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        return scores - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
 
 
 @contextmanager

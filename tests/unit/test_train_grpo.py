@@ -1,6 +1,8 @@
 """GRPO: our loss equals TRL's GRPOTrainer for every loss normalisation (packed and padded), the advantages equal
-TRL's on the same rewards, the rewards (built-in and the user's) and their bad input, a golden reward curve on a
-tiny model and resume == uninterrupted."""
+TRL's on the same rewards, the rewards (built-in and the user's) and their bad input, sampling (a draw from the
+softmax; a completion depends on its seed only, not on the rows beside it), the step-wide reward statistics, a
+golden reward curve on a tiny model and resume == uninterrupted. 2 processes == 1 and a killed run resumed:
+tests/integration/test_train_grpo_processes.py."""
 
 from __future__ import annotations
 
@@ -224,6 +226,60 @@ def test_prompt_row_is_the_part_before_the_last_trained_span():
     assert only.ids == (1, 2, 3) and only.reference_ids is None
 
 
+# ------------------------------------------------------------------------------------------- sampling
+def test_seeded_sampling_draws_from_the_softmax_of_the_filtered_scores():
+    """Greedy decoding of the scores SeededSampling returns is a draw from softmax(logits / temperature), top-p
+    filtered as transformers filters: the frequencies over 4000 streams."""
+    import torch
+
+    logits = torch.tensor([0.0, 1.0, 2.0, float("-inf")])
+    for temperature, top_p, want in ((1.0, 1.0, torch.softmax(logits, 0)), (0.5, 1.0, torch.softmax(logits / 0.5, 0)),
+                                     (1.0, 0.7, torch.tensor([0.0, 0.2689, 0.7311, 0.0]))):
+        sampler = rollout.SeededSampling(list(range(4000)), temperature, top_p)
+        picks = sampler(None, logits.expand(4000, 4).clone()).argmax(-1)
+        got = torch.bincount(picks, minlength=4).float() / 4000
+        assert torch.allclose(got, want, atol=0.025), (temperature, top_p, got, want)
+        assert float(got[3]) == 0.0 and (top_p == 1.0 or float(got[0]) == 0.0)
+    again = rollout.SeededSampling(list(range(4000)), 1.0, 1.0)
+    first = rollout.SeededSampling(list(range(4000)), 1.0, 1.0)(None, logits.expand(4000, 4).clone()).argmax(-1)
+    assert torch.equal(again(None, logits.expand(4000, 4).clone()).argmax(-1), first)  # a seed decides
+
+
+def test_a_completion_depends_on_its_seed_not_on_the_rows_batched_beside_it(tokenizer_dir):
+    """What a prompt's completions are does not depend on the process or micro-batch that samples them: alone, or
+    after a longer prompt (other padding, other rows), the same seeds give the same tokens."""
+    from contextlib import nullcontext
+
+    model, tok = tiny_llama(tokenizer_dir)
+    settings = grpo.Settings(generations=2, max_new_tokens=8, temperature=1.0)
+    a, b = (1, 520, 198, 42, 43), (1, 520, 198) + tuple(range(300, 312))
+    seeds_a = rollout.completion_seeds(42, 3, 7, 2)
+    kw = dict(n=2, settings=settings, stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, device="cpu",
+              autocast=nullcontext)
+    alone = rollout.generate(model, [a], seeds=seeds_a, **kw)
+    beside = rollout.generate(model, [b, a], seeds=rollout.completion_seeds(42, 3, 2, 2) + seeds_a, **kw)
+    assert beside[2:] == alone and alone[0] != alone[1]
+    assert rollout.generate(model, [a], seeds=rollout.completion_seeds(42, 4, 7, 2), **kw) != alone  # another step
+    assert len(set(rollout.completion_seeds(42, 3, 7, 4) + rollout.completion_seeds(42, 3, 8, 4))) == 8
+
+
+def test_step_statistics_summed_over_processes_equal_one_process():
+    """The reward mean and std of a step from per-process sums (NaN: no value) equal those of all its completions
+    on one process."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    x[2, 1] = x[7, 1] = float("nan")
+    halves = [grpo._moments(x[:5]), grpo._moments(x[5:])]
+    means, stds = grpo._from_moments([p + q for p, q in zip(*halves, strict=True)])
+    assert means == pytest.approx(torch.nanmean(x, 0).tolist(), abs=1e-12)
+    assert stds == pytest.approx([float(grpo.nanstd(x[:, j])) for j in range(3)], abs=1e-6)
+    batch = grpo.advantages(x[:8, :1].float(), [1.0], 4, "batch", batch_std=stds[0])[0]
+    assert torch.allclose(batch, (x[:8, 0] - x[:8, 0].view(2, 4).mean(1).repeat_interleave(4)).float()
+                          / (stds[0] + 1e-4))
+
+
 # ------------------------------------------------------------------------------ training (golden rewards)
 def _rows(n: int, seed: int) -> dict[str, list]:
     """A random prompt (ending with the assistant header of the chat template) and a short reference."""
@@ -260,8 +316,9 @@ def _log(recipe) -> list[dict]:
     return [json.loads(x) for x in (recipe.run_dir("train") / "log.jsonl").read_text().splitlines()]
 
 
-# Rewards of the first 4 steps (4 prompts x 4 completions, lr 1e-2, constant), recorded from this implementation.
-GOLDEN_REWARD = [0.1875, 0.4375, 0.375, 0.3125]
+# Rewards of the first 4 steps (4 prompts x 4 completions, lr 1e-2, constant), recorded from this implementation
+# (each completion sampled from its own stream, seeded by seed, step, row and completion: training/rollout.py).
+GOLDEN_REWARD = [0.25, 0.375, 0.4375, 0.3125]
 
 
 def test_golden_reward_curve_and_logged_metrics(tmp_path, tiny_model_dir):
