@@ -1,15 +1,17 @@
 """Every command's argument parser, beside the command table (``finetune.cli``), which pairs each with its function.
 
 A builder here returns the parser of one command; ``parser.parse(argv)`` reads the command line the way that command
-does (options between the positionals too, for some). The stage commands get the toolkit's manners
-(``CommandParser``): an option they do not know is one line naming the recipe override it most likely means, exit
-code 2. Values a builder needs from a stage (its choices, its own help text) are imported when it is built, so that
-``finetune --help`` imports no stage. ``load_recipe`` reads a parsed RECIPE and its overrides back as the recipe.
+does (options between the positionals too, for some). Every command has the toolkit's manners (``CommandParser``):
+an option it does not know is one line naming the option of that command it most likely means or, for a command that
+takes recipe overrides, the override (``--lr 1e-4`` -> ``train.lr=1e-4``), exit code 2. Values a builder needs from a
+stage (its choices, its own help text) are imported when it is built, so that ``finetune --help`` imports no stage.
+``load_recipe`` reads a parsed RECIPE and its overrides back as the recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -33,40 +35,71 @@ class Parser(argparse.ArgumentParser):
 
 
 class CommandParser(Parser):
-    """argparse with the toolkit's manners: an option it does not know (``--lr 1e-4``) is one line naming the recipe
-    override it most likely means (``train.lr=1e-4``), exit code 2; a missing RECIPE says what goes there."""
+    """argparse with the toolkit's manners: an option it does not know is one line naming what it most likely means,
+    exit code 2: a flag of the command spelt nearly so (``--prot`` -> ``--port``) or, where the command takes recipe
+    overrides, the override (``--lr 1e-4`` -> ``train.lr=1e-4``); a missing argument is argparse's one line after the
+    usage, and a missing RECIPE says what goes there."""
 
     def parse_known_args(self, args=None, namespace=None):  # parse_args and parse_intermixed_args come through here
         args = list(sys.argv[1:] if args is None else args)
-        unknown = unknown_flag(args, self) if any(a.dest == "overrides" for a in self._actions) else None
+        unknown = unknown_flag(own_words(args, self), self)
         if unknown is not None:
-            self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {flag_hint(*unknown)}\n")
+            self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {flag_hint(*unknown, parser=self)}\n")
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         required = "the following arguments are required: "
-        missing = message[len(required):].split(", ") if message.startswith(required) else []
-        if "RECIPE" in missing:
-            others = [m for m in missing if m not in ("RECIPE", "KEY=VALUE")]  # argparse lists an empty nargs="*" too
-            overrides = any(a.dest == "overrides" for a in self._actions)
-            message = ("RECIPE is required: a recipe YAML file, e.g. recipes/quickstart.yaml (`finetune recipes` lists "
-                       "them)" + ("; KEY=VALUE overrides after it are optional" if overrides else "")
-                       + (f"; also required: {', '.join(others)}" if others else ""))
+        if message.startswith(required):
+            message = required_message(message[len(required):].split(", "), self)
         self.print_usage(sys.stderr)
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message}\n")
 
 
+def takes_overrides(parser: argparse.ArgumentParser) -> bool:
+    return any(a.dest == "overrides" for a in parser._actions)
+
+
+def own_words(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """The words of args that are the parser's own: with subcommands, those before the subcommand's name (the
+    subcommand's parser reads the rest, with these same manners)."""
+    names = {name for a in parser._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
+    return next((args[:i] for i, word in enumerate(args) if word in names), args) if names else args
+
+
+def required_message(missing: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's "the following arguments are required: ..." as one line, without the positionals that may be
+    empty (argparse lists an empty nargs="*" too) and with a subcommand named by its choices; a missing RECIPE says
+    what goes there."""
+    optional = {a.metavar or a.dest for a in parser._actions if not a.option_strings and a.nargs in ("?", "*")}
+    named = {a.dest: "{" + ",".join(a.choices) + "}" for a in parser._actions
+             if isinstance(a, argparse._SubParsersAction) and a.metavar is None and a.dest}
+    missing = [named.get(m, m) for m in missing if m not in optional] or missing
+    if "RECIPE" not in missing:
+        return "the following arguments are required: " + ", ".join(missing)
+    others = [m for m in missing if m != "RECIPE"]
+    return ("RECIPE is required: a recipe YAML file, e.g. recipes/quickstart.yaml (`finetune recipes` lists them)"
+            + ("; KEY=VALUE overrides after it are optional" if takes_overrides(parser) else "")
+            + (f"; also required: {', '.join(others)}" if others else ""))
+
+
+NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # a value, as argparse reads it (our parsers have no such option)
+
+
 def unknown_flag(args: list[str], parser: argparse.ArgumentParser) -> tuple[str, str | None] | None:
-    """The first ``--name`` (or ``--name=value``) in args that the parser has no option for, with its value (the
-    next word when that is not an option or an override); None when every option is known."""
+    """The first option in args (``--name``, ``--name=value``, ``-x``) that the parser has no option for, or that
+    abbreviates several of its options, with its value (the next word when that is not an option or an override);
+    None when every option is known. Words after ``--`` are positionals."""
     known = set(parser._option_string_actions)
     for i, word in enumerate(args):
         if word == "--":
             return None
-        if not word.startswith("--") or len(word) < 3:
-            continue
+        if not word.startswith("-") or word == "-" or " " in word or NEGATIVE_NUMBER.match(word):
+            continue  # a positional or a value, as argparse reads it
         name, eq, value = word.partition("=")
-        if name in known or any(k.startswith(name) for k in known if k.startswith("--")):  # argparse takes prefixes
+        if word.startswith("--"):
+            if name in known or len(abbreviated(name, parser)) == 1:  # argparse takes an unambiguous prefix
+                continue
+        elif word[:2] in known:  # -o FILE, -oFILE
             continue
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
@@ -76,9 +109,46 @@ def unknown_flag(args: list[str], parser: argparse.ArgumentParser) -> tuple[str,
     return None
 
 
-def flag_hint(flag: str, value: str | None) -> str:
-    """``--lr 1e-4`` -> the override it means, by the recipe schema's own key names (difflib for a near spelling,
-    other tools' names such as --learning-rate too)."""
+def abbreviated(name: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's long options that ``--name`` abbreviates (argparse's prefix matching)."""
+    return sorted(o for o in parser._option_string_actions if o.startswith("--") and o.startswith(name))
+
+
+def flag_hint(flag: str, value: str | None, parser: argparse.ArgumentParser) -> str:
+    """What an option the parser does not know most likely means, as the rest of one error line. In order: the
+    options it abbreviates; the command's option spelt with underscores or another case; the recipe override of that
+    name (``--lr 1e-4`` -> ``train.lr=1e-4``, other tools' names such as --learning-rate too), where the command takes
+    overrides; the command's option spelt nearly so (difflib: ``--prot`` -> ``--port``); the override spelt nearly
+    so."""
+    import difflib
+
+    overrides = takes_overrides(parser)
+    options = sorted(o for o in parser._option_string_actions if o.startswith("--"))
+    if flag.startswith("--") and len(abbreviated(flag, parser)) > 1:
+        return f"{flag} is ambiguous; did you mean {' or '.join(abbreviated(flag, parser))}?"
+    spelt = {o[2:].lower().replace("_", "-"): o for o in options}
+    name = flag.lstrip("-").lower().replace("_", "-")
+    if len(flag) > 2 and name in spelt:
+        return f"{flag} is not an option; did you mean {spelt[name]}?"
+    keys = recipe_keys(flag, close=False) if overrides else []
+    if not keys and len(name) > 1:
+        near = difflib.get_close_matches(name, list(spelt), n=1, cutoff=0.6)
+        if near:
+            return f"{flag} is not an option; did you mean {spelt[near[0]]}?"
+    keys = keys or (recipe_keys(flag, close=True) if overrides else [])
+    if not keys:
+        return f"{flag} is not an option of this command (see --help)" + (
+            "; recipe settings are KEY=VALUE overrides after the recipe, e.g. train.lr=1e-4 "
+            "(docs/recipe-reference.md lists every key)" if overrides else "")
+    shown = value if value is not None else "VALUE"
+    written = " or ".join(k if "=" in k else f"{k}={shown}" for k in keys)
+    return (f"{flag} is not an option; did you mean the recipe override {written}? (write it after the recipe, "
+            "without dashes)")
+
+
+def recipe_keys(flag: str, *, close: bool) -> list[str]:
+    """The recipe overrides a flag names by the recipe schema's own key names (a dotted key, its last name, one of
+    a setting's choices) or another tool's name for one; with close, by a near spelling of those too (difflib)."""
     import difflib
 
     from finetune.recipe import Recipe
@@ -86,21 +156,14 @@ def flag_hint(flag: str, value: str | None) -> str:
 
     name = flag.lstrip("-").replace("-", "_")
     by_name = schema_keys(Recipe)
-    dotted = {k for keys in by_name.values() for k in keys}
-    if name in dotted:
-        keys = [name]
-    elif name.lower() in OTHER_TOOLS_KEYS:
-        keys = [OTHER_TOOLS_KEYS[name.lower()]]
-    else:
-        close = difflib.get_close_matches(name, [*by_name, *OTHER_TOOLS_KEYS], n=1, cutoff=0.6)
-        keys = (by_name.get(close[0]) or [OTHER_TOOLS_KEYS[close[0]]]) if close else []
-    if not keys:
-        return f"{flag} is not an option of this command (see --help); recipe settings are KEY=VALUE overrides after " \
-               "the recipe, e.g. train.lr=1e-4 (docs/recipe-reference.md lists every key)"
-    shown = value if value is not None else "VALUE"
-    overrides = " or ".join(k if "=" in k else f"{k}={shown}" for k in keys)
-    return (f"{flag} is not an option; did you mean the recipe override {overrides}? (write it after the recipe, "
-            "without dashes)")
+    if name in {k for keys in by_name.values() for k in keys}:
+        return [name]
+    if name.lower() in OTHER_TOOLS_KEYS:
+        return [OTHER_TOOLS_KEYS[name.lower()]]
+    if name in by_name:
+        return by_name[name]
+    near = difflib.get_close_matches(name, [*by_name, *OTHER_TOOLS_KEYS], n=1, cutoff=0.6) if close else []
+    return (by_name.get(near[0]) or [OTHER_TOOLS_KEYS[near[0]]]) if near else []
 
 
 def schema_keys(model, prefix: str = "") -> dict[str, list[str]]:
@@ -217,8 +280,8 @@ def export_parser() -> Parser:
 def chat_parser() -> Parser:
     from finetune import chat
 
-    p = Parser(prog="finetune chat", description=chat.__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=chat.HELP, intermixed=True)
+    p = CommandParser(prog="finetune chat", description=chat.__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=chat.HELP, intermixed=True)
     p.add_argument("target", nargs="?", metavar="RECIPE|MODEL.gguf",
                    help="a recipe (chats with its exported serve.quant GGUF) or a .gguf file; not needed with --url")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. serve.quant=Q4_K_M")
@@ -232,7 +295,7 @@ def chat_parser() -> Parser:
 
 
 def serve_parser() -> Parser:
-    p = Parser(
+    p = CommandParser(
         prog="finetune serve",
         description="Serve a fine-tuned model: OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
         "/v1/models), /health, and a web chat page at /.", intermixed=True,
@@ -278,9 +341,9 @@ def push_parser() -> Parser:
     return p
 
 
-class FeedbackParser(Parser):
-    """``finetune feedback``'s parser: recipe overrides may also come after the options (``-o out.jsonl
-    runs_dir=...``); any other word left over is an error."""
+class FeedbackParser(CommandParser):
+    """``finetune feedback``'s parser, and its subcommands': recipe overrides may also come after the options
+    (``-o out.jsonl runs_dir=...``); any other word left over is an error."""
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
         ns, extra = self.parse_known_args(argv)  # overrides may come after -o
@@ -369,7 +432,7 @@ def plan_parser() -> Parser:
 def doctor_parser() -> Parser:
     from finetune import doctor
 
-    p = Parser(prog="finetune doctor", description=doctor.__doc__.split("\n\n")[0])
+    p = CommandParser(prog="finetune doctor", description=doctor.__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", help="a Hub id, a local model folder, a .gguf file, or a recipe (its model.id)")
     p.add_argument("--config", type=Path, default=None, metavar="CONFIG.json",
                    help="the model's config.json (or a folder with it): no Hub, no weights; the tokenizer is checked "

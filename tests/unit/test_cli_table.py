@@ -109,7 +109,7 @@ def test_feedback_takes_overrides_after_the_options_and_refuses_a_stray_word(cap
                     "kind": "preferences"}
     assert run_cli(capsys, "feedback", "stats", "store")[0] == 0 and seen["stats"] == "store"
     code, _, err = run_cli(capsys, "feedback", "export", "r.yaml", "-o", "f.jsonl", "stray")
-    assert code == 2 and "finetune feedback: error: unrecognized arguments: stray" in err
+    assert code == 2 and "error: finetune feedback: unrecognized arguments: stray" in err
 
 
 def test_a_stage_command_parses_before_it_imports_its_stage(capsys, monkeypatch):
