@@ -19,7 +19,7 @@ reward functions as keyword arguments, as in training.
 
 Writes runs/<name>/eval/: metrics.json (one entry per model variant and a verdict), examples.jsonl (every
 prompt with its reference, each model's answer and scores), report.html (self-contained: plots embedded),
-loss_curves.png, metrics.png and manifest.json.
+loss_curves.png (a GRPO run: reward_curves.png), metrics.png and manifest.json.
 
 The verdict states its rules (finetune.verdict.rules): improvement needs a paired-bootstrap 95% interval of the
 difference that excludes zero; over- and underfitting are read from train's log.jsonl and from the gap between the
