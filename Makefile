@@ -25,17 +25,22 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/finetune run recipes/quickstart.yaml
 
+# Each tier runs its test files $(TEST_JOBS) at a time (pytest-xdist, one file per worker so a module's fixtures run once):
+# most integration tests wait on child processes, servers and llama.cpp as much as they compute.
+TEST_JOBS ?= 2
+PYTEST_JOBS := $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q --durations=10 tests/unit
-	$(BIN)/python -m pytest -q --durations=25 tests/integration
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS) --durations=10 tests/unit
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS) --durations=25 tests/integration
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS) tests/unit
 
 test-integration: $(STAMP)
 	bash scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q tests/integration
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS) tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check finetune serve tests scripts
