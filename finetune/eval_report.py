@@ -101,20 +101,28 @@ def loss_curve_png(log_rows: list[dict[str, Any]]) -> bytes | None:
     """Training loss (and validation loss) against optimizer step, from train's log.jsonl rows."""
     train = [(r["step"], r["loss"]) for r in log_rows if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in log_rows if r.get("val_loss") is not None]
+    return _curves_png(train, val, ("training loss", "validation loss"), best=min, ylabel="loss (nats / token)")
+
+
+def _curves_png(train: list[tuple[int, float]], val: list[tuple[int, float]], labels: tuple[str, str], *, best,
+                ylabel: str, title: str | None = None) -> bytes | None:
+    """A training curve and a validation curve (its best point marked: ``best`` is min or max) against step."""
     if not train and not val:
         return None
     plt, fig, ax = _figure()
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], color=COLORS["finetuned"], linewidth=1.6,
-                label="training loss")
+                label=labels[0])
     if val:
         ax.plot([s for s, _ in val], [v for _, v in val], color=GGUF_COLOR, linewidth=1.6, marker="o", markersize=4,
-                label="validation loss")
-        best = min(val, key=lambda p: p[1])
-        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(4, 8), fontsize=8,
+                label=labels[1])
+        point = best(val, key=lambda p: p[1])
+        ax.annotate(f"best {point[1]:.3f}", point, textcoords="offset points", xytext=(4, 8), fontsize=8,
                     color=GGUF_COLOR)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel(ylabel)
     ax.legend(frameon=False)
     return _png(plt, fig)
 
@@ -132,23 +140,8 @@ def reward_curve_png(log_rows: list[dict[str, Any]]) -> bytes | None:
     of train.rewards, higher is better."""
     train = [(r["step"], r["reward"]) for r in log_rows if r.get("loss") is not None and r.get("reward") is not None]
     val = [(r["step"], r["val_reward"]) for r in log_rows if r.get("val_reward") is not None]
-    if not train and not val:
-        return None
-    plt, fig, ax = _figure()
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], color=COLORS["finetuned"], linewidth=1.6,
-                label="training reward (sampled completions)")
-    if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], color=GGUF_COLOR, linewidth=1.6, marker="o", markersize=4,
-                label="validation reward (greedy, held out)")
-        best = max(val, key=lambda p: p[1])
-        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(4, 8), fontsize=8,
-                    color=GGUF_COLOR)
-    ax.set_title(REWARD_CURVE, fontsize=10)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("reward (train.rewards, weighted sum)")
-    ax.legend(frameon=False)
-    return _png(plt, fig)
+    return _curves_png(train, val, ("training reward (sampled completions)", "validation reward (greedy, held out)"),
+                       best=max, ylabel="reward (train.rewards, weighted sum)", title=REWARD_CURVE)
 
 
 def metric_chart_png(result: dict[str, Any]) -> bytes | None:
