@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_fixtures import run_cli
 
 from finetune import cli, cli_parsers
 
@@ -22,14 +23,6 @@ HEAVY = ("torch", "transformers", "peft", "datasets", "llama_cpp", "fastapi", "u
          "finetune.prepare", "finetune.train", "finetune.evaluate", "finetune.export", "finetune.tune", "finetune.plan",
          "finetune.starter")
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # A misspelt flag of each tool command, and what it is taken for.

@@ -6,21 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_fixtures import run_cli
 
 from finetune import cli, cli_parsers
 
 REPO = Path(__file__).resolve().parent.parent.parent
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """The real CLI in-process, argparse's own exits included: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_help_lists_the_pipeline_in_order_then_the_tools(capsys):

@@ -9,20 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_fixtures import run_cli
 
 from finetune import cli, cli_parsers, commands
 
 REPO = Path(__file__).resolve().parent.parent.parent
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("name", list(cli.COMMANDS))
