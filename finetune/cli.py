@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 _WARNED: set[str] = set()
 
 # Libraries whose warnings and log lines are meant for their developers, not for our users.
-THIRD_PARTY_LOGGERS = ("accelerate", "bitsandbytes", "datasets", "huggingface_hub", "peft", "torch", "torchao", "trl")
+THIRD_PARTY_LOGGERS = ("accelerate", "bitsandbytes", "datasets", "huggingface_hub", "kernels", "peft", "torch", "torchao",
+                      "trl")
 OUR_PACKAGES = tuple(str(Path(__file__).resolve().parent.parent / name) for name in ("finetune", "serve"))
 
 
