@@ -6,7 +6,8 @@ family's exported F16 GGUF rewritten with llama.cpp's own gguf_new_metadata.py, 
 ``parity.run_checks`` against the merged checkpoint.
 
 CI runs every family (every row of the matrix: 19 on 2026-12-07), two at a time (`--jobs 2`: each family's child
-process on one core; 13 minutes on 2 cores). FINETUNE_MATRIX_FAMILIES=a,b runs a subset while developing (the tests
+process on one core; 13 minutes on 2 idle cores with the twins cached, 17 minutes beside the other integration tests
+with every twin built). FINETUNE_MATRIX_FAMILIES=a,b runs a subset while developing (the tests
 of the others are skipped, saying so).
 """
 
