@@ -36,45 +36,45 @@ def prepare_command(ns: argparse.Namespace) -> int:
 
 def train_command(ns: argparse.Namespace) -> int:
     from finetune import train as stage
-    from finetune.run import runs
+    from finetune.run import artifacts, runs
 
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "train"):
         summary = stage.run(recipe, resume=ns.resume, recipe_path=ns.recipe)
     if int(os.environ.get("RANK", "0")) == 0:
-        out = recipe.run_dir("train")
+        trained = artifacts.load(recipe, artifacts.Trained, ns.recipe, fresh=False)
         val = summary["final_val_loss"]
         print(f"trained {summary['steps']} steps ({summary['stop_reason']}), {summary['tokens_seen']} tokens in "
               f"{duration(summary['seconds'])} ({summary['tokens_per_s']:.0f} tok/s), peak memory "
               f"{summary['peak_memory_mb']:.0f} MB")
         print(f"train loss {number(summary['final_train_loss'])}" + (f", validation loss {number(val)} "
               f"(best {number(summary['best_val_loss'])} at step {summary['best_step']})" if val is not None else ""))
-        print(f"wrote {out / ('model' if recipe.train.method == 'full' else 'adapter')}, {out / 'summary.json'}, "
-              f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+        print(f"wrote {trained.weights}, {trained.summary}, TensorBoard: tensorboard --logdir {trained.tensorboard}")
     return 0
 
 
 def export_command(ns: argparse.Namespace) -> int:
     from finetune import export as stage
-    from finetune.run import runs
+    from finetune.run import artifacts, runs
 
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "export"):
-        result = stage.run(recipe, recipe_path=ns.recipe)
-    print(f"\nexported to {recipe.run_dir('export')} in {duration(result['seconds']['total'])}")
-    summary = result["parity_summary"] or {}
-    print(gguf_table(result["gguf"], result["sizes"], summary))
-    if result["adapter_gguf"]:
-        print(f"  {Path(result['adapter_gguf']).name}  (LoRA adapter; load over {Path(result['base_gguf']).name})")
+        exported = stage.run(recipe, recipe_path=ns.recipe)
+    figures = artifacts.summary(recipe, artifacts.Exported)
+    print(f"\nexported to {recipe.run_dir('export')} in {duration(figures['seconds']['total'])}")
+    summary = figures["parity"] or {}
+    print(gguf_table(exported.gguf, figures["sizes"], summary))
+    if exported.adapter_gguf is not None and exported.base_gguf is not None:
+        print(f"  {exported.adapter_gguf.name}  (LoRA adapter; load over {exported.base_gguf.name})")
     if summary:
         print(f"parity: tokenization exact: {summary['tokenization_exact']}, chat prompt exact: "
-              f"{summary['chat_prompt_exact']}  ({result['parity']})")
-    for w in result["warnings"]:
+              f"{summary['chat_prompt_exact']}  ({exported.parity})")
+    for w in figures["warnings"]:
         print(f"warning: {w}")
     return 0
 
 
-def gguf_table(ggufs: dict[str, str], sizes: dict[str, int], parity: dict[str, Any]) -> str:
+def gguf_table(ggufs: dict[str, Path], sizes: dict[str, int], parity: dict[str, Any]) -> str:
     """The exported files with their size and, when parity was checked, how close each is to the HF model."""
     columns = ["file", "size"]
     if parity:
@@ -89,7 +89,7 @@ def gguf_table(ggufs: dict[str, str], sizes: dict[str, int], parity: dict[str, A
 
 def eval_command(ns: argparse.Namespace) -> int:
     from finetune import evaluate as stage
-    from finetune.run import runs
+    from finetune.run import artifacts, runs
 
     recipe = load_recipe(ns)
     with runs.run_lock(recipe, "eval"):
@@ -102,7 +102,7 @@ def eval_command(ns: argparse.Namespace) -> int:
         print(f"{key}: {result['verdict'][key]['finding']}")
     if result["gguf"]["status"] != "scored":
         print(f"gguf: {result['gguf']['reason']}")
-    print(f"\nreport: {recipe.run_dir('eval') / 'report.html'}")
+    print(f"\nreport: {artifacts.load(recipe, artifacts.Evaluated, ns.recipe, fresh=False).report}")
     return 0
 
 
@@ -182,8 +182,8 @@ def doctor_command(ns: argparse.Namespace) -> int:
 
 
 def run_command(ns: argparse.Namespace) -> int:
+    from finetune.run import artifacts, runs
     from finetune.run import pipeline as stage
-    from finetune.run import runs
 
     recipe = load_recipe(ns)
     # The commands printed at the end must find the same run: keep the overrides that say where it lives.
@@ -197,10 +197,11 @@ def run_command(ns: argparse.Namespace) -> int:
             for name, info in result["stages"].items()]
     print("\n" + table(["stage", "status", "time"], [*rows, ["total", "", duration(result["seconds"])]],
                        right=["time"], indent=2))
-    scores = stage.score_table(recipe.run_dir("eval") / "metrics.json")
-    if scores:
+    evaluated = artifacts.load_if_finished(recipe, artifacts.Evaluated)
+    scores = stage.score_table(evaluated.metrics) if evaluated is not None else None
+    if evaluated is not None and scores:
         print(f"\nscores on the {scores[0]}:\n{scores[1]}")
-        print(f"  report: {recipe.run_dir('eval') / 'report.html'}")
+        print(f"  report: {evaluated.report}")
     sample = result.get("answer")
     if sample:
         print(f"\nthe fine-tuned model ({Path(sample['gguf']).name}, llama.cpp) on a test prompt:")

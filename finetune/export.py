@@ -92,8 +92,7 @@ def export_model(*, name: str, out_dir: Path, base_dir: Path | None, adapter_dir
         quant, chart = _quantization_table(out_dir, tokenizer, ggufs, report, heldout_rows, table,
                                            guided=set(guided), imatrix_info=imatrix_info, log=log)
     # the rule serve, chat and eval follow (Exported.gguf_to_serve): a type asked for, else the picked, else Q8_0
-    asked = quant["picked"] if default_quant == "auto" else default_quant
-    default = asked if asked in ggufs else artifacts.recommended_type(list(ggufs), quant["picked"])
+    default = artifacts.served_type(list(ggufs), quant["picked"], default_quant)
     warnings = _modelfiles(out_dir, ggufs, tokenizer, outtype=outtype, default=default, system_prompt=system_prompt,
                            trained_tokens=trained_tokens, log=log) if ollama else []
     sizes = {q: p.stat().st_size for q, p in ggufs.items()}
@@ -352,10 +351,11 @@ def _prompt_conversations(rows: list[dict]) -> list[list[dict]]:
 # --------------------------------------------------------------------------------------------- stage
 
 def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str = "RECIPE",
-        log=print) -> dict[str, Any]:
+        log=print) -> artifacts.Exported:
     """Export ``upstream.trained`` (default: this recipe's trained model, which must be fresh) to
-    runs/<name>/export/. Prepare's splits, when there, give the parity checks' held-out rows and the importance
-    matrix's calibration text.
+    runs/<name>/export/; returns its record, read back from there. Prepare's splits, when there, give the parity
+    checks' held-out rows and the importance matrix's calibration text. The sizes, parity figures, warnings and
+    seconds are the manifest's ``summary`` (``artifacts.summary``).
 
     The new export is built in runs/<name>/.export.partial/ and replaces export/ only when every step and parity
     check passed: a failed export leaves the previous one as it was.
@@ -387,21 +387,21 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         )
         card.write_export_cards(recipe, trained, upstream.prepared, stage.work, served=result["served"],
                                 parity=result["parity_summary"])
-        result = _relocated(result, str(stage.work), str(out))  # the paths the files have once swapped in
+
+        def final(path: str | None) -> Path | None:  # a file written in the work folder, where it lies once swapped in
+            return out / Path(path).relative_to(stage.work) if path else None
+
         stage.record(artifacts.Exported(
-            merged=Path(result["merged"]), gguf={q: Path(p) for q, p in result["gguf"].items()},
-            adapter_gguf=_path(result["adapter_gguf"]), base_gguf=_path(result["base_gguf"]),
-            parity=_path(result["parity"]), quantization=_path(result["quantization"]),
-            imatrix=_path(result["imatrix"]), picked=result["picked"],
-            quantization_chart=_path(result["quantization_chart"]),
+            merged=out / Path(result["merged"]).relative_to(stage.work),
+            gguf={q: out / Path(p).relative_to(stage.work) for q, p in result["gguf"].items()},
+            adapter_gguf=final(result["adapter_gguf"]), base_gguf=final(result["base_gguf"]),
+            parity=final(result["parity"]), quantization=final(result["quantization"]),
+            imatrix=final(result["imatrix"]), picked=result["picked"],
+            quantization_chart=final(result["quantization_chart"]),
         ))
         stage.extra["summary"] = {"sizes": result["sizes"], "parity": result["parity_summary"],
                                   "warnings": result["warnings"], "seconds": result["seconds"]}
-    return result
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
+    return artifacts.from_folder(artifacts.Exported, out)
 
 
 def _calibration(recipe, prepared: artifacts.Prepared | None) -> Calibration | None:
@@ -436,13 +436,3 @@ def _calibration(recipe, prepared: artifacts.Prepared | None) -> Calibration | N
                         "is empty); run `finetune prepare`, add export.imatrix_files, or set export.imatrix: false")
     return Calibration(rows=rows, sources=sources, max_tokens=cfg.imatrix_tokens)
 
-
-def _relocated(value: Any, old: str, new: str) -> Any:
-    """``value`` with every path under the folder ``old`` moved to ``new``."""
-    if isinstance(value, dict):
-        return {k: _relocated(v, old, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_relocated(v, old, new) for v in value]
-    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
-        return new + value[len(old):]
-    return value

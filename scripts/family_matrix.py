@@ -293,8 +293,10 @@ def stage_train(recipe) -> dict[str, Any]:
 def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
     from finetune import export
 
-    result = export.run(recipe, log=lambda *_: None)
-    report = json.loads(Path(result["parity"]).read_text())
+    exported = export.run(recipe, log=lambda *_: None)
+    if exported.parity is None:
+        raise ValueError("the family matrix needs export.parity on: the export wrote no parity.json")
+    report = json.loads(exported.parity.read_text())
     f16, q8 = report["types"]["F16"]["logits"], report["types"]["Q8_0"]["logits"]
     eot = report["end_of_turn"]["end_of_turn"][0]["token"] if report["end_of_turn"].get("end_of_turn") else None
     # Does the twin end its turn by itself on the F16 GGUF? Export's own greedy chat over the held-out prompts
@@ -303,9 +305,9 @@ def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
     stopped = all(a["finish_reason"] == "stop" for a in answers)
     answer = {"text": answers[0]["text"], "finish_reason": "stop" if stopped else answers[0]["finish_reason"]}
     problems = []
-    if recipe.export.adapter_gguf and not result.get("adapter_gguf"):
+    if recipe.export.adapter_gguf and exported.adapter_gguf is None:
         problems.append("no adapter GGUF was written")
-    experts = expert_changes(Path(recipe.model.id), Path(result["merged"])) if recipe.train.lora.experts else None
+    experts = expert_changes(Path(recipe.model.id), exported.merged) if recipe.train.lora.experts else None
     if experts is not None and (not experts["tensors"] or experts["changed"] < experts["tensors"]):
         problems.append(f"the merge changed {experts['changed']} of the {experts['tensors']} expert tensors "
                         f"(unchanged: {', '.join(experts['unchanged'][:4])})")
@@ -326,7 +328,7 @@ def stage_export(recipe, family: twins.Family) -> dict[str, Any]:
            "figure": f"F16 top1 {top1:.3f} KL {f16['kl_mean']:.1e}, Q8 {out_q(q8)}, stop {eot} "
                      f"{'seen' if stopped else 'NOT seen'}"
                      + (f", experts changed {experts['changed']}/{experts['tensors']}" if experts else ""),
-           "gguf": result["gguf"], "parity": result["parity"]}
+           "gguf": {q: str(p) for q, p in exported.gguf.items()}, "parity": str(exported.parity)}
     if problems:
         out["error"] = "; ".join(problems)
     if not report["ok"]:

@@ -110,6 +110,13 @@ def recommended_type(types: list[str], picked: str | None) -> str:
     return types[1] if len(types) > 1 else types[0]
 
 
+def served_type(types: list[str], picked: str | None, requested: str | None) -> str:
+    """The type export's ``Modelfile`` serves: ``requested`` (serve.quant when the recipe sets it; auto: the picked
+    type) when it was exported, else ``recommended_type``."""
+    asked = picked if requested == "auto" else requested
+    return asked if asked is not None and asked in types else recommended_type(types, picked)
+
+
 def requested(section: Any, key: str) -> Any:
     """A recipe key's value when the recipe (or an override) set it, None when it is the schema's default: a
     default ``serve.quant: Q8_0`` does not outrank the type export picked, a written one does."""
@@ -236,6 +243,13 @@ def from_folder(cls: type[A], stage_dir: Path) -> A:
         raise UserError(f"{stage_dir}/manifest.json not found: run `finetune {cls.STAGE} RECIPE` first")
     return from_outputs(cls, manifest.get("outputs") or {}, stage_dir.parent, manifest_id=runs.manifest_id(manifest),
                         where=f"{stage_dir}/manifest.json")
+
+
+def summary(recipe: Any, cls: type[Artifact]) -> dict[str, Any]:
+    """The figures a finished stage wrote next to its record (its manifest's ``summary``: export's sizes, parity
+    figures, warnings and seconds), {} when there are none. For people; no stage reads them."""
+    manifest = runs.read_manifest(recipe.run_dir(cls.STAGE)) or {}
+    return manifest.get("summary") or {}
 
 
 def for_stage(recipe: Any, stage: str, recipe_path: str = "RECIPE") -> Upstream:

@@ -25,7 +25,8 @@ STATE_FILE = "pipeline.json"
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run_stage(stage: Stage, recipe: Recipe, recipe_path: str) -> dict[str, Any]:
+def run_stage(stage: Stage, recipe: Recipe, recipe_path: str) -> dict[str, Any] | artifacts.Artifact:
+    """The stage's ``run``: what it returns (export: its record; the others: a dict of figures)."""
     try:
         module = import_module(stage.module)
     except ModuleNotFoundError as exc:
@@ -74,16 +75,32 @@ def run(recipe: Recipe, *, recipe_path: str = "RECIPE", force: bool = False, sta
         }
         runs.atomic_write_json(state_path, state)
         results[stage.name] = {"status": "ran", "seconds": round(seconds, 1), "reason": reason}
-        print(f"[{stage.name}] done in {duration(seconds)}{_brief(result)}", flush=True)
+        print(f"[{stage.name}] done in {duration(seconds)}{_brief(result, recipe)}", flush=True)
     out: dict[str, Any] = {"stages": results, "seconds": round(time.time() - total, 1)}
     if answer:
         out["answer"] = sample_answer(recipe, recipe_path)
     return out
 
 
-def _brief(result: dict[str, Any]) -> str:
-    scalars = [f"{k}={number(v)}" for k, v in result.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
+def _brief(result: dict[str, Any] | artifacts.Artifact, recipe: Recipe) -> str:
+    figures = _export_figures(result, recipe) if isinstance(result, artifacts.Exported) else result
+    if not isinstance(figures, dict):
+        return ""
+    scalars = [f"{k}={number(v)}" for k, v in figures.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
     return (": " + ", ".join(scalars[:6])) if scalars else ""
+
+
+def _export_figures(exported: artifacts.Exported, recipe: Recipe) -> dict[str, Any]:
+    """What the line after export names, in this order: its files and the types it picked and serves."""
+    def text(path: Path | None) -> str | None:
+        return str(path) if path is not None else None
+
+    return {"merged": str(exported.merged), "adapter_gguf": text(exported.adapter_gguf),
+            "base_gguf": text(exported.base_gguf), "parity": text(exported.parity),
+            "quantization": text(exported.quantization), "picked": exported.picked,
+            "quantization_chart": text(exported.quantization_chart), "imatrix": text(exported.imatrix),
+            "served": artifacts.served_type(list(exported.gguf), exported.picked,
+                                            artifacts.requested(recipe.serve, "quant"))}
 
 
 # --------------------------------------------------------------------------------------------- answer

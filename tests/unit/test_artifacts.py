@@ -93,3 +93,25 @@ def test_a_field_added_later_reads_as_its_default_from_an_older_manifest(tmp_pat
     del outputs["quantization_chart"]  # an export written before the chart was recorded
     older = artifacts.from_outputs(artifacts.Exported, outputs, tmp_path)
     assert older.quantization_chart is None and older.quantization == rec.quantization
+
+
+@pytest.mark.parametrize(("types", "picked", "asked", "served"), [
+    (["F16", "Q8_0", "Q4_K_M"], "Q4_K_M", None, "Q4_K_M"),
+    (["F16", "Q8_0", "Q4_K_M"], None, None, "Q8_0"),
+    (["F16", "Q8_0", "Q4_K_M"], "Q4_K_M", "F16", "F16"),
+    (["F16", "Q8_0", "Q4_K_M"], "Q4_K_M", "auto", "Q4_K_M"),
+    (["F16", "Q8_0"], None, "auto", "Q8_0"),       # auto with nothing picked: the recommended type
+    (["F16", "Q8_0"], None, "Q5_K_M", "Q8_0"),     # asked for a type not exported: the recommended type
+])
+def test_the_type_the_modelfile_serves(types, picked, asked, served):
+    assert artifacts.served_type(types, picked, asked) == served
+
+
+def test_summary_is_what_a_stage_wrote_next_to_its_record(tmp_path):
+    from finetune import recipe
+
+    r = recipe.validate_dict({"name": "m", "runs_dir": str(tmp_path)})
+    assert artifacts.summary(r, artifacts.Exported) == {}
+    with runs.StageRun(r, "export", aside=True) as stage:
+        stage.extra["summary"] = {"sizes": {"F16": 3}, "warnings": []}
+    assert artifacts.summary(r, artifacts.Exported) == {"sizes": {"F16": 3}, "warnings": []}

@@ -173,3 +173,89 @@ def test_modelfile_carries_the_trained_system_prompt_and_context(tmp_path, gguf,
     export._modelfiles(tmp_path, ggufs, tokenizer, outtype="F16", default="Q8_0", log=lambda *_: None)
     text = (tmp_path / "Modelfile").read_text()
     assert "FROM ./m-Q8_0.gguf" in text and 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+
+
+# ------------------------------------------------------------------- the stage: its record, read from the final folder
+def _fake_export(tmp_path, monkeypatch):
+    """A recipe, a trained adapter, and export_model / the cards replaced by a stand-in that writes the files a real
+    export writes (in the folder it is given) and returns what the real one returns."""
+    from finetune import card, export
+    from finetune import recipe as recipe_mod
+    from finetune.run import artifacts
+
+    recipe = recipe_mod.validate_dict({"name": "demo", "runs_dir": str(tmp_path / "runs"),
+                                       "export": {"quantizations": ["Q8_0"]}})
+    adapter, base = tmp_path / "adapter", tmp_path / "base"
+    adapter.mkdir()
+    base.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    trained = artifacts.Trained(method="lora", adapter=adapter, base_model=base, log=tmp_path / "log.jsonl",
+                                summary=tmp_path / "summary.json", tensorboard=tmp_path / "tb")
+    written: list = []
+
+    def export_model(*, name, out_dir, **_):
+        written.append(out_dir)
+        (out_dir / "merged").mkdir(parents=True)
+        ggufs = {q: out_dir / f"{name}-{q}.gguf" for q in ("F16", "Q8_0")}
+        for i, path in enumerate(ggufs.values()):
+            path.write_bytes(b"g" * (10 + i))
+        for file in ("parity.json", "quantization.json"):
+            (out_dir / file).write_text("{}")
+        summary = {"ok": True, "tokenization_exact": True, "chat_prompt_exact": True,
+                   "F16": {"top1_agreement": 1.0, "min_top1": 0.99, "kl_mean": 0.0, "ppl_gguf": 2.0,
+                           "ppl_reference": 2.0}}
+        return {"merged": str(out_dir / "merged"), "merge": {}, "gguf": {q: str(p) for q, p in ggufs.items()},
+                "sizes": {q: p.stat().st_size for q, p in ggufs.items()}, "adapter_gguf": None, "base_gguf": None,
+                "parity": str(out_dir / "parity.json"), "parity_summary": summary, "warnings": ["a warning"],
+                "seconds": {"merge": 1.0, "total": 2.5}, "quantization": str(out_dir / "quantization.json"),
+                "picked": None, "quantization_chart": None, "imatrix": None, "served": "Q8_0"}
+
+    monkeypatch.setattr(export, "export_model", export_model)
+    monkeypatch.setattr(card, "write_export_cards", lambda *a, **k: None)
+    return recipe, artifacts.Upstream(trained=trained), written
+
+
+def test_export_returns_its_record_with_the_paths_of_the_folder_swapped_in(tmp_path, monkeypatch):
+    from finetune import export
+    from finetune.run import artifacts
+
+    recipe, upstream, written = _fake_export(tmp_path, monkeypatch)
+    out = recipe.run_dir("export")
+    out.mkdir(parents=True)
+    (out / "old.gguf").write_text("the previous export")
+    exported = export.run(recipe, upstream, log=lambda *_: None)
+    assert written == [recipe.run_dir() / ".export.partial"]  # built aside, then swapped in
+    assert isinstance(exported, artifacts.Exported) and exported.manifest_id
+    assert exported == artifacts.from_folder(artifacts.Exported, out)
+    assert exported.merged == out / "merged" and exported.merged.is_dir()
+    assert exported.gguf == {"F16": out / "demo-F16.gguf", "Q8_0": out / "demo-Q8_0.gguf"}
+    assert exported.parity == out / "parity.json" and exported.quantization == out / "quantization.json"
+    assert exported.adapter_gguf is None and exported.imatrix is None and exported.quantization_chart is None
+    assert all(p.exists() for p in exported.gguf.values()) and not (out / "old.gguf").exists()
+    assert not (recipe.run_dir() / ".export.partial").exists()
+    assert artifacts.summary(recipe, artifacts.Exported) == {
+        "sizes": {"F16": 10, "Q8_0": 11}, "parity": {"ok": True, "tokenization_exact": True, "chat_prompt_exact": True,
+                                                     "F16": {"top1_agreement": 1.0, "min_top1": 0.99, "kl_mean": 0.0,
+                                                             "ppl_gguf": 2.0, "ppl_reference": 2.0}},
+        "warnings": ["a warning"], "seconds": {"merge": 1.0, "total": 2.5}}
+    assert not hasattr(export, "_relocated")
+
+
+def test_export_command_prints_the_files_parity_and_warnings(tmp_path, monkeypatch, cli):
+    import yaml
+
+    from finetune.console import duration
+    from finetune.run import artifacts
+
+    recipe, upstream, _ = _fake_export(tmp_path, monkeypatch)
+    monkeypatch.setattr(artifacts, "for_stage", lambda *a, **k: upstream)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "demo", "runs_dir": str(tmp_path / "runs"),
+                                    "export": {"quantizations": ["Q8_0"]}}))
+    code, out, _ = cli("export", str(path))
+    folder = recipe.run_dir("export")
+    assert code == 0
+    assert f"\nexported to {folder} in {duration(2.5)}\n" in out
+    assert "demo-F16.gguf" in out and "demo-Q8_0.gguf" in out and "LoRA adapter" not in out
+    assert f"parity: tokenization exact: True, chat prompt exact: True  ({folder / 'parity.json'})\n" in out
+    assert out.endswith("warning: a warning\n")

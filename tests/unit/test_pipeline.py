@@ -184,3 +184,30 @@ def test_changed_keys_names_the_dotted_keys():
 def test_run_command_is_registered(cli):
     code, out, _ = cli("--help")
     assert code == 0 and all(f"  {c} " in out for c in ("run", "serve", "chat", "feedback"))
+
+
+@pytest.mark.parametrize(("runs_dir", "serve", "picked", "served"), [
+    ("r", {}, None, "Q8_0"),                           # short paths: they are named, first six figures
+    ("/a/folder/far/enough/away/that/paths/are/long", {}, "Q4_K_M", "Q4_K_M"),
+    ("/a/folder/far/enough/away/that/paths/are/long", {"quant": "F16"}, "Q4_K_M", "F16"),
+    ("/a/folder/far/enough/away/that/paths/are/long", {"quant": "auto"}, "Q4_K_M", "Q4_K_M"),
+])
+def test_the_line_after_export_names_what_export_returned_as_a_dict(runs_dir, serve, picked, served):
+    """Export returns its record: `finetune run` names the same figures after it as from the dict it once returned."""
+    from pathlib import Path
+
+    from finetune.run import artifacts
+
+    r = recipe.validate_dict({"name": "demo", "runs_dir": runs_dir, "serve": serve})
+    out = r.run_dir("export")
+    exported = artifacts.Exported(merged=out / "merged", gguf={q: out / f"demo-{q}.gguf" for q in ("F16", "Q8_0", "Q4_K_M")},
+                                  parity=out / "parity.json", quantization=out / "quantization.json", picked=picked,
+                                  quantization_chart=out / "quantization.png")
+    text = {k: str(v) for k, v in vars(exported).items() if isinstance(v, Path)}
+    old = {"merged": text["merged"], "merge": {"n_params": 1}, "gguf": {q: str(p) for q, p in exported.gguf.items()},
+           "sizes": {"F16": 3}, "adapter_gguf": None, "base_gguf": None, "parity": text["parity"],
+           "parity_summary": {"ok": True}, "warnings": [], "seconds": {"total": 1.0},
+           "quantization": text["quantization"], "picked": picked, "quantization_chart": text["quantization_chart"],
+           "imatrix": None, "served": served}
+    assert pipeline._brief(exported, r) == pipeline._brief(old, r)
+    assert served in pipeline._brief(exported, r)
