@@ -388,12 +388,14 @@ def run(recipe, upstream: artifacts.Upstream | None = None, *, recipe_path: str 
         card.write_export_cards(recipe, trained, upstream.prepared, stage.work, served=result["served"],
                                 parity=result["parity_summary"])
 
+        work = Path(stage.work).resolve()
+
         def final(path: str | None) -> Path | None:  # a file written in the work folder, where it lies once swapped in
-            return out / Path(path).relative_to(stage.work) if path else None
+            # (the converter's paths are absolute, a relative runs_dir's work folder is not: compare them resolved)
+            return out / Path(path).resolve().relative_to(work) if path else None
 
         stage.record(artifacts.Exported(
-            merged=out / Path(result["merged"]).relative_to(stage.work),
-            gguf={q: out / Path(p).relative_to(stage.work) for q, p in result["gguf"].items()},
+            merged=final(result["merged"]), gguf={q: final(p) for q, p in result["gguf"].items()},
             adapter_gguf=final(result["adapter_gguf"]), base_gguf=final(result["base_gguf"]),
             parity=final(result["parity"]), quantization=final(result["quantization"]),
             imatrix=final(result["imatrix"]), picked=result["picked"],

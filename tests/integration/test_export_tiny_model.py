@@ -151,9 +151,9 @@ def test_adapter_gguf_over_base_answers_like_the_merged_gguf(exported):
 
     recipe, result = exported
     prompt = [LORA_CHANGE[:-1]]
-    merged = runtime.chat(result["gguf"]["F16"], prompt, max_tokens=20)[0]
-    with_lora = runtime.chat(result["base_gguf"], prompt, max_tokens=20, lora_path=result["adapter_gguf"])[0]
-    without = runtime.chat(result["base_gguf"], prompt, max_tokens=20)[0]
+    merged = runtime.chat(result.gguf["F16"], prompt, max_tokens=20)[0]
+    with_lora = runtime.chat(result.base_gguf, prompt, max_tokens=20, lora_path=result.adapter_gguf)[0]
+    without = runtime.chat(result.base_gguf, prompt, max_tokens=20)[0]
     assert with_lora["text"] == merged["text"] and merged["finish_reason"] == "stop"
     assert merged["text"] == "4" and without["text"] == "Blue."
 
@@ -187,7 +187,7 @@ def test_runtime_refuses_a_gguf_without_chat_template(exported, tmp_path):
 
     _, result = exported
     bare = tmp_path / "no-template.gguf"
-    _edit_gguf(Path(result["gguf"]["Q8_0"]), bare, "--remove-metadata", "tokenizer.chat_template")
+    _edit_gguf(Path(result.gguf["Q8_0"]), bare, "--remove-metadata", "tokenizer.chat_template")
     with pytest.raises(UserError, match="no chat template"):
         runtime.chat(bare, [[{"role": "user", "content": "Hi"}]], max_tokens=4)
 
@@ -199,13 +199,13 @@ def test_parity_fails_loudly_on_a_planted_wrong_eos(exported, tmp_path):
 
     _, result = exported
     wrong = tmp_path / "wrong-eos.gguf"
-    _edit_gguf(Path(result["gguf"]["F16"]), wrong, "--special-token", "eos", "<jupyter_code>")
-    tok = AutoTokenizer.from_pretrained(result["merged"])
+    _edit_gguf(Path(result.gguf["F16"]), wrong, "--special-token", "eos", "<jupyter_code>")
+    tok = AutoTokenizer.from_pretrained(result.merged)
     ref = tmp_path / "ref.npy"
     seqs = parity.heldout_sequences(tok, [{"messages": c} for c in CONVERSATIONS])
-    hf = parity.HFReference(Path(result["merged"]), tok)
+    hf = parity.HFReference(result.merged, tok)
     hf.save_logits(seqs, ref)
-    report = parity.run_checks(model_dir=Path(result["merged"]), ggufs={"F16": wrong}, tokenizer=tok, sequences=seqs,
+    report = parity.run_checks(model_dir=result.merged, ggufs={"F16": wrong}, tokenizer=tok, sequences=seqs,
                                conversations=[c[:-1] for c in CONVERSATIONS], greedy_conversations=[], reference=ref,
                                hf=hf, n_params=10**6, min_top1_unquantized=0.99, unquantized="F16")
     assert not report["ok"]

@@ -176,14 +176,15 @@ def test_modelfile_carries_the_trained_system_prompt_and_context(tmp_path, gguf,
 
 
 # ------------------------------------------------------------------- the stage: its record, read from the final folder
-def _fake_export(tmp_path, monkeypatch):
+def _fake_export(tmp_path, monkeypatch, runs_dir: str | None = None):
     """A recipe, a trained adapter, and export_model / the cards replaced by a stand-in that writes the files a real
-    export writes (in the folder it is given) and returns what the real one returns."""
+    export writes (in the folder it is given) and returns what the real one returns (the GGUFs' paths absolute, as
+    llama.cpp's converter is given them)."""
     from finetune import card, export
     from finetune import recipe as recipe_mod
     from finetune.run import artifacts
 
-    recipe = recipe_mod.validate_dict({"name": "demo", "runs_dir": str(tmp_path / "runs"),
+    recipe = recipe_mod.validate_dict({"name": "demo", "runs_dir": runs_dir or str(tmp_path / "runs"),
                                        "export": {"quantizations": ["Q8_0"]}})
     adapter, base = tmp_path / "adapter", tmp_path / "base"
     adapter.mkdir()
@@ -204,7 +205,7 @@ def _fake_export(tmp_path, monkeypatch):
         summary = {"ok": True, "tokenization_exact": True, "chat_prompt_exact": True,
                    "F16": {"top1_agreement": 1.0, "min_top1": 0.99, "kl_mean": 0.0, "ppl_gguf": 2.0,
                            "ppl_reference": 2.0}}
-        return {"merged": str(out_dir / "merged"), "merge": {}, "gguf": {q: str(p) for q, p in ggufs.items()},
+        return {"merged": str(out_dir / "merged"), "merge": {}, "gguf": {q: str(p.resolve()) for q, p in ggufs.items()},
                 "sizes": {q: p.stat().st_size for q, p in ggufs.items()}, "adapter_gguf": None, "base_gguf": None,
                 "parity": str(out_dir / "parity.json"), "parity_summary": summary, "warnings": ["a warning"],
                 "seconds": {"merge": 1.0, "total": 2.5}, "quantization": str(out_dir / "quantization.json"),
@@ -239,6 +240,20 @@ def test_export_returns_its_record_with_the_paths_of_the_folder_swapped_in(tmp_p
                                                              "ppl_gguf": 2.0, "ppl_reference": 2.0}},
         "warnings": ["a warning"], "seconds": {"merge": 1.0, "total": 2.5}}
     assert not hasattr(export, "_relocated")
+
+
+def test_export_under_a_relative_runs_dir_records_the_final_paths(tmp_path, monkeypatch):
+    """runs_dir: runs (the shipped recipes' default) gives a relative work folder while the converter's paths are
+    absolute: the record still names the files where they lie once swapped in."""
+    from finetune import export
+
+    monkeypatch.chdir(tmp_path)
+    recipe, upstream, _ = _fake_export(tmp_path, monkeypatch, runs_dir="runs")
+    exported = export.run(recipe, upstream, log=lambda *_: None)
+    out = recipe.run_dir("export")
+    assert {q: p.resolve() for q, p in exported.gguf.items()} == {
+        "F16": (out / "demo-F16.gguf").resolve(), "Q8_0": (out / "demo-Q8_0.gguf").resolve()}
+    assert all(p.is_file() for p in exported.gguf.values()) and exported.merged.is_dir()
 
 
 def test_export_command_prints_the_files_parity_and_warnings(tmp_path, monkeypatch, cli):
