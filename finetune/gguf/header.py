@@ -8,6 +8,7 @@ count, metadata count, the metadata key/value pairs, then each tensor's name, sh
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,14 @@ class Header:
 
 
 class _Bytes:
-    def __init__(self, f: BinaryIO):
-        self.f = f
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
 
     def take(self, n: int) -> bytes:
-        data = self.f.read(n)
-        if len(data) != n:
-            raise ValueError("the file ends inside its header (truncated?)")
-        return data
+        # a length past the end of the file (a corrupt or truncated header) is refused before anything is allocated
+        if n > self.size - self.f.tell():
+            raise ValueError("the file ends inside its header (truncated or corrupt?)")
+        return self.f.read(n)
 
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
@@ -70,7 +71,7 @@ class _Bytes:
 def read(path: Path, *, tensors: bool = True) -> Header:
     """The header of the GGUF at ``path``. Raises ValueError for a file that is not a readable GGUF."""
     with open(path, "rb") as f:
-        b = _Bytes(f)
+        b = _Bytes(f, os.fstat(f.fileno()).st_size)
         if b.take(4) != b"GGUF":
             raise ValueError("no GGUF magic at the start of the file")
         version = b.unpack("<I")

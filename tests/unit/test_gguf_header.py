@@ -35,3 +35,15 @@ def test_a_truncated_or_foreign_file_is_a_value_error(gguf, tmp_path, cut):
     (tmp_path / "other.gguf").write_bytes(b"PK\x03\x04" + bytes(64))
     with pytest.raises(ValueError, match="magic"):
         header.read(tmp_path / "other.gguf")
+
+
+def test_a_length_past_the_end_is_a_value_error_not_an_allocation(tmp_path):
+    """A corrupt header whose string or array length is enormous: refused from the file's size, never allocated."""
+    import struct
+
+    for tail in (struct.pack("<Q", 2**62),  # a metadata key of 2**62 bytes
+                 struct.pack("<Q", 3) + b"abc" + struct.pack("<IIQ", 9, 4, 2**60)):  # an array of 2**60 uint32
+        bad = tmp_path / "corrupt.gguf"
+        bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + tail)
+        with pytest.raises(ValueError, match="ends inside its header"):
+            header.read(bad)
